@@ -1,0 +1,21 @@
+//! The Ferry wire contract (ALPN `ferry/1`).
+//!
+//! * [`messages`]: the protobuf messages (prost).
+//! * [`frame`]: length-prefixed framing with a hard size limit.
+//! * [`batch`]: encoding of a batch's records (protobuf, then zstd) as it is stored and sent.
+//! * [`session`]: the sans-IO state machines of the agent end and the exchange end.
+//!
+//! Architecture invariant: this crate performs no I/O, owns no clock and knows
+//! nothing of tokio, quinn or sled. Everything here is deterministic and can be
+//! driven by tests with arbitrary inputs.
+
+pub mod batch;
+pub mod frame;
+pub mod messages;
+pub mod session;
+
+/// The ALPN protocol id both ends require.
+pub const ALPN: &[u8] = b"ferry/1";
+
+/// Wire protocol version carried in `Hello` and `Welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,281 @@
+//! Protobuf messages of `ferry/1`, derived with prost (no `protoc` at build time).
+//! Field tags are the wire contract: never renumber or reuse one.
+
+/// One frame on any Ferry stream. The first frame on the control stream is `Hello`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Frame {
+    #[prost(oneof = "frame::Msg", tags = "1, 2, 3, 4, 5, 6")]
+    pub msg: Option<frame::Msg>,
+}
+
+pub mod frame {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Msg {
+        #[prost(message, tag = "1")]
+        Hello(super::Hello),
+        #[prost(message, tag = "2")]
+        Welcome(super::Welcome),
+        #[prost(message, tag = "3")]
+        Status(super::Status),
+        #[prost(message, tag = "4")]
+        Batch(super::Batch),
+        #[prost(message, tag = "5")]
+        Ack(super::Ack),
+        #[prost(message, tag = "6")]
+        Error(super::Error),
+    }
+}
+
+/// Sharing class of a stream in the resource catalogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Sharing {
+    Unspecified = 0,
+    /// 无条件共享
+    Unconditional = 1,
+    /// 有条件共享
+    Conditional = 2,
+    /// 不予共享: never leaves the server.
+    NotShared = 3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Compression {
+    None = 0,
+    Zstd = 1,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    Unspecified = 0,
+    /// The peer sent something that is not valid `ferry/1`.
+    Protocol = 1,
+    /// The agent is not allowed to do this (identity, stream ownership, sharing class).
+    Forbidden = 2,
+    /// A frame or batch exceeded a limit.
+    TooLarge = 3,
+    /// The receiving end failed internally (its store); the sender should retry later.
+    Internal = 4,
+    /// Incompatible protocol version.
+    Version = 5,
+}
+
+/// A stream as the agent declares it in `Hello`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamDecl {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub catalog_id: String,
+    #[prost(enumeration = "Sharing", tag = "3")]
+    pub sharing: i32,
+    /// Source kind (`directory`, `tail`, ...), informational.
+    #[prost(string, tag = "4")]
+    pub kind: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Hello {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(string, tag = "2")]
+    pub agent_id: String,
+    #[prost(string, tag = "3")]
+    pub department: String,
+    /// SHA-256 of the agent's effective configuration, hex.
+    #[prost(string, tag = "4")]
+    pub config_digest: String,
+    #[prost(message, repeated, tag = "5")]
+    pub streams: Vec<StreamDecl>,
+    /// Agent software version.
+    #[prost(string, tag = "6")]
+    pub software: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamWelcome {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The next seq the exchange expects; everything below is durable there.
+    #[prost(uint64, tag = "2")]
+    pub next_seq: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Welcome {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(message, repeated, tag = "2")]
+    pub streams: Vec<StreamWelcome>,
+    /// Largest frame the exchange accepts, bytes.
+    #[prost(uint32, tag = "3")]
+    pub max_frame: u32,
+    /// Unacknowledged batches the agent may have in flight per stream.
+    #[prost(uint32, tag = "4")]
+    pub max_window: u32,
+    #[prost(string, tag = "5")]
+    pub exchange: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamStatus {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint64, tag = "2")]
+    pub buffered_batches: u64,
+    #[prost(uint64, tag = "3")]
+    pub buffered_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub acked_seq: u64,
+    #[prost(uint64, tag = "5")]
+    pub head_seq: u64,
+    #[prost(string, tag = "6")]
+    pub position: String,
+    #[prost(string, tag = "7")]
+    pub error: String,
+}
+
+/// Periodic heartbeat from agent to exchange on the control stream.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Status {
+    #[prost(uint64, tag = "1")]
+    pub time_unix_ms: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub streams: Vec<StreamStatus>,
+    #[prost(bool, tag = "3")]
+    pub buffer_full: bool,
+    #[prost(string, tag = "4")]
+    pub software: String,
+    #[prost(uint64, tag = "5")]
+    pub cert_not_after_unix: u64,
+}
+
+/// Records `first_seq .. first_seq + record_count` of one stream.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Batch {
+    #[prost(string, tag = "1")]
+    pub stream: String,
+    #[prost(uint64, tag = "2")]
+    pub first_seq: u64,
+    #[prost(uint32, tag = "3")]
+    pub record_count: u32,
+    #[prost(enumeration = "Compression", tag = "4")]
+    pub compression: i32,
+    /// A [`RecordList`], compressed as `compression` says.
+    #[prost(bytes = "vec", tag = "5")]
+    pub payload: Vec<u8>,
+    /// Length of the uncompressed `RecordList`, bounded by [`crate::batch::MAX_RAW_BATCH`].
+    #[prost(uint32, tag = "6")]
+    pub raw_len: u32,
+}
+
+/// Cumulative: every seq `<= up_to_seq` of `stream` is durable at the exchange.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ack {
+    #[prost(string, tag = "1")]
+    pub stream: String,
+    #[prost(uint64, tag = "2")]
+    pub up_to_seq: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Error {
+    #[prost(enumeration = "ErrorCode", tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(string, tag = "3")]
+    pub stream: String,
+}
+
+/// One captured change.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Record {
+    /// Capture time at the agent, Unix milliseconds.
+    #[prost(uint64, tag = "1")]
+    pub time_unix_ms: u64,
+    /// The source position of this record, human readable (e.g. `ino=12 off=4096`).
+    #[prost(string, tag = "2")]
+    pub position: String,
+    #[prost(oneof = "record::Body", tags = "3, 4, 5")]
+    pub body: Option<record::Body>,
+}
+
+pub mod record {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        /// One line of a tailed file, UTF-8 after any transcoding, without its newline.
+        #[prost(bytes = "vec", tag = "3")]
+        Line(Vec<u8>),
+        #[prost(message, tag = "4")]
+        FileChunk(super::FileChunk),
+        #[prost(message, tag = "5")]
+        FileAbort(super::FileAbort),
+    }
+}
+
+/// A piece of a file taken from a directory drop. Chunks of one `file_id` arrive in
+/// offset order; the last one carries `end`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileChunk {
+    #[prost(string, tag = "1")]
+    pub file_id: String,
+    /// Path relative to the watched directory.
+    #[prost(string, tag = "2")]
+    pub path: String,
+    #[prost(uint64, tag = "3")]
+    pub offset: u64,
+    #[prost(bytes = "vec", tag = "4")]
+    pub data: Vec<u8>,
+    #[prost(message, optional, tag = "5")]
+    pub end: Option<FileEnd>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileEnd {
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub sha256: Vec<u8>,
+}
+
+/// The file `file_id` changed while it was being sent: drop what arrived of it; it
+/// will be sent again, whole, under a new id.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileAbort {
+    #[prost(string, tag = "1")]
+    pub file_id: String,
+    #[prost(string, tag = "2")]
+    pub path: String,
+    #[prost(string, tag = "3")]
+    pub reason: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RecordList {
+    #[prost(message, repeated, tag = "1")]
+    pub records: Vec<Record>,
+}
+
+impl Sharing {
+    /// Parses the configuration spelling (`unconditional`, `conditional`, `not-shared`).
+    pub fn from_config(s: &str) -> Option<Sharing> {
+        match s {
+            "unconditional" => Some(Sharing::Unconditional),
+            "conditional" => Some(Sharing::Conditional),
+            "not-shared" => Some(Sharing::NotShared),
+            _ => None,
+        }
+    }
+
+    pub fn as_config(self) -> &'static str {
+        match self {
+            Sharing::Unspecified => "unspecified",
+            Sharing::Unconditional => "unconditional",
+            Sharing::Conditional => "conditional",
+            Sharing::NotShared => "not-shared",
+        }
+    }
+}

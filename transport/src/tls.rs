@@ -1,0 +1,125 @@
+//! TLS 1.3 + QUIC configuration for both ends.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::pki::{identity_of, CertIdentity};
+
+/// Paths to the PEM files one end needs.
+#[derive(Debug, Clone)]
+pub struct TlsFiles<'a> {
+    pub ca: &'a Path,
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificates in {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("reading the private key in {}", path.display()))
+}
+
+fn roots(ca: &Path) -> Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots
+            .add(c)
+            .with_context(|| format!("CA certificate in {} is not usable", ca.display()))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Transport limits both ends share: windows sized so one connection keeps a
+/// window of ~1 MiB batches in flight, keep-alives well inside the idle timeout.
+fn transport() -> Result<Arc<TransportConfig>> {
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(VarInt::from_u32(16 << 20));
+    t.receive_window(VarInt::from_u32(32 << 20));
+    t.send_window(32 << 20);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(256));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(
+        IdleTimeout::try_from(Duration::from_secs(30)).map_err(|e| anyhow!("{e}"))?,
+    ));
+    Ok(Arc::new(t))
+}
+
+/// The exchange's QUIC server config: TLS 1.3 only, client certificates required
+/// and verified against the CA, ALPN `ferry/1`, no 0-RTT.
+pub fn server_config(files: &TlsFiles<'_>) -> Result<quinn::ServerConfig> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(files.ca)?, provider())
+        .build()
+        .context("building the client certificate verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(files.cert)?, load_key(files.key)?)
+        .context("the exchange certificate does not match its key")?;
+    tls.alpn_protocols = vec![ferry_protocol::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| anyhow!("{e}"))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport()?);
+    Ok(cfg)
+}
+
+/// The agent's QUIC client config, presenting its certificate.
+pub fn client_config(files: &TlsFiles<'_>) -> Result<quinn::ClientConfig> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(files.ca)?)
+        .with_client_auth_cert(load_certs(files.cert)?, load_key(files.key)?)
+        .context("the agent certificate does not match its key")?;
+    tls.alpn_protocols = vec![ferry_protocol::ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("{e}"))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport()?);
+    Ok(cfg)
+}
+
+/// The verified identity of the peer of an established connection.
+pub fn peer_identity(conn: &quinn::Connection) -> Result<CertIdentity> {
+    let any = conn
+        .peer_identity()
+        .ok_or_else(|| anyhow!("peer presented no certificate"))?;
+    let certs = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| anyhow!("peer identity is not a certificate chain"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| anyhow!("peer presented an empty certificate chain"))?;
+    identity_of(leaf)
+}
+
+/// Identity in a certificate file (the agent checks its own config against it).
+pub fn identity_in_file(path: &Path) -> Result<CertIdentity> {
+    let certs = load_certs(path)?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| anyhow!("{} holds no certificate", path.display()))?;
+    identity_of(leaf)
+}
