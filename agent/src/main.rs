@@ -1,1 +1,241 @@
-fn main() {}
+//! `ferry-agent`: the Ferry edge agent.
+
+mod admin;
+mod buffer;
+mod committer;
+mod config;
+mod run;
+mod shipper;
+mod status;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "ferry-agent", version, about = "Ferry edge agent: captures department data and ships it to the exchange")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (as a systemd service, in the foreground, or with --daemon).
+    Run {
+        #[arg(long, default_value = "/etc/ferry/agent.toml")]
+        config: PathBuf,
+        /// Detach and run in the background (for systems without systemd).
+        #[arg(long)]
+        daemon: bool,
+        /// With --daemon: where to write the pid.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate the configuration; errors name file:line:column.
+    CheckConfig {
+        #[arg(long, default_value = "/etc/ferry/agent.toml")]
+        config: PathBuf,
+    },
+    /// Per stream: source position, buffered batches/bytes, acked seq, connection.
+    Status {
+        #[arg(long, default_value = "/etc/ferry/agent.toml")]
+        config: PathBuf,
+        /// Print the raw JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            config,
+            daemon,
+            pid_file,
+            log_format,
+        } => cmd_run(&config, daemon, pid_file, log_format),
+        Command::CheckConfig { config } => match config::load(&config) {
+            Ok(l) => {
+                println!(
+                    "{}: OK (agent {}, {} stream{})",
+                    config.display(),
+                    l.config.agent.id,
+                    l.config.streams.len(),
+                    if l.config.streams.len() == 1 { "" } else { "s" }
+                );
+                Ok(())
+            }
+            Err(e) => Err(anyhow::Error::new(e)),
+        },
+        Command::Status { config, json } => return cmd_status(&config, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_run(path: &Path, daemon: bool, pid_file: Option<PathBuf>, log: LogFormat) -> Result<()> {
+    // Configuration errors are reported before detaching, on the operator's terminal.
+    let loaded = config::load(path)?;
+    if daemon {
+        let mut d = daemonize::Daemonize::new().working_directory("/");
+        if let Some(p) = pid_file {
+            d = d.pid_file(p);
+        }
+        d.start().context("daemonizing")?;
+    }
+    init_logging(log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        run::run(loaded, shutdown).await
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Exit codes follow `systemctl status`: 0 running, 3 not running, 1 error.
+fn cmd_status(path: &Path, json: bool) -> ExitCode {
+    let loaded = match config::load(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ferry-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let socket = loaded.config.admin_socket();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match rt.block_on(admin::query(&socket)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry-agent: agent {} is not running: {e:#}", loaded.config.agent.id);
+            return ExitCode::from(3);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("ferry-agent: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let c = &report.connection;
+    println!(
+        "agent {} (pid {}, version {}), up {}s",
+        report.agent_id,
+        report.pid,
+        report.version,
+        status::now_unix().saturating_sub(report.started_unix)
+    );
+    println!(
+        "exchange {}: {}{}{}",
+        c.exchange,
+        c.state,
+        if c.attempts > 1 { format!(" (attempt {})", c.attempts) } else { String::new() },
+        c.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+    );
+    println!(
+        "buffer: {} of {}{}{}",
+        human_bytes(report.buffer.bytes),
+        human_bytes(report.buffer.max_bytes),
+        if report.buffer.full { "  ALARM: FULL, sources paused" } else { "" },
+        report.buffer.write_error.as_ref().map(|e| format!("  ALARM: write failing: {e}")).unwrap_or_default()
+    );
+    for s in &report.streams {
+        println!(
+            "stream {} ({}, {}, catalog {}): head {} acked {} buffered {} batches / {}; position: {}",
+            s.name,
+            s.kind,
+            s.sharing,
+            s.catalog_id,
+            s.head_seq,
+            s.acked_seq,
+            s.buffered_batches,
+            human_bytes(s.buffered_bytes),
+            s.position
+        );
+        if let Some(e) = &s.source_error {
+            println!("  source error: {e}");
+        }
+        if let Some(e) = &s.ship_error {
+            println!("  shipping: {e}");
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,1 +1,183 @@
-fn main() {}
+//! `ferry-exchange`: the municipal end of Ferry.
+
+mod admin;
+mod config;
+mod enroll;
+mod records;
+mod server;
+mod store;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "ferry-exchange", version, about = "Ferry exchange: receives, deduplicates and durably stores what agents ship")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a CA, the exchange's server certificate and DIR/exchange.toml.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name or IP address agents use to reach the exchange (repeatable).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: String,
+    },
+    /// Run the exchange.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Issue an agent's key and certificate and write a starter DIR/agent.toml.
+    Enroll {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        agent_id: String,
+        #[arg(long)]
+        department: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// The agent's data_dir (default: OUT/data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print stored records of a stream in seq order, one JSON line each.
+    Records {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        stream: String,
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+    },
+    /// Write the received files of a stream into a directory.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        stream: String,
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// List the agents the exchange has seen, one JSON line each.
+    Agents {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List seq ranges of a stream that never arrived, one JSON line each.
+    Gaps {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        stream: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init { dir, names, listen } => enroll::init(&dir, &names, &listen),
+        Command::Serve { config } => serve(&config),
+        Command::Enroll {
+            config,
+            agent_id,
+            department,
+            out,
+            data_dir,
+        } => enroll::enroll(&config, &agent_id, &department, &out, data_dir.as_deref()),
+        Command::Records {
+            config,
+            agent,
+            stream,
+            from,
+        } => query(&config, admin::Request::Records { agent, stream, from }),
+        Command::Export {
+            config,
+            agent,
+            stream,
+            to,
+        } => {
+            let to = if to.is_absolute() {
+                to
+            } else {
+                std::env::current_dir().map(|d| d.join(&to)).unwrap_or(to)
+            };
+            query(&config, admin::Request::Export { agent, stream, to })
+        }
+        Command::Agents { config } => query(&config, admin::Request::Agents),
+        Command::Gaps {
+            config,
+            agent,
+            stream,
+        } => query(&config, admin::Request::Gaps { agent, stream }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-exchange: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &Path) -> Result<()> {
+    let cfg = config::load(path)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            s.cancel();
+        });
+        server::serve(cfg, shutdown).await
+    })
+}
+
+/// Asks the running exchange; when none runs, opens the store directly.
+fn query(path: &Path, req: admin::Request) -> Result<()> {
+    let cfg = config::load(path)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if rt.block_on(admin::ask(&cfg.admin_socket(), &req, &mut out))?.is_some() {
+        return Ok(());
+    }
+    let store = store::Store::open(&cfg.store.dir, cfg.store.cache_size)
+        .with_context(|| format!("opening the store in {}", cfg.store.dir.display()))?;
+    admin::execute(&store, &req, &mut out)?;
+    Ok(())
+}

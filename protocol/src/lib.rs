@@ -1,6 +1,7 @@
 //! The Ferry wire contract (ALPN `ferry/1`).
 //!
 //! * [`messages`]: the protobuf messages (prost).
+//! * [`entry`]: a batch at rest (checksummed), in the agent's buffer and the exchange's store.
 //! * [`frame`]: length-prefixed framing with a hard size limit.
 //! * [`batch`]: encoding of a batch's records (protobuf, then zstd) as it is stored and sent.
 //! * [`session`]: the sans-IO state machines of the agent end and the exchange end.
@@ -10,6 +11,7 @@
 //! driven by tests with arbitrary inputs.
 
 pub mod batch;
+pub mod entry;
 pub mod frame;
 pub mod messages;
 pub mod session;

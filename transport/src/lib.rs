@@ -1,10 +1,12 @@
-//! QUIC and mutual-TLS setup shared by the agent and the exchange, the PKI that
-//! issues their certificates, and frame I/O over quinn streams.
+//! Runtime pieces both daemons share: QUIC and mutual-TLS setup, the PKI that
+//! issues their certificates, frame I/O over quinn streams, and durable commits
+//! of sled databases.
 //!
 //! Architecture invariant: this is the only place that configures rustls or quinn,
 //! so both ends agree on TLS 1.3 only, ALPN `ferry/1`, no 0-RTT and one set of
 //! transport limits.
 
+pub mod durable;
 pub mod framed;
 pub mod pki;
 pub mod tls;

@@ -1,0 +1,528 @@
+//! The directory source against real files in a temporary folder, with the test
+//! buffer of `testkit` standing in for the agent.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ferry_protocol::messages::{record, FileAbort, FileChunk};
+use sha2::{Digest, Sha256};
+
+use super::testkit::Store;
+use super::*;
+use crate::{SourceConfig, SourceError};
+
+fn config(dir: &Path, complete: Complete) -> DirectoryConfig {
+    DirectoryConfig {
+        complete,
+        chunk_size: Size(4096),
+        quiet_period: Duration(std::time::Duration::from_millis(300)),
+        rescan_interval: Duration(std::time::Duration::from_millis(200)),
+        ..DirectoryConfig::new(dir)
+    }
+}
+
+fn source(cfg: &DirectoryConfig) -> Box<dyn Source> {
+    Box::new(DirectorySource::new(cfg.clone()))
+}
+
+fn chunks(store: &Store) -> Vec<FileChunk> {
+    store
+        .records()
+        .into_iter()
+        .filter_map(|r| match r.body {
+            Some(record::Body::FileChunk(c)) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn aborts(store: &Store) -> Vec<FileAbort> {
+    store
+        .records()
+        .into_iter()
+        .filter_map(|r| match r.body {
+            Some(record::Body::FileAbort(a)) => Some(a),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A file as the exchange would rebuild it from its chunks.
+#[derive(Debug)]
+struct Received {
+    /// Rank of its first chunk among all chunks.
+    order: usize,
+    path: String,
+    data: Vec<u8>,
+    chunks: usize,
+    end: Option<(u64, Vec<u8>)>,
+}
+
+/// Reassembles every file id, asserting that its chunks are contiguous, in order,
+/// with no offset twice.
+fn received(store: &Store) -> BTreeMap<String, Received> {
+    let mut out: BTreeMap<String, Received> = BTreeMap::new();
+    for (i, c) in chunks(store).into_iter().enumerate() {
+        let r = out.entry(c.file_id.clone()).or_insert(Received {
+            order: i,
+            path: c.path.clone(),
+            data: Vec::new(),
+            chunks: 0,
+            end: None,
+        });
+        assert_eq!(r.path, c.path, "one file id, one path");
+        assert!(r.end.is_none(), "chunk after the end of {}", c.file_id);
+        assert_eq!(
+            c.offset,
+            r.data.len() as u64,
+            "chunk of {} out of place",
+            c.path
+        );
+        r.data.extend_from_slice(&c.data);
+        r.chunks += 1;
+        r.end = c.end.map(|e| (e.size, e.sha256));
+    }
+    out
+}
+
+/// The complete transfers of `name`, in the order they started.
+fn complete(store: &Store, name: &str) -> Vec<Received> {
+    let mut v: Vec<Received> = received(store)
+        .into_values()
+        .filter(|r| r.path == name && r.end.is_some())
+        .collect();
+    v.sort_by_key(|r| r.order);
+    v
+}
+
+fn sha(data: &[u8]) -> Vec<u8> {
+    Sha256::digest(data).to_vec()
+}
+
+fn assert_whole(r: &Received, content: &[u8]) {
+    assert_eq!(r.data, content, "content of {}", r.path);
+    assert_eq!(
+        r.end,
+        Some((content.len() as u64, sha(content))),
+        "end of {}",
+        r.path
+    );
+}
+
+fn pattern_bytes(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_empty_tiny_and_multi_chunk_files_and_moves_them_after_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = pattern_bytes(3 * 4096 + 123, 7);
+    std::fs::write(dir.path().join("empty.bin"), b"").unwrap();
+    std::fs::write(dir.path().join("one.bin"), b"x").unwrap();
+    std::fs::write(dir.path().join("multi.bin"), &big).unwrap();
+    let store = Store::new();
+    let mut run = store.start(source(&config(dir.path(), Complete::Rename)));
+
+    run.wait_for("three complete files", || {
+        received(&store)
+            .values()
+            .filter(|r| r.end.is_some())
+            .count()
+            == 3
+    })
+    .await;
+    let empty = complete(&store, "empty.bin");
+    let one = complete(&store, "one.bin");
+    let multi = complete(&store, "multi.bin");
+    assert_eq!((empty.len(), one.len(), multi.len()), (1, 1, 1));
+    assert_eq!(empty[0].chunks, 1, "a 0-byte file is one chunk");
+    assert_whole(&empty[0], b"");
+    assert_eq!(one[0].chunks, 1);
+    assert_whole(&one[0], b"x");
+    assert_eq!(multi[0].chunks, 4, "3 full chunks of 4 KiB and 123 bytes");
+    assert_whole(&multi[0], &big);
+    assert_eq!(store.count(), 6);
+    let ids: Vec<String> = received(&store).into_keys().collect();
+    assert!(ids
+        .iter()
+        .all(|id| id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit())));
+    assert!(describe_position(&store.position().unwrap()).starts_with("idle; 3 files awaiting ack"));
+
+    // Not acknowledged yet: everything stays in the outbox.
+    for n in ["empty.bin", "one.bin", "multi.bin"] {
+        assert!(dir.path().join(n).exists(), "{n} moved before its ack");
+    }
+    store.ack(store.head());
+    let sent = dir.path().join("sent");
+    run.wait_for("files moved to sent/", || {
+        ["empty.bin", "one.bin", "multi.bin"]
+            .iter()
+            .all(|n| sent.join(n).exists() && !dir.path().join(n).exists())
+    })
+    .await;
+    assert_eq!(std::fs::read(sent.join("multi.bin")).unwrap(), big);
+    run.wait_for("a position without awaiting files", || {
+        describe_position(&store.position().unwrap()) == "idle; 0 awaiting ack"
+    })
+    .await;
+    assert_eq!(store.count(), 6, "moving sends nothing");
+    assert!(matches!(run.stop().await, Err(SourceError::Shutdown)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_after_ack_and_same_name_sent_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), Complete::Rename);
+    cfg.after_send = AfterSend::Delete;
+    std::fs::write(dir.path().join("a.txt"), b"first").unwrap();
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("a.txt sent", || complete(&store, "a.txt").len() == 1)
+        .await;
+    assert!(dir.path().join("a.txt").exists(), "deleted before its ack");
+
+    // A new a.txt while the old one awaits its ack is not taken: it is listed.
+    let probe = dir.path().join("probe.txt");
+    std::fs::write(dir.path().join(".a.txt.tmp"), b"second").unwrap();
+    std::fs::write(&probe, b"p").unwrap();
+    run.wait_for("probe sent", || complete(&store, "probe.txt").len() == 1)
+        .await;
+    std::fs::rename(dir.path().join(".a.txt.tmp"), dir.path().join("a.txt")).unwrap();
+    // Older than probe2, so it would go first if it were taken while listed.
+    let probe2 = dir.path().join("probe2.txt");
+    std::fs::write(&probe2, b"p2").unwrap();
+    run.wait_for("probe2 sent", || complete(&store, "probe2.txt").len() == 1)
+        .await;
+    assert_eq!(
+        complete(&store, "a.txt").len(),
+        1,
+        "a listed name is not taken again"
+    );
+
+    store.ack(store.head());
+    // The acked entry no longer matches the file at a.txt (replaced): it is dropped
+    // without deleting the new file, which is then sent as a file of its own.
+    run.wait_for("the new a.txt sent", || {
+        complete(&store, "a.txt").len() == 2
+    })
+    .await;
+    let both = complete(&store, "a.txt");
+    assert_whole(&both[0], b"first");
+    assert_whole(&both[1], b"second");
+    assert_eq!(std::fs::read(dir.path().join("a.txt")).unwrap(), b"second");
+    store.ack(store.head());
+    run.wait_for("everything deleted", || {
+        !dir.path().join("a.txt").exists() && !probe.exists() && !probe2.exists()
+    })
+    .await;
+    assert!(
+        !dir.path().join("sent").exists(),
+        "delete mode creates no sent dir"
+    );
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_mode_waits_for_a_growing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), Complete::Quiet);
+    cfg.quiet_period = Duration(std::time::Duration::from_secs(1));
+    let path = dir.path().join("growing.log");
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+
+    // Appends every 50 ms, far inside the 1 s quiet period.
+    let mut expect = Vec::new();
+    let mut f = std::fs::File::create(&path).unwrap();
+    for i in 0..20 {
+        let piece = pattern_bytes(1000, i);
+        std::io::Write::write_all(&mut f, &piece).unwrap();
+        expect.extend_from_slice(&piece);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(f);
+    run.wait_for("growing.log sent", || {
+        complete(&store, "growing.log").len() == 1
+    })
+    .await;
+    assert!(
+        aborts(&store).is_empty(),
+        "taken before it was complete: {:?}",
+        aborts(&store)
+    );
+    assert_eq!(received(&store).len(), 1, "one transfer only");
+    assert_whole(&complete(&store, "growing.log")[0], &expect);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marker_mode_takes_only_marked_files_and_removes_the_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Complete::Marker);
+    std::fs::write(dir.path().join("a.csv"), b"a,1").unwrap();
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+
+    std::fs::write(dir.path().join("b.csv"), b"b,2").unwrap();
+    std::fs::write(dir.path().join("b.csv.done"), b"").unwrap();
+    run.wait_for("b.csv sent", || complete(&store, "b.csv").len() == 1)
+        .await;
+    assert!(
+        complete(&store, "a.csv").is_empty(),
+        "a.csv has no marker yet"
+    );
+    assert!(
+        complete(&store, "b.csv.done").is_empty(),
+        "markers are not data"
+    );
+
+    std::fs::write(dir.path().join("a.csv.done"), b"").unwrap();
+    run.wait_for("a.csv sent", || complete(&store, "a.csv").len() == 1)
+        .await;
+    assert_whole(&complete(&store, "a.csv")[0], b"a,1");
+    assert_eq!(received(&store).len(), 2);
+
+    assert!(
+        dir.path().join("a.csv.done").exists(),
+        "marker removed before the ack"
+    );
+    store.ack(store.head());
+    let sent = dir.path().join("sent");
+    run.wait_for("files moved and markers removed", || {
+        sent.join("a.csv").exists()
+            && sent.join("b.csv").exists()
+            && !dir.path().join("a.csv.done").exists()
+            && !dir.path().join("b.csv.done").exists()
+    })
+    .await;
+    assert!(!sent.join("a.csv.done").exists());
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_mode_ignores_temporary_hidden_and_unmatched_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), Complete::Rename);
+    cfg.pattern = "*.xml".into();
+    // A long rescan interval: only filesystem events can wake the source promptly.
+    cfg.rescan_interval = Duration(std::time::Duration::from_secs(3600));
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+    for n in ["x.xml.tmp", "y.xml.part", ".z.xml", "notes.txt"] {
+        std::fs::write(dir.path().join(n), n).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("sub.xml")).unwrap();
+    std::fs::write(dir.path().join("probe.xml"), b"<p/>").unwrap();
+    run.wait_for("probe.xml sent (woken by an event)", || {
+        complete(&store, "probe.xml").len() == 1
+    })
+    .await;
+    assert_eq!(
+        received(&store).len(),
+        1,
+        "only probe.xml: {:?}",
+        received(&store)
+    );
+
+    std::fs::rename(dir.path().join("x.xml.tmp"), dir.path().join("x.xml")).unwrap();
+    run.wait_for("x.xml sent", || complete(&store, "x.xml").len() == 1)
+        .await;
+    assert_whole(&complete(&store, "x.xml")[0], b"x.xml.tmp");
+    assert_eq!(received(&store).len(), 2);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_file_resumes_at_the_next_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Complete::Rename);
+    let content = pattern_bytes(10 * 4096 + 77, 3);
+    std::fs::write(dir.path().join("big.dat"), &content).unwrap();
+    let store = Store::new();
+    store.hold_at(3);
+    let mut run = store.start(source(&cfg));
+    run.wait_for("3 chunks durable", || store.count() == 3)
+        .await;
+    // The fourth chunk is in flight when the process dies: it never becomes durable.
+    assert!(matches!(run.stop().await, Err(SourceError::Shutdown)));
+    let pos = describe_position(&store.position().unwrap());
+    assert!(
+        pos.starts_with("sending big.dat at 12288/41037 (file "),
+        "{pos}"
+    );
+
+    store.release();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("big.dat complete", || {
+        complete(&store, "big.dat").len() == 1
+    })
+    .await;
+    let all = received(&store);
+    assert_eq!(all.len(), 1, "one file id across the restart");
+    assert_eq!(store.count(), 11, "11 chunks, none twice");
+    assert_whole(&complete(&store, "big.dat")[0], &content);
+    assert!(aborts(&store).is_empty());
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_files_awaiting_ack_sends_nothing_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Complete::Rename);
+    std::fs::write(dir.path().join("a.bin"), b"aaaa").unwrap();
+    std::fs::write(dir.path().join("gone.bin"), b"gggg").unwrap();
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("both sent", || received(&store).len() == 2)
+        .await;
+    run.wait_for("both listed", || {
+        describe_position(&store.position().unwrap()) == "idle; 2 files awaiting ack"
+    })
+    .await;
+    run.stop().await.unwrap_err();
+    std::fs::remove_file(dir.path().join("gone.bin")).unwrap();
+
+    let mut run = store.start(source(&cfg));
+    std::fs::write(dir.path().join("b.bin"), b"bbbb").unwrap();
+    run.wait_for("b.bin sent", || complete(&store, "b.bin").len() == 1)
+        .await;
+    assert_eq!(
+        complete(&store, "a.bin").len(),
+        1,
+        "a.bin was not sent again"
+    );
+    assert_eq!(store.count(), 3);
+    assert!(dir.path().join("a.bin").exists(), "not acknowledged yet");
+
+    store.ack(store.head());
+    run.wait_for("a.bin and b.bin moved", || {
+        let sent = dir.path().join("sent");
+        sent.join("a.bin").exists() && sent.join("b.bin").exists()
+    })
+    .await;
+    run.wait_for("an empty awaiting list", || {
+        describe_position(&store.position().unwrap()) == "idle; 0 awaiting ack"
+    })
+    .await;
+    assert_eq!(store.count(), 3);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_modified_mid_send_is_aborted_and_resent_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Complete::Rename);
+    let path = dir.path().join("m.dat");
+    let mut content = pattern_bytes(10 * 4096, 9);
+    std::fs::write(&path, &content).unwrap();
+    let store = Store::new();
+    store.hold_at(2);
+    let mut run = store.start(source(&cfg));
+    run.wait_for("2 chunks durable", || store.count() == 2)
+        .await;
+    let first_id = chunks(&store)[0].file_id.clone();
+
+    let extra = b"appended while the file was being sent";
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, extra).unwrap();
+    drop(f);
+    content.extend_from_slice(extra);
+    store.release();
+
+    run.wait_for("m.dat resent", || complete(&store, "m.dat").len() == 1)
+        .await;
+    let ab = aborts(&store);
+    assert_eq!(ab.len(), 1, "{ab:?}");
+    assert_eq!(ab[0].file_id, first_id);
+    assert_eq!(ab[0].path, "m.dat");
+    assert!(ab[0].reason.contains("size"), "{}", ab[0].reason);
+    let all = received(&store);
+    assert_eq!(all.len(), 2, "the aborted transfer and the full one");
+    assert!(all[&first_id].end.is_none(), "the torn transfer never ends");
+    let done = complete(&store, "m.dat");
+    assert_ne!(all.keys().find(|k| **k != first_id), None);
+    assert_whole(&done[0], &content);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_changed_while_stopped_is_aborted_then_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Complete::Rename);
+    let path = dir.path().join("c.dat");
+    std::fs::write(&path, pattern_bytes(5 * 4096, 1)).unwrap();
+    let store = Store::new();
+    store.hold_at(2);
+    let mut run = store.start(source(&cfg));
+    run.wait_for("2 chunks durable", || store.count() == 2)
+        .await;
+    run.stop().await.unwrap_err();
+    let replacement = pattern_bytes(3 * 4096 + 5, 2);
+    std::fs::write(dir.path().join(".c.tmp"), &replacement).unwrap();
+    std::fs::rename(dir.path().join(".c.tmp"), &path).unwrap();
+
+    store.release();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("c.dat resent", || complete(&store, "c.dat").len() == 1)
+        .await;
+    let ab = aborts(&store);
+    assert_eq!(ab.len(), 1);
+    assert!(ab[0].reason.contains("inode"), "{}", ab[0].reason);
+    assert_whole(&complete(&store, "c.dat")[0], &replacement);
+    run.stop().await.unwrap_err();
+}
+
+#[test]
+fn config_defaults_and_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = serde_json::json!({ "kind": "directory", "path": dir.path() });
+    let SourceConfig::Directory(c) = serde_json::from_value::<SourceConfig>(json).unwrap() else {
+        panic!("not a directory config");
+    };
+    assert_eq!(c, DirectoryConfig::new(dir.path()));
+    assert_eq!(c.chunk_size, Size(1 << 20));
+    assert_eq!(c.quiet_period.0, std::time::Duration::from_secs(2));
+    assert_eq!(c.effective_sent_dir(), dir.path().join("sent"));
+    assert_eq!(c.validate(), Ok(()));
+
+    let full = serde_json::json!({
+        "kind": "directory", "path": dir.path(), "pattern": "*.xml", "after_send": "delete",
+        "complete": "marker", "marker_suffix": ".ok", "chunk_size": "64KiB",
+        "rescan_interval": "1m", "quiet_period": "500ms", "sent_dir": "/tmp/x"
+    });
+    let SourceConfig::Directory(c) = serde_json::from_value::<SourceConfig>(full).unwrap() else {
+        panic!("not a directory config");
+    };
+    assert_eq!(
+        (c.complete, c.after_send, c.chunk_size),
+        (Complete::Marker, AfterSend::Delete, Size(65536))
+    );
+
+    let unknown = serde_json::json!({ "kind": "directory", "path": "/x", "chunk": "1MiB" });
+    assert!(serde_json::from_value::<SourceConfig>(unknown).is_err());
+
+    let missing = DirectoryConfig::new("/nonexistent/ferry-outbox");
+    assert_eq!(
+        missing.validate(),
+        Err("source.path: /nonexistent/ferry-outbox does not exist or is not a directory".into())
+    );
+    let bad = |f: &dyn Fn(&mut DirectoryConfig)| {
+        let mut c = DirectoryConfig::new(dir.path());
+        f(&mut c);
+        c.validate().unwrap_err()
+    };
+    assert!(bad(&|c| c.pattern = "[".into()).starts_with("source.pattern:"));
+    assert!(bad(&|c| c.chunk_size = Size(5 << 20)).starts_with("source.chunk_size:"));
+    assert!(bad(&|c| c.chunk_size = Size(0)).starts_with("source.chunk_size:"));
+    assert!(bad(&|c| c.sent_dir = Some(dir.path().to_path_buf())).starts_with("source.sent_dir:"));
+    assert!(bad(&|c| {
+        c.complete = Complete::Marker;
+        c.marker_suffix = String::new();
+    })
+    .starts_with("source.marker_suffix:"));
+}

@@ -1,0 +1,382 @@
+//! The tail source against real files in a temporary folder, with the test buffer of
+//! `directory::testkit` standing in for the agent.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use ferry_protocol::messages::record;
+
+use super::*;
+use crate::directory::testkit::Store;
+use crate::{SourceConfig, SourceError};
+
+fn config(path: &Path) -> TailConfig {
+    TailConfig {
+        poll_interval: Duration(std::time::Duration::from_millis(50)),
+        ..TailConfig::new(path)
+    }
+}
+
+fn source(cfg: &TailConfig) -> Box<dyn Source> {
+    Box::new(TailSource::new(cfg.clone()))
+}
+
+/// Every line record, as (text, position).
+fn lines_at(store: &Store) -> Vec<(String, String)> {
+    store
+        .records()
+        .into_iter()
+        .map(|r| match r.body {
+            Some(record::Body::Line(l)) => (String::from_utf8(l).unwrap(), r.position),
+            other => panic!("not a line: {other:?}"),
+        })
+        .collect()
+}
+
+fn lines(store: &Store) -> Vec<String> {
+    lines_at(store).into_iter().map(|(l, _)| l).collect()
+}
+
+fn append(path: &Path, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(data).unwrap();
+}
+
+fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("line {i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_lines_arrive_in_order_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    let mut cfg = config(&path);
+    cfg.max_batch_lines = 50;
+    append(&path, b"");
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+
+    let expect = numbered(0..300);
+    let mut offsets = Vec::new();
+    let mut off = 0usize;
+    for chunk in expect.chunks(100) {
+        let mut data = Vec::new();
+        for (i, l) in chunk.iter().enumerate() {
+            offsets.push(off + data.len());
+            // Windows line ends lose their `\r` too.
+            let end: &[u8] = if i % 7 == 0 { b"\r\n" } else { b"\n" };
+            data.extend_from_slice(l.as_bytes());
+            data.extend_from_slice(end);
+        }
+        off += data.len();
+        append(&path, &data);
+        let n = offsets.len();
+        run.wait_for("a block of lines", || store.count() >= n)
+            .await;
+    }
+    let got = lines_at(&store);
+    assert_eq!(
+        got.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>(),
+        expect
+    );
+    let positions: Vec<String> = offsets
+        .iter()
+        .map(|o| format!("ino={ino} off={o}"))
+        .collect();
+    assert_eq!(
+        got.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
+        positions
+    );
+    assert_eq!(
+        describe_position(&store.position().unwrap()),
+        format!("ino={ino} off={off}")
+    );
+    assert!(matches!(run.stop().await, Err(SourceError::Shutdown)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_line_waits_for_its_newline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, b"first\nabc");
+    let store = Store::new();
+    let mut run = store.start(source(&config(&path)));
+    run.wait_for("the first line", || store.count() == 1).await;
+    append(&path, b"def\n");
+    run.wait_for("the completed line", || store.count() == 2)
+        .await;
+    assert_eq!(lines(&store), ["first", "abcdef"]);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("later.log");
+    let store = Store::new();
+    let mut run = store.start(source(&config(&path)));
+    // Not needed for correctness; makes it likely the source saw the file missing.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    append(&path, b"hello\n");
+    run.wait_for("the line", || store.count() == 1).await;
+    assert_eq!(lines(&store), ["hello"]);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_at_end_skips_existing_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, b"old 1\nold 2\n");
+    let mut cfg = config(&path);
+    cfg.start_at = StartAt::End;
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("the end position", || store.position().is_some())
+        .await;
+    append(&path, b"new\n");
+    run.wait_for("the new line", || store.count() == 1).await;
+    assert_eq!(lines(&store), ["new"]);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_rotation_drains_the_old_file_then_follows_the_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    let mut old = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    old.write_all(b"1\n2\n").unwrap();
+    let store = Store::new();
+    let mut run = store.start(source(&config(&path)));
+    run.wait_for("lines 1-2", || store.count() == 2).await;
+
+    std::fs::rename(&path, dir.path().join("app.log.1")).unwrap();
+    // The writer has not reopened yet: its last lines, and a line it never ended,
+    // still go to the old file.
+    old.write_all(b"3\n4\nunterminated").unwrap();
+    drop(old);
+    append(&path, b"5\n6\n");
+    run.wait_for("all lines", || store.count() == 7).await;
+    assert_eq!(
+        lines(&store),
+        ["1", "2", "3", "4", "unterminated", "5", "6"]
+    );
+    let new_ino = std::fs::metadata(&path).unwrap().ino();
+    run.wait_for("position on the new file", || {
+        describe_position(&store.position().unwrap()) == format!("ino={new_ino} off=4")
+    })
+    .await;
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copytruncate_rotation_restarts_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, b"a1\na2\na3\n");
+    let store = Store::new();
+    let mut run = store.start(source(&config(&path)));
+    run.wait_for("a1-a3", || store.count() == 3).await;
+
+    // Shorter than the offset after truncation.
+    std::fs::copy(&path, dir.path().join("app.log.1")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&path, b"b1\n");
+    run.wait_for("b1", || store.count() == 4).await;
+
+    // Longer than the offset, but the first bytes differ: the fingerprint tells.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&path, b"c1 is a longer line\nc2\n");
+    run.wait_for("c1-c2", || store.count() == 6).await;
+    assert_eq!(
+        lines(&store),
+        ["a1", "a2", "a3", "b1", "c1 is a longer line", "c2"]
+    );
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gbk_file_arrives_as_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gbk.log");
+    let (bytes, _, had_errors) = encoding_rs::GBK.encode("沈阳市民政局\r\n大连 哈尔滨\n");
+    assert!(!had_errors);
+    assert_eq!(
+        bytes.get(..6),
+        Some(&[0xc9, 0xf2, 0xd1, 0xf4, 0xca, 0xd0][..])
+    );
+    append(&path, &bytes);
+    let mut cfg = config(&path);
+    cfg.encoding = Encoding::Gbk;
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("two lines", || store.count() == 2).await;
+    assert_eq!(lines(&store), ["沈阳市民政局", "大连 哈尔滨"]);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_line_is_split_never_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    let long = "x".repeat(25);
+    append(&path, format!("{long}\nshort\n").as_bytes());
+    let mut cfg = config(&path);
+    cfg.max_line = Size(10);
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("four records", || store.count() == 4).await;
+    let got = lines_at(&store);
+    let texts: Vec<&str> = got.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(texts, ["xxxxxxxxxx", "xxxxxxxxxx", "xxxxx", "short"]);
+    let offs: Vec<&str> = got
+        .iter()
+        .map(|(_, p)| p.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(offs, ["off=0", "off=10", "off=20", "off=26"]);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_file_sends_no_line_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    let expect = numbered(0..12);
+    append(&path, (expect[..10].join("\n") + "\n").as_bytes());
+    let mut cfg = config(&path);
+    cfg.max_batch_lines = 2;
+    let store = Store::new();
+    store.hold_at(4);
+    let run = store.start(source(&cfg));
+    let mut run = run;
+    run.wait_for("two batches durable", || store.count() == 4)
+        .await;
+    // The third batch is in flight when the process dies.
+    assert!(matches!(run.stop().await, Err(SourceError::Shutdown)));
+
+    store.release();
+    append(&path, (expect[10..].join("\n") + "\n").as_bytes());
+    let mut run = store.start(source(&cfg));
+    run.wait_for("all lines", || store.count() >= 12).await;
+    assert_eq!(lines(&store), expect);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_rotation_drains_the_rotated_copy_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, b"1\n2\n3\n");
+    let store = Store::new();
+    let mut run = store.start(source(&config(&path)));
+    run.wait_for("lines 1-3", || store.count() == 3).await;
+    run.stop().await.unwrap_err();
+
+    // While stopped: more lines, a rotation, a new file; a decoy sibling too.
+    append(&path, b"4\n5\n");
+    std::fs::rename(&path, dir.path().join("app.log.1")).unwrap();
+    append(&dir.path().join("app.log.2"), b"decoy\n");
+    append(&path, b"6\n7\n");
+
+    let mut run = store.start(source(&config(&path)));
+    run.wait_for("all lines", || store.count() == 7).await;
+    assert_eq!(lines(&store), ["1", "2", "3", "4", "5", "6", "7"]);
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_when_the_rotated_copy_is_gone_reads_the_new_file_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, b"1\n2\n");
+    let store = Store::new();
+    let mut run = store.start(source(&config(&path)));
+    run.wait_for("lines 1-2", || store.count() == 2).await;
+    run.stop().await.unwrap_err();
+
+    // The freed inode may well be reused by the new file: only the fingerprint tells
+    // them apart.
+    std::fs::remove_file(&path).unwrap();
+    append(&path, b"x\ny\nz\n");
+    let mut run = store.start(source(&config(&path)));
+    run.wait_for("the new file", || store.count() == 5).await;
+    assert_eq!(lines(&store), ["1", "2", "x", "y", "z"]);
+    run.stop().await.unwrap_err();
+}
+
+#[test]
+fn config_defaults_and_validation() {
+    let json = serde_json::json!({ "kind": "tail", "path": "/var/log/app.log" });
+    let SourceConfig::Tail(c) = serde_json::from_value::<SourceConfig>(json).unwrap() else {
+        panic!("not a tail config");
+    };
+    assert_eq!(c, TailConfig::new("/var/log/app.log"));
+    assert_eq!(
+        (c.encoding, c.start_at, c.max_batch_lines),
+        (Encoding::Utf8, StartAt::Beginning, 4000)
+    );
+    assert_eq!(c.poll_interval.0, std::time::Duration::from_millis(250));
+    assert_eq!(
+        (c.max_line, c.max_batch_bytes),
+        (Size(1 << 20), Size(1 << 20))
+    );
+    assert_eq!(c.validate(), Ok(()));
+
+    let full = serde_json::json!({
+        "kind": "tail", "path": "/x.log", "encoding": "gb18030", "start_at": "end",
+        "poll_interval": "1s", "max_line": "64KiB", "max_batch_lines": 10, "max_batch_bytes": 4096
+    });
+    let SourceConfig::Tail(c) = serde_json::from_value::<SourceConfig>(full).unwrap() else {
+        panic!("not a tail config");
+    };
+    assert_eq!(
+        (c.encoding, c.start_at, c.max_line),
+        (Encoding::Gb18030, StartAt::End, Size(65536))
+    );
+    let bad_enc = serde_json::json!({ "kind": "tail", "path": "/x", "encoding": "latin1" });
+    assert!(serde_json::from_value::<SourceConfig>(bad_enc).is_err());
+    let unknown = serde_json::json!({ "kind": "tail", "path": "/x", "follow": true });
+    assert!(serde_json::from_value::<SourceConfig>(unknown).is_err());
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        TailConfig::new(dir.path()).validate(),
+        Err(format!(
+            "source.path: {} is a directory; tail follows one file",
+            dir.path().display()
+        ))
+    );
+    let bad = |f: &dyn Fn(&mut TailConfig)| {
+        let mut c = TailConfig::new("/x.log");
+        f(&mut c);
+        c.validate().unwrap_err()
+    };
+    assert!(bad(&|c| c.max_line = Size(3)).starts_with("source.max_line:"));
+    assert!(bad(&|c| c.max_line = Size(3 << 20)).starts_with("source.max_line:"));
+    assert!(bad(&|c| c.max_batch_lines = 0).starts_with("source.max_batch_lines:"));
+    assert!(bad(&|c| c.max_batch_bytes = Size(0)).starts_with("source.max_batch_bytes:"));
+    assert!(
+        bad(&|c| c.poll_interval = Duration(std::time::Duration::ZERO))
+            .starts_with("source.poll_interval:")
+    );
+}

@@ -1,0 +1,82 @@
+//! The local admin socket (`DATA_DIR/agent.sock`, mode 0600): `ferry-agent status`
+//! asks the running agent for its report here. One request line, one JSON reply.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::status::AgentStatus;
+
+pub type Reporter = Arc<dyn Fn() -> AgentStatus + Send + Sync>;
+
+/// Binds the socket, replacing a stale one left by a killed agent.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another agent is already running with this data_dir (its admin socket {} answers)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale admin socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, report: Reporter, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin socket accept failed");
+                    continue;
+                }
+            },
+        };
+        let report = report.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, report).await {
+                debug!(error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn answer(stream: UnixStream, report: Reporter) -> Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    let reply = match line.trim() {
+        "status" => serde_json::to_string(&report())?,
+        other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
+    };
+    w.write_all(reply.as_bytes()).await?;
+    w.write_all(b"\n").await?;
+    w.shutdown().await?;
+    Ok(())
+}
+
+/// Asks a running agent for its status.
+pub async fn query(path: &Path) -> Result<AgentStatus> {
+    let stream = UnixStream::connect(path)
+        .await
+        .with_context(|| format!("no agent answers on {}", path.display()))?;
+    let (r, mut w) = stream.into_split();
+    w.write_all(b"status\n").await?;
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    serde_json::from_str(&line).with_context(|| format!("unreadable reply on {}", path.display()))
+}

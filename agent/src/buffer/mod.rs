@@ -1,0 +1,368 @@
+//! The durable buffer: every captured change lives here from the moment its source
+//! is told "durable" until the exchange acknowledged it.
+//!
+//! # Layout (one sled tree)
+//!
+//! ```text
+//! key                                   value
+//! "b:" stream 0x00 first_seq(u64 BE)    a batch entry (see entry.rs): crc32c, header,
+//!                                       the compressed RecordList exactly as sent
+//! "p:" stream                           the source's position after its last batch
+//! "m:" stream                           head(u64 BE) acked(u64 BE)
+//! ```
+//!
+//! # Invariants
+//! * A batch, its stream's new head and the source position after it are written in
+//!   ONE `apply_batch`, so after any crash either all three exist or none does.
+//! * A commit is acknowledged to the source only after `flush()` **and** an fdatasync
+//!   of sled's files: sled 0.34's `flush()` issues only `sync_file_range`, which
+//!   neither flushes the device cache nor persists file size, and it never syncs its
+//!   `blobs/` files. `ferry_transport::durable::Syncer` closes that gap.
+//! * Per stream, seqs are dense: buffered batches cover `acked+1 ..= head` without
+//!   holes. Opening checks this and every checksum, and refuses a damaged buffer.
+//! * Batches are removed only after an ack; removal needs no sync, because a batch
+//!   that reappears after a crash is re-sent and dropped by the exchange's dedup.
+
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use ferry_adapters::Committed;
+use ferry_transport::durable::Syncer;
+use ferry_protocol::batch::EncodedRecords;
+
+use ferry_protocol::entry::{self, Decoded, StoredBatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error("buffer at {dir}: {source}")]
+    Sled {
+        dir: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("buffer at {dir}: making a commit durable failed: {source}")]
+    Sync {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("buffer at {dir} is damaged: {detail}. The agent refuses to start so that nothing is lost; keep the directory for inspection and recovery")]
+    Damaged { dir: PathBuf, detail: String },
+}
+
+/// What the buffer knows about one stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamState {
+    /// Highest seq durable in the buffer (0: none yet).
+    pub head: u64,
+    /// Every seq `<= acked` was acknowledged by the exchange.
+    pub acked: u64,
+    pub batches: u64,
+    pub bytes: u64,
+}
+
+/// One unit for [`Buffer::commit_group`].
+pub struct CommitItem<'a> {
+    pub stream: &'a str,
+    pub records: Option<EncodedRecords>,
+    pub position: &'a [u8],
+}
+
+pub struct Buffer {
+    dir: PathBuf,
+    db: sled::Db,
+    syncer: Mutex<Syncer>,
+    streams: Mutex<BTreeMap<String, StreamState>>,
+    total_bytes: AtomicU64,
+}
+
+fn batch_key(stream: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + stream.len() + 8);
+    k.extend_from_slice(b"b:");
+    k.extend_from_slice(stream.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn prefixed(prefix: &[u8], stream: &str) -> Vec<u8> {
+    [prefix, stream.as_bytes()].concat()
+}
+
+fn meta_value(s: &StreamState) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&s.head.to_be_bytes());
+    v[8..].copy_from_slice(&s.acked.to_be_bytes());
+    v
+}
+
+impl Buffer {
+    /// Opens (or creates) the buffer and checks every entry.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, BufferError> {
+        let sled_err = |source| BufferError::Sled {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            // Batches are committed and synced explicitly; a background flusher would
+            // only add writes.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Corruption { .. } => BufferError::Damaged {
+                    dir: dir.to_path_buf(),
+                    detail: e.to_string(),
+                },
+                e => sled_err(e),
+            })?;
+        let syncer = Syncer::open(dir).map_err(|source| BufferError::Sync {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let buffer = Buffer {
+            dir: dir.to_path_buf(),
+            db,
+            syncer: Mutex::new(syncer),
+            streams: Mutex::new(BTreeMap::new()),
+            total_bytes: AtomicU64::new(0),
+        };
+        buffer.scan()?;
+        Ok(buffer)
+    }
+
+    fn damaged(&self, detail: String) -> BufferError {
+        BufferError::Damaged {
+            dir: self.dir.clone(),
+            detail,
+        }
+    }
+
+    fn sled_err(&self, source: sled::Error) -> BufferError {
+        BufferError::Sled {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    /// Rebuilds per-stream state and verifies checksums and seq density.
+    fn scan(&self) -> Result<(), BufferError> {
+        let mut streams: BTreeMap<String, StreamState> = BTreeMap::new();
+        for kv in self.db.scan_prefix(b"m:") {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let name = String::from_utf8_lossy(&k[2..]).into_owned();
+            if v.len() != 16 {
+                return Err(self.damaged(format!("stream {name}: metadata of {} bytes", v.len())));
+            }
+            let mut h = [0u8; 8];
+            h.copy_from_slice(&v[..8]);
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&v[8..]);
+            streams.insert(
+                name,
+                StreamState {
+                    head: u64::from_be_bytes(h),
+                    acked: u64::from_be_bytes(a),
+                    ..Default::default()
+                },
+            );
+        }
+        let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+        let mut total = 0;
+        for kv in self.db.scan_prefix(b"b:") {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let Some(nul) = k.iter().position(|&b| b == 0) else {
+                return Err(self.damaged("a batch key without a stream separator".into()));
+            };
+            let name = String::from_utf8_lossy(&k[2..nul]).into_owned();
+            let batch = match entry::decode(&v) {
+                Decoded::Valid(b) => b,
+                Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => {
+                    return Err(self.damaged(format!("stream {name}, batch entry {:?}: {reason}", &k[nul + 1..])))
+                }
+            };
+            let st = streams.get_mut(&name).ok_or_else(|| {
+                self.damaged(format!("stream {name} has batches but no metadata"))
+            })?;
+            // An ack's removal is not synced, so batches at or below `acked` may
+            // reappear after a crash: they are harmless and dropped here.
+            if batch.last_seq() <= st.acked {
+                let _ = self.db.remove(&k);
+                continue;
+            }
+            let want = expected.entry(name.clone()).or_insert(batch.first_seq);
+            if batch.first_seq != *want {
+                return Err(self.damaged(format!(
+                    "stream {name}: batch starts at seq {} where {} was expected",
+                    batch.first_seq, want
+                )));
+            }
+            *want = batch.last_seq() + 1;
+            st.batches += 1;
+            st.bytes += v.len() as u64;
+            total += v.len() as u64;
+        }
+        for (name, st) in &streams {
+            if let Some(&next) = expected.get(name) {
+                if next != st.head + 1 {
+                    return Err(self.damaged(format!(
+                        "stream {name}: batches end at seq {} but the head is {}",
+                        next - 1,
+                        st.head
+                    )));
+                }
+            }
+        }
+        self.total_bytes.store(total, Ordering::Relaxed);
+        if let Ok(mut s) = self.streams.lock() {
+            *s = streams;
+        }
+        Ok(())
+    }
+
+    pub fn state(&self, stream: &str) -> StreamState {
+        self.streams
+            .lock()
+            .ok()
+            .and_then(|s| s.get(stream).copied())
+            .unwrap_or_default()
+    }
+
+    pub fn states(&self) -> BTreeMap<String, StreamState> {
+        self.streams.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The last durable position of a stream's source.
+    pub fn position(&self, stream: &str) -> Result<Option<Vec<u8>>, BufferError> {
+        Ok(self
+            .db
+            .get(prefixed(b"p:", stream))
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Writes every item atomically per item, then makes them all durable with one
+    /// sync (group commit). Returns the seqs given to each item's records.
+    pub fn commit_group(&self, items: &[CommitItem<'_>]) -> Result<Vec<Option<Committed>>, BufferError> {
+        let mut streams = self
+            .streams
+            .lock()
+            .map_err(|_| self.damaged("buffer state lock poisoned".into()))?;
+        let mut staged = streams.clone();
+        let mut out = Vec::with_capacity(items.len());
+        let mut added = 0u64;
+        let mut batch = sled::Batch::default();
+        for item in items {
+            let st = staged.entry(item.stream.to_string()).or_default();
+            let committed = match &item.records {
+                Some(rec) => {
+                    let first = st.head + 1;
+                    let value = entry::encode(first, rec, ferry_adapters::now_unix_ms());
+                    st.head += u64::from(rec.record_count);
+                    st.batches += 1;
+                    st.bytes += value.len() as u64;
+                    added += value.len() as u64;
+                    batch.insert(batch_key(item.stream, first), value);
+                    Some(Committed {
+                        first_seq: first,
+                        last_seq: st.head,
+                    })
+                }
+                None => None,
+            };
+            batch.insert(prefixed(b"p:", item.stream), item.position);
+            batch.insert(prefixed(b"m:", item.stream), &meta_value(st)[..]);
+            out.push(committed);
+        }
+        // One apply_batch for the whole group: each item's batch, position and
+        // metadata are in it together, so they become visible (and durable) together.
+        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.sync()?;
+        *streams = staged;
+        self.total_bytes.fetch_add(added, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn sync(&self) -> Result<(), BufferError> {
+        let mut syncer = self
+            .syncer
+            .lock()
+            .map_err(|_| self.damaged("sync lock poisoned".into()))?;
+        syncer.sync(&self.db).map_err(|source| BufferError::Sync {
+            dir: self.dir.clone(),
+            source,
+        })
+    }
+
+    /// The buffered batch holding `seq`, if any.
+    pub fn batch_at(&self, stream: &str, seq: u64) -> Result<Option<StoredBatch>, BufferError> {
+        let lo = batch_key(stream, 0);
+        let hi = batch_key(stream, seq);
+        let Some(kv) = self.db.range(lo..=hi).next_back() else {
+            return Ok(None);
+        };
+        let (_, v) = kv.map_err(|e| self.sled_err(e))?;
+        match entry::decode(&v) {
+            Decoded::Valid(b) if b.last_seq() >= seq => Ok(Some(b)),
+            Decoded::Valid(_) => Ok(None),
+            Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => Err(
+                self.damaged(format!("stream {stream}, batch holding seq {seq}: {reason}")),
+            ),
+        }
+    }
+
+    /// Drops every batch of `stream` fully covered by `up_to`. Returns bytes freed.
+    pub fn ack(&self, stream: &str, up_to: u64) -> Result<u64, BufferError> {
+        let mut streams = self
+            .streams
+            .lock()
+            .map_err(|_| self.damaged("buffer state lock poisoned".into()))?;
+        let st = streams.entry(stream.to_string()).or_default();
+        if up_to <= st.acked {
+            return Ok(0);
+        }
+        let mut batch = sled::Batch::default();
+        let mut freed = 0u64;
+        let mut removed = 0u64;
+        let mut acked = st.acked;
+        for kv in self.db.range(batch_key(stream, 0)..batch_key(stream, up_to + 1)) {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let last = match entry::decode(&v) {
+                Decoded::Valid(b) => b.last_seq(),
+                _ => continue,
+            };
+            if last > up_to {
+                break;
+            }
+            acked = last;
+            freed += v.len() as u64;
+            removed += 1;
+            batch.remove(k);
+        }
+        // The exchange only ever acks whole batches; a watermark inside a batch keeps
+        // that batch until the rest of it is acked.
+        st.acked = st.acked.max(acked);
+        st.batches -= removed.min(st.batches);
+        st.bytes -= freed.min(st.bytes);
+        batch.insert(prefixed(b"m:", stream), &meta_value(st)[..]);
+        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.total_bytes.fetch_sub(freed.min(self.total_bytes()), Ordering::Relaxed);
+        Ok(freed)
+    }
+
+    /// Flushes and syncs before shutdown.
+    pub fn close(&self) -> Result<(), BufferError> {
+        self.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests;

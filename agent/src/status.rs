@@ -1,0 +1,159 @@
+//! What the running agent reports about itself: shared by the committer, the
+//! shipper and the sources, read by the admin socket (`ferry-agent status`).
+
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub agent_id: String,
+    pub pid: u32,
+    pub version: String,
+    pub started_unix: u64,
+    pub connection: Connection,
+    pub buffer: BufferStatus,
+    pub streams: Vec<StreamView>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Connection {
+    /// `connecting`, `connected` or `disconnected`.
+    pub state: String,
+    pub exchange: String,
+    pub since_unix: u64,
+    pub attempts: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BufferStatus {
+    pub bytes: u64,
+    pub max_bytes: u64,
+    /// Sources are paused because the buffer reached `max_size`.
+    pub full: bool,
+    /// The last buffer write error, if writes are failing now.
+    pub write_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamView {
+    pub name: String,
+    pub kind: String,
+    pub catalog_id: String,
+    pub sharing: String,
+    pub position: String,
+    /// Highest seq durable in the buffer.
+    pub head_seq: u64,
+    /// Highest seq the exchange acknowledged.
+    pub acked_seq: u64,
+    pub buffered_batches: u64,
+    pub buffered_bytes: u64,
+    pub source_error: Option<String>,
+    pub ship_error: Option<String>,
+}
+
+/// The mutable parts, updated by the tasks that know them.
+#[derive(Debug, Default)]
+pub struct Board {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    connection: Connection,
+    buffer_full: bool,
+    write_error: Option<String>,
+    source_errors: std::collections::BTreeMap<usize, String>,
+    ship_errors: std::collections::BTreeMap<String, String>,
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Board {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> Option<R> {
+        self.inner.lock().ok().map(|mut g| f(&mut g))
+    }
+
+    pub fn connecting(&self, exchange: &str, attempts: u64) {
+        self.with(|i| {
+            if i.connection.state != "connecting" {
+                i.connection.since_unix = now_unix();
+            }
+            i.connection.state = "connecting".into();
+            i.connection.exchange = exchange.to_string();
+            i.connection.attempts = attempts;
+        });
+    }
+
+    pub fn connected(&self, exchange: &str) {
+        self.with(|i| {
+            i.connection = Connection {
+                state: "connected".into(),
+                exchange: exchange.to_string(),
+                since_unix: now_unix(),
+                attempts: 0,
+                last_error: None,
+            }
+        });
+    }
+
+    pub fn disconnected(&self, error: String) {
+        self.with(|i| {
+            i.connection.state = "disconnected".into();
+            i.connection.since_unix = now_unix();
+            i.connection.last_error = Some(error);
+        });
+    }
+
+    pub fn set_buffer_full(&self, full: bool) {
+        self.with(|i| i.buffer_full = full);
+    }
+
+    pub fn buffer_full(&self) -> bool {
+        self.with(|i| i.buffer_full).unwrap_or(false)
+    }
+
+    pub fn set_write_error(&self, e: Option<String>) {
+        self.with(|i| i.write_error = e);
+    }
+
+    pub fn set_source_error(&self, stream: usize, e: Option<String>) {
+        self.with(|i| match e {
+            Some(e) => {
+                i.source_errors.insert(stream, e);
+            }
+            None => {
+                i.source_errors.remove(&stream);
+            }
+        });
+    }
+
+    pub fn set_ship_error(&self, stream: &str, e: Option<String>) {
+        self.with(|i| match e {
+            Some(e) => {
+                i.ship_errors.insert(stream.to_string(), e);
+            }
+            None => {
+                i.ship_errors.remove(stream);
+            }
+        });
+    }
+
+    /// Fills the parts of a report this board owns.
+    pub fn fill(&self, report: &mut AgentStatus) {
+        self.with(|i| {
+            report.connection = i.connection.clone();
+            report.buffer.full = i.buffer_full;
+            report.buffer.write_error = i.write_error.clone();
+            for (idx, s) in report.streams.iter_mut().enumerate() {
+                s.source_error = i.source_errors.get(&idx).cloned();
+                s.ship_error = i.ship_errors.get(&s.name).cloned();
+            }
+        });
+    }
+}

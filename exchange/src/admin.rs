@@ -1,0 +1,153 @@
+//! The exchange's local admin socket (`STORE/exchange.sock`, mode 0600). The store
+//! is locked by the running exchange, so `records` and `export` ask it here; when
+//! no exchange runs, the commands open the store themselves.
+//!
+//! Request: one JSON line `{"cmd": "records"|"export"|"agents", ...}`.
+//! Reply: JSON lines, the last one `{"done": N}` or `{"error": "..."}`.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::records;
+use crate::store::Store;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Records { agent: String, stream: String, from: u64 },
+    Export { agent: String, stream: String, to: PathBuf },
+    Agents,
+    Gaps { agent: String, stream: String },
+}
+
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another exchange is already serving this store ({} answers)", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Runs one request against a store, writing reply lines.
+pub fn execute(store: &Store, req: &Request, out: &mut dyn Write) -> Result<u64> {
+    match req {
+        Request::Records { agent, stream, from } => records::write_records(store, agent, stream, *from, out),
+        Request::Export { agent, stream, to } => records::export(store, agent, stream, to, out),
+        Request::Agents => {
+            let agents = store.agents()?;
+            for a in &agents {
+                writeln!(out, "{}", serde_json::to_string(a)?)?;
+            }
+            Ok(agents.len() as u64)
+        }
+        Request::Gaps { agent, stream } => {
+            let gaps = store.gaps(agent, stream)?;
+            for g in &gaps {
+                writeln!(out, "{}", serde_json::to_string(g)?)?;
+            }
+            Ok(gaps.len() as u64)
+        }
+    }
+}
+
+pub async fn serve(listener: UnixListener, store: Arc<Store>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
+            },
+        };
+        let store = store.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            // Replies stream out in chunks, so a long `records` never sits in memory.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+            let work = tokio::task::spawn_blocking(move || {
+                let mut out = ChunkWriter { buf: Vec::new(), tx };
+                let tail = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => match execute(&store, &req, &mut out) {
+                        Ok(n) => serde_json::json!({ "done": n }),
+                        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+                    },
+                    Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
+                };
+                let _ = writeln!(out, "{tail}");
+                let _ = out.flush();
+            });
+            while let Some(chunk) = rx.recv().await {
+                if w.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            let _ = work.await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+/// A `Write` that hands 64 KiB chunks to the async side.
+struct ChunkWriter {
+    buf: Vec<u8>,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 64 << 10 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.tx
+                .blocking_send(std::mem::take(&mut self.buf))
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends a request to a running exchange, copying reply lines (but the final
+/// status line) to `out`. `Ok(None)` when no exchange answers.
+pub async fn ask(socket: &Path, req: &Request, out: &mut dyn Write) -> Result<Option<u64>> {
+    let Ok(stream) = UnixStream::connect(socket).await else {
+        return Ok(None);
+    };
+    let (r, mut w) = stream.into_split();
+    w.write_all(serde_json::to_string(req)?.as_bytes()).await?;
+    w.write_all(b"\n").await?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if let Some(n) = v.get("done").and_then(|d| d.as_u64()) {
+            return Ok(Some(n));
+        }
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            bail!("{e}");
+        }
+        writeln!(out, "{line}")?;
+    }
+    bail!("the exchange closed the admin connection early")
+}

@@ -1,0 +1,174 @@
+//! `init` (the exchange's CA, certificate and config) and `enroll` (an agent's key,
+//! certificate and starter config).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ferry_protocol::session::valid_stream_name;
+use ferry_transport::pki::{self, PemPair};
+
+use crate::config::{self, ExchangeConfig, ExchangeSection, StoreSection, TlsSection};
+
+/// Writes a file that must not be readable by others (keys) or any file, refusing
+/// to overwrite.
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
+    let config_path = dir.join("exchange.toml");
+    if config_path.exists() {
+        bail!(
+            "{} already exists; refusing to replace an existing exchange's CA",
+            config_path.display()
+        );
+    }
+    let listen_addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen:?} is not an address:port"))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let names: Vec<String> = if names.is_empty() {
+        vec!["localhost".into(), "127.0.0.1".into()]
+    } else {
+        names.to_vec()
+    };
+    let ca = pki::create_ca("Ferry exchange CA")?;
+    let server = pki::issue_server(&ca, &names)?;
+    write_new(&dir.join("ca.pem"), &ca.cert_pem, 0o644)?;
+    write_new(&dir.join("ca.key"), &ca.key_pem, 0o600)?;
+    write_new(&dir.join("exchange.pem"), &server.cert_pem, 0o644)?;
+    write_new(&dir.join("exchange.key"), &server.key_pem, 0o600)?;
+    let cfg = ExchangeConfig {
+        exchange: ExchangeSection {
+            listen: listen.to_string(),
+            public_address: format!("{}:{}", names[0], listen_addr.port()),
+        },
+        tls: TlsSection {
+            ca: "ca.pem".into(),
+            ca_key: "ca.key".into(),
+            cert: "exchange.pem".into(),
+            key: "exchange.key".into(),
+        },
+        store: StoreSection {
+            dir: "store".into(),
+            cache_size: 64 << 20,
+        },
+    };
+    let text = format!(
+        "# Ferry exchange configuration, written by `ferry-exchange init`.\n\
+         # Every key is explained in packaging/exchange.toml. Relative paths are\n\
+         # relative to this file's directory.\n\n{}",
+        toml::to_string_pretty(&cfg)?
+    );
+    write_new(&config_path, &text, 0o644)?;
+    println!("exchange initialised in {}", dir.display());
+    println!("  CA certificate:       {}", dir.join("ca.pem").display());
+    println!("  server certificate:   {} (names: {})", dir.join("exchange.pem").display(), names.join(", "));
+    println!("  configuration:        {}", config_path.display());
+    println!("next: ferry-exchange serve --config {}", config_path.display());
+    Ok(())
+}
+
+pub fn enroll(
+    config_path: &Path,
+    agent_id: &str,
+    department: &str,
+    out: &Path,
+    data_dir: Option<&Path>,
+) -> Result<()> {
+    if !valid_stream_name(agent_id) {
+        bail!("--agent-id {agent_id:?} must be 1-128 characters of letters, digits, '.', '_' or '-'");
+    }
+    if department.trim().is_empty() {
+        bail!("--department must not be empty");
+    }
+    let cfg = config::load(config_path)?;
+    let ca = PemPair {
+        cert_pem: std::fs::read_to_string(&cfg.tls.ca)
+            .with_context(|| format!("reading the CA certificate {}", cfg.tls.ca.display()))?,
+        key_pem: std::fs::read_to_string(&cfg.tls.ca_key)
+            .with_context(|| format!("reading the CA key {}", cfg.tls.ca_key.display()))?,
+    };
+    let agent = pki::issue_agent(&ca, agent_id, department)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let out = absolute(out)?;
+    let agent_toml = out.join("agent.toml");
+    if agent_toml.exists() {
+        bail!("{} already exists; refusing to overwrite an enrolled agent", agent_toml.display());
+    }
+    write_new(&out.join("ca.pem"), &ca.cert_pem, 0o644)?;
+    write_new(&out.join("agent.pem"), &agent.cert_pem, 0o644)?;
+    write_new(&out.join("agent.key"), &agent.key_pem, 0o600)?;
+    let data_dir = match data_dir {
+        Some(d) => absolute(d)?,
+        None => out.join("data"),
+    };
+    let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let text = format!(
+        r#"# Ferry agent configuration for {agent_id} (department {department}),
+# written by `ferry-exchange enroll`. Every key is explained in the example
+# agent.toml shipped with the package. Check it with:
+#   ferry-agent check-config --config {cfgpath}
+
+[agent]
+id = {id}                      # must match the certificate's subject
+department = {dept}
+data_dir = {data}
+
+[exchange]
+address = {addr}
+ca = {ca}
+cert = {cert}
+key = {key}
+
+[buffer]
+max_size = "2GiB"
+
+# Add one [[stream]] section per source, for example:
+#
+# [[stream]]
+# name = "marriage-registrations"
+# catalog_id = "210100-MZ-0001"
+# sharing = "conditional"       # unconditional | conditional | not-shared
+# source = {{ kind = "directory", path = "/srv/outbox", pattern = "*.xml", after_send = "move" }}
+#
+# [[stream]]
+# name = "hall-log"
+# catalog_id = "210100-MZ-0002"
+# sharing = "unconditional"
+# source = {{ kind = "tail", path = "/var/log/hall/app.log", encoding = "gbk" }}
+"#,
+        cfgpath = agent_toml.display(),
+        id = toml_str(agent_id),
+        dept = toml_str(department),
+        data = toml_str(&data_dir.to_string_lossy()),
+        addr = toml_str(&cfg.exchange.public_address),
+        ca = toml_str(&out.join("ca.pem").to_string_lossy()),
+        cert = toml_str(&out.join("agent.pem").to_string_lossy()),
+        key = toml_str(&out.join("agent.key").to_string_lossy()),
+    );
+    write_new(&agent_toml, &text, 0o644)?;
+    println!("enrolled agent {agent_id} (department {department})");
+    println!("  certificate: {}", out.join("agent.pem").display());
+    println!("  key:         {} (mode 0600; copy it to the agent host securely)", out.join("agent.key").display());
+    println!("  config:      {}", agent_toml.display());
+    Ok(())
+}
