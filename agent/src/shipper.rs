@@ -61,21 +61,12 @@ enum Event {
 
 impl Shipper {
     pub async fn run(self, shutdown: CancellationToken) {
-        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let endpoint = match quinn::Endpoint::client(bind) {
-            Ok(e) => e,
-            Err(e) => {
-                error!(error = %e, "cannot open a UDP socket for QUIC; nothing will be shipped");
-                self.board.disconnected(format!("cannot open a UDP socket: {e}"));
-                return;
-            }
-        };
         let mut backoff = Backoff { attempt: 0 };
         let mut attempts = 0u64;
         loop {
             attempts += 1;
             self.board.connecting(&self.address, attempts);
-            let result = self.connect_and_ship(&endpoint, &shutdown, &mut backoff).await;
+            let result = self.connect_and_ship(&shutdown, &mut backoff).await;
             if shutdown.is_cancelled() {
                 break;
             }
@@ -100,21 +91,39 @@ impl Shipper {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        endpoint.close(0u32.into(), b"agent shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
 
-    async fn connect_and_ship(
+    async fn connect_and_ship(&self, shutdown: &CancellationToken, backoff: &mut Backoff) -> Result<()> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.address)
+            .await
+            .with_context(|| format!("resolving {}", self.address))?
+            .collect();
+        // Government extranets are IPv4 first; take IPv6 only when that is all there is.
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| anyhow!("{} resolves to no address", self.address))?;
+        let bind: SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket for QUIC")?;
+        let result = self.ship_on(&endpoint, addr, shutdown, backoff).await;
+        endpoint.close(0u32.into(), b"agent closing");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        result
+    }
+
+    async fn ship_on(
         &self,
         endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
     ) -> Result<()> {
-        let addr = tokio::net::lookup_host(&self.address)
-            .await
-            .with_context(|| format!("resolving {}", self.address))?
-            .next()
-            .ok_or_else(|| anyhow!("{} resolves to no address", self.address))?;
         let conn = endpoint
             .connect_with(self.client.clone(), addr, &self.server_name)?
             .await

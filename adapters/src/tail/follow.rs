@@ -272,7 +272,7 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 
 /// Whether `file` still is the file `fp` was taken of, and is at least `offset` long.
 fn still_matches(file: &File, size: u64, fp: &Fingerprint, offset: u64) -> io::Result<bool> {
-    let _ = fp; let _ = file; Ok(size >= offset)
+    Ok(size >= offset && size >= fp.len && fingerprint(file, fp.len)? == *fp)
 }
 
 /// Checks the open file against its fingerprint and reads up to `want` bytes at the
