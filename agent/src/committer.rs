@@ -126,7 +126,10 @@ impl Committer {
             } else {
                 buffer.commit_group(&items)
             };
-            (encoded.into_iter().map(|r| r.err()).collect::<Vec<_>>(), committed)
+            (
+                encoded.into_iter().map(|r| r.err()).collect::<Vec<_>>(),
+                committed,
+            )
         })
         .await;
         let (rejections, committed) = match result {

@@ -115,7 +115,10 @@ pub struct Loaded {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
     (line, column)
 }
 
@@ -193,6 +196,18 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
                 ),
             ))
         }
+        Ok(id) if id.department != config.agent.department => {
+            return Err(err_at(
+                &text,
+                key_offset("department"),
+                format!(
+                    "agent.department {:?} does not match the certificate {} (issued for {:?})",
+                    config.agent.department,
+                    config.exchange.cert.display(),
+                    id.department
+                ),
+            ))
+        }
         Ok(_) => {}
         Err(e) => {
             return Err(err_at(
@@ -265,10 +280,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 
     use sha2::Digest;
     let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
-    Ok(Loaded {
-        config,
-        digest,
-    })
+    Ok(Loaded { config, digest })
 }
 
 impl AgentConfig {
@@ -282,7 +294,9 @@ impl AgentConfig {
             .address
             .rsplit_once(':')
             .map_or(self.exchange.address.as_str(), |(h, _)| h);
-        host.trim_start_matches('[').trim_end_matches(']').to_string()
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
     }
 
     pub fn admin_socket(&self) -> PathBuf {

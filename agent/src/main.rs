@@ -16,7 +16,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "ferry-agent", version, about = "Ferry edge agent: captures department data and ships it to the exchange")]
+#[command(
+    name = "ferry-agent",
+    version,
+    about = "Ferry edge agent: captures department data and ships it to the exchange"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -135,7 +139,10 @@ fn cmd_run(path: &Path, daemon: bool, pid_file: Option<PathBuf>, log: LogFormat)
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -173,7 +180,10 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
         }
     };
     let socket = loaded.config.admin_socket();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry-agent: {e}");
@@ -183,7 +193,10 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
     let report = match rt.block_on(admin::query(&socket)) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("ferry-agent: agent {} is not running: {e:#}", loaded.config.agent.id);
+            eprintln!(
+                "ferry-agent: agent {} is not running: {e:#}",
+                loaded.config.agent.id
+            );
             return ExitCode::from(3);
         }
     };
@@ -209,15 +222,31 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
         "exchange {}: {}{}{}",
         c.exchange,
         c.state,
-        if c.attempts > 1 { format!(" (attempt {})", c.attempts) } else { String::new() },
-        c.last_error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+        if c.attempts > 1 {
+            format!(" (attempt {})", c.attempts)
+        } else {
+            String::new()
+        },
+        c.last_error
+            .as_ref()
+            .map(|e| format!(", last error: {e}"))
+            .unwrap_or_default()
     );
     println!(
         "buffer: {} of {}{}{}",
         human_bytes(report.buffer.bytes),
         human_bytes(report.buffer.max_bytes),
-        if report.buffer.full { "  ALARM: FULL, sources paused" } else { "" },
-        report.buffer.write_error.as_ref().map(|e| format!("  ALARM: write failing: {e}")).unwrap_or_default()
+        if report.buffer.full {
+            "  ALARM: FULL, sources paused"
+        } else {
+            ""
+        },
+        report
+            .buffer
+            .write_error
+            .as_ref()
+            .map(|e| format!("  ALARM: write failing: {e}"))
+            .unwrap_or_default()
     );
     for s in &report.streams {
         println!(

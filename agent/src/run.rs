@@ -32,9 +32,8 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
 
     let buffer_dir = cfg.buffer_dir();
     let cache = cfg.buffer.cache_size.0;
-    let buffer = Arc::new(
-        tokio::task::spawn_blocking(move || Buffer::open(&buffer_dir, cache)).await??,
-    );
+    let buffer =
+        Arc::new(tokio::task::spawn_blocking(move || Buffer::open(&buffer_dir, cache)).await??);
     let names: Vec<String> = cfg.streams.iter().map(|s| s.name().to_string()).collect();
     let board = Arc::new(Board::default());
     let durable = Arc::new(Notify::new());
@@ -95,6 +94,8 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             durable,
             space,
             board: board.clone(),
+            cert_not_after_unix: ferry_transport::tls::identity_in_file(&cfg.exchange.cert)
+                .map_or(0, |id| id.not_after_unix.max(0) as u64),
         }
         .run(shutdown.clone())
         .instrument(info_span!("shipper", exchange = %cfg.exchange.address)),
@@ -221,7 +222,10 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
         let _ = s.await;
     }
     // Sources are gone, so the committer finishes what was handed over and ends.
-    if tokio::time::timeout(Duration::from_secs(30), committer).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(30), committer)
+        .await
+        .is_err()
+    {
         warn!("the committer did not finish within 30s");
     }
     let _ = shipper.await;

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::frame::MAX_FRAME;
-use ferry_protocol::messages::{
-    frame::Msg, ErrorCode, Hello, Status, StreamStatus,
-};
+use ferry_protocol::messages::{frame::Msg, ErrorCode, Hello, Status, StreamStatus};
 use ferry_protocol::session::{AgentSession, LocalStream, ResumeVerdict};
 use ferry_transport::{FrameReader, FrameWriter};
 use rand::Rng;
@@ -39,6 +37,8 @@ pub struct Shipper {
     pub durable: Arc<Notify>,
     pub space: Arc<Notify>,
     pub board: Arc<Board>,
+    /// When this agent's certificate expires (Unix seconds), for the heartbeat.
+    pub cert_not_after_unix: u64,
 }
 
 /// Exponential backoff with full jitter, 200 ms up to 30 s.
@@ -93,7 +93,11 @@ impl Shipper {
         }
     }
 
-    async fn connect_and_ship(&self, shutdown: &CancellationToken, backoff: &mut Backoff) -> Result<()> {
+    async fn connect_and_ship(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<()> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.address)
             .await
             .with_context(|| format!("resolving {}", self.address))?
@@ -136,7 +140,15 @@ impl Shipper {
             .buffer
             .states()
             .into_iter()
-            .map(|(n, s)| (n, LocalStream { acked: s.acked, head: s.head }))
+            .map(|(n, s)| {
+                (
+                    n,
+                    LocalStream {
+                        acked: s.acked,
+                        head: s.head,
+                    },
+                )
+            })
             .collect();
         let mut session = AgentSession::new(self.hello.clone(), &local);
         control.send(Msg::Hello(session.hello())).await?;
@@ -158,7 +170,10 @@ impl Shipper {
                     self.on_acked(&name, up_to)?;
                     self.board.set_ship_error(&name, None);
                 }
-                ResumeVerdict::ExchangeBehind { exchange_next, local_acked } => {
+                ResumeVerdict::ExchangeBehind {
+                    exchange_next,
+                    local_acked,
+                } => {
                     let msg = format!(
                         "the exchange expects seq {exchange_next} but acknowledged up to {local_acked} before: its store lost data (seqs {exchange_next}..={local_acked} are no longer in this agent's buffer); shipping continues from {}",
                         local_acked + 1
@@ -166,7 +181,10 @@ impl Shipper {
                     error!(stream = %name, exchange_next, local_acked, "ALARM: {msg}");
                     self.board.set_ship_error(&name, Some(msg));
                 }
-                ResumeVerdict::AgentBehind { exchange_next, local_head } => {
+                ResumeVerdict::AgentBehind {
+                    exchange_next,
+                    local_head,
+                } => {
                     let msg = format!(
                         "the exchange already holds seqs up to {} but this agent's buffer only reached {local_head}: the buffer was reset; stream held until an operator resolves it",
                         exchange_next - 1
@@ -187,7 +205,8 @@ impl Shipper {
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.tick().await;
         loop {
-            self.pump(&conn, &mut session, &mut writers, &events_tx).await?;
+            self.pump(&conn, &mut session, &mut writers, &events_tx)
+                .await?;
             tokio::select! {
                 biased;
                 // 1. Shutdown: stop sending; what is unacked stays buffered.
@@ -232,10 +251,9 @@ impl Shipper {
         for (i, name) in self.names.iter().enumerate() {
             session.on_durable(name, self.buffer.state(name).head);
             while let Some(seq) = session.poll_send(name) {
-                let batch = self
-                    .buffer
-                    .batch_at(name, seq)?
-                    .ok_or_else(|| anyhow!("stream {name}: seq {seq} is durable but not in the buffer"))?;
+                let batch = self.buffer.batch_at(name, seq)?.ok_or_else(|| {
+                    anyhow!("stream {name}: seq {seq} is durable but not in the buffer")
+                })?;
                 session.on_sent(name, batch.first_seq, batch.last_seq())?;
                 if writers[i].is_none() {
                     let (send, recv) = conn.open_bi().await.context("opening a data stream")?;
@@ -280,7 +298,7 @@ impl Shipper {
                 .collect(),
             buffer_full: self.board.buffer_full(),
             software: env!("CARGO_PKG_VERSION").to_string(),
-            cert_not_after_unix: 0,
+            cert_not_after_unix: self.cert_not_after_unix,
         }
     }
 }

@@ -23,16 +23,30 @@ use crate::store::Store;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
-    Records { agent: String, stream: String, from: u64 },
-    Export { agent: String, stream: String, to: PathBuf },
+    Records {
+        agent: String,
+        stream: String,
+        from: u64,
+    },
+    Export {
+        agent: String,
+        stream: String,
+        to: PathBuf,
+    },
     Agents,
-    Gaps { agent: String, stream: String },
+    Gaps {
+        agent: String,
+        stream: String,
+    },
 }
 
 pub fn bind(path: &Path) -> Result<UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another exchange is already serving this store ({} answers)", path.display());
+            bail!(
+                "another exchange is already serving this store ({} answers)",
+                path.display()
+            );
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
@@ -44,7 +58,11 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 /// Runs one request against a store, writing reply lines.
 pub fn execute(store: &Store, req: &Request, out: &mut dyn Write) -> Result<u64> {
     match req {
-        Request::Records { agent, stream, from } => records::write_records(store, agent, stream, *from, out),
+        Request::Records {
+            agent,
+            stream,
+            from,
+        } => records::write_records(store, agent, stream, *from, out),
         Request::Export { agent, stream, to } => records::export(store, agent, stream, to, out),
         Request::Agents => {
             let agents = store.agents()?;
@@ -82,7 +100,10 @@ pub async fn serve(listener: UnixListener, store: Arc<Store>, shutdown: Cancella
             // Replies stream out in chunks, so a long `records` never sits in memory.
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
             let work = tokio::task::spawn_blocking(move || {
-                let mut out = ChunkWriter { buf: Vec::new(), tx };
+                let mut out = ChunkWriter {
+                    buf: Vec::new(),
+                    tx,
+                };
                 let tail = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => match execute(&store, &req, &mut out) {
                         Ok(n) => serde_json::json!({ "done": n }),

@@ -49,14 +49,17 @@ fn default_cache() -> u64 {
 }
 
 pub fn load(path: &Path) -> Result<ExchangeConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut cfg: ExchangeConfig = toml::from_str(&text).map_err(|e| {
         let (line, col) = e.span().map_or((0, 0), |s| {
             let before = &text[..s.start.min(text.len())];
             (
                 before.matches('\n').count() + 1,
-                before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1,
+                before
+                    .rfind('\n')
+                    .map_or(before.len(), |i| before.len() - i - 1)
+                    + 1,
             )
         });
         anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())

@@ -81,9 +81,16 @@ pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
     write_new(&config_path, &text, 0o644)?;
     println!("exchange initialised in {}", dir.display());
     println!("  CA certificate:       {}", dir.join("ca.pem").display());
-    println!("  server certificate:   {} (names: {})", dir.join("exchange.pem").display(), names.join(", "));
+    println!(
+        "  server certificate:   {} (names: {})",
+        dir.join("exchange.pem").display(),
+        names.join(", ")
+    );
     println!("  configuration:        {}", config_path.display());
-    println!("next: ferry-exchange serve --config {}", config_path.display());
+    println!(
+        "next: ferry-exchange serve --config {}",
+        config_path.display()
+    );
     Ok(())
 }
 
@@ -95,7 +102,9 @@ pub fn enroll(
     data_dir: Option<&Path>,
 ) -> Result<()> {
     if !valid_stream_name(agent_id) {
-        bail!("--agent-id {agent_id:?} must be 1-128 characters of letters, digits, '.', '_' or '-'");
+        bail!(
+            "--agent-id {agent_id:?} must be 1-128 characters of letters, digits, '.', '_' or '-'"
+        );
     }
     if department.trim().is_empty() {
         bail!("--department must not be empty");
@@ -112,7 +121,10 @@ pub fn enroll(
     let out = absolute(out)?;
     let agent_toml = out.join("agent.toml");
     if agent_toml.exists() {
-        bail!("{} already exists; refusing to overwrite an enrolled agent", agent_toml.display());
+        bail!(
+            "{} already exists; refusing to overwrite an enrolled agent",
+            agent_toml.display()
+        );
     }
     write_new(&out.join("ca.pem"), &ca.cert_pem, 0o644)?;
     write_new(&out.join("agent.pem"), &agent.cert_pem, 0o644)?;
@@ -168,7 +180,10 @@ max_size = "2GiB"
     write_new(&agent_toml, &text, 0o644)?;
     println!("enrolled agent {agent_id} (department {department})");
     println!("  certificate: {}", out.join("agent.pem").display());
-    println!("  key:         {} (mode 0600; copy it to the agent host securely)", out.join("agent.key").display());
+    println!(
+        "  key:         {} (mode 0600; copy it to the agent host securely)",
+        out.join("agent.key").display()
+    );
     println!("  config:      {}", agent_toml.display());
     Ok(())
 }

@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "ferry-exchange", version, about = "Ferry exchange: receives, deduplicates and durably stores what agents ship")]
+#[command(
+    name = "ferry-exchange",
+    version,
+    about = "Ferry exchange: receives, deduplicates and durably stores what agents ship"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -107,7 +111,14 @@ fn main() -> ExitCode {
             agent,
             stream,
             from,
-        } => query(&config, admin::Request::Records { agent, stream, from }),
+        } => query(
+            &config,
+            admin::Request::Records {
+                agent,
+                stream,
+                from,
+            },
+        ),
         Command::Export {
             config,
             agent,
@@ -155,7 +166,10 @@ fn serve(path: &Path) -> Result<()> {
         let s = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            if let (Ok(mut t), Ok(mut i)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
                 tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
             } else {
                 let _ = tokio::signal::ctrl_c().await;
@@ -174,7 +188,10 @@ fn query(path: &Path, req: admin::Request) -> Result<()> {
         .build()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    if rt.block_on(admin::ask(&cfg.admin_socket(), &req, &mut out))?.is_some() {
+    if rt
+        .block_on(admin::ask(&cfg.admin_socket(), &req, &mut out))?
+        .is_some()
+    {
         return Ok(());
     }
     let store = store::Store::open(&cfg.store.dir, cfg.store.cache_size)

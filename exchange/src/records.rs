@@ -20,7 +20,13 @@ fn rfc3339(ms: u64) -> String {
 /// Writes a stream's records from `from` on as JSON lines: a line of a tailed file
 /// is one record (its text, or base64 when it is not UTF-8); a file is one record
 /// (path, size, sha256, status), at the seq of its last chunk.
-pub fn write_records(store: &Store, agent: &str, stream: &str, from: u64, out: &mut dyn Write) -> Result<u64> {
+pub fn write_records(
+    store: &Store,
+    agent: &str,
+    stream: &str,
+    from: u64,
+    out: &mut dyn Write,
+) -> Result<u64> {
     let mut n = 0u64;
     let mut failure = None;
     store.records(agent, stream, from, |r, stored_ms| {
@@ -33,7 +39,10 @@ pub fn write_records(store: &Store, agent: &str, stream: &str, from: u64, out: &
         let body: Option<(&str, Value)> = match &r.record.body {
             Some(Body::Line(bytes)) => Some(match std::str::from_utf8(bytes) {
                 Ok(s) => ("text", json!(s)),
-                Err(_) => ("base64", json!(base64::engine::general_purpose::STANDARD.encode(bytes))),
+                Err(_) => (
+                    "base64",
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                ),
             }),
             Some(Body::FileChunk(c)) if c.end.is_some() => {
                 let rec = store.file(agent, stream, &c.file_id).ok().flatten();
@@ -88,7 +97,13 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 
 /// Writes every complete file of a stream under `to`, keeping relative paths.
 /// A file received twice under one path (re-sent after a change) keeps the last.
-pub fn export(store: &Store, agent: &str, stream: &str, to: &Path, out: &mut dyn Write) -> Result<u64> {
+pub fn export(
+    store: &Store,
+    agent: &str,
+    stream: &str,
+    to: &Path,
+    out: &mut dyn Write,
+) -> Result<u64> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     let mut n = 0;
     for f in store.files(agent, stream)? {
@@ -96,7 +111,11 @@ pub fn export(store: &Store, agent: &str, stream: &str, to: &Path, out: &mut dyn
             continue;
         }
         let Some(rel) = safe_relative(&f.path) else {
-            writeln!(out, "{}", json!({"skipped": f.path, "reason": "unsafe path"}))?;
+            writeln!(
+                out,
+                "{}",
+                json!({"skipped": f.path, "reason": "unsafe path"})
+            )?;
             continue;
         };
         let dest = to.join(&rel);
@@ -106,10 +125,15 @@ pub fn export(store: &Store, agent: &str, stream: &str, to: &Path, out: &mut dyn
         let src = store.file_path(agent, stream, &f.file_id);
         std::fs::copy(&src, &dest)
             .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
-        writeln!(out, "{}", json!({"exported": dest, "size": f.size, "sha256": f.sha256}))?;
+        writeln!(
+            out,
+            "{}",
+            json!({"exported": dest, "size": f.size, "sha256": f.sha256})
+        )?;
         n += 1;
     }
-    if n == 0 && store.files(agent, stream)?.is_empty() && store.next_expected(agent, stream)? == 1 {
+    if n == 0 && store.files(agent, stream)?.is_empty() && store.next_expected(agent, stream)? == 1
+    {
         bail!("the store holds nothing for agent {agent:?} stream {stream:?}");
     }
     Ok(n)

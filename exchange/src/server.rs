@@ -72,21 +72,21 @@ fn spawn_committer(store: Arc<Store>) -> (mpsc::Sender<StoreRequest>, std::threa
 pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<()> {
     let store_dir = cfg.store.dir.clone();
     let cache = cfg.store.cache_size;
-    let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&store_dir, cache)).await??,
-    );
+    let store =
+        Arc::new(tokio::task::spawn_blocking(move || Store::open(&store_dir, cache)).await??);
     let quic = server_config(&TlsFiles {
         ca: &cfg.tls.ca,
         cert: &cfg.tls.cert,
         key: &cfg.tls.key,
     })?;
-    let listen: SocketAddr = cfg
-        .exchange
-        .listen
-        .parse()
-        .with_context(|| format!("exchange.listen {:?} is not an address:port", cfg.exchange.listen))?;
-    let endpoint = quinn::Endpoint::server(quic, listen)
-        .with_context(|| format!("listening on {listen}"))?;
+    let listen: SocketAddr = cfg.exchange.listen.parse().with_context(|| {
+        format!(
+            "exchange.listen {:?} is not an address:port",
+            cfg.exchange.listen
+        )
+    })?;
+    let endpoint =
+        quinn::Endpoint::server(quic, listen).with_context(|| format!("listening on {listen}"))?;
     let (commits, committer) = spawn_committer(store.clone());
     let admin = crate::admin::bind(&cfg.admin_socket())?;
     let admin_task = tokio::spawn(crate::admin::serve(admin, store.clone(), shutdown.clone()));
@@ -142,7 +142,10 @@ async fn connection(
     let id = peer_identity(&conn)?;
     if !valid_stream_name(&id.agent_id) {
         conn.close(2u32.into(), b"agent id not acceptable");
-        return Err(anyhow!("certificate CN {:?} is not a valid agent id", id.agent_id));
+        return Err(anyhow!(
+            "certificate CN {:?} is not a valid agent id",
+            id.agent_id
+        ));
     }
     let span = info_span!("agent", agent = %id.agent_id);
     async move {
@@ -257,7 +260,10 @@ async fn data_stream(
             match rx.await {
                 Ok(Ok(up_to)) => {
                     if writer
-                        .send(Msg::Ack(Ack { stream, up_to_seq: up_to }))
+                        .send(Msg::Ack(Ack {
+                            stream,
+                            up_to_seq: up_to,
+                        }))
                         .await
                         .is_err()
                     {
@@ -280,7 +286,13 @@ async fn data_stream(
     let result = loop {
         let batch = match reader.next().await {
             Ok(Some(Msg::Batch(b))) => b,
-            Ok(Some(_)) => break Err((ErrorCode::Protocol, "only Batch frames belong on a data stream".to_string(), String::new())),
+            Ok(Some(_)) => {
+                break Err((
+                    ErrorCode::Protocol,
+                    "only Batch frames belong on a data stream".to_string(),
+                    String::new(),
+                ))
+            }
             Ok(None) => break Ok(()),
             Err(e) => break Err((ErrorCode::Protocol, format!("{e:#}"), String::new())),
         };
@@ -294,8 +306,16 @@ async fn data_stream(
             agent: session.peer().agent_id.clone(),
             batch,
         };
-        if commits.send(StoreRequest { incoming, reply }).await.is_err() {
-            break Err((ErrorCode::Internal, "the exchange is shutting down".into(), stream));
+        if commits
+            .send(StoreRequest { incoming, reply })
+            .await
+            .is_err()
+        {
+            break Err((
+                ErrorCode::Internal,
+                "the exchange is shutting down".into(),
+                stream,
+            ));
         }
         if pending_tx.send((stream, rx)).await.is_err() {
             break Ok(());

@@ -73,7 +73,9 @@ fn be<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
     a
 }
 
-pub fn decode(bytes: &[u8]) -> Decoded {
+/// Checks an entry (checksum and header) without copying its payload; on success
+/// the result holds an empty payload.
+pub fn verify(bytes: &[u8]) -> Decoded {
     if bytes.len() < HEADER {
         return Decoded::Corrupted {
             reason: format!("entry of {} bytes is shorter than its header", bytes.len()),
@@ -104,7 +106,10 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     };
     let raw_len = u32::from_be_bytes(be(bytes, 18));
     let stamp_unix_ms = u64::from_be_bytes(be(bytes, 22));
-    if first_seq == 0 || record_count == 0 {
+    if first_seq == 0
+        || record_count == 0
+        || first_seq.checked_add(u64::from(record_count)).is_none()
+    {
         return Decoded::FailedDeserialization {
             reason: format!("entry claims first seq {first_seq} and {record_count} records"),
         };
@@ -115,8 +120,30 @@ pub fn decode(bytes: &[u8]) -> Decoded {
         compression,
         raw_len,
         stamp_unix_ms,
-        payload: bytes[HEADER..].to_vec(),
+        payload: Vec::new(),
     })
+}
+
+/// Checks and decodes an entry.
+pub fn decode(bytes: &[u8]) -> Decoded {
+    match verify(bytes) {
+        Decoded::Valid(mut b) => {
+            b.payload = bytes[HEADER..].to_vec();
+            Decoded::Valid(b)
+        }
+        other => other,
+    }
+}
+
+/// The seqs an entry covers, read from its header without checking the checksum:
+/// for entries this process already verified (at open or when it wrote them).
+pub fn seq_range(bytes: &[u8]) -> Option<(u64, u64)> {
+    if bytes.len() < HEADER {
+        return None;
+    }
+    let first = u64::from_be_bytes(be(bytes, 5));
+    let count = u32::from_be_bytes(be(bytes, 13));
+    (count > 0).then(|| (first, first + u64::from(count) - 1))
 }
 
 #[cfg(test)]

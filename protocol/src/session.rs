@@ -71,7 +71,10 @@ pub enum ResumeVerdict {
     /// The exchange expects a seq below one it acknowledged before: its store lost
     /// data (restored from backup, wiped). Those records are gone from this agent's
     /// buffer, so this must be reported, not papered over.
-    ExchangeBehind { exchange_next: u64, local_acked: u64 },
+    ExchangeBehind {
+        exchange_next: u64,
+        local_acked: u64,
+    },
     /// The exchange holds seqs this agent never produced (its buffer was wiped and
     /// it restarted numbering). Sending would be deduplicated away, so the stream is
     /// held until an operator resolves it.
@@ -201,7 +204,9 @@ impl AgentSession {
                 }
             } else if exchange_acked > st.acked {
                 st.acked = exchange_acked;
-                ResumeVerdict::AckedAhead { up_to: exchange_acked }
+                ResumeVerdict::AckedAhead {
+                    up_to: exchange_acked,
+                }
             } else {
                 ResumeVerdict::InStep
             };
@@ -374,6 +379,12 @@ impl ExchangeSession {
                 hello.agent_id, self.peer.agent_id
             )));
         }
+        if hello.department != self.peer.department {
+            return Err(SessionError::Forbidden(format!(
+                "Hello claims department {:?} but the certificate says {:?}",
+                hello.department, self.peer.department
+            )));
+        }
         let mut names = BTreeSet::new();
         for s in &hello.streams {
             if !valid_stream_name(&s.name) {
@@ -395,7 +406,10 @@ impl ExchangeSession {
                 }
             }
             if s.catalog_id.is_empty() {
-                return Err(protocol(format!("stream {} declares no catalog id", s.name)));
+                return Err(protocol(format!(
+                    "stream {} declares no catalog id",
+                    s.name
+                )));
             }
             if !names.insert(s.name.clone()) {
                 return Err(protocol(format!("stream {} declared twice", s.name)));
@@ -436,7 +450,11 @@ impl ExchangeSession {
                 batch.stream, batch.first_seq, batch.record_count
             )));
         }
-        if batch.first_seq.checked_add(u64::from(batch.record_count)).is_none() {
+        if batch
+            .first_seq
+            .checked_add(u64::from(batch.record_count))
+            .is_none()
+        {
             return Err(protocol("batch seq range overflows"));
         }
         Ok(())

@@ -1,1 +1,828 @@
-//! End-to-end test harness.
+//! End-to-end test harness: real `ferry-exchange` and `ferry-agent` processes in a
+//! temporary directory, driven through their command lines only.
+//!
+//! * [`Exchange`]: `init` on a free port, `serve`, `kill -9`, restart, `records`,
+//!   `export`, `enroll`.
+//! * [`Agent`]: an enrolled agent whose `agent.toml` gets `[[stream]]` sections;
+//!   `run`, `kill -9`, SIGTERM, `status --json`, `check-config`.
+//! * Helpers to produce input the way real writers do (appended lines, files renamed
+//!   into an outbox), digests, and [`wait_until`].
+//!
+//! Nothing here sleeps for correctness: every wait polls a condition with a generous
+//! deadline, so a slow machine only makes the tests slower. Every process writes its
+//! stderr to a log file in the test's directory; when a test panics, the guards print
+//! the tail of those logs (and the agent's last status) before killing the processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Deadline for things that should happen "soon" (a process starting, a status
+/// changing).
+pub const SHORT: Duration = Duration::from_secs(60);
+/// Deadline for data to arrive at the exchange.
+pub const LONG: Duration = Duration::from_secs(180);
+
+// ---------------------------------------------------------------------------------
+// Binaries, directories, waiting
+// ---------------------------------------------------------------------------------
+
+/// `target/debug/<name>`, next to the directory holding the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --bins -p ferry-agent -p ferry-exchange` before `cargo test -p ferry-tests`",
+        path.display()
+    );
+    path
+}
+
+/// A temporary directory for one test, removed afterwards unless the test failed
+/// and `FERRY_TEST_KEEP=1` is set.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ferry-e2e-{name}-"))
+            .tempdir()
+            .expect("creating the test directory");
+        TestDir { dir: Some(dir) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("test dir").path()
+    }
+
+    /// `self/<rel>`, created as a directory.
+    pub fn mkdir(&self, rel: &str) -> PathBuf {
+        let p = self.path().join(rel);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var("FERRY_TEST_KEEP").as_deref() == Ok("1") {
+            if let Some(d) = self.dir.take() {
+                let kept = d.keep();
+                eprintln!("test directory kept: {}", kept.display());
+            }
+        }
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Like [`wait_until`], for a condition that produces a value.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A UDP port on 127.0.0.1 free right now, chosen *below* the kernel's ephemeral
+/// range: agents open a new ephemeral UDP socket on every reconnect, and an
+/// exchange restarted on a port from that range could find it taken by one of them.
+pub fn free_udp_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    if low > 12000 {
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let port = rng.random_range(10000..low);
+            if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    let s = UdpSocket::bind("127.0.0.1:0").expect("binding a UDP socket");
+    s.local_addr().expect("local_addr").port()
+}
+
+fn run_output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = run_output(cmd);
+    assert!(out.status.success(), "{cmd:?} failed: {}", describe(&out));
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+/// The last `n` lines of a log file.
+pub fn tail_of(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A running child process whose stderr and stdout go to `log`.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: &Path, banner: &str) -> Proc {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("opening the log file");
+        writeln!(f, "===== {banner} =====").expect("log banner");
+        let err = f.try_clone().expect("log handle");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(f))
+            .stderr(Stdio::from(err))
+            .env("FERRY_LOG", "info");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        Proc { child }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit.
+    fn terminate(mut self, timeout: Duration) -> ExitStatus {
+        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.exited() {
+                return st;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "pid {} did not exit within {timeout:?} of SIGTERM",
+                    self.pid()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Exchange
+// ---------------------------------------------------------------------------------
+
+/// One exchange: its directory (`exchange.toml`, CA, store) and, when started, its
+/// `serve` process.
+pub struct Exchange {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    log: PathBuf,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Exchange {
+    /// `ferry-exchange init --dir DIR --listen 127.0.0.1:PORT` on a free port.
+    pub fn init(dir: &Path) -> Exchange {
+        let port = free_udp_port();
+        run_ok(
+            Command::new(bin("ferry-exchange"))
+                .arg("init")
+                .arg("--dir")
+                .arg(dir)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}")),
+        );
+        let config = dir.join("exchange.toml");
+        assert!(config.is_file(), "init wrote no {}", config.display());
+        Exchange {
+            dir: dir.to_path_buf(),
+            config,
+            port,
+            log: dir.join("exchange.log"),
+            proc: None,
+            starts: 0,
+        }
+    }
+
+    /// `init` and `start`.
+    pub fn start_new(dir: &Path) -> Exchange {
+        let mut ex = Exchange::init(dir);
+        ex.start();
+        ex
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("store").join("exchange.sock")
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Spawns `serve` and waits until it answers on its admin socket (bound after
+    /// the QUIC endpoint, so the exchange is then reachable).
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "exchange already started");
+        self.starts += 1;
+        let mut cmd = Command::new(bin("ferry-exchange"));
+        cmd.arg("serve").arg("--config").arg(&self.config);
+        self.proc = Some(Proc::spawn(
+            cmd,
+            &self.log,
+            &format!("exchange start #{}", self.starts),
+        ));
+        let sock = self.admin_socket();
+        wait_until(SHORT, "the exchange to serve", || {
+            self.assert_alive();
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.proc.as_mut() {
+            Some(p) => p.exited().is_none(),
+            None => false,
+        }
+    }
+
+    /// Panics (with the log) if the exchange was started and has exited.
+    pub fn assert_alive(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            if let Some(st) = p.exited() {
+                panic!(
+                    "the exchange exited unexpectedly ({st}); log:\n{}",
+                    tail_of(&self.log, 80)
+                );
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// SIGTERM; the exchange must exit cleanly.
+    pub fn stop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            let st = p.terminate(SHORT);
+            assert!(
+                st.success(),
+                "the exchange exited with {st} on SIGTERM; log:\n{}",
+                tail_of(&self.log, 60)
+            );
+        }
+    }
+
+    /// `kill -9` (if running) and start again.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.start();
+    }
+
+    fn cli(&self, sub: &str) -> Command {
+        let mut cmd = Command::new(bin("ferry-exchange"));
+        cmd.arg(sub).arg("--config").arg(&self.config);
+        cmd
+    }
+
+    /// `ferry-exchange records`: every record of a stream, in seq order.
+    pub fn records(&self, agent: &str, stream: &str) -> Vec<Value> {
+        json_lines(&run_ok(
+            self.cli("records")
+                .args(["--agent", agent, "--stream", stream]),
+        ))
+    }
+
+    /// The `text` of every line record of a stream, in seq order.
+    pub fn lines(&self, agent: &str, stream: &str) -> Vec<String> {
+        self.records(agent, stream)
+            .iter()
+            .filter_map(|r| r.get("text").and_then(Value::as_str).map(str::to_owned))
+            .collect()
+    }
+
+    /// The `file` objects of every file record of a stream, in seq order.
+    pub fn files(&self, agent: &str, stream: &str) -> Vec<Value> {
+        self.records(agent, stream)
+            .iter()
+            .filter_map(|r| r.get("file").cloned())
+            .collect()
+    }
+
+    /// `ferry-exchange export ... --to DIR`: its JSON reply lines.
+    pub fn export(&self, agent: &str, stream: &str, to: &Path) -> Vec<Value> {
+        json_lines(&run_ok(
+            self.cli("export")
+                .args(["--agent", agent, "--stream", stream, "--to"])
+                .arg(to),
+        ))
+    }
+
+    /// `ferry-exchange agents`.
+    pub fn agents(&self) -> Vec<Value> {
+        json_lines(&run_ok(&mut self.cli("agents")))
+    }
+
+    /// Polls `records` until `done(records)`, checking that the exchange stays up.
+    pub fn wait_records(
+        &mut self,
+        agent: &str,
+        stream: &str,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let start = Instant::now();
+        let mut last = Vec::new();
+        loop {
+            self.assert_alive();
+            last = self.records(agent, stream);
+            if done(&last) {
+                return last;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what} (agent {agent} stream {stream}: {} records so far, last: {})",
+                    last.len(),
+                    last.last().map(Value::to_string).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Waits until a stream holds at least `n` line records; returns their texts.
+    pub fn wait_lines(
+        &mut self,
+        agent: &str,
+        stream: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<String> {
+        let recs = self.wait_records(agent, stream, timeout, &format!("{n} lines"), |r| {
+            r.iter().filter(|r| r.get("text").is_some()).count() >= n
+        });
+        recs.iter()
+            .filter_map(|r| r.get("text").and_then(Value::as_str).map(str::to_owned))
+            .collect()
+    }
+
+    /// `ferry-exchange enroll`: a new agent directory `out` with `agent.toml`.
+    pub fn enroll(&self, agent_id: &str, department: &str, out: &Path) -> Agent {
+        run_ok(
+            self.cli("enroll")
+                .args(["--agent-id", agent_id, "--department", department, "--out"])
+                .arg(out),
+        );
+        Agent::at(agent_id, out)
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- exchange log {} (last 80 lines) -----\n{}\n----- end of exchange log -----",
+                self.log.display(),
+                tail_of(&self.log, 80)
+            );
+        }
+        self.kill9();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Agent
+// ---------------------------------------------------------------------------------
+
+/// An enrolled agent: its directory, `agent.toml`, and when started its `run` process.
+pub struct Agent {
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+/// `[[stream]]` for a `tail` source.
+pub fn tail_stream(name: &str, catalog_id: &str, path: &Path) -> String {
+    format!(
+        "\n[[stream]]\nname = \"{name}\"\ncatalog_id = \"{catalog_id}\"\nsharing = \"unconditional\"\nsource = {{ kind = \"tail\", path = \"{}\" }}\n",
+        path.display()
+    )
+}
+
+/// `[[stream]]` for a `directory` source whose writers rename finished files in.
+pub fn outbox_stream(name: &str, catalog_id: &str, path: &Path) -> String {
+    format!(
+        "\n[[stream]]\nname = \"{name}\"\ncatalog_id = \"{catalog_id}\"\nsharing = \"conditional\"\nsource = {{ kind = \"directory\", path = \"{}\", complete = \"rename\" }}\n",
+        path.display()
+    )
+}
+
+impl Agent {
+    fn at(id: &str, dir: &Path) -> Agent {
+        let config = dir.join("agent.toml");
+        assert!(config.is_file(), "enroll wrote no {}", config.display());
+        Agent {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            config,
+            log: dir.join("agent.log"),
+            proc: None,
+            starts: 0,
+        }
+    }
+
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("reading agent.toml")
+    }
+
+    /// Rewrites `agent.toml` through `f`.
+    pub fn edit(&self, f: impl FnOnce(String) -> String) {
+        let text = f(self.config_text());
+        std::fs::write(&self.config, text).expect("writing agent.toml");
+    }
+
+    /// Replaces the (first) line starting with `key =` by `key = value`.
+    pub fn set(&self, key: &str, value: &str) {
+        self.edit(|t| replace_key(&t, key, value));
+    }
+
+    /// Appends a `[[stream]]` section (see [`tail_stream`], [`outbox_stream`]).
+    pub fn add_stream(&self, section: &str) {
+        self.edit(|t| t + section);
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Spawns `run` and waits until its admin socket answers `status`.
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "agent already started");
+        self.starts += 1;
+        let mut cmd = Command::new(bin("ferry-agent"));
+        cmd.arg("run").arg("--config").arg(&self.config);
+        self.proc = Some(Proc::spawn(
+            cmd,
+            &self.log,
+            &format!("agent start #{}", self.starts),
+        ));
+        wait_until(SHORT, "the agent to answer status", || {
+            self.assert_alive();
+            self.status_json().is_some()
+        });
+    }
+
+    /// Panics (with the log) if the agent was started and has exited.
+    pub fn assert_alive(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            if let Some(st) = p.exited() {
+                panic!(
+                    "the agent exited unexpectedly ({st}); log:\n{}",
+                    tail_of(&self.log, 80)
+                );
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// SIGTERM; the agent must exit cleanly.
+    pub fn stop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            let st = p.terminate(SHORT);
+            assert!(
+                st.success(),
+                "the agent exited with {st} on SIGTERM; log:\n{}",
+                tail_of(&self.log, 60)
+            );
+        }
+    }
+
+    /// `ferry-agent status --json`; `None` when the agent is not running (exit 3).
+    pub fn status_json(&self) -> Option<Value> {
+        let out = run_output(
+            Command::new(bin("ferry-agent"))
+                .arg("status")
+                .arg("--config")
+                .arg(&self.config)
+                .arg("--json"),
+        );
+        match out.status.code() {
+            Some(0) => Some(serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!("status --json printed no JSON ({e}): {}", describe(&out))
+            })),
+            Some(3) => None,
+            _ => panic!("ferry-agent status failed: {}", describe(&out)),
+        }
+    }
+
+    /// The running agent's status (panics if it does not answer).
+    pub fn status(&mut self) -> Value {
+        self.assert_alive();
+        self.status_json().expect("the agent answers status")
+    }
+
+    /// The status entry of one stream.
+    pub fn stream_status(&mut self, stream: &str) -> Value {
+        let st = self.status();
+        st["streams"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == stream).cloned())
+            .unwrap_or_else(|| panic!("no stream {stream:?} in status {st}"))
+    }
+
+    /// `ferry-agent check-config --config FILE`.
+    pub fn check_config(config: &Path) -> Output {
+        run_output(
+            Command::new(bin("ferry-agent"))
+                .arg("check-config")
+                .arg("--config")
+                .arg(config),
+        )
+    }
+
+    /// `ferry-agent run --config FILE` expected to exit by itself (a refused config).
+    pub fn run_to_exit(config: &Path, timeout: Duration) -> Output {
+        let mut child = Command::new(bin("ferry-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning ferry-agent run");
+        let start = Instant::now();
+        while child.try_wait().expect("try_wait").is_none() {
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!(
+                    "ferry-agent run kept running with {}: {}",
+                    config.display(),
+                    describe(&out)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().expect("wait")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if self.proc.is_some() {
+                let st = self
+                    .status_json()
+                    .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
+                    .unwrap_or_else(|| "(not running)".into());
+                eprintln!("----- agent {} status -----\n{st}", self.id);
+            }
+            eprintln!(
+                "----- agent {} log {} (last 80 lines) -----\n{}\n----- end of agent log -----",
+                self.id,
+                self.log.display(),
+                tail_of(&self.log, 80)
+            );
+        }
+        self.kill9();
+    }
+}
+
+/// `text` with the first line that starts with `key =` replaced by `key = value`.
+pub fn replace_key(text: &str, key: &str, value: &str) -> String {
+    let mut done = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if !done && t.starts_with(key) && t[key.len()..].trim_start().starts_with('=') {
+            out.push_str(&format!("{key} = {value}"));
+            done = true;
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    assert!(done, "no `{key} =` line in:\n{text}");
+    out
+}
+
+/// 1-based number of the first line of `text` that starts with `prefix`.
+pub fn line_of(text: &str, prefix: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(prefix))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?}"))
+}
+
+/// Parses `off=N` out of a tail position description (`ino=… off=…`).
+pub fn tail_offset(position: &str) -> Option<u64> {
+    position
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("off="))
+        .and_then(|n| n.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------
+// Input, the way real writers produce it
+// ---------------------------------------------------------------------------------
+
+/// Appends each string plus `\n` to `path` (created if missing), as a logger does.
+pub fn append_lines<S: AsRef<str>>(path: &Path, lines: &[S]) {
+    let mut buf = String::new();
+    for l in lines {
+        buf.push_str(l.as_ref());
+        buf.push('\n');
+    }
+    append_raw(path, buf.as_bytes());
+}
+
+/// Appends raw bytes to `path` (created if missing).
+pub fn append_raw(path: &Path, bytes: &[u8]) {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    f.write_all(bytes).expect("appending");
+}
+
+/// The temporary name a writer uses before renaming `name` into `dir`.
+pub fn tmp_name(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.tmp"))
+}
+
+/// Writes `dir/.name.tmp`, then renames it to `dir/name` (what `complete = "rename"`
+/// expects from writers).
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let tmp = tmp_name(dir, name);
+    std::fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    let dest = dir.join(name);
+    std::fs::rename(&tmp, &dest).expect("renaming into the outbox");
+    dest
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::rng().fill(&mut v[..]);
+    v
+}
+
+/// Random lowercase hex of `n` characters (incompressible-ish text).
+pub fn random_hex(n: usize) -> String {
+    let mut s = hex::encode(random_bytes(n.div_ceil(2)));
+    s.truncate(n);
+    s
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("reading");
+        if n == 0 {
+            return hex::encode(h.finalize());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Names of the regular files directly in `dir` (not hidden ones), sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// Asserts that `got` is exactly `want`, reporting the first difference, counts and
+/// duplicates rather than two huge lists.
+pub fn assert_same_sequence(got: &[String], want: &[String], what: &str) {
+    if got == want {
+        return;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let dups: Vec<&String> = got.iter().filter(|l| !seen.insert(*l)).take(10).collect();
+    let got_set: std::collections::HashSet<&String> = got.iter().collect();
+    let missing: Vec<&String> = want
+        .iter()
+        .filter(|l| !got_set.contains(l))
+        .take(10)
+        .collect();
+    let first_diff = got.iter().zip(want).position(|(a, b)| a != b);
+    let ctx = |v: &[String], i: usize| -> Vec<String> {
+        v[i.saturating_sub(3)..(i + 3).min(v.len())].to_vec()
+    };
+    let at = first_diff.unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: got {} lines, want {}; first difference at index {at}: got {:?}, want {:?}; duplicates (first 10): {dups:?}; missing (first 10): {missing:?}",
+        got.len(),
+        want.len(),
+        ctx(got, at),
+        ctx(want, at),
+    );
+}

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_protocol::messages::Record;
+use ferry_protocol::messages::{record, Record};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,10 @@ struct Durable {
     records: Vec<(u64, Record)>,
     position: Option<Vec<u8>>,
     head: u64,
+    /// With `lean`: chunk data is dropped on arrival and only its length kept here
+    /// (index = record index), so multi-gigabyte transfers fit in memory.
+    lean: bool,
+    data_lens: Vec<usize>,
 }
 
 /// The durable state that survives source restarts.
@@ -42,6 +46,18 @@ impl Store {
             acked: watch::channel(0).0,
             limit: watch::channel(usize::MAX).0,
         }
+    }
+
+    /// A store that keeps chunk lengths but not chunk data.
+    pub(crate) fn lean() -> Self {
+        let s = Store::new();
+        s.durable.lock().unwrap().lean = true;
+        s
+    }
+
+    /// Length of each record's chunk data as it arrived (0 for other records).
+    pub(crate) fn data_lens(&self) -> Vec<usize> {
+        self.durable.lock().unwrap().data_lens.clone()
     }
 
     /// Runs `source` with the stored position as its resume point.
@@ -84,7 +100,15 @@ impl Store {
                     None
                 } else {
                     let first_seq = d.head + 1;
-                    for rec in req.records {
+                    for mut rec in req.records {
+                        let mut len = 0;
+                        if let Some(record::Body::FileChunk(c)) = rec.body.as_mut() {
+                            len = c.data.len();
+                            if d.lean {
+                                c.data = Vec::new();
+                            }
+                        }
+                        d.data_lens.push(len);
                         d.head += 1;
                         let seq = d.head;
                         d.records.push((seq, rec));

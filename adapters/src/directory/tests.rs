@@ -477,6 +477,50 @@ async fn file_changed_while_stopped_is_aborted_then_resent() {
     run.stop().await.unwrap_err();
 }
 
+/// A sparse file just over 4 GiB: offsets and sizes past `u32::MAX` must survive
+/// chunking, the position and the end record. Slow (hashes 4 GiB twice), so opt-in:
+/// `cargo test -p ferry-adapters -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reads and hashes 4 GiB"]
+async fn file_over_4_gib() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.img");
+    let size: u64 = (4 << 30) + 5;
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(size - 5).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"tail!", size - 5).unwrap();
+    drop(f);
+    let mut expect = Sha256::new();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..4096 {
+        expect.update(&zeros);
+    }
+    expect.update(b"tail!");
+    let expect = expect.finalize().to_vec();
+
+    let mut cfg = config(dir.path(), Complete::Rename);
+    cfg.chunk_size = Size(MAX_CHUNK_SIZE);
+    let store = Store::lean();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("the end chunk", || {
+        chunks(&store).last().is_some_and(|c| c.end.is_some())
+    })
+    .await;
+    let all = chunks(&store);
+    let lens = store.data_lens();
+    assert_eq!(all.len(), 1025, "1024 chunks of 4 MiB and one of 5 bytes");
+    let mut off = 0u64;
+    for (c, len) in all.iter().zip(&lens) {
+        assert_eq!(c.offset, off);
+        off += *len as u64;
+    }
+    assert_eq!(all[1024].offset, 4 << 30);
+    let end = all[1024].end.clone().unwrap();
+    assert_eq!((off, end.size), (size, size));
+    assert_eq!(end.sha256, expect);
+    run.stop().await.unwrap_err();
+}
+
 #[test]
 fn config_defaults_and_validation() {
     let dir = tempfile::tempdir().unwrap();

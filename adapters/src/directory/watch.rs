@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -19,7 +20,12 @@ pub(crate) struct DirWatch {
     // Dropping the watcher stops the watch, so it lives as long as this value.
     watcher: Option<notify::RecommendedWatcher>,
     warned: bool,
+    last_try: Option<Instant>,
 }
+
+/// Starting a watcher costs a thread and an inotify instance: a failing one (e.g.
+/// `fs.inotify.max_user_instances` reached) is not retried at every poll.
+const RETRY_EVERY: Duration = Duration::from_secs(30);
 
 impl DirWatch {
     /// Starts watching `dir`; on failure logs a warning once and leaves the caller to
@@ -30,6 +36,7 @@ impl DirWatch {
             wake: Arc::new(Notify::new()),
             watcher: None,
             warned: false,
+            last_try: None,
         };
         w.retry(what);
         w
@@ -37,9 +44,10 @@ impl DirWatch {
 
     /// Tries again to start a watch that failed (its directory may exist by now).
     pub(crate) fn retry(&mut self, what: &str) {
-        if self.watcher.is_some() {
+        if self.watcher.is_some() || self.last_try.is_some_and(|t| t.elapsed() < RETRY_EVERY) {
             return;
         }
+        self.last_try = Some(Instant::now());
         match self.try_start() {
             Ok(w) => {
                 if self.warned {

@@ -95,7 +95,10 @@ pub(super) async fn run(cfg: TailConfig, ctx: SourceContext) -> Result<(), Sourc
 
         let probe = read(t, limits.window()).await;
         let probe = match probe {
-            Ok(p) => p,
+            Ok(p) => {
+                trouble.clear(&cfg.path);
+                p
+            }
             Err(e) => {
                 trouble.report(&cfg.path, "cannot read the file; retrying", Some(&e));
                 wait(&ctx, &mut watch, &parent, poll).await?;

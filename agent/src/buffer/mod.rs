@@ -8,8 +8,12 @@
 //! "b:" stream 0x00 first_seq(u64 BE)    a batch entry (see entry.rs): crc32c, header,
 //!                                       the compressed RecordList exactly as sent
 //! "p:" stream                           the source's position after its last batch
-//! "m:" stream                           head(u64 BE) acked(u64 BE)
+//! "h:" stream                           head: highest durable seq (u64 BE); committer only
+//! "a:" stream                           acked: every seq <= it was acknowledged (u64 BE);
+//!                                       written only on acks
 //! ```
+//! Head and acked live under separate keys because different tasks write them
+//! concurrently; neither write may carry a stale copy of the other.
 //!
 //! # Invariants
 //! * A batch, its stream's new head and the source position after it are written in
@@ -23,15 +27,14 @@
 //! * Batches are removed only after an ack; removal needs no sync, because a batch
 //!   that reappears after a crash is re-sent and dropped by the exchange's dedup.
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use ferry_adapters::Committed;
-use ferry_transport::durable::Syncer;
 use ferry_protocol::batch::EncodedRecords;
+use ferry_transport::durable::Syncer;
 
 use ferry_protocol::entry::{self, Decoded, StoredBatch};
 
@@ -92,11 +95,9 @@ fn prefixed(prefix: &[u8], stream: &str) -> Vec<u8> {
     [prefix, stream.as_bytes()].concat()
 }
 
-fn meta_value(s: &StreamState) -> [u8; 16] {
-    let mut v = [0u8; 16];
-    v[..8].copy_from_slice(&s.head.to_be_bytes());
-    v[8..].copy_from_slice(&s.acked.to_be_bytes());
-    v
+fn read_u64(v: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = v.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
 }
 
 impl Buffer {
@@ -152,24 +153,20 @@ impl Buffer {
     /// Rebuilds per-stream state and verifies checksums and seq density.
     fn scan(&self) -> Result<(), BufferError> {
         let mut streams: BTreeMap<String, StreamState> = BTreeMap::new();
-        for kv in self.db.scan_prefix(b"m:") {
-            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-            let name = String::from_utf8_lossy(&k[2..]).into_owned();
-            if v.len() != 16 {
-                return Err(self.damaged(format!("stream {name}: metadata of {} bytes", v.len())));
+        for (prefix, is_head) in [(&b"h:"[..], true), (&b"a:"[..], false)] {
+            for kv in self.db.scan_prefix(prefix) {
+                let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+                let name = String::from_utf8_lossy(&k[2..]).into_owned();
+                let n = read_u64(&v).ok_or_else(|| {
+                    self.damaged(format!("stream {name}: metadata of {} bytes", v.len()))
+                })?;
+                let st = streams.entry(name).or_default();
+                if is_head {
+                    st.head = n;
+                } else {
+                    st.acked = n;
+                }
             }
-            let mut h = [0u8; 8];
-            h.copy_from_slice(&v[..8]);
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&v[8..]);
-            streams.insert(
-                name,
-                StreamState {
-                    head: u64::from_be_bytes(h),
-                    acked: u64::from_be_bytes(a),
-                    ..Default::default()
-                },
-            );
         }
         let mut expected: BTreeMap<String, u64> = BTreeMap::new();
         let mut total = 0;
@@ -179,10 +176,13 @@ impl Buffer {
                 return Err(self.damaged("a batch key without a stream separator".into()));
             };
             let name = String::from_utf8_lossy(&k[2..nul]).into_owned();
-            let batch = match entry::decode(&v) {
+            let batch = match entry::verify(&v) {
                 Decoded::Valid(b) => b,
                 Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => {
-                    return Err(self.damaged(format!("stream {name}, batch entry {:?}: {reason}", &k[nul + 1..])))
+                    return Err(self.damaged(format!(
+                        "stream {name}, batch entry {:?}: {reason}",
+                        &k[nul + 1..]
+                    )))
                 }
             };
             let st = streams.get_mut(&name).ok_or_else(|| {
@@ -251,21 +251,37 @@ impl Buffer {
 
     /// Writes every item atomically per item, then makes them all durable with one
     /// sync (group commit). Returns the seqs given to each item's records.
-    pub fn commit_group(&self, items: &[CommitItem<'_>]) -> Result<Vec<Option<Committed>>, BufferError> {
-        let mut streams = self
-            .streams
-            .lock()
-            .map_err(|_| self.damaged("buffer state lock poisoned".into()))?;
-        let mut staged = streams.clone();
+    pub fn commit_group(
+        &self,
+        items: &[CommitItem<'_>],
+    ) -> Result<Vec<Option<Committed>>, BufferError> {
+        // Only the committer calls this, so heads cannot move underneath it; the lock
+        // is not held during the write and sync, so the shipper and acks go on.
+        let mut heads: BTreeMap<String, StreamState> = BTreeMap::new();
+        {
+            let streams = self
+                .streams
+                .lock()
+                .map_err(|_| self.damaged("buffer state lock poisoned".into()))?;
+            for item in items {
+                let st = streams.get(item.stream).copied().unwrap_or_default();
+                heads.entry(item.stream.to_string()).or_insert(StreamState {
+                    batches: 0,
+                    bytes: 0,
+                    ..st
+                });
+            }
+        }
         let mut out = Vec::with_capacity(items.len());
         let mut added = 0u64;
         let mut batch = sled::Batch::default();
+        let stamp = ferry_adapters::now_unix_ms();
         for item in items {
-            let st = staged.entry(item.stream.to_string()).or_default();
+            let st = heads.entry(item.stream.to_string()).or_default();
             let committed = match &item.records {
                 Some(rec) => {
                     let first = st.head + 1;
-                    let value = entry::encode(first, rec, ferry_adapters::now_unix_ms());
+                    let value = entry::encode(first, rec, stamp);
                     st.head += u64::from(rec.record_count);
                     st.batches += 1;
                     st.bytes += value.len() as u64;
@@ -279,14 +295,23 @@ impl Buffer {
                 None => None,
             };
             batch.insert(prefixed(b"p:", item.stream), item.position);
-            batch.insert(prefixed(b"m:", item.stream), &meta_value(st)[..]);
+            batch.insert(prefixed(b"h:", item.stream), &st.head.to_be_bytes()[..]);
             out.push(committed);
         }
         // One apply_batch for the whole group: each item's batch, position and
         // metadata are in it together, so they become visible (and durable) together.
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
         self.sync()?;
-        *streams = staged;
+        let mut streams = self
+            .streams
+            .lock()
+            .map_err(|_| self.damaged("buffer state lock poisoned".into()))?;
+        for (name, delta) in heads {
+            let st = streams.entry(name).or_default();
+            st.head = delta.head;
+            st.batches += delta.batches;
+            st.bytes += delta.bytes;
+        }
         self.total_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(out)
     }
@@ -313,9 +338,10 @@ impl Buffer {
         match entry::decode(&v) {
             Decoded::Valid(b) if b.last_seq() >= seq => Ok(Some(b)),
             Decoded::Valid(_) => Ok(None),
-            Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => Err(
-                self.damaged(format!("stream {stream}, batch holding seq {seq}: {reason}")),
-            ),
+            Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => Err(self
+                .damaged(format!(
+                    "stream {stream}, batch holding seq {seq}: {reason}"
+                ))),
         }
     }
 
@@ -333,11 +359,13 @@ impl Buffer {
         let mut freed = 0u64;
         let mut removed = 0u64;
         let mut acked = st.acked;
-        for kv in self.db.range(batch_key(stream, 0)..batch_key(stream, up_to + 1)) {
+        for kv in self
+            .db
+            .range(batch_key(stream, 0)..batch_key(stream, up_to + 1))
+        {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-            let last = match entry::decode(&v) {
-                Decoded::Valid(b) => b.last_seq(),
-                _ => continue,
+            let Some((_, last)) = entry::seq_range(&v) else {
+                continue;
             };
             if last > up_to {
                 break;
@@ -352,9 +380,10 @@ impl Buffer {
         st.acked = st.acked.max(acked);
         st.batches -= removed.min(st.batches);
         st.bytes -= freed.min(st.bytes);
-        batch.insert(prefixed(b"m:", stream), &meta_value(st)[..]);
+        batch.insert(prefixed(b"a:", stream), &st.acked.to_be_bytes()[..]);
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-        self.total_bytes.fetch_sub(freed.min(self.total_bytes()), Ordering::Relaxed);
+        self.total_bytes
+            .fetch_sub(freed.min(self.total_bytes()), Ordering::Relaxed);
         Ok(freed)
     }
 

@@ -24,19 +24,61 @@ fn commits_are_dense_and_survive_reopen() {
         let b = Buffer::open(&path, 1 << 20).unwrap();
         let out = b
             .commit_group(&[
-                CommitItem { stream: "a", records: Some(records(3, "x")), position: b"p1" },
-                CommitItem { stream: "b", records: Some(records(2, "y")), position: b"q1" },
-                CommitItem { stream: "a", records: Some(records(4, "z")), position: b"p2" },
-                CommitItem { stream: "a", records: None, position: b"p3" },
+                CommitItem {
+                    stream: "a",
+                    records: Some(records(3, "x")),
+                    position: b"p1",
+                },
+                CommitItem {
+                    stream: "b",
+                    records: Some(records(2, "y")),
+                    position: b"q1",
+                },
+                CommitItem {
+                    stream: "a",
+                    records: Some(records(4, "z")),
+                    position: b"p2",
+                },
+                CommitItem {
+                    stream: "a",
+                    records: None,
+                    position: b"p3",
+                },
             ])
             .unwrap();
-        assert_eq!(out[0], Some(Committed { first_seq: 1, last_seq: 3 }));
-        assert_eq!(out[1], Some(Committed { first_seq: 1, last_seq: 2 }));
-        assert_eq!(out[2], Some(Committed { first_seq: 4, last_seq: 7 }));
+        assert_eq!(
+            out[0],
+            Some(Committed {
+                first_seq: 1,
+                last_seq: 3
+            })
+        );
+        assert_eq!(
+            out[1],
+            Some(Committed {
+                first_seq: 1,
+                last_seq: 2
+            })
+        );
+        assert_eq!(
+            out[2],
+            Some(Committed {
+                first_seq: 4,
+                last_seq: 7
+            })
+        );
         assert_eq!(out[3], None);
     }
     let b = Buffer::open(&path, 1 << 20).unwrap();
-    assert_eq!(b.state("a"), StreamState { head: 7, acked: 0, batches: 2, bytes: b.state("a").bytes });
+    assert_eq!(
+        b.state("a"),
+        StreamState {
+            head: 7,
+            acked: 0,
+            batches: 2,
+            bytes: b.state("a").bytes
+        }
+    );
     assert_eq!(b.position("a").unwrap().as_deref(), Some(&b"p3"[..]));
     assert_eq!(b.batch_at("a", 5).unwrap().unwrap().first_seq, 4);
     assert_eq!(b.batch_at("a", 8).unwrap(), None);

@@ -36,7 +36,12 @@ fn file_key(agent: &str, stream: &str, file_id: &str) -> Vec<u8> {
     key(b"f:", &[agent, stream, file_id])
 }
 
-pub(super) fn get(store: &Store, agent: &str, stream: &str, file_id: &str) -> Result<Option<FileRecord>, StoreError> {
+pub(super) fn get(
+    store: &Store,
+    agent: &str,
+    stream: &str,
+    file_id: &str,
+) -> Result<Option<FileRecord>, StoreError> {
     let v = store
         .db
         .get(file_key(agent, stream, file_id))
@@ -44,7 +49,11 @@ pub(super) fn get(store: &Store, agent: &str, stream: &str, file_id: &str) -> Re
     Ok(v.and_then(|v| serde_json::from_slice(&v).ok()))
 }
 
-pub(super) fn list(store: &Store, agent: &str, stream: &str) -> Result<Vec<FileRecord>, StoreError> {
+pub(super) fn list(
+    store: &Store,
+    agent: &str,
+    stream: &str,
+) -> Result<Vec<FileRecord>, StoreError> {
     let mut out = Vec::new();
     for kv in store.db.scan_prefix(key(b"f:", &[agent, stream, ""])) {
         let (_, v) = kv.map_err(|e| store.sled_err(e))?;
@@ -147,7 +156,8 @@ impl GroupWrites {
                 source,
             }
         };
-        std::fs::create_dir_all(dir).map_err(io_err("creating the stream's file directory".into()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(io_err("creating the stream's file directory".into()))?;
         for (i, r) in records.iter_mut().enumerate() {
             let seq = first_seq + i as u64;
             match &mut r.body {
@@ -161,17 +171,21 @@ impl GroupWrites {
                     let fkey = file_key(agent, stream, &c.file_id);
                     let mut rec = match self.staged.remove(&fkey) {
                         Some(r) => r,
-                        None => get(store, agent, stream, &c.file_id)?.unwrap_or_else(|| FileRecord {
-                            file_id: c.file_id.clone(),
-                            path: c.path.clone(),
-                            status: "receiving".into(),
-                            ..Default::default()
-                        }),
+                        None => {
+                            get(store, agent, stream, &c.file_id)?.unwrap_or_else(|| FileRecord {
+                                file_id: c.file_id.clone(),
+                                path: c.path.clone(),
+                                status: "receiving".into(),
+                                ..Default::default()
+                            })
+                        }
                     };
                     let path = dir.join(&c.file_id);
                     let end_off = c.offset + c.data.len() as u64;
                     {
-                        let f = self.file(&path).map_err(io_err(format!("opening {}", path.display())))?;
+                        let f = self
+                            .file(&path)
+                            .map_err(io_err(format!("opening {}", path.display())))?;
                         // All-zero chunks stay holes: sparse files stay sparse.
                         if c.data.iter().any(|&b| b != 0) {
                             f.write_all_at(&c.data, c.offset)
@@ -196,13 +210,20 @@ impl GroupWrites {
                     }
                     rec.received = rec.received.max(end_off);
                     if let Some(end) = &c.end {
-                        let f = self.file(&path).map_err(io_err(format!("opening {}", path.display())))?;
+                        let f = self
+                            .file(&path)
+                            .map_err(io_err(format!("opening {}", path.display())))?;
                         f.set_len(end.size)
                             .map_err(io_err(format!("sizing {}", path.display())))?;
-                        let running = store.hashers.lock().ok().and_then(|mut h| h.map.remove(&path));
+                        let running = store
+                            .hashers
+                            .lock()
+                            .ok()
+                            .and_then(|mut h| h.map.remove(&path));
                         let digest = match running {
                             Some((hasher, next)) if next == end.size => hasher.finalize().to_vec(),
-                            _ => sha256_of(&path).map_err(io_err(format!("hashing {}", path.display())))?,
+                            _ => sha256_of(&path)
+                                .map_err(io_err(format!("hashing {}", path.display())))?,
                         };
                         rec.size = end.size;
                         rec.sha256 = hex::encode(&end.sha256);
@@ -212,7 +233,8 @@ impl GroupWrites {
                             info!(agent, stream, path = %c.path, size = end.size, "file received");
                         } else {
                             rec.status = "sha256-mismatch".into();
-                            rec.reason = Some(format!("received bytes hash to {}", hex::encode(&digest)));
+                            rec.reason =
+                                Some(format!("received bytes hash to {}", hex::encode(&digest)));
                             error!(agent, stream, path = %c.path, "received file does not match its SHA-256; kept for inspection");
                         }
                     }
@@ -224,7 +246,10 @@ impl GroupWrites {
                 }
                 Some(Body::FileAbort(a)) => {
                     if !valid_file_id(&a.file_id) {
-                        return Err(StoreError::Invalid(format!("seq {seq}: file abort with file id {:?}", a.file_id)));
+                        return Err(StoreError::Invalid(format!(
+                            "seq {seq}: file abort with file id {:?}",
+                            a.file_id
+                        )));
                     }
                     let fkey = file_key(agent, stream, &a.file_id);
                     let mut rec = match self.staged.remove(&fkey) {

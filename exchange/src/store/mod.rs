@@ -238,7 +238,15 @@ impl Store {
                 .any(|r| matches!(r.body, Some(Body::FileChunk(_) | Body::FileAbort(_))));
             if has_files {
                 let dir = self.files_dir.join(&item.agent).join(&b.stream);
-                if let Err(e) = writes.apply(&dir, &item.agent, &b.stream, first, &mut records, &mut batch, self) {
+                if let Err(e) = writes.apply(
+                    &dir,
+                    &item.agent,
+                    &b.stream,
+                    first,
+                    &mut records,
+                    &mut batch,
+                    self,
+                ) {
                     results.push(Err(e));
                     continue;
                 }
@@ -275,7 +283,10 @@ impl Store {
                     batch.insert(seq_key(b"g:", &item.agent, &b.stream, from), v);
                 }
             }
-            batch.insert(key(b"n:", &[&item.agent, &b.stream]), &(last + 1).to_be_bytes()[..]);
+            batch.insert(
+                key(b"n:", &[&item.agent, &b.stream]),
+                &(last + 1).to_be_bytes()[..],
+            );
             staged.insert(k, last + 1);
             results.push(Ok(last));
         }
@@ -283,6 +294,13 @@ impl Store {
             error!(error = %e, "store commit failed; the batches will be retried by their agents");
             if let Ok(mut h) = self.hashers.lock() {
                 h.forget(writes.touched());
+            }
+            // sled may have applied part of the group before the sync failed: re-read
+            // these streams' next seq from the database rather than trust the cache.
+            if let Ok(mut n) = self.next.lock() {
+                for k in staged.keys() {
+                    n.remove(k);
+                }
             }
             let msg = e.to_string();
             return items
@@ -297,7 +315,11 @@ impl Store {
         results
     }
 
-    fn make_durable(&self, batch: sled::Batch, writes: &mut files::GroupWrites) -> Result<(), StoreError> {
+    fn make_durable(
+        &self,
+        batch: sled::Batch,
+        writes: &mut files::GroupWrites,
+    ) -> Result<(), StoreError> {
         writes.sync().map_err(|source| StoreError::Io {
             dir: self.files_dir.clone(),
             what: "syncing received file data".into(),
@@ -358,7 +380,12 @@ impl Store {
         Ok(())
     }
 
-    pub fn file(&self, agent: &str, stream: &str, file_id: &str) -> Result<Option<FileRecord>, StoreError> {
+    pub fn file(
+        &self,
+        agent: &str,
+        stream: &str,
+        file_id: &str,
+    ) -> Result<Option<FileRecord>, StoreError> {
         files::get(self, agent, stream, file_id)
     }
 
@@ -391,7 +418,10 @@ impl Store {
     }
 
     pub fn agent(&self, agent: &str) -> Result<Option<AgentRecord>, StoreError> {
-        let v = self.db.get(key(b"a:", &[agent])).map_err(|e| self.sled_err(e))?;
+        let v = self
+            .db
+            .get(key(b"a:", &[agent]))
+            .map_err(|e| self.sled_err(e))?;
         Ok(v.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 

@@ -16,6 +16,7 @@ fn hello(agent: &str) -> Hello {
     Hello {
         version: PROTOCOL_VERSION,
         agent_id: agent.into(),
+        department: "d".into(),
         streams: vec![StreamDecl {
             name: STREAM.into(),
             catalog_id: "c-1".into(),
@@ -51,7 +52,11 @@ impl Buffer {
         Self { batches, acked: 0 }
     }
     fn head(&self) -> u64 {
-        self.batches.values().next_back().copied().unwrap_or(self.acked)
+        self.batches
+            .values()
+            .next_back()
+            .copied()
+            .unwrap_or(self.acked)
     }
     /// The buffered batch holding `seq`.
     fn batch_at(&self, seq: u64) -> Option<(u64, u64)> {
@@ -140,7 +145,11 @@ fn deliver_all(records: u64, breaks: &[bool]) -> (Buffer, Store, usize) {
             }
             if let Some(b) = to_exchange.pop_front() {
                 tick += 1;
-                if breaks.get(tick % breaks.len().max(1)).copied().unwrap_or(false) {
+                if breaks
+                    .get(tick % breaks.len().max(1))
+                    .copied()
+                    .unwrap_or(false)
+                {
                     break 'conn;
                 }
                 ex.handle_batch(&b).unwrap();
@@ -152,7 +161,11 @@ fn deliver_all(records: u64, breaks: &[bool]) -> (Buffer, Store, usize) {
             }
             if let Some(a) = to_agent.pop_front() {
                 tick += 1;
-                if breaks.get(tick % breaks.len().max(1)).copied().unwrap_or(false) {
+                if breaks
+                    .get(tick % breaks.len().max(1))
+                    .copied()
+                    .unwrap_or(false)
+                {
                     break 'conn;
                 }
                 if let Some(w) = agent.handle_ack(&a).unwrap() {
@@ -202,7 +215,13 @@ proptest! {
 
 #[test]
 fn window_limits_batches_in_flight() {
-    let local = BTreeMap::from([(STREAM.to_string(), LocalStream { acked: 0, head: 1000 })]);
+    let local = BTreeMap::from([(
+        STREAM.to_string(),
+        LocalStream {
+            acked: 0,
+            head: 1000,
+        },
+    )]);
     let mut a = AgentSession::new(hello("a1"), &local);
     let mut ex = ExchangeSession::new(peer("a1"));
     let w = ex.handle_hello(&a.hello(), |_| 1, 1 << 20).unwrap();
@@ -213,11 +232,28 @@ fn window_limits_batches_in_flight() {
         sent += 1;
     }
     assert_eq!(sent, DEFAULT_WINDOW as usize);
-    assert_eq!(a.handle_ack(&Ack { stream: STREAM.into(), up_to_seq: 2 }), Ok(Some(2)));
+    assert_eq!(
+        a.handle_ack(&Ack {
+            stream: STREAM.into(),
+            up_to_seq: 2
+        }),
+        Ok(Some(2))
+    );
     assert_eq!(a.in_flight(STREAM), DEFAULT_WINDOW as usize - 2);
     // Stale acks are ignored, acks for unsent seqs are violations.
-    assert_eq!(a.handle_ack(&Ack { stream: STREAM.into(), up_to_seq: 1 }), Ok(None));
-    assert!(a.handle_ack(&Ack { stream: STREAM.into(), up_to_seq: 999 }).is_err());
+    assert_eq!(
+        a.handle_ack(&Ack {
+            stream: STREAM.into(),
+            up_to_seq: 1
+        }),
+        Ok(None)
+    );
+    assert!(a
+        .handle_ack(&Ack {
+            stream: STREAM.into(),
+            up_to_seq: 999
+        })
+        .is_err());
 }
 
 #[test]
@@ -228,7 +264,9 @@ fn hello_must_match_certificate_and_sharing() {
 
     let mut h = hello("a1");
     h.streams[0].sharing = Sharing::NotShared as i32;
-    let err = ExchangeSession::new(peer("a1")).handle_hello(&h, |_| 1, 1).unwrap_err();
+    let err = ExchangeSession::new(peer("a1"))
+        .handle_hello(&h, |_| 1, 1)
+        .unwrap_err();
     assert_eq!(err.code(), ErrorCode::Forbidden);
 }
 
@@ -237,24 +275,53 @@ fn batches_for_undeclared_streams_are_forbidden() {
     let mut ex = ExchangeSession::new(peer("a1"));
     assert!(ex.handle_batch(&Batch::default()).is_err());
     ex.handle_hello(&hello("a1"), |_| 1, 1).unwrap();
-    let b = Batch { stream: "other".into(), first_seq: 1, record_count: 1, ..Default::default() };
-    assert_eq!(ex.handle_batch(&b).unwrap_err().code(), ErrorCode::Forbidden);
+    let b = Batch {
+        stream: "other".into(),
+        first_seq: 1,
+        record_count: 1,
+        ..Default::default()
+    };
+    assert_eq!(
+        ex.handle_batch(&b).unwrap_err().code(),
+        ErrorCode::Forbidden
+    );
 }
 
 #[test]
 fn welcome_verdicts() {
-    let local = BTreeMap::from([(STREAM.to_string(), LocalStream { acked: 10, head: 20 })]);
+    let local = BTreeMap::from([(
+        STREAM.to_string(),
+        LocalStream {
+            acked: 10,
+            head: 20,
+        },
+    )]);
     let verdict = |next| {
         let mut a = AgentSession::new(hello("a1"), &local);
         let w = Welcome {
             version: PROTOCOL_VERSION,
-            streams: vec![crate::messages::StreamWelcome { name: STREAM.into(), next_seq: next }],
+            streams: vec![crate::messages::StreamWelcome {
+                name: STREAM.into(),
+                next_seq: next,
+            }],
             ..Default::default()
         };
         a.handle_welcome(&w).unwrap()[0].1.clone()
     };
     assert_eq!(verdict(11), ResumeVerdict::InStep);
     assert_eq!(verdict(16), ResumeVerdict::AckedAhead { up_to: 15 });
-    assert_eq!(verdict(1), ResumeVerdict::ExchangeBehind { exchange_next: 1, local_acked: 10 });
-    assert_eq!(verdict(30), ResumeVerdict::AgentBehind { exchange_next: 30, local_head: 20 });
+    assert_eq!(
+        verdict(1),
+        ResumeVerdict::ExchangeBehind {
+            exchange_next: 1,
+            local_acked: 10
+        }
+    );
+    assert_eq!(
+        verdict(30),
+        ResumeVerdict::AgentBehind {
+            exchange_next: 30,
+            local_head: 20
+        }
+    );
 }
