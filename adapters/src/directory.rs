@@ -158,13 +158,26 @@ impl DirectoryConfig {
             .unwrap_or_else(|| self.path.join("sent"))
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks this host: the outbox must exist. Separate from [`Self::validate`] so a
+    /// configuration can be checked away from the server it is written for.
+    pub fn check_environment(&self) -> Result<(), String> {
         if !self.path.is_dir() {
             return Err(format!(
                 "source.path: {} does not exist or is not a directory",
                 self.path.display()
             ));
         }
+        let sent = self.effective_sent_dir();
+        if self.after_send == AfterSend::Move && sent.exists() && !sent.is_dir() {
+            return Err(format!(
+                "source.sent_dir: {} exists and is not a directory",
+                sent.display()
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
         glob::Pattern::new(&self.pattern).map_err(|e| {
             format!(
                 "source.pattern: {:?} is not a valid glob: {e} (e.g. \"*.xml\")",
@@ -193,12 +206,6 @@ impl DirectoryConfig {
             if same_path(&sent, &self.path) {
                 return Err(format!(
                     "source.sent_dir: {} is the outbox itself; sent files would be taken again",
-                    sent.display()
-                ));
-            }
-            if sent.exists() && !sent.is_dir() {
-                return Err(format!(
-                    "source.sent_dir: {} exists and is not a directory",
                     sent.display()
                 ));
             }

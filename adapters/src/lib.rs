@@ -181,6 +181,15 @@ impl SourceConfig {
         }
     }
 
+    /// Checks what this host must provide (folders that must exist). Kept apart from
+    /// [`Self::validate`] so a configuration can be checked on another machine.
+    pub fn check_environment(&self) -> Result<(), String> {
+        match self {
+            SourceConfig::Directory(c) => c.check_environment(),
+            SourceConfig::Tail(_) => Ok(()),
+        }
+    }
+
     pub fn build(&self) -> Box<dyn Source> {
         match self {
             SourceConfig::Directory(c) => Box::new(directory::DirectorySource::new(c.clone())),

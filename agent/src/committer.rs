@@ -35,6 +35,9 @@ pub struct Committer {
 
 type Answer = tokio::sync::oneshot::Sender<Result<Option<Committed>, String>>;
 
+/// A request ready for the buffer: stream index, compressed records, position.
+type Encoded = (usize, Option<EncodedRecords>, Vec<u8>);
+
 impl Committer {
     /// Runs until every source has dropped its sender.
     pub async fn run(mut self) {
@@ -96,8 +99,7 @@ impl Committer {
         let result = tokio::task::spawn_blocking(move || {
             // Compression happens here, off the async threads, once per batch: the
             // buffer stores what will travel.
-            let mut encoded: Vec<Result<(usize, Option<EncodedRecords>, Vec<u8>), String>> =
-                Vec::with_capacity(work.len());
+            let mut encoded: Vec<Result<Encoded, String>> = Vec::with_capacity(work.len());
             for (stream, records, position) in work {
                 if stream >= names.len() {
                     encoded.push(Err(format!("unknown stream index {stream}")));

@@ -104,10 +104,21 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// The loaded configuration with the file it came from and its digest.
+/// How to treat what this host must provide (certificate files, source folders).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    /// `run`: the agent cannot work without them; they are errors.
+    Required,
+    /// `check-config`: report them as warnings, so a configuration can be checked
+    /// before it is deployed (and the packaged example passes).
+    Advisory,
+}
+
+/// The loaded configuration, its digest, and host warnings (in [`Host::Advisory`]).
 #[derive(Debug)]
 pub struct Loaded {
     pub config: AgentConfig,
+    pub warnings: Vec<ConfigError>,
     /// SHA-256 of the file, hex; sent in `Hello` so the exchange sees config drift.
     pub digest: String,
 }
@@ -124,7 +135,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Reads, parses and checks the configuration. Relative paths in `[agent]` and
 /// `[exchange]` are taken relative to the file's directory.
-pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+pub fn load(path: &Path, host: Host) -> Result<Loaded, ConfigError> {
     let err_at = |text: &str, offset: usize, message: String| {
         let (line, column) = line_col(text, offset);
         ConfigError {
@@ -144,7 +155,21 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         let offset = e.span().map_or(0, |s| s.start);
         err_at(&text, offset, e.message().trim().to_string())
     })?;
-    let key_offset = |key: &str| text.find(key).unwrap_or(0);
+    // Where `key = ...` is assigned (not where the word appears in a comment).
+    let key_offset = |key: &str| {
+        let key = key.trim_end_matches(" =");
+        let mut offset = 0;
+        for line in text.split_inclusive('\n') {
+            let t = line.trim_start();
+            if t.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+            {
+                return offset + (line.len() - t.len());
+            }
+            offset += line.len();
+        }
+        0
+    };
 
     let base = path.parent().unwrap_or(Path::new("."));
     let resolve = |p: &mut PathBuf| {
@@ -170,20 +195,35 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             ),
         ));
     }
+    let mut warnings = Vec::new();
+    let mut host_problem = |e: ConfigError| match host {
+        Host::Required => Err(e),
+        Host::Advisory => {
+            warnings.push(e);
+            Ok(())
+        }
+    };
+    let mut certs_readable = true;
     for (key, file) in [
         ("ca", &config.exchange.ca),
         ("cert", &config.exchange.cert),
         ("key", &config.exchange.key),
     ] {
-        if let Err(e) = std::fs::metadata(file) {
-            return Err(err_at(
+        if let Err(e) = std::fs::File::open(file) {
+            certs_readable = false;
+            host_problem(err_at(
                 &text,
                 key_offset(&format!("{key} =")),
                 format!("exchange.{key}: cannot read {}: {e}", file.display()),
-            ));
+            ))?;
         }
     }
-    match ferry_transport::tls::identity_in_file(&config.exchange.cert) {
+    let identity = if certs_readable {
+        ferry_transport::tls::identity_in_file(&config.exchange.cert)
+    } else {
+        Err(anyhow::anyhow!("unreadable"))
+    };
+    match identity {
         Ok(id) if id.agent_id != config.agent.id => {
             return Err(err_at(
                 &text,
@@ -209,6 +249,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             ))
         }
         Ok(_) => {}
+        Err(_) if !certs_readable => {}
         Err(e) => {
             return Err(err_at(
                 &text,
@@ -276,11 +317,22 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
                 format!("stream {:?}: {e}", s.name()),
             ));
         }
+        if let Err(e) = s.source().check_environment() {
+            host_problem(err_at(
+                &text,
+                s.source.span().start,
+                format!("stream {:?}: {e}", s.name()),
+            ))?;
+        }
     }
 
     use sha2::Digest;
     let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
-    Ok(Loaded { config, digest })
+    Ok(Loaded {
+        config,
+        warnings,
+        digest,
+    })
 }
 
 impl AgentConfig {
@@ -311,6 +363,70 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn example() -> String {
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/agent.toml"
+        ))
+        .unwrap()
+    }
+
+    fn check(text: &str) -> Result<Loaded, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        load(&path, Host::Advisory)
+    }
+
+    #[test]
+    fn packaged_example_is_accepted_with_host_warnings_only() {
+        let loaded = check(&example()).unwrap();
+        assert_eq!(loaded.config.streams.len(), 2);
+        assert_eq!(loaded.config.buffer.max_size, Size(2 << 30));
+        // Certificates and the outbox do not exist on the build machine.
+        assert_eq!(loaded.warnings.len(), 4, "{:?}", loaded.warnings);
+        let strict = {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("agent.toml");
+            std::fs::write(&path, example()).unwrap();
+            load(&path, Host::Required).unwrap_err()
+        };
+        assert!(strict.message.contains("/etc/ferry/ca.pem"), "{strict}");
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let text = example().replace("[agent]\n", "[agent]\ncolour = \"red\"\n");
+        let e = check(&text).unwrap_err();
+        let line = text.lines().position(|l| l.starts_with("colour")).unwrap() + 1;
+        assert_eq!((e.line, e.column), (line, 1), "{e}");
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+
+        let e = check(&example().replace("max_size = \"2GiB\"", "max_size = true")).unwrap_err();
+        assert!(
+            e.message.contains("max_size") || e.message.contains("invalid type"),
+            "{e}"
+        );
+        assert!(e.line > 1);
+
+        let e = check(&example().replace("max_size = \"2GiB\"", "max_size = \"2 parsecs\""))
+            .unwrap_err();
+        assert!(e.message.contains("unknown unit"), "{e}");
+    }
+
+    #[test]
+    fn not_shared_streams_are_refused() {
+        let text = example().replacen("sharing = \"conditional\"", "sharing = \"not-shared\"", 1);
+        let e = check(&text).unwrap_err();
+        assert!(e.message.contains("not-shared"), "{e}");
+        let line = text
+            .lines()
+            .position(|l| l.contains("\"not-shared\""))
+            .unwrap()
+            + 1;
+        assert_eq!(e.line, line);
+    }
 
     #[test]
     fn line_and_column() {

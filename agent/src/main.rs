@@ -41,10 +41,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
-    /// Validate the configuration; errors name file:line:column.
+    /// Validate the configuration; errors name file:line:column. Missing
+    /// certificate files or source folders on this host are warnings (errors with
+    /// --strict), so a configuration can be checked before it is deployed.
     CheckConfig {
         #[arg(long, default_value = "/etc/ferry/agent.toml")]
         config: PathBuf,
+        /// Treat what this host lacks (certificates, folders) as errors.
+        #[arg(long)]
+        strict: bool,
     },
     /// Per stream: source position, buffered batches/bytes, acked seq, connection.
     Status {
@@ -85,8 +90,18 @@ fn main() -> ExitCode {
             pid_file,
             log_format,
         } => cmd_run(&config, daemon, pid_file, log_format),
-        Command::CheckConfig { config } => match config::load(&config) {
+        Command::CheckConfig { config, strict } => match config::load(
+            &config,
+            if strict {
+                config::Host::Required
+            } else {
+                config::Host::Advisory
+            },
+        ) {
             Ok(l) => {
+                for w in &l.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: OK (agent {}, {} stream{})",
                     config.display(),
@@ -111,7 +126,7 @@ fn main() -> ExitCode {
 
 fn cmd_run(path: &Path, daemon: bool, pid_file: Option<PathBuf>, log: LogFormat) -> Result<()> {
     // Configuration errors are reported before detaching, on the operator's terminal.
-    let loaded = config::load(path)?;
+    let loaded = config::load(path, config::Host::Required)?;
     if daemon {
         let mut d = daemonize::Daemonize::new().working_directory("/");
         if let Some(p) = pid_file {
@@ -172,7 +187,7 @@ fn human_bytes(n: u64) -> String {
 
 /// Exit codes follow `systemctl status`: 0 running, 3 not running, 1 error.
 fn cmd_status(path: &Path, json: bool) -> ExitCode {
-    let loaded = match config::load(path) {
+    let loaded = match config::load(path, config::Host::Advisory) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("ferry-agent: {e}");

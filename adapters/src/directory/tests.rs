@@ -551,8 +551,9 @@ fn config_defaults_and_validation() {
     assert!(serde_json::from_value::<SourceConfig>(unknown).is_err());
 
     let missing = DirectoryConfig::new("/nonexistent/ferry-outbox");
+    assert_eq!(missing.validate(), Ok(()));
     assert_eq!(
-        missing.validate(),
+        missing.check_environment(),
         Err("source.path: /nonexistent/ferry-outbox does not exist or is not a directory".into())
     );
     let bad = |f: &dyn Fn(&mut DirectoryConfig)| {
