@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use ferry_protocol::messages::record::Body;
+use ferry_protocol::messages::{column, Column, RowChange, RowOp, SchemaChange};
 use serde_json::{json, Value};
 
 use crate::store::Store;
@@ -58,6 +59,8 @@ pub fn write_records(
                     }),
                 ))
             }
+            Some(Body::RowChange(c)) => Some(("row", row_json(c))),
+            Some(Body::SchemaChange(c)) => Some(("schema", schema_json(c))),
             // Intermediate chunks and aborted transfers are not records of their own.
             _ => None,
         };
@@ -79,6 +82,92 @@ pub fn write_records(
         }
     }
     Ok(n)
+}
+
+/// A PostgreSQL LSN as PostgreSQL prints it (`0/1A2B3C8`).
+fn lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF)
+}
+
+/// A column value as PostgreSQL's text output renders it; NULL is `null`, an
+/// unchanged TOAST value `{"unchanged_toast": true}`, bytea `"\\x<hex>"`.
+fn value_json(v: Option<&column::Value>) -> Value {
+    match v {
+        Some(column::Value::Text(t)) => json!(t),
+        Some(column::Value::Bytes(b)) => json!(format!("\\x{}", hex::encode(b))),
+        Some(column::Value::UnchangedToast(_)) => json!({"unchanged_toast": true}),
+        Some(column::Value::Null(_)) | None => Value::Null,
+    }
+}
+
+fn columns_json(cols: &[Column]) -> Value {
+    let mut m = serde_json::Map::new();
+    for c in cols {
+        m.insert(c.name.clone(), value_json(c.value.as_ref()));
+    }
+    Value::Object(m)
+}
+
+/// `"row": {...}`: one captured row change.
+fn row_json(c: &RowChange) -> Value {
+    let op = match RowOp::try_from(c.op).unwrap_or(RowOp::Unspecified) {
+        RowOp::Insert => "insert",
+        RowOp::Update => "update",
+        RowOp::Delete => "delete",
+        RowOp::Truncate => "truncate",
+        RowOp::Unspecified => "unspecified",
+    };
+    let mut v = json!({
+        "schema": c.schema,
+        "table": c.table,
+        "op": op,
+        "xid": c.xid,
+        "commit_lsn": lsn(c.commit_lsn),
+        "change": c.change_index,
+        "last_in_txn": c.last_in_txn,
+    });
+    if let Some(obj) = v.as_object_mut() {
+        if c.commit_time_unix_us > 0 {
+            let t = std::time::UNIX_EPOCH
+                + std::time::Duration::from_micros(c.commit_time_unix_us as u64);
+            obj.insert(
+                "commit_time".into(),
+                json!(humantime::format_rfc3339_micros(t).to_string()),
+            );
+        }
+        if c.snapshot {
+            obj.insert("snapshot".into(), json!(true));
+        }
+        if !c.columns.is_empty() || matches!(op, "insert" | "update") {
+            obj.insert("columns".into(), columns_json(&c.columns));
+        }
+        if !c.old_key.is_empty() {
+            obj.insert("old_key".into(), columns_json(&c.old_key));
+        }
+        if c.truncate_cascade {
+            obj.insert("cascade".into(), json!(true));
+        }
+        if c.truncate_restart_identity {
+            obj.insert("restart_identity".into(), json!(true));
+        }
+    }
+    v
+}
+
+/// `"schema": {...}`: the column set of a captured table.
+fn schema_json(c: &SchemaChange) -> Value {
+    let cols: Vec<Value> = c
+        .columns
+        .iter()
+        .map(|col| json!({"name": col.name, "type": col.type_name, "key": col.key}))
+        .collect();
+    json!({
+        "schema": c.schema,
+        "table": c.table,
+        "columns": cols,
+        "replica_identity": c.replica_identity,
+        "commit_lsn": lsn(c.commit_lsn),
+    })
 }
 
 /// A received path made safe to join under the export directory.
@@ -137,4 +226,70 @@ pub fn export(
         bail!("the store holds nothing for agent {agent:?} stream {stream:?}");
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, v: column::Value) -> Column {
+        Column {
+            name: name.into(),
+            type_name: "text".into(),
+            type_oid: 25,
+            value: Some(v),
+        }
+    }
+
+    #[test]
+    fn row_changes_render_as_postgres_text() {
+        let c = RowChange {
+            schema: "public".into(),
+            table: "person".into(),
+            op: RowOp::Update as i32,
+            xid: 750,
+            commit_lsn: (1 << 32) | 0x1A2B3C8,
+            commit_time_unix_us: 1_700_000_000_123_456,
+            change_index: 3,
+            last_in_txn: true,
+            columns: vec![
+                col("id", column::Value::Text("1".into())),
+                col("city", column::Value::Text("沈阳市".into())),
+                col("note", column::Value::Null(true)),
+                col("photo", column::Value::UnchangedToast(true)),
+                col("raw", column::Value::Bytes(vec![0xde, 0xad])),
+            ],
+            old_key: vec![col("id", column::Value::Text("0".into()))],
+            ..Default::default()
+        };
+        let v = row_json(&c);
+        assert_eq!(
+            v,
+            json!({
+                "schema": "public", "table": "person", "op": "update", "xid": 750,
+                "commit_lsn": "1/1A2B3C8", "change": 3, "last_in_txn": true,
+                "commit_time": "2023-11-14T22:13:20.123456Z",
+                "columns": {"id": "1", "city": "沈阳市", "note": null,
+                            "photo": {"unchanged_toast": true}, "raw": "\\xdead"},
+                "old_key": {"id": "0"},
+            })
+        );
+        let s = SchemaChange {
+            schema: "public".into(),
+            table: "person".into(),
+            columns: vec![ferry_protocol::messages::SchemaColumn {
+                name: "id".into(),
+                type_name: "integer".into(),
+                type_oid: 23,
+                key: true,
+            }],
+            replica_identity: "default".into(),
+            commit_lsn: 0x10,
+        };
+        assert_eq!(
+            schema_json(&s),
+            json!({"schema": "public", "table": "person", "replica_identity": "default",
+                   "commit_lsn": "0/10", "columns": [{"name": "id", "type": "integer", "key": true}]})
+        );
+    }
 }

@@ -326,15 +326,7 @@ impl Store {
             source,
         })?;
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-        let mut s = self
-            .syncer
-            .lock()
-            .map_err(|_| StoreError::Damaged("sync lock poisoned".into()))?;
-        s.sync(&self.db).map_err(|source| StoreError::Io {
-            dir: self.dir.clone(),
-            what: "syncing the database".into(),
-            source,
-        })
+        self.close()
     }
 
     /// Records of a stream from seq `from` on, in seq order.
@@ -436,6 +428,7 @@ impl Store {
         Ok(out)
     }
 
+    /// Makes everything written so far durable (also the last step of a commit).
     pub fn close(&self) -> Result<(), StoreError> {
         let mut s = self
             .syncer
