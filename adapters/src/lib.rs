@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub mod directory;
+pub mod postgres;
 pub mod tail;
 mod units;
 
@@ -162,6 +163,7 @@ pub trait Source: Send {
 pub enum SourceConfig {
     Directory(directory::DirectoryConfig),
     Tail(tail::TailConfig),
+    Postgres(postgres::PostgresConfig),
 }
 
 impl SourceConfig {
@@ -169,6 +171,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Directory(_) => "directory",
             SourceConfig::Tail(_) => "tail",
+            SourceConfig::Postgres(_) => "postgres",
         }
     }
 
@@ -178,6 +181,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Directory(c) => c.validate(),
             SourceConfig::Tail(c) => c.validate(),
+            SourceConfig::Postgres(c) => c.validate(),
         }
     }
 
@@ -187,6 +191,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Directory(c) => c.check_environment(),
             SourceConfig::Tail(_) => Ok(()),
+            SourceConfig::Postgres(c) => c.check_environment(),
         }
     }
 
@@ -194,6 +199,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Directory(c) => Box::new(directory::DirectorySource::new(c.clone())),
             SourceConfig::Tail(c) => Box::new(tail::TailSource::new(c.clone())),
+            SourceConfig::Postgres(c) => Box::new(postgres::PostgresSource::new(c.clone())),
         }
     }
 
@@ -202,6 +208,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Directory(_) => directory::describe_position(position),
             SourceConfig::Tail(_) => tail::describe_position(position),
+            SourceConfig::Postgres(_) => postgres::describe_position(position),
         }
     }
 }

@@ -72,6 +72,8 @@ fn spawn_committer(store: Arc<Store>) -> (mpsc::Sender<StoreRequest>, std::threa
 pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<()> {
     let store_dir = cfg.store.dir.clone();
     let cache = cfg.store.cache_size;
+    std::fs::create_dir_all(&store_dir)
+        .with_context(|| format!("creating the store directory {}", store_dir.display()))?;
     let store =
         Arc::new(tokio::task::spawn_blocking(move || Store::open(&store_dir, cache)).await??);
     let quic = server_config(&TlsFiles {
@@ -85,8 +87,17 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
             cfg.exchange.listen
         )
     })?;
-    let endpoint =
-        quinn::Endpoint::server(quic, listen).with_context(|| format!("listening on {listen}"))?;
+    let secret = ferry_transport::tls::reset_secret(&cfg.store.dir.join("reset.key"))?;
+    let socket =
+        std::net::UdpSocket::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for QUIC"))?;
+    let endpoint = quinn::Endpoint::new(
+        ferry_transport::tls::server_endpoint_config(&secret),
+        Some(quic),
+        socket,
+        runtime,
+    )
+    .with_context(|| format!("listening on {listen}"))?;
     let (commits, committer) = spawn_committer(store.clone());
     let admin = crate::admin::bind(&cfg.admin_socket())?;
     let admin_task = tokio::spawn(crate::admin::serve(admin, store.clone(), shutdown.clone()));

@@ -199,7 +199,7 @@ pub struct Record {
     /// The source position of this record, human readable (e.g. `ino=12 off=4096`).
     #[prost(string, tag = "2")]
     pub position: String,
-    #[prost(oneof = "record::Body", tags = "3, 4, 5")]
+    #[prost(oneof = "record::Body", tags = "3, 4, 5, 6, 7")]
     pub body: Option<record::Body>,
 }
 
@@ -213,6 +213,13 @@ pub mod record {
         FileChunk(super::FileChunk),
         #[prost(message, tag = "5")]
         FileAbort(super::FileAbort),
+        /// One row-level change captured from a database (or one row of an initial
+        /// snapshot).
+        #[prost(message, tag = "6")]
+        RowChange(super::RowChange),
+        /// The column set of a captured table, sent before the first row that has it.
+        #[prost(message, tag = "7")]
+        SchemaChange(super::SchemaChange),
     }
 }
 
@@ -251,6 +258,138 @@ pub struct FileAbort {
     pub path: String,
     #[prost(string, tag = "3")]
     pub reason: String,
+}
+
+/// What a [`RowChange`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum RowOp {
+    Unspecified = 0,
+    Insert = 1,
+    Update = 2,
+    Delete = 3,
+    /// The whole table was emptied; `columns` and `old_key` are empty.
+    Truncate = 4,
+}
+
+/// One row-level change of a database table.
+///
+/// Transaction boundaries: the changes of one source transaction are contiguous in
+/// seq order, share `xid` and `commit_lsn`, are numbered by `change_index` from 0,
+/// and the last one carries `last_in_txn`. A consumer that applies transactionally
+/// buffers until `last_in_txn`; `(commit_lsn, change_index)` identifies a streamed
+/// change uniquely. Only committed transactions are ever captured.
+///
+/// Initial-snapshot rows carry `snapshot = true`, `op = INSERT`, `xid = 0`,
+/// `commit_lsn` = the WAL position of the view the row was read under (the slot's
+/// consistent point; later for a snapshot resumed after a crash), `change_index` =
+/// the row's number within its table's copy, and `last_in_txn = true` (each stands
+/// alone). A consumer applying by primary key (insert/update = upsert,
+/// delete = remove) converges to the table's state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RowChange {
+    #[prost(string, tag = "1")]
+    pub schema: String,
+    #[prost(string, tag = "2")]
+    pub table: String,
+    #[prost(enumeration = "RowOp", tag = "3")]
+    pub op: i32,
+    /// Source transaction id (0 for snapshot rows).
+    #[prost(uint32, tag = "4")]
+    pub xid: u32,
+    /// LSN of the transaction's commit record (PostgreSQL), as a 64-bit number.
+    #[prost(uint64, tag = "5")]
+    pub commit_lsn: u64,
+    /// Commit time, microseconds since the Unix epoch (0 when unknown).
+    #[prost(int64, tag = "6")]
+    pub commit_time_unix_us: i64,
+    /// 0-based number of this change within its transaction.
+    #[prost(uint32, tag = "7")]
+    pub change_index: u32,
+    #[prost(bool, tag = "8")]
+    pub last_in_txn: bool,
+    #[prost(bool, tag = "9")]
+    pub snapshot: bool,
+    /// The new row (INSERT, UPDATE), in table column order.
+    #[prost(message, repeated, tag = "10")]
+    pub columns: Vec<Column>,
+    /// The old row's replica-identity columns (DELETE; UPDATE when the key changed),
+    /// or the whole old row under `REPLICA IDENTITY FULL`.
+    #[prost(message, repeated, tag = "11")]
+    pub old_key: Vec<Column>,
+    /// TRUNCATE ... CASCADE.
+    #[prost(bool, tag = "12")]
+    pub truncate_cascade: bool,
+    /// TRUNCATE ... RESTART IDENTITY.
+    #[prost(bool, tag = "13")]
+    pub truncate_restart_identity: bool,
+}
+
+/// One column value, as the database's own text output renders it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Column {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The type as the database names it (`numeric(30,10)`, `integer[]`).
+    #[prost(string, tag = "2")]
+    pub type_name: String,
+    #[prost(uint32, tag = "3")]
+    pub type_oid: u32,
+    #[prost(oneof = "column::Value", tags = "4, 5, 6, 7")]
+    pub value: Option<column::Value>,
+}
+
+pub mod column {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Value {
+        /// The text output of the value (exact for numeric, with zone for timestamptz).
+        #[prost(string, tag = "4")]
+        Text(String),
+        /// SQL NULL (always `true` when set).
+        #[prost(bool, tag = "5")]
+        Null(bool),
+        /// An out-of-line (TOAST) value the UPDATE did not change and the database
+        /// did not resend: keep the value the consumer already has.
+        #[prost(bool, tag = "6")]
+        UnchangedToast(bool),
+        /// A `bytea` value's bytes (its text output is `\x` + hex of these).
+        #[prost(bytes = "vec", tag = "7")]
+        Bytes(Vec<u8>),
+    }
+}
+
+/// The columns of a captured table. Sent before the first row of the table a source
+/// ships (snapshot or stream) and again whenever the column names or types change
+/// (ALTER TABLE ADD/DROP COLUMN, type change), immediately before the first row with
+/// the new shape.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SchemaChange {
+    #[prost(string, tag = "1")]
+    pub schema: String,
+    #[prost(string, tag = "2")]
+    pub table: String,
+    #[prost(message, repeated, tag = "3")]
+    pub columns: Vec<SchemaColumn>,
+    /// `default`, `nothing`, `full` or `index`.
+    #[prost(string, tag = "4")]
+    pub replica_identity: String,
+    /// LSN of the transaction the new shape was first seen in (for a snapshot: the
+    /// LSN the snapshot is consistent with).
+    #[prost(uint64, tag = "5")]
+    pub commit_lsn: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SchemaColumn {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub type_name: String,
+    #[prost(uint32, tag = "3")]
+    pub type_oid: u32,
+    /// Part of the replica identity (normally the primary key).
+    #[prost(bool, tag = "4")]
+    pub key: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

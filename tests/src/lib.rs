@@ -90,6 +90,15 @@ impl Drop for TestDir {
     }
 }
 
+/// Prints a progress note with the time since the test binary started (shown by
+/// libtest only for failing tests, or with `--nocapture`).
+pub fn note(msg: impl std::fmt::Display) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed();
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    eprintln!("[{:>8.2}s {name}] {msg}", t.as_secs_f64());
+}
+
 /// Polls `cond` every 100 ms until it holds; panics naming `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -170,6 +179,30 @@ fn json_lines(text: &str) -> Vec<Value> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
         .collect()
+}
+
+/// The text of a log file after its last `===== ... =====` banner (what the latest
+/// process wrote).
+pub fn since_last_banner(path: &Path) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    match text.rfind("\n=====") {
+        Some(i) => text[i + 1..].to_string(),
+        None => text,
+    }
+}
+
+/// How many lines of a log file contain `needle`.
+pub fn count_in_log(path: &Path, needle: &str) -> usize {
+    std::fs::read(path)
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .filter(|l| l.contains(needle))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// The last `n` lines of a log file.
@@ -300,6 +333,11 @@ impl Exchange {
         &self.log
     }
 
+    /// What the current (latest) process logged so far.
+    pub fn log_since_start(&self) -> String {
+        since_last_banner(&self.log)
+    }
+
     /// Spawns `serve` and waits until it answers on its admin socket (bound after
     /// the QUIC endpoint, so the exchange is then reachable).
     pub fn start(&mut self) {
@@ -368,6 +406,19 @@ impl Exchange {
         cmd
     }
 
+    /// `ferry-exchange records --from FROM`: the records of a stream from seq `from`
+    /// on, in seq order.
+    pub fn records_from(&self, agent: &str, stream: &str, from: u64) -> Vec<Value> {
+        json_lines(&run_ok(self.cli("records").args([
+            "--agent",
+            agent,
+            "--stream",
+            stream,
+            "--from",
+            &from.to_string(),
+        ])))
+    }
+
     /// `ferry-exchange records`: every record of a stream, in seq order.
     pub fn records(&self, agent: &str, stream: &str) -> Vec<Value> {
         json_lines(&run_ok(
@@ -401,6 +452,14 @@ impl Exchange {
         ))
     }
 
+    /// `ferry-exchange gaps`: seq ranges of a stream that never arrived.
+    pub fn gaps(&self, agent: &str, stream: &str) -> Vec<Value> {
+        json_lines(&run_ok(
+            self.cli("gaps")
+                .args(["--agent", agent, "--stream", stream]),
+        ))
+    }
+
     /// `ferry-exchange agents`.
     pub fn agents(&self) -> Vec<Value> {
         json_lines(&run_ok(&mut self.cli("agents")))
@@ -416,10 +475,9 @@ impl Exchange {
         mut done: impl FnMut(&[Value]) -> bool,
     ) -> Vec<Value> {
         let start = Instant::now();
-        let mut last = Vec::new();
         loop {
             self.assert_alive();
-            last = self.records(agent, stream);
+            let last = self.records(agent, stream);
             if done(&last) {
                 return last;
             }
@@ -435,6 +493,7 @@ impl Exchange {
     }
 
     /// Waits until a stream holds at least `n` line records; returns their texts.
+    /// Reads incrementally (`--from`), so waiting for many lines stays cheap.
     pub fn wait_lines(
         &mut self,
         agent: &str,
@@ -442,12 +501,29 @@ impl Exchange {
         n: usize,
         timeout: Duration,
     ) -> Vec<String> {
-        let recs = self.wait_records(agent, stream, timeout, &format!("{n} lines"), |r| {
-            r.iter().filter(|r| r.get("text").is_some()).count() >= n
-        });
-        recs.iter()
-            .filter_map(|r| r.get("text").and_then(Value::as_str).map(str::to_owned))
-            .collect()
+        let start = Instant::now();
+        let mut texts = Vec::new();
+        let mut next = 1;
+        loop {
+            self.assert_alive();
+            for r in self.records_from(agent, stream, next) {
+                next = r["seq"].as_u64().expect("seq") + 1;
+                if let Some(t) = r.get("text").and_then(Value::as_str) {
+                    texts.push(t.to_string());
+                }
+            }
+            if texts.len() >= n {
+                return texts;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {n} lines (agent {agent} stream {stream}: {} so far, last: {:?})",
+                    texts.len(),
+                    texts.last()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// `ferry-exchange enroll`: a new agent directory `out` with `agent.toml`.
@@ -498,8 +574,18 @@ pub fn tail_stream(name: &str, catalog_id: &str, path: &Path) -> String {
 
 /// `[[stream]]` for a `directory` source whose writers rename finished files in.
 pub fn outbox_stream(name: &str, catalog_id: &str, path: &Path) -> String {
+    outbox_stream_with(name, catalog_id, path, "")
+}
+
+/// [`outbox_stream`] with more source keys, e.g. `chunk_size = "8KiB"`.
+pub fn outbox_stream_with(name: &str, catalog_id: &str, path: &Path, extra: &str) -> String {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
     format!(
-        "\n[[stream]]\nname = \"{name}\"\ncatalog_id = \"{catalog_id}\"\nsharing = \"conditional\"\nsource = {{ kind = \"directory\", path = \"{}\", complete = \"rename\" }}\n",
+        "\n[[stream]]\nname = \"{name}\"\ncatalog_id = \"{catalog_id}\"\nsharing = \"conditional\"\nsource = {{ kind = \"directory\", path = \"{}\", complete = \"rename\"{extra} }}\n",
         path.display()
     )
 }
@@ -542,8 +628,13 @@ impl Agent {
         &self.log
     }
 
-    /// Spawns `run` and waits until its admin socket answers `status`.
-    pub fn start(&mut self) {
+    /// What the current (latest) process logged so far.
+    pub fn log_since_start(&self) -> String {
+        since_last_banner(&self.log)
+    }
+
+    /// Spawns `run` without waiting for it to be up.
+    pub fn spawn(&mut self) {
         assert!(self.proc.is_none(), "agent already started");
         self.starts += 1;
         let mut cmd = Command::new(bin("ferry-agent"));
@@ -553,6 +644,11 @@ impl Agent {
             &self.log,
             &format!("agent start #{}", self.starts),
         ));
+    }
+
+    /// Spawns `run` and waits until its admin socket answers `status`.
+    pub fn start(&mut self) {
+        self.spawn();
         wait_until(SHORT, "the agent to answer status", || {
             self.assert_alive();
             self.status_json().is_some()
@@ -622,11 +718,24 @@ impl Agent {
             .unwrap_or_else(|| panic!("no stream {stream:?} in status {st}"))
     }
 
-    /// `ferry-agent check-config --config FILE`.
+    /// `ferry-agent check-config --config FILE`: what this host lacks (certificate
+    /// files, folders) is only a warning.
     pub fn check_config(config: &Path) -> Output {
         run_output(
             Command::new(bin("ferry-agent"))
                 .arg("check-config")
+                .arg("--config")
+                .arg(config),
+        )
+    }
+
+    /// `ferry-agent check-config --strict --config FILE`: what this host lacks is an
+    /// error too.
+    pub fn check_config_strict(config: &Path) -> Output {
+        run_output(
+            Command::new(bin("ferry-agent"))
+                .arg("check-config")
+                .arg("--strict")
                 .arg("--config")
                 .arg(config),
         )

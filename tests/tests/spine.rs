@@ -51,11 +51,14 @@ fn files_of_every_size_arrive_intact() {
         f.write_all_at(b"\x7f", big_len - 1).unwrap();
         f.sync_all().unwrap();
     }
+    note("hashing the sparse file");
     let big_sha = sha256_file(&tmp);
+    note("hashed");
     std::fs::rename(&tmp, outbox.join(big_name)).unwrap();
     want.push((big_name.to_string(), big_len, big_sha.clone()));
 
     agent.start();
+    note("agent started");
 
     let files = ex
         .wait_records(AGENT, "outbox", LONG * 2, "4 complete files", |recs| {
@@ -86,6 +89,7 @@ fn files_of_every_size_arrive_intact() {
         );
     }
 
+    note("all files complete at the exchange");
     // Acknowledged files leave the outbox for outbox/sent/, untouched.
     let sent = outbox.join("sent");
     let mut names: Vec<String> = want.iter().map(|w| w.0.clone()).collect();
@@ -106,9 +110,11 @@ fn files_of_every_size_arrive_intact() {
         big_len
     );
 
+    note("all files in sent/");
     // What the exchange exports is byte for byte what was written.
     let export = t.path().join("export");
     let reply = ex.export(AGENT, "outbox", &export);
+    note("exported");
     assert_eq!(reply.len(), want.len(), "export reply: {reply:?}");
     for (name, bytes) in &small {
         assert_eq!(
@@ -120,6 +126,7 @@ fn files_of_every_size_arrive_intact() {
     let exported_big = export.join(big_name);
     assert_eq!(std::fs::metadata(&exported_big).unwrap().len(), big_len);
     assert_eq!(sha256_file(&exported_big), big_sha, "exported {big_name}");
+    note("export checked");
 
     agent.stop();
     ex.stop();

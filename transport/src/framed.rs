@@ -1,6 +1,6 @@
 //! `ferry/1` frames over quinn streams.
 
-use anyhow::{anyhow, Result};
+use anyhow::{Context, Result};
 use ferry_protocol::frame::{self, FrameDecoder};
 use ferry_protocol::messages::frame::Msg;
 
@@ -58,10 +58,12 @@ impl FrameWriter {
     pub async fn send(&mut self, msg: Msg) -> Result<()> {
         self.buf.clear();
         frame::encode(msg, &mut self.buf);
+        // Keep quinn's error as the cause: "connection lost" alone hides why (a
+        // refused certificate, an idle timeout, the peer's close reason).
         self.send
             .write_all(&self.buf)
             .await
-            .map_err(|e| anyhow!("sending a frame: {e}"))
+            .context("sending a frame")
     }
 
     pub fn finish(&mut self) {

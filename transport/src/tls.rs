@@ -86,6 +86,43 @@ pub fn server_config(files: &TlsFiles<'_>) -> Result<quinn::ServerConfig> {
     Ok(cfg)
 }
 
+/// The exchange's endpoint config, with a stateless-reset key derived from a
+/// secret that survives restarts: after a crash, the restarted exchange's resets
+/// are recognised by agents still holding the old connection, so they reconnect at
+/// once instead of waiting out the idle timeout.
+pub fn server_endpoint_config(reset_secret: &[u8]) -> quinn::EndpointConfig {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
+    quinn::EndpointConfig::new(Arc::new(key))
+}
+
+/// Reads the reset secret at `path`, creating it (32 random bytes, mode 0600) the
+/// first time.
+pub fn reset_secret(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(s) if s.len() >= 32 => return Ok(s),
+        Ok(_) => bail!(
+            "{} is shorter than 32 bytes; delete it to create a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut secret = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| anyhow!("no randomness for the reset secret"))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(&secret)?;
+    f.sync_all()?;
+    Ok(secret)
+}
+
 /// The agent's QUIC client config, presenting its certificate.
 pub fn client_config(files: &TlsFiles<'_>) -> Result<quinn::ClientConfig> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())

@@ -96,8 +96,9 @@ impl Store {
     }
 }
 
-/// Runs connections until everything is acknowledged. `loss` decides, per message
-/// index, whether the link breaks there (the connection dies, in-flight messages
+/// Runs connections until everything is acknowledged. `breaks` decides, per message
+/// index (counted across connections), whether the link breaks there; past its end
+/// the link holds, so every run terminates. A break kills the connection: in-flight messages
 /// are lost on both directions).
 fn deliver_all(records: u64, breaks: &[bool]) -> (Buffer, Store, usize) {
     let mut buf = Buffer::new(records);
@@ -145,11 +146,7 @@ fn deliver_all(records: u64, breaks: &[bool]) -> (Buffer, Store, usize) {
             }
             if let Some(b) = to_exchange.pop_front() {
                 tick += 1;
-                if breaks
-                    .get(tick % breaks.len().max(1))
-                    .copied()
-                    .unwrap_or(false)
-                {
+                if breaks.get(tick).copied().unwrap_or(false) {
                     break 'conn;
                 }
                 ex.handle_batch(&b).unwrap();
@@ -161,11 +158,7 @@ fn deliver_all(records: u64, breaks: &[bool]) -> (Buffer, Store, usize) {
             }
             if let Some(a) = to_agent.pop_front() {
                 tick += 1;
-                if breaks
-                    .get(tick % breaks.len().max(1))
-                    .copied()
-                    .unwrap_or(false)
-                {
+                if breaks.get(tick).copied().unwrap_or(false) {
                     break 'conn;
                 }
                 if let Some(w) = agent.handle_ack(&a).unwrap() {

@@ -1,0 +1,217 @@
+//! Where and how to connect: the DSN, the password, and what a failure means
+//! (retry, or stop with a message that tells the operator what to fix).
+
+use std::str::FromStr;
+
+use pg_walstream::ReplicationError;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::error::SqlState;
+
+use super::PostgresConfig;
+use crate::SourceError;
+
+/// How a session of the source ended.
+#[derive(Debug)]
+pub(crate) enum Fail {
+    /// Worth retrying after a pause (server unreachable or restarting).
+    Retry(String),
+    /// Needs the operator; the message says what to fix.
+    Fatal(String),
+    /// Shutdown, or an error of the agent's buffer: passed through as is.
+    Source(SourceError),
+}
+
+impl From<SourceError> for Fail {
+    fn from(e: SourceError) -> Self {
+        Fail::Source(e)
+    }
+}
+
+pub(crate) type Result<T> = std::result::Result<T, Fail>;
+
+/// Connection settings for both connections the source opens.
+#[derive(Clone)]
+pub(crate) struct Target {
+    /// The SQL connection (snapshot, catalog queries, heartbeat).
+    pub pg: tokio_postgres::Config,
+    /// The replication connection, as a conninfo string for pg_walstream.
+    pub repl: String,
+    /// `user@host:port/dbname`, for messages.
+    pub desc: String,
+    pub user: String,
+}
+
+fn parse_dsn(dsn: &str) -> std::result::Result<tokio_postgres::Config, String> {
+    tokio_postgres::Config::from_str(dsn).map_err(|e| format!("source.dsn: cannot parse it: {e}"))
+}
+
+/// What `validate` checks of the DSN.
+pub(crate) fn check_dsn(dsn: &str) -> std::result::Result<(), String> {
+    let c = parse_dsn(dsn)?;
+    match c.get_hosts() {
+        [Host::Tcp(_)] => {}
+        [] => return Err("source.dsn: give the server's address, e.g. host=127.0.0.1".into()),
+        [_] => return Err(
+            "source.dsn: Unix-socket hosts are not supported; use host=127.0.0.1 (a TCP address)"
+                .into(),
+        ),
+        _ => return Err("source.dsn: give exactly one host".into()),
+    }
+    if c.get_ports().len() > 1 {
+        return Err("source.dsn: give exactly one port".into());
+    }
+    if c.get_user().is_none() {
+        return Err("source.dsn: give the user, e.g. user=ferry".into());
+    }
+    if c.get_ssl_mode() == SslMode::Require {
+        return Err(
+            "source.dsn: sslmode=require is not supported yet (TLS to PostgreSQL); use sslmode=disable on a trusted network"
+                .into(),
+        );
+    }
+    if c.get_options().is_some() {
+        return Err("source.dsn: options=... is not supported: the replication connection cannot carry them, so the snapshot and the stream would render values differently".into());
+    }
+    Ok(())
+}
+
+/// The password from `password_file` (first line) or `password_env`; `None` when
+/// neither is configured (the DSN may carry one, or the server trusts the host).
+pub(crate) fn read_password(cfg: &PostgresConfig) -> std::result::Result<Option<String>, String> {
+    if let Some(p) = &cfg.password_file {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| format!("source.password_file: cannot read {}: {e}", p.display()))?;
+        let pw = text.lines().next().unwrap_or("").to_string();
+        if pw.is_empty() {
+            return Err(format!("source.password_file: {} is empty", p.display()));
+        }
+        return Ok(Some(pw));
+    }
+    if let Some(var) = &cfg.password_env {
+        return match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(Some(v)),
+            _ => Err(format!(
+                "source.password_env: the environment variable {var} is not set (or empty)"
+            )),
+        };
+    }
+    Ok(None)
+}
+
+/// A value for a libpq-style conninfo, quoted.
+fn conninfo_value(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+pub(crate) fn target(cfg: &PostgresConfig) -> std::result::Result<Target, String> {
+    check_dsn(&cfg.dsn)?;
+    let mut pg = parse_dsn(&cfg.dsn)?;
+    if let Some(pw) = read_password(cfg)? {
+        pg.password(pw);
+    }
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    pg.application_name("ferry");
+    let host = match pg.get_hosts() {
+        [Host::Tcp(h)] => h.clone(),
+        _ => return Err("source.dsn: give the server's TCP address".into()),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or_default().to_string();
+    let dbname = pg.get_dbname().unwrap_or(&user).to_string();
+    let mut repl = format!(
+        "host={} port={port} user={} dbname={} sslmode=disable replication=database connect_timeout=10",
+        conninfo_value(&host),
+        conninfo_value(&user),
+        conninfo_value(&dbname)
+    );
+    if let Some(pw) = pg.get_password() {
+        repl.push_str(&format!(
+            " password={}",
+            conninfo_value(&String::from_utf8_lossy(pw))
+        ));
+    }
+    Ok(Target {
+        desc: format!("{user}@{host}:{port}/{dbname}"),
+        pg,
+        repl,
+        user,
+    })
+}
+
+/// What a tokio-postgres error means for the source.
+pub(crate) fn classify_sql(target: &Target, what: &str, e: &tokio_postgres::Error) -> Fail {
+    let Some(db) = e.as_db_error() else {
+        let msg = e.to_string();
+        if msg.contains("password missing") {
+            return Fail::Fatal(format!(
+                "PostgreSQL at {} asks for a password but none is configured: set source.password_file or source.password_env",
+                target.desc
+            ));
+        }
+        let detail = std::error::Error::source(e)
+            .map(|s| format!(": {s}"))
+            .unwrap_or_default();
+        return Fail::Retry(format!("{what} ({}): {msg}{detail}", target.desc));
+    };
+    let code = db.code();
+    let msg = db.message();
+    if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    {
+        return Fail::Fatal(format!(
+            "PostgreSQL at {} refused the login of user {:?}: {msg}. Check the password (source.password_file / source.password_env) and pg_hba.conf",
+            target.desc, target.user
+        ));
+    }
+    if *code == SqlState::INVALID_CATALOG_NAME {
+        return Fail::Fatal(format!(
+            "{what} ({}): {msg}. Check dbname in source.dsn",
+            target.desc
+        ));
+    }
+    let class = &code.code()[..2];
+    if matches!(class, "08" | "40" | "53" | "57") {
+        return Fail::Retry(format!("{what} ({}): {msg}", target.desc));
+    }
+    Fail::Fatal(format!(
+        "{what} ({}): {msg} [SQLSTATE {}]",
+        target.desc,
+        code.code()
+    ))
+}
+
+/// What a pg_walstream error means for the source.
+pub(crate) fn classify_repl(target: &Target, what: &str, e: ReplicationError) -> Fail {
+    match e {
+        ReplicationError::Cancelled(_) => Fail::Source(SourceError::Shutdown),
+        ReplicationError::Authentication(m) => Fail::Fatal(format!(
+            "PostgreSQL at {} refused the replication login of user {:?}: {m}. Check the password, that the role has REPLICATION, and that pg_hba.conf has a `replication` line for it",
+            target.desc, target.user
+        )),
+        ReplicationError::PermanentConnection(m)
+        | ReplicationError::Config(m)
+        | ReplicationError::ReplicationSlot(m) => {
+            Fail::Fatal(format!("{what} ({}): {m}", target.desc))
+        }
+        other => {
+            let m = other.to_string();
+            if m.contains("pg_hba.conf") || m.contains("password authentication failed") {
+                return Fail::Fatal(format!(
+                    "{what} ({}): {m}. Check the password, and that pg_hba.conf has a `replication` line for user {:?}",
+                    target.desc, target.user
+                ));
+            }
+            if m.contains("must be superuser or replication role")
+                || m.contains("permission denied")
+            {
+                return Fail::Fatal(format!(
+                    "{what} ({}): {m}. Fix: ALTER ROLE {} WITH REPLICATION;",
+                    target.desc,
+                    super::sql::quote_ident(&target.user)
+                ));
+            }
+            Fail::Retry(format!("{what} ({}): {m}", target.desc))
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! Streaming from the slot: assemble each transaction's changes, commit them to
+//! the buffer (in pieces when large), and confirm the slot only up to what is
+//! durable.
+
+use std::collections::HashMap;
+
+use ferry_protocol::messages::{record, Record, RowOp};
+use pg_walstream::{
+    EventType, LogicalReplicationStream, ReplicaIdentity, ReplicationStreamConfig, RetryConfig,
+    StreamingMode,
+};
+use tracing::{error, info, warn};
+
+use super::conn::{classify_repl, Fail, Result};
+use super::position::{fmt_lsn, Partial, PgPosition, StreamPos};
+use super::records::{old_columns, row_columns, row_record, size_of, Rel, Stamp};
+use super::run::Session;
+use super::sql::ColInfo;
+
+/// A transaction goes to the buffer in one commit up to this many changes...
+pub(crate) const MAX_TXN_ROWS: usize = 10_000;
+/// ... and this many bytes of records; a larger one is split.
+pub(crate) const MAX_TXN_BYTES: usize = 4 << 20;
+/// Largest record the wire can carry with room to spare (a batch is ≤ 8 MiB).
+pub(crate) const MAX_RECORD_BYTES: usize = 7 << 20;
+
+pub(crate) const HEARTBEAT_PREFIX: &str = "ferry-heartbeat";
+
+/// The transaction being received.
+struct Txn {
+    xid: u32,
+    commit_lsn: u64,
+    time_us: i64,
+    /// Captured changes seen so far (skipped ones included).
+    count: u32,
+    /// Changes already durable from before a restart.
+    skip: u32,
+    pending: Vec<Record>,
+    pending_rows: usize,
+    pending_bytes: usize,
+}
+
+struct Streamer<'s, 'a> {
+    s: &'s mut Session<'a>,
+    /// The durable position.
+    pos: StreamPos,
+    /// Fingerprints including what is pending.
+    schemas: std::collections::BTreeMap<String, String>,
+    rels: HashMap<u32, Rel>,
+    types: HashMap<(u32, i32), String>,
+    txn: Option<Txn>,
+    /// A transaction committed to the buffer in pieces before a restart.
+    resume_partial: Option<Partial>,
+}
+
+pub(crate) async fn stream(s: &mut Session<'_>) -> Result<()> {
+    let Some(PgPosition::Streaming(pos)) = s.durable.clone() else {
+        return Err(Fail::Fatal(
+            "internal: streaming without a streaming position".into(),
+        ));
+    };
+    let config = ReplicationStreamConfig::builder(s.cfg.slot.clone(), s.cfg.publication.clone())
+        .with_protocol_version(1)
+        .with_streaming_mode(StreamingMode::Off)
+        .with_messages(true)
+        .with_binary(false)
+        .with_feedback_interval(std::time::Duration::from_secs(1))
+        .with_connection_timeout(std::time::Duration::from_secs(30))
+        .with_retry_config(RetryConfig {
+            max_attempts: 1,
+            ..RetryConfig::default()
+        });
+    let mut repl = LogicalReplicationStream::new(&s.target.repl, config)
+        .await
+        .map_err(|e| classify_repl(&s.target, "cannot open the replication connection", e))?;
+    repl.start(Some(pos.lsn))
+        .await
+        .map_err(|e| classify_repl(&s.target, "cannot start replication", e))?;
+    // pg_walstream creates a missing slot on start: one dropped since the session
+    // checked would start at the server's current position. Its confirmed LSN
+    // would then be past ours.
+    if let Some(c) = s
+        .sql
+        .slot_info(&s.cfg.slot)
+        .await?
+        .and_then(|i| i.confirmed_flush)
+    {
+        if c > pos.lsn {
+            return Err(Fail::Fatal(format!(
+                "replication slot {:?} starts at {}, past this stream's durable position {}: it was dropped and recreated, or advanced by someone else. The changes in between are lost to Ferry; to capture again from scratch, configure a new stream with a new slot",
+                s.cfg.slot,
+                fmt_lsn(c),
+                fmt_lsn(pos.lsn)
+            )));
+        }
+    }
+    info!(from = %fmt_lsn(pos.lsn), "streaming changes");
+    let mut st = Streamer {
+        schemas: pos.schemas.clone(),
+        resume_partial: pos.partial,
+        pos,
+        s,
+        rels: HashMap::new(),
+        types: HashMap::new(),
+        txn: None,
+    };
+    loop {
+        let ev = repl
+            .next_event(&st.s.ctx.shutdown)
+            .await
+            .map_err(|e| classify_repl(&st.s.target, "replication stream failed", e))?;
+        let confirm = st.event(ev.event_type).await?;
+        if let Some(lsn) = confirm {
+            repl.shared_lsn_feedback.update_applied_lsn(lsn);
+            repl.send_feedback()
+                .await
+                .map_err(|e| classify_repl(&st.s.target, "cannot confirm the slot position", e))?;
+        }
+    }
+}
+
+impl Streamer<'_, '_> {
+    /// Handles one event; `Some(lsn)`: `lsn` is durable now, confirm it.
+    async fn event(&mut self, ev: EventType) -> Result<Option<u64>> {
+        match ev {
+            EventType::Begin {
+                transaction_id,
+                final_lsn,
+                commit_timestamp,
+            } => {
+                let commit_lsn = final_lsn.0;
+                let mut skip = 0;
+                if let Some(p) = self.resume_partial {
+                    if p.commit_lsn == commit_lsn {
+                        skip = p.done;
+                        self.resume_partial = None;
+                        info!(commit_lsn = %fmt_lsn(commit_lsn), skip, "resuming a large transaction after its durable part");
+                    } else if commit_lsn > p.commit_lsn {
+                        self.partial_missing(p);
+                    }
+                }
+                self.txn = Some(Txn {
+                    xid: transaction_id,
+                    commit_lsn,
+                    time_us: commit_timestamp.timestamp_micros(),
+                    count: 0,
+                    skip,
+                    pending: Vec::new(),
+                    pending_rows: 0,
+                    pending_bytes: 0,
+                });
+                Ok(None)
+            }
+            EventType::Relation {
+                relation_id,
+                namespace,
+                relation_name,
+                replica_identity,
+                columns,
+            } => {
+                let name = format!("{namespace}.{relation_name}");
+                if !self.s.cfg.tables.contains(&name) {
+                    self.rels.remove(&relation_id);
+                    return Ok(None);
+                }
+                let ri = match replica_identity {
+                    ReplicaIdentity::Default => "default",
+                    ReplicaIdentity::Nothing => "nothing",
+                    ReplicaIdentity::Full => "full",
+                    ReplicaIdentity::Index => "index",
+                };
+                let mut cols = Vec::with_capacity(columns.len());
+                for c in columns {
+                    let type_name = self.type_name(c.type_id, c.type_modifier).await?;
+                    cols.push(ColInfo {
+                        name: c.name.to_string(),
+                        type_oid: c.type_id,
+                        typmod: c.type_modifier,
+                        base_type: type_name.clone(),
+                        type_name,
+                        key: c.is_key,
+                    });
+                }
+                let rel = Rel {
+                    schema: namespace.to_string(),
+                    table: relation_name.to_string(),
+                    cols,
+                    replica_identity: ri,
+                };
+                if ri == "nothing" {
+                    warn!(table = %name, "table has REPLICA IDENTITY NOTHING: PostgreSQL refuses UPDATE and DELETE on it while it is published. Fix: add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL");
+                }
+                let fp = rel.fingerprint();
+                if self.schemas.get(&name) != Some(&fp) {
+                    let lsn = self.txn.as_ref().map_or(self.pos.lsn, |t| t.commit_lsn);
+                    let rec = rel.schema_record(lsn);
+                    self.schemas.insert(name, fp);
+                    match self.txn.as_mut() {
+                        Some(t) => {
+                            t.pending_bytes += size_of(&rec);
+                            t.pending.push(rec);
+                        }
+                        None => {
+                            let pos = self.next_pos(self.pos.lsn, self.pos.partial);
+                            self.commit(vec![rec], pos).await?;
+                        }
+                    }
+                }
+                self.rels.insert(relation_id, rel);
+                Ok(None)
+            }
+            EventType::Insert {
+                relation_oid, data, ..
+            } => {
+                let Some(rel) = self.rels.get(&relation_oid) else {
+                    return Ok(None);
+                };
+                let cols = row_columns(rel, &data);
+                self.change(
+                    relation_oid,
+                    RowOp::Insert,
+                    cols,
+                    Vec::new(),
+                    (false, false),
+                )
+                .await
+            }
+            EventType::Update {
+                relation_oid,
+                old_data,
+                new_data,
+                key_columns,
+                ..
+            } => {
+                let Some(rel) = self.rels.get(&relation_oid) else {
+                    return Ok(None);
+                };
+                let cols = row_columns(rel, &new_data);
+                let old = old_data
+                    .map(|o| old_columns(rel, &o, &key_columns))
+                    .unwrap_or_default();
+                self.change(relation_oid, RowOp::Update, cols, old, (false, false))
+                    .await
+            }
+            EventType::Delete {
+                relation_oid,
+                old_data,
+                key_columns,
+                ..
+            } => {
+                let Some(rel) = self.rels.get(&relation_oid) else {
+                    return Ok(None);
+                };
+                let old = old_columns(rel, &old_data, &key_columns);
+                self.change(relation_oid, RowOp::Delete, Vec::new(), old, (false, false))
+                    .await
+            }
+            EventType::Truncate {
+                tables,
+                cascade,
+                restart_identity,
+            } => {
+                for t in tables {
+                    let oid = self
+                        .rels
+                        .iter()
+                        .find(|(_, r)| r.name() == t.as_ref())
+                        .map(|(oid, _)| *oid);
+                    if let Some(oid) = oid {
+                        let flags = (cascade, restart_identity);
+                        self.change(oid, RowOp::Truncate, Vec::new(), Vec::new(), flags)
+                            .await?;
+                    }
+                }
+                Ok(None)
+            }
+            EventType::Commit { end_lsn, .. } => self.commit_txn(end_lsn.0).await,
+            EventType::Message {
+                flags,
+                message_lsn,
+                prefix,
+                ..
+            } if flags & 1 == 0 && self.txn.is_none() && prefix.as_ref() == HEARTBEAT_PREFIX => {
+                // Every transaction committed before a non-transactional message
+                // has been received: the slot may move up to it.
+                let lsn = message_lsn.0;
+                if lsn > self.pos.lsn && self.resume_partial.is_none() {
+                    let pos = self.next_pos(lsn, None);
+                    self.commit(Vec::new(), pos).await?;
+                    return Ok(Some(lsn));
+                }
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn type_name(&mut self, oid: u32, typmod: i32) -> Result<String> {
+        if let Some(n) = self.types.get(&(oid, typmod)) {
+            return Ok(n.clone());
+        }
+        let n = self.s.sql.type_name(oid, typmod).await?;
+        self.types.insert((oid, typmod), n.clone());
+        Ok(n)
+    }
+
+    fn partial_missing(&mut self, p: Partial) {
+        error!(
+            commit_lsn = %fmt_lsn(p.commit_lsn),
+            done = p.done,
+            "a transaction partly buffered before the restart was not replayed by the slot; its remaining changes are missing (was the slot advanced by another consumer?)"
+        );
+        self.resume_partial = None;
+    }
+
+    /// A position with the current fingerprints and retained-WAL figure.
+    fn next_pos(&self, lsn: u64, partial: Option<Partial>) -> StreamPos {
+        StreamPos {
+            slot: self.pos.slot.clone(),
+            lsn,
+            partial,
+            schemas: self.schemas.clone(),
+            retained_wal: self.s.retained(),
+        }
+    }
+
+    async fn commit(&mut self, records: Vec<Record>, pos: StreamPos) -> Result<()> {
+        let next = PgPosition::Streaming(pos);
+        self.s.commit(records, &next).await?;
+        if let PgPosition::Streaming(p) = next {
+            self.pos = p;
+        }
+        Ok(())
+    }
+
+    async fn change(
+        &mut self,
+        rel_oid: u32,
+        op: RowOp,
+        columns: Vec<ferry_protocol::messages::Column>,
+        old_key: Vec<ferry_protocol::messages::Column>,
+        truncate: (bool, bool),
+    ) -> Result<Option<u64>> {
+        let Some(t) = self.txn.as_mut() else {
+            warn!("a change arrived outside a transaction; ignored");
+            return Ok(None);
+        };
+        let idx = t.count;
+        t.count += 1;
+        if idx < t.skip {
+            return Ok(None);
+        }
+        if t.pending_rows >= MAX_TXN_ROWS || t.pending_bytes >= MAX_TXN_BYTES {
+            // The transaction continues: what is pending goes to the buffer now.
+            let records = std::mem::take(&mut t.pending);
+            t.pending_rows = 0;
+            t.pending_bytes = 0;
+            let partial = Partial {
+                commit_lsn: t.commit_lsn,
+                done: idx,
+            };
+            let pos = self.next_pos(self.pos.lsn, Some(partial));
+            self.commit(records, pos).await?;
+        }
+        let (Some(t), Some(rel)) = (self.txn.as_mut(), self.rels.get(&rel_oid)) else {
+            return Ok(None);
+        };
+        let stamp = Stamp {
+            xid: t.xid,
+            commit_lsn: t.commit_lsn,
+            commit_time_unix_us: t.time_us,
+            change_index: idx,
+            snapshot: false,
+        };
+        let mut rec = row_record(rel, op, &stamp, columns, old_key);
+        if let Some(record::Body::RowChange(c)) = rec.body.as_mut() {
+            (c.truncate_cascade, c.truncate_restart_identity) = truncate;
+        }
+        let size = size_of(&rec);
+        if size > MAX_RECORD_BYTES {
+            return Err(Fail::Fatal(format!(
+                "a row of {} in transaction {} is {} bytes; Ferry ships rows of up to {} bytes. The change cannot be captured",
+                rel.name(),
+                fmt_lsn(t.commit_lsn),
+                size,
+                MAX_RECORD_BYTES
+            )));
+        }
+        t.pending.push(rec);
+        t.pending_rows += 1;
+        t.pending_bytes += size;
+        Ok(None)
+    }
+
+    async fn commit_txn(&mut self, end_lsn: u64) -> Result<Option<u64>> {
+        let Some(mut t) = self.txn.take() else {
+            return Ok(None);
+        };
+        if let Some(p) = self.resume_partial {
+            if end_lsn > p.commit_lsn {
+                self.partial_missing(p);
+            }
+        }
+        if t.count == 0 && t.pending.is_empty() {
+            // Nothing of ours in it: the slot moves past it with the next commit
+            // or heartbeat.
+            return Ok(None);
+        }
+        if let Some(record::Body::RowChange(c)) =
+            t.pending
+                .iter_mut()
+                .rev()
+                .find_map(|r| match r.body.as_mut() {
+                    Some(b @ record::Body::RowChange(_)) => Some(b),
+                    _ => None,
+                })
+        {
+            c.last_in_txn = true;
+        }
+        let pos = self.next_pos(end_lsn, None);
+        self.commit(t.pending, pos).await?;
+        Ok(Some(end_lsn))
+    }
+}

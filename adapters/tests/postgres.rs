@@ -1,0 +1,548 @@
+//! The postgres source against a real PostgreSQL server (see `support::pg`), with
+//! an in-test buffer that can crash and restart the source.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use ferry_adapters::postgres::describe_position;
+use ferry_protocol::messages::{column, RowOp};
+use support::committer::Store;
+use support::model::{self, rows, schemas, text, Model};
+use support::pg::PgServer;
+use support::{config, FlushWatch};
+
+const PERSON: &str = "CREATE TABLE public.person (
+    id int PRIMARY KEY, big bigint, amount numeric(30,10), name text, photo bytea,
+    born timestamptz, day date, ok bool, uid uuid, doc jsonb, nums int[], note text, blob text);
+  ALTER TABLE public.person ALTER COLUMN blob SET STORAGE EXTERNAL;";
+
+fn col<'a>(
+    c: &'a ferry_protocol::messages::RowChange,
+    name: &str,
+) -> &'a ferry_protocol::messages::Column {
+    c.columns
+        .iter()
+        .find(|x| x.name == name)
+        .unwrap_or_else(|| panic!("no column {name} in {c:?}"))
+}
+
+fn phase_is(store: &Store, p: &str) -> bool {
+    store.phase().as_deref() == Some(p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_arrive_exactly_as_committed() {
+    let server = PgServer::start();
+    let db = server.database("t1").await;
+    db.batch_execute(PERSON).await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE public.household (id bigint PRIMARY KEY, city text);
+         CREATE TABLE public.other (id int PRIMARY KEY);
+         CREATE PUBLICATION ferry_pub FOR TABLE public.person, public.household, public.other;
+         INSERT INTO public.household VALUES (1, '大连');",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&server, "t1", &["public.person", "public.household"], "s1");
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t1", "s1", &store).await;
+    let mut run = store.start(&cfg);
+    run.wait_for("the snapshot", 30, || phase_is(&store, "streaming"))
+        .await;
+
+    // One transaction per call: several statements in one simple query share one.
+    for sql in [
+        "INSERT INTO public.person VALUES (1, 9223372036854775807, 12345678901234567890.0123456789,
+           '沈阳市', '\\xdeadbeef', '2024-03-01 12:34:56.789+08', '2024-03-01', true,
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"城市\": \"沈阳\", \"a\": [1, 2]}',
+           '{1,2,NULL}', NULL, repeat('x', 100000))",
+        "BEGIN;
+           INSERT INTO public.household VALUES (2, '沈阳');
+           INSERT INTO public.other VALUES (1);
+           UPDATE public.household SET city = '哈尔滨' WHERE id = 1;
+           DELETE FROM public.household WHERE id = 2;
+         COMMIT",
+        "BEGIN; INSERT INTO public.person (id) VALUES (99); ROLLBACK",
+        "UPDATE public.person SET note = 'changed' WHERE id = 1",
+        "UPDATE public.person SET id = 2 WHERE id = 1",
+        "DELETE FROM public.person WHERE id = 2",
+        "TRUNCATE public.household",
+        "INSERT INTO public.household VALUES (3, 'marker')",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    run.wait_for("the marker row", 30, || {
+        rows(&store.records()).iter().any(|c| {
+            c.table == "household"
+                && c.columns
+                    .iter()
+                    .any(|x| text(x).as_deref() == Some("marker"))
+        })
+    })
+    .await;
+    let records = store.records();
+    let all = rows(&records);
+
+    // The snapshot: one schema per table, then household's row.
+    let sc = schemas(&records);
+    assert_eq!(sc.len(), 2, "{sc:?}");
+    assert_eq!(sc[0].table, "person");
+    let types: Vec<(&str, &str, bool)> = sc[0]
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_name.as_str(), c.key))
+        .collect();
+    assert_eq!(
+        &types[..4],
+        &[
+            ("id", "integer", true),
+            ("big", "bigint", false),
+            ("amount", "numeric(30,10)", false),
+            ("name", "text", false)
+        ]
+    );
+    assert_eq!(types[10], ("nums", "integer[]", false));
+    assert_eq!(types[5].1, "timestamp with time zone");
+    assert!(all[0].snapshot && all[0].table == "household" && all[0].op == RowOp::Insert as i32);
+    assert_eq!(text(col(&all[0], "city")).as_deref(), Some("大连"));
+
+    // Streamed, in commit order; the rolled-back insert and `other` never appear.
+    let streamed: Vec<_> = all.iter().filter(|c| !c.snapshot).collect();
+    let ops: Vec<(&str, i32)> = streamed.iter().map(|c| (c.table.as_str(), c.op)).collect();
+    use RowOp::*;
+    assert_eq!(
+        ops,
+        vec![
+            ("person", Insert as i32),
+            ("household", Insert as i32),
+            ("household", Update as i32),
+            ("household", Delete as i32),
+            ("person", Update as i32),
+            ("person", Update as i32),
+            ("person", Delete as i32),
+            ("household", Truncate as i32),
+            ("household", Insert as i32),
+        ]
+    );
+    let ins = streamed[0];
+    let t = |n: &str| text(col(ins, n));
+    assert_eq!(t("big").as_deref(), Some("9223372036854775807"));
+    assert_eq!(
+        t("amount").as_deref(),
+        Some("12345678901234567890.0123456789")
+    );
+    assert_eq!(t("name").as_deref(), Some("沈阳市"));
+    assert_eq!(
+        col(ins, "photo").value,
+        Some(column::Value::Bytes(vec![0xde, 0xad, 0xbe, 0xef]))
+    );
+    assert_eq!(t("born").as_deref(), Some("2024-03-01 12:34:56.789+08"));
+    assert_eq!(t("day").as_deref(), Some("2024-03-01"));
+    assert_eq!(t("ok").as_deref(), Some("t"));
+    assert_eq!(
+        t("uid").as_deref(),
+        Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+    );
+    assert_eq!(
+        t("doc").as_deref(),
+        Some(r#"{"a": [1, 2], "城市": "沈阳"}"#)
+    );
+    assert_eq!(t("nums").as_deref(), Some("{1,2,NULL}"));
+    assert_eq!(col(ins, "note").value, Some(column::Value::Null(true)));
+    assert_eq!(t("blob").map(|b| b.len()), Some(100_000));
+    assert!(
+        ins.xid > 0 && ins.commit_time_unix_us > 0 && ins.last_in_txn,
+        "{} {} {}",
+        ins.xid,
+        ins.commit_time_unix_us,
+        ins.last_in_txn
+    );
+
+    // The multi-statement transaction: one commit LSN, numbered, last flagged.
+    let txn = &streamed[1..4];
+    assert!(txn
+        .iter()
+        .all(|c| c.commit_lsn == txn[0].commit_lsn && c.xid == txn[0].xid));
+    assert_eq!(
+        txn.iter().map(|c| c.change_index).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        txn.iter().map(|c| c.last_in_txn).collect::<Vec<_>>(),
+        vec![false, false, true]
+    );
+    assert_eq!(text(&txn[2].old_key[0]).as_deref(), Some("2"));
+    assert!(streamed[0].commit_lsn < txn[0].commit_lsn);
+
+    // The TOAST value the update did not touch is marked, not nulled.
+    let upd = streamed[4];
+    assert_eq!(text(col(upd, "note")).as_deref(), Some("changed"));
+    assert_eq!(
+        col(upd, "blob").value,
+        Some(column::Value::UnchangedToast(true))
+    );
+    assert!(upd.old_key.is_empty(), "key unchanged: no old key");
+    // A key change carries the old key.
+    assert_eq!(text(&streamed[5].old_key[0]).as_deref(), Some("1"));
+    assert_eq!(text(col(streamed[5], "id")).as_deref(), Some("2"));
+    assert_eq!(streamed[6].old_key.len(), 1);
+    assert_eq!(text(&streamed[6].old_key[0]).as_deref(), Some("2"));
+
+    // Applied by key, the capture equals the tables.
+    let m = Model::apply_all(&records);
+    model::assert_same(
+        &m.table("public.household"),
+        &model::table_state(&db, "public.household", &["id"]).await,
+    );
+    model::assert_same(
+        &m.table("public.person"),
+        &model::table_state(&db, "public.person", &["id"]).await,
+    );
+    model::assert_streamed_once(&records);
+
+    let d = describe_position(&store.raw_position().unwrap());
+    assert!(d.starts_with("streaming from "), "{d}");
+    run.stop().await.unwrap_err();
+    watch.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_mid_stream_emits_schema_changes() {
+    let server = PgServer::start();
+    let db = server.database("t2").await;
+    db.batch_execute(
+        "CREATE TABLE public.t (id int PRIMARY KEY, a text);
+         CREATE PUBLICATION ferry_pub FOR TABLE public.t;",
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(&server, "t2", &["public.t"], "s2");
+    cfg.snapshot = ferry_adapters::postgres::SnapshotMode::Never;
+    let store = Store::new();
+    let mut run = store.start(&cfg);
+    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
+        .await;
+    for sql in [
+        "INSERT INTO public.t VALUES (1, 'x')",
+        "ALTER TABLE public.t ADD COLUMN b int",
+        "INSERT INTO public.t VALUES (2, 'y', 5)",
+        "ALTER TABLE public.t DROP COLUMN a",
+        "INSERT INTO public.t VALUES (3, 6)",
+        "ALTER TABLE public.t ALTER COLUMN b TYPE bigint",
+        "INSERT INTO public.t VALUES (4, 7)",
+        "BEGIN; INSERT INTO public.t VALUES (5, 8); ALTER TABLE public.t ADD COLUMN c text;
+         INSERT INTO public.t VALUES (6, 9, 'z'); COMMIT",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    run.wait_for("row 6", 30, || rows(&store.records()).len() == 6)
+        .await;
+    run.stop().await.unwrap_err();
+
+    // Each row follows the schema that describes it.
+    let mut shape: Vec<String> = Vec::new();
+    let mut seen = Vec::new();
+    for r in store.records() {
+        match r.body {
+            Some(ferry_protocol::messages::record::Body::SchemaChange(s)) => {
+                shape = s
+                    .columns
+                    .iter()
+                    .map(|c| format!("{} {}", c.name, c.type_name))
+                    .collect();
+                seen.push(shape.join(", "));
+            }
+            Some(ferry_protocol::messages::record::Body::RowChange(c)) => {
+                let cols: Vec<String> = c
+                    .columns
+                    .iter()
+                    .map(|c| format!("{} {}", c.name, c.type_name))
+                    .collect();
+                assert_eq!(
+                    cols, shape,
+                    "row {:?} does not have the announced shape",
+                    c.columns
+                );
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            "id integer, a text",
+            "id integer, a text, b integer",
+            "id integer, b integer",
+            "id integer, b bigint",
+            "id integer, b bigint, c text",
+        ]
+    );
+
+    // A restart does not announce the same shape again.
+    let before = store.count();
+    let mut run = store.start(&cfg);
+    db.batch_execute("INSERT INTO public.t VALUES (7, 10, 'w')")
+        .await
+        .unwrap();
+    run.wait_for("row 7", 30, || store.count() > before).await;
+    run.stop().await.unwrap_err();
+    let recs = store.records();
+    assert_eq!(schemas(&recs).len(), 5);
+    let last = rows(&recs).pop().unwrap();
+    assert_eq!(text(col(&last, "c")).as_deref(), Some("w"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_is_split_and_survives_a_crash_midway() {
+    let server = PgServer::start();
+    let db = server.database("t3").await;
+    support::acct(&db, 10).await;
+    let mut cfg = config(&server, "t3", &["public.acct"], "s3");
+    cfg.snapshot = ferry_adapters::postgres::SnapshotMode::Never;
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t3", "s3", &store).await;
+    let run = store.start(&cfg);
+    let mut run = run;
+    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
+        .await;
+
+    // ~20 MB in one transaction: 20,000 rows of 1 KiB.
+    store.crash_after(2);
+    let commits_before = store.commits();
+    db.batch_execute(
+        "INSERT INTO public.acct SELECT g, g, repeat(md5(g::text), 32) FROM generate_series(100, 20099) g",
+    )
+    .await
+    .unwrap();
+    run.ended(60).await.unwrap_err();
+    let p = store.position().unwrap();
+    let done = p["partial"]["done"]
+        .as_u64()
+        .expect("a partial transaction is stored");
+    assert!(done > 0 && done < 20_000, "{p}");
+    assert_eq!(store.commits() - commits_before, 2);
+    assert!(describe_position(&store.raw_position().unwrap()).contains("in progress"));
+
+    let mut run = store.start(&cfg);
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    let big: Vec<_> = rows(&records)
+        .into_iter()
+        .filter(|c| {
+            c.columns.len() == 3
+                && text(&c.columns[0]).is_some_and(|id| id.parse::<i32>().unwrap() >= 100)
+        })
+        .collect();
+    assert_eq!(big.len(), 20_000);
+    assert!(big.iter().all(|c| c.commit_lsn == big[0].commit_lsn));
+    model::assert_streamed_once(&records);
+    assert!(
+        store.commits() - commits_before >= 6,
+        "split into several commits"
+    );
+    // Rows 1..=10 predate the slot (snapshot = "never").
+    let m = Model::apply_all(&records);
+    let db_rows = model::table_state(
+        &db,
+        "(SELECT * FROM public.acct WHERE id >= 100 OR id < 0) q",
+        &["id"],
+    )
+    .await;
+    model::assert_same(&m.table("public.acct"), &db_rows);
+    watch.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_under_concurrent_writes_converges() {
+    let server = PgServer::start();
+    let db = server.database("t4").await;
+    support::acct(&db, 20_000).await;
+    let mut cfg = config(&server, "t4", &["public.acct"], "s4");
+    cfg.snapshot_chunk_rows = 1000;
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t4", "s4", &store).await;
+    let writer = support::Writer::start(&server, "t4", 20_000, 5, 4).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut run = store.start(&cfg);
+    run.wait_for("the snapshot", 60, || phase_is(&store, "streaming"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let txns = writer.stop().await;
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    assert!(rows(&records).iter().filter(|c| c.snapshot).count() >= 19_000);
+    assert!(rows(&records).iter().filter(|c| !c.snapshot).count() as u64 >= txns);
+    model::assert_snapshot_rows_once(&records, "public.acct", "id");
+    model::assert_streamed_once(&records);
+    let m = Model::apply_all(&records);
+    model::assert_same(
+        &m.table("public.acct"),
+        &model::table_state(&db, "public.acct", &["id"]).await,
+    );
+    watch.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_during_the_snapshot_converge() {
+    use rand::{Rng, SeedableRng};
+    let server = PgServer::start();
+    let db = server.database("t5").await;
+    support::acct(&db, 30_000).await;
+    let mut cfg = config(&server, "t5", &["public.acct"], "s5");
+    cfg.snapshot_chunk_rows = 500;
+    cfg.snapshot_rows_per_second = Some(15_000);
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t5", "s5", &store).await;
+    let writer = support::Writer::start(&server, "t5", 30_000, 5, 5).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut mid_snapshot = 0;
+    for _ in 0..20 {
+        let run = store.start(&cfg);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..600))).await;
+        let before = store.phase();
+        run.stop().await.unwrap_err();
+        if before.as_deref() == Some("snapshot") {
+            mid_snapshot += 1;
+        }
+        if phase_is(&store, "streaming") && mid_snapshot >= 5 {
+            break;
+        }
+    }
+    assert!(
+        mid_snapshot >= 5,
+        "only {mid_snapshot} crashes hit the snapshot"
+    );
+    let mut run = store.start(&cfg);
+    run.wait_for("the snapshot", 60, || phase_is(&store, "streaming"))
+        .await;
+    writer.stop().await;
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    model::assert_snapshot_rows_once(&records, "public.acct", "id");
+    model::assert_streamed_once(&records);
+    let m = Model::apply_all(&records);
+    model::assert_same(
+        &m.table("public.acct"),
+        &model::table_state(&db, "public.acct", &["id"]).await,
+    );
+    watch.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_while_streaming_lose_and_repeat_nothing() {
+    use rand::{Rng, SeedableRng};
+    let server = PgServer::start();
+    let db = server.database("t6").await;
+    support::acct(&db, 2_000).await;
+    let cfg = config(&server, "t6", &["public.acct"], "s6");
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t6", "s6", &store).await;
+    let mut run = store.start(&cfg);
+    run.wait_for("the snapshot", 60, || phase_is(&store, "streaming"))
+        .await;
+    run.stop().await.unwrap_err();
+    let writer = support::Writer::start(&server, "t6", 2_000, 40, 6).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    for cycle in 0..6 {
+        let run = store.start(&cfg);
+        if cycle % 2 == 1 {
+            // Crash inside a commit rather than between them.
+            store.crash_after(rng.random_range(1..20));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..900))).await;
+        run.stop().await.unwrap_err();
+        store.crash_after(u64::MAX);
+    }
+    let mut run = store.start(&cfg);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.stop().await;
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    model::assert_streamed_once(&records);
+    let m = Model::apply_all(&records);
+    model::assert_same(
+        &m.table("public.acct"),
+        &model::table_state(&db, "public.acct", &["id"]).await,
+    );
+    watch.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_stream_is_survived() {
+    let server = PgServer::start();
+    let db = server.database("t7").await;
+    support::acct(&db, 10).await;
+    let mut cfg = config(&server, "t7", &["public.acct"], "s7");
+    cfg.snapshot = ferry_adapters::postgres::SnapshotMode::Never;
+    let store = Store::new();
+    let mut run = store.start(&cfg);
+    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
+        .await;
+    for i in 100..150 {
+        db.batch_execute(&format!(
+            "INSERT INTO public.acct VALUES ({i}, 0, 'before')"
+        ))
+        .await
+        .unwrap();
+    }
+    run.wait_for("the first rows", 30, || rows(&store.records()).len() >= 50)
+        .await;
+    drop(db);
+    server.restart();
+    let db = server.client("t7").await;
+    for i in 150..200 {
+        db.batch_execute(&format!("INSERT INTO public.acct VALUES ({i}, 0, 'after')"))
+            .await
+            .unwrap();
+    }
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    model::assert_streamed_once(&records);
+    let m = Model::apply_all(&records);
+    let got: Vec<_> = m.table("public.acct").into_keys().collect();
+    assert_eq!(got.len(), 101, "rows 100..200 and the marker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_advance_the_slot_of_an_idle_database() {
+    let server = PgServer::start();
+    let db = server.database("t8").await;
+    support::acct(&db, 10).await;
+    db.batch_execute("CREATE TABLE public.unpublished (id int PRIMARY KEY, pad text)")
+        .await
+        .unwrap();
+    let mut cfg = config(&server, "t8", &["public.acct"], "s8");
+    cfg.snapshot = ferry_adapters::postgres::SnapshotMode::Never;
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t8", "s8", &store).await;
+    let mut run = store.start(&cfg);
+    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
+        .await;
+    db.batch_execute("INSERT INTO public.unpublished SELECT g, repeat('x', 1000) FROM generate_series(1, 5000) g")
+        .await
+        .unwrap();
+    let now = support::pg::text_rows(&db, "SELECT pg_current_wal_lsn()").await;
+    let now = support::pg::parse_lsn(now[0][0].1.as_deref().unwrap()).unwrap();
+    run.wait_until(
+        "the slot to move past the unpublished writes",
+        30,
+        || async {
+            let c = support::pg::confirmed_flush(&db, "s8").await.unwrap_or(0);
+            c >= now && store.durable_lsn().unwrap_or(0) >= now
+        },
+    )
+    .await;
+    assert_eq!(store.count(), 0, "heartbeats add no records");
+    let d = describe_position(&store.raw_position().unwrap());
+    assert!(d.contains("slot retains"), "{d}");
+    run.stop().await.unwrap_err();
+    watch.check().await;
+}

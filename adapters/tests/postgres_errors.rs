@@ -1,0 +1,255 @@
+//! The postgres source's failure modes against a real PostgreSQL: each ends with
+//! an error that says what is wrong and how to fix it; `doctor` reports the same.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use ferry_adapters::postgres::{doctor, SnapshotMode};
+use ferry_adapters::SourceError;
+use support::committer::Store;
+use support::config;
+use support::pg::PgServer;
+
+fn message(r: Result<(), SourceError>) -> String {
+    match r {
+        Err(SourceError::Other(m)) => m,
+        other => panic!("expected an error with a message, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_what_is_missing_with_the_fix() {
+    let server = PgServer::start();
+    let db = server.database("d1").await;
+    db.batch_execute(
+        "CREATE TABLE public.person (id int PRIMARY KEY, name text);
+         CREATE TABLE public.nokey (a int);",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&server, "d1", &["public.person", "public.nokey"], "s1");
+    let checks = doctor(&cfg).await;
+    let get = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check {name} in {checks:#?}"))
+            .clone()
+    };
+    for ok in [
+        "connect",
+        "wal_level",
+        "max_replication_slots",
+        "max_wal_senders",
+        "replication privilege",
+        "replication connection",
+        "select on public.person",
+        "replica identity of public.person",
+    ] {
+        assert!(get(ok).ok, "{:?}", get(ok));
+    }
+    let p = get("publication");
+    assert!(!p.ok);
+    assert_eq!(
+        p.fix.as_deref(),
+        Some(r#"CREATE PUBLICATION "ferry_pub" FOR TABLE "public"."person", "public"."nokey";"#)
+    );
+    let nk = get("replica identity of public.nokey");
+    assert!(!nk.ok && nk.fix.unwrap().contains("REPLICA IDENTITY FULL"));
+
+    db.batch_execute("CREATE PUBLICATION ferry_pub FOR TABLE public.person")
+        .await
+        .unwrap();
+    let checks = doctor(&cfg).await;
+    let c = checks
+        .iter()
+        .find(|c| c.name == "publication contains public.nokey")
+        .unwrap();
+    assert!(!c.ok);
+    assert_eq!(
+        c.fix.as_deref(),
+        Some(r#"ALTER PUBLICATION "ferry_pub" ADD TABLE "public"."nokey";"#)
+    );
+    assert!(checks.iter().find(|c| c.name == "publication").unwrap().ok);
+
+    let mut bad = cfg.clone();
+    bad.dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=nosuchdb",
+        server.port
+    );
+    let checks = doctor(&bad).await;
+    assert_eq!(checks.len(), 1);
+    assert!(
+        !checks[0].ok && checks[0].detail.contains("nosuchdb"),
+        "{checks:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_held_by_another_consumer_is_a_clear_error() {
+    let server = PgServer::start();
+    let db = server.database("d2").await;
+    support::acct(&db, 3).await;
+    db.batch_execute("SELECT pg_create_logical_replication_slot('s2', 'pgoutput')")
+        .await
+        .unwrap();
+    // pg_recvlogical is a client: it may run as root.
+    let mut holder = std::process::Command::new(server.bin("pg_recvlogical"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "d2",
+        ])
+        .args(["-S", "s2", "--start", "-f", "/dev/null"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=ferry_pub"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = support::pg::text_rows(
+            &db,
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 's2'",
+        )
+        .await;
+        if r[0][0].1.as_deref() == Some("t") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg_recvlogical did not take the slot"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut cfg = config(&server, "d2", &["public.acct"], "s2");
+    cfg.snapshot = SnapshotMode::Never;
+    let store = Store::new();
+    let m = message(store.start(&cfg).ended(60).await);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(m.contains("is in use by another connection"), "{m}");
+    assert!(m.contains("pg_recvlogical"), "{m}");
+    assert!(m.contains("source.slot"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_are_used_and_a_wrong_one_is_a_clear_error() {
+    let server = PgServer::start();
+    let db = server.database("d3").await;
+    support::acct(&db, 3).await;
+    db.batch_execute(
+        "CREATE ROLE pwuser LOGIN REPLICATION PASSWORD 'right horse';
+         GRANT SELECT ON public.acct TO pwuser;",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("pg.pass");
+    std::fs::write(&pass, "wrong\n").unwrap();
+    let mut cfg = config(&server, "d3", &["public.acct"], "s3");
+    cfg.dsn = server.dsn_as("pwuser", "d3");
+    cfg.password_file = Some(pass.clone());
+    let store = Store::new();
+    let m = message(store.start(&cfg).ended(30).await);
+    assert!(m.contains("refused the login of user \"pwuser\""), "{m}");
+    assert!(m.contains("password_file"), "{m}");
+
+    // With the right one, the SQL and the replication connection both get in.
+    std::fs::write(&pass, "right horse\n").unwrap();
+    let mut run = store.start(&cfg);
+    run.wait_for("the snapshot", 30, || {
+        store.phase().as_deref() == Some("streaming")
+    })
+    .await;
+    db.batch_execute("INSERT INTO public.acct VALUES (10, 0, 'x')")
+        .await
+        .unwrap();
+    run.wait_for("the row", 30, || store.count() >= 5).await;
+    run.stop().await.unwrap_err();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_problems_name_the_fix() {
+    let server = PgServer::start();
+    let db = server.database("d4").await;
+    db.batch_execute(
+        "CREATE TABLE public.a (id int PRIMARY KEY);
+         CREATE TABLE public.b (id int PRIMARY KEY);",
+    )
+    .await
+    .unwrap();
+    let store = Store::new();
+    let cfg = config(&server, "d4", &["public.a", "public.b"], "s4");
+
+    let m = message(store.start(&cfg).ended(30).await);
+    assert!(
+        m.contains(r#"CREATE PUBLICATION "ferry_pub" FOR TABLE "public"."a", "public"."b";"#),
+        "{m}"
+    );
+    db.batch_execute("CREATE PUBLICATION ferry_pub FOR TABLE public.a")
+        .await
+        .unwrap();
+    let m = message(store.start(&cfg).ended(30).await);
+    assert!(
+        m.contains(r#"ALTER PUBLICATION "ferry_pub" ADD TABLE "public"."b";"#),
+        "{m}"
+    );
+    let mut missing = cfg.clone();
+    missing.tables = vec!["public.a".into(), "public.nope".into()];
+    let m = message(store.start(&missing).ended(30).await);
+    assert!(
+        m.contains("table public.nope (source.tables) does not exist"),
+        "{m}"
+    );
+    assert!(store.position().is_none(), "nothing was committed");
+
+    // A slot left over without a stored position is not silently reused.
+    db.batch_execute("SELECT pg_create_logical_replication_slot('s4', 'pgoutput')")
+        .await
+        .unwrap();
+    let mut one = cfg.clone();
+    one.tables = vec!["public.a".into()];
+    let m = message(store.start(&one).ended(30).await);
+    assert!(m.contains("SELECT pg_drop_replication_slot('s4');"), "{m}");
+    db.batch_execute("SELECT pg_drop_replication_slot('s4')")
+        .await
+        .unwrap();
+
+    // Streaming, then the slot disappears (a failover to a standby without it):
+    // refused, never re-snapshotted.
+    let mut run = store.start(&one);
+    run.wait_for("streaming", 30, || {
+        store.phase().as_deref() == Some("streaming")
+    })
+    .await;
+    run.stop().await.unwrap_err();
+    db.batch_execute("SELECT pg_drop_replication_slot('s4')")
+        .await
+        .unwrap();
+    let m = message(store.start(&one).ended(30).await);
+    assert!(
+        m.contains("does not exist, but the stored position says streaming had reached"),
+        "{m}"
+    );
+    assert!(m.contains("will not re-snapshot silently"), "{m}");
+    let still: Option<String> =
+        support::pg::text_rows(&db, "SELECT slot_name FROM pg_replication_slots")
+            .await
+            .first()
+            .and_then(|r| r[0].1.clone());
+    assert_eq!(
+        still, None,
+        "no slot was created behind the operator's back"
+    );
+
+    // Another slot name for a stream that has a position: refused.
+    let mut renamed = one.clone();
+    renamed.slot = "s4b".into();
+    let m = message(store.start(&renamed).ended(30).await);
+    assert!(m.contains("belongs to replication slot \"s4\""), "{m}");
+}

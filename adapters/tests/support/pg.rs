@@ -1,0 +1,249 @@
+//! A throwaway PostgreSQL server for tests: `initdb` into a temporary folder, a
+//! free loopback port, `wal_level = logical`, trust authentication for
+//! 127.0.0.1 (plus a password-only role `pwuser`), stopped on drop.
+//!
+//! The server binaries come from `/usr/lib/postgresql/<version>/bin` (Debian's
+//! layout; they are not on PATH). PostgreSQL refuses to run as root, so under root
+//! (as in CI) the data folder belongs to `postgres` and the tools run through
+//! `runuser -u postgres --`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tokio_postgres::{Client, NoTls};
+
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    as_postgres: bool,
+    pub port: u16,
+}
+
+fn find_bin() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "PostgreSQL server binaries not found: install the Debian package postgresql (apt-get install postgresql)"
+        ),
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let bin = find_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-pg-")
+            .tempdir()
+            .unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let as_postgres = unsafe { libc::geteuid() } == 0;
+        if as_postgres {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the test data folder to postgres failed");
+        }
+        let s = PgServer {
+            dir,
+            bin,
+            as_postgres,
+            port: free_port(),
+        };
+        s.run(
+            "initdb",
+            &[
+                "-D",
+                s.data().to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
+        );
+        std::fs::write(
+            s.data().join("pg_hba.conf"),
+            "local all all trust\n\
+             host all pwuser 127.0.0.1/32 scram-sha-256\n\
+             host replication pwuser 127.0.0.1/32 scram-sha-256\n\
+             host all all 127.0.0.1/32 trust\n\
+             host replication all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        s.pg_ctl_start();
+        s
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn bin(&self, tool: &str) -> PathBuf {
+        self.bin.join(tool)
+    }
+
+    /// A command for a server tool, as the right user.
+    pub fn command(&self, tool: &str) -> Command {
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin(tool));
+            c
+        } else {
+            Command::new(self.bin(tool))
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self.command(tool).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
+             -c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10 \
+             -c fsync=off -c timezone=Asia/Shanghai -c max_connections=50",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data().to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &opts,
+                "start",
+            ],
+        );
+    }
+
+    fn pg_ctl_stop(&self) {
+        let _ = self
+            .command("pg_ctl")
+            .args([
+                "-D",
+                self.data().to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+    }
+
+    /// Crash-stops the server and starts it again on the same port.
+    pub fn restart(&self) {
+        self.pg_ctl_stop();
+        self.pg_ctl_start();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `host=127.0.0.1 port=... user=postgres dbname=...`.
+    pub fn dsn(&self, db: &str) -> String {
+        self.dsn_as("postgres", db)
+    }
+
+    pub fn dsn_as(&self, user: &str, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port)
+    }
+
+    pub async fn client(&self, db: &str) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.dsn(db), NoTls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Creates database `db` and returns a client of it.
+    pub async fn database(&self, db: &str) -> Client {
+        let admin = self.client("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        self.client(db).await
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.pg_ctl_stop();
+    }
+}
+
+/// The slot's `confirmed_flush_lsn`, if the slot exists.
+pub async fn confirmed_flush(client: &Client, slot: &str) -> Option<u64> {
+    let rows = client
+        .query(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()?;
+    let s: Option<String> = rows.first()?.get(0);
+    parse_lsn(&s?)
+}
+
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// Every row of `sql`, values as text (the server's output functions).
+pub async fn text_rows(client: &Client, sql: &str) -> Vec<Vec<(String, Option<String>)>> {
+    let mut out = Vec::new();
+    for m in client.simple_query(sql).await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            let row = r
+                .columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name().to_string(), r.get(i).map(str::to_string)))
+                .collect();
+            out.push(row);
+        }
+    }
+    out
+}

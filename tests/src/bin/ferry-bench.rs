@@ -1,0 +1,645 @@
+//! `ferry-bench`: end-to-end figures for BENCHMARKS.md, each next to the physical
+//! limit measured in the same run.
+//!
+//! ```text
+//! cargo build --release --bins && cargo run --release -p ferry-tests --bin ferry-bench -- --runs 3
+//! ```
+//!
+//! Per run:
+//! * `fdatasync/s`: 4 KiB appends + fdatasync for 3 s, in the bench directory.
+//! * `ceiling`: the agent's pipeline without disk, in one process: read the log,
+//!   split lines, batch (≤ 4000 lines), encode + zstd, QUIC (the same rustls/quinn
+//!   configuration, mutual TLS, loopback), decode, cumulative ack. Records/s.
+//! * `tail e2e`: real `ferry-exchange` + `ferry-agent` processes (release build),
+//!   both durable, shipping a pre-written log of 256-byte lines: records/s from
+//!   agent start until the exchange acknowledged the last line.
+//! * `files e2e`: the same for 1 GiB of random files through a directory stream: MB/s.
+//! * `latency`: lines appended at 20,000/s for 10 s, each carrying its append time;
+//!   latency = exchange store time − append time (1 ms resolution), p50/p99, and
+//!   agent RSS under that load and idle.
+//!
+//! The report prints medians and every run, as markdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+const LINE_LEN: usize = 256;
+
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().to_path_buf()
+}
+
+fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Raw fdatasync rate of 4 KiB appends.
+fn fdatasync_rate(dir: &Path) -> Result<f64> {
+    let path = dir.join("fsync.probe");
+    let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+    let block = vec![7u8; 4096];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        f.write_all(&block)?;
+        f.sync_data()?;
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok(rate)
+}
+
+fn write_log(path: &Path, lines: u64) -> Result<()> {
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let pad = "x".repeat(LINE_LEN);
+    for i in 0..lines {
+        let head = format!("{i:012} district hall event ");
+        writeln!(w, "{head}{}", &pad[..LINE_LEN - 1 - head.len()])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// An exchange and one agent with the given stream sections.
+struct Pair {
+    dir: PathBuf,
+    exchange: Proc,
+    agent: Option<Proc>,
+}
+
+impl Pair {
+    fn new(dir: &Path, streams: &str) -> Result<Pair> {
+        let port = free_udp_port();
+        let ex = dir.join("ex");
+        let ag = dir.join("ag");
+        run(Command::new(bin("ferry-exchange"))
+            .args(["init", "--dir"])
+            .arg(&ex)
+            .args(["--listen", &format!("127.0.0.1:{port}")]))?;
+        run(Command::new(bin("ferry-exchange"))
+            .args(["enroll", "--config"])
+            .arg(ex.join("exchange.toml"))
+            .args([
+                "--agent-id",
+                "bench",
+                "--department",
+                "000000-BENCH",
+                "--out",
+            ])
+            .arg(&ag))?;
+        let mut cfg = OpenOptions::new()
+            .append(true)
+            .open(ag.join("agent.toml"))?;
+        write!(cfg, "\n{streams}")?;
+        let exchange = Proc(
+            Command::new(bin("ferry-exchange"))
+                .args(["serve", "--config"])
+                .arg(ex.join("exchange.toml"))
+                .env("FERRY_LOG", "warn")
+                .stderr(File::create(dir.join("exchange.log"))?)
+                .spawn()?,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Pair {
+            dir: dir.to_path_buf(),
+            exchange,
+            agent: None,
+        })
+    }
+
+    fn start_agent(&mut self) -> Result<u32> {
+        let child = Command::new(bin("ferry-agent"))
+            .args(["run", "--config"])
+            .arg(self.dir.join("ag/agent.toml"))
+            .env("FERRY_LOG", "warn")
+            .stderr(File::create(self.dir.join("agent.log"))?)
+            .spawn()?;
+        let pid = child.id();
+        self.agent = Some(Proc(child));
+        Ok(pid)
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(bin("ferry-agent"))
+            .args(["status", "--json", "--config"])
+            .arg(self.dir.join("ag/agent.toml"))
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until the exchange acknowledged `seq` on every stream.
+    fn wait_acked(&self, seq: u64, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.status() {
+                let streams = s["streams"].as_array().cloned().unwrap_or_default();
+                if !streams.is_empty()
+                    && streams
+                        .iter()
+                        .all(|st| st["acked_seq"].as_u64() >= Some(seq))
+                {
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out waiting for seq {seq}; logs in {}",
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn records(&self, stream: &str) -> Result<Vec<serde_json::Value>> {
+        let out = Command::new(bin("ferry-exchange"))
+            .args([
+                "records", "--agent", "bench", "--stream", stream, "--config",
+            ])
+            .arg(self.dir.join("ex/exchange.toml"))
+            .output()?;
+        Ok(out
+            .stdout
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect())
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+struct E2e {
+    rate: f64,
+    agent_hwm_kib: u64,
+    exchange_hwm_kib: u64,
+}
+
+fn tail_e2e(dir: &Path, log: &Path, lines: u64) -> Result<E2e> {
+    let streams = format!(
+        "[[stream]]\nname = \"log\"\ncatalog_id = \"BENCH-1\"\nsharing = \"unconditional\"\nsource = {{ kind = \"tail\", path = \"{}\" }}\n",
+        log.display()
+    );
+    let mut pair = Pair::new(dir, &streams)?;
+    let start = Instant::now();
+    let pid = pair.start_agent()?;
+    pair.wait_acked(lines, Duration::from_secs(600))?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok(E2e {
+        rate: lines as f64 / secs,
+        agent_hwm_kib: rss_kib(pid, "VmHWM"),
+        exchange_hwm_kib: rss_kib(pair.exchange.0.id(), "VmHWM"),
+    })
+}
+
+fn files_e2e(dir: &Path, pool: &Path, total_bytes: u64) -> Result<E2e> {
+    let outbox = dir.join("outbox");
+    std::fs::create_dir_all(&outbox)?;
+    let mut chunks = 0u64;
+    for e in std::fs::read_dir(pool)? {
+        let e = e?;
+        std::fs::hard_link(e.path(), outbox.join(e.file_name()))?;
+        chunks += e.metadata()?.len().div_ceil(1 << 20).max(1);
+    }
+    let streams = format!(
+        "[[stream]]\nname = \"files\"\ncatalog_id = \"BENCH-2\"\nsharing = \"unconditional\"\nsource = {{ kind = \"directory\", path = \"{}\", complete = \"rename\" }}\n",
+        outbox.display()
+    );
+    let mut pair = Pair::new(dir, &streams)?;
+    let start = Instant::now();
+    let pid = pair.start_agent()?;
+    pair.wait_acked(chunks, Duration::from_secs(600))?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok(E2e {
+        rate: total_bytes as f64 / secs / 1e6,
+        agent_hwm_kib: rss_kib(pid, "VmHWM"),
+        exchange_hwm_kib: rss_kib(pair.exchange.0.id(), "VmHWM"),
+    })
+}
+
+struct Latency {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    agent_rss_load_kib: u64,
+    agent_rss_idle_kib: u64,
+}
+
+fn latency(dir: &Path, rate: u64, secs: u64) -> Result<Latency> {
+    let log = dir.join("paced.log");
+    File::create(&log)?;
+    let streams = format!(
+        "[[stream]]\nname = \"paced\"\ncatalog_id = \"BENCH-3\"\nsharing = \"unconditional\"\nsource = {{ kind = \"tail\", path = \"{}\" }}\n",
+        log.display()
+    );
+    let mut pair = Pair::new(dir, &streams)?;
+    let pid = pair.start_agent()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut f = OpenOptions::new().append(true).open(&log)?;
+    let total = rate * secs;
+    let start = Instant::now();
+    let mut written = 0u64;
+    let mut load_rss = 0;
+    while written < total {
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        if due > written {
+            let mut buf = String::new();
+            let t = now_ms();
+            for i in written..due {
+                buf.push_str(&format!("{t} {i:010} {}\n", "y".repeat(200)));
+            }
+            f.write_all(buf.as_bytes())?;
+            written = due;
+        }
+        if written > total / 2 && load_rss == 0 {
+            load_rss = rss_kib(pid, "VmRSS");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    pair.wait_acked(total, Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_rss = rss_kib(pid, "VmRSS");
+    let mut lat: Vec<f64> = Vec::new();
+    for r in pair.records("paced")? {
+        let Some(text) = r["text"].as_str() else {
+            continue;
+        };
+        let appended: u64 = text
+            .split(' ')
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        let stored = r["stored"]
+            .as_str()
+            .and_then(|s| humantime::parse_rfc3339(s).ok());
+        if let Some(stored) = stored {
+            let stored_ms = stored.duration_since(UNIX_EPOCH)?.as_millis() as u64;
+            lat.push(stored_ms.saturating_sub(appended) as f64);
+        }
+    }
+    if lat.len() as u64 != total {
+        bail!("expected {total} records, the exchange holds {}", lat.len());
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    Ok(Latency {
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: *lat.last().unwrap(),
+        agent_rss_load_kib: load_rss,
+        agent_rss_idle_kib: idle_rss,
+    })
+}
+
+fn main() -> Result<()> {
+    let mut runs = 3usize;
+    let mut lines = 2_000_000u64;
+    let mut file_mb = 1024u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || {
+            args.next()
+                .context("missing value")
+                .and_then(|v| v.parse::<u64>().context("not a number"))
+        };
+        match a.as_str() {
+            "--runs" => runs = val()? as usize,
+            "--lines" => lines = val()?,
+            "--file-mb" => file_mb = val()?,
+            other => bail!("unknown argument {other}; use --runs N --lines N --file-mb N"),
+        }
+    }
+    for b in ["ferry-agent", "ferry-exchange"] {
+        if !bin(b).exists() {
+            bail!(
+                "{} is missing: run `cargo build --release --bins` first",
+                bin(b).display()
+            );
+        }
+    }
+    let base = tempfile::Builder::new()
+        .prefix("ferry-bench")
+        .tempdir_in(std::env::var("FERRY_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
+    let log = base.path().join("lines.log");
+    write_log(&log, lines)?;
+    let pool = base.path().join("pool");
+    std::fs::create_dir_all(&pool)?;
+    let per_file = 256u64 << 20;
+    let nfiles = (file_mb << 20).div_ceil(per_file).max(1);
+    for i in 0..nfiles {
+        let mut f = std::io::BufWriter::new(File::create(pool.join(format!("file-{i}.bin")))?);
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..(per_file >> 20) {
+            rand::fill(&mut buf[..]);
+            f.write_all(&buf)?;
+        }
+        f.flush()?;
+    }
+    let total_bytes = nfiles * per_file;
+
+    let mut fsync = Vec::new();
+    let mut ceiling = Vec::new();
+    let mut tail = Vec::new();
+    let mut files = Vec::new();
+    let mut lat = Vec::new();
+    for r in 0..runs {
+        eprintln!("run {}/{runs}", r + 1);
+        fsync.push(fdatasync_rate(base.path())?);
+        ceiling.push(ceiling::run(&log, lines)?);
+        let d = base.path().join(format!("tail-{r}"));
+        tail.push(tail_e2e(&d, &log, lines)?);
+        let d = base.path().join(format!("files-{r}"));
+        files.push(files_e2e(&d, &pool, total_bytes)?);
+        let d = base.path().join(format!("lat-{r}"));
+        lat.push(latency(&d, 20_000, 10)?);
+    }
+    let list = |v: &[f64], fmt: &dyn Fn(f64) -> String| {
+        v.iter().map(|x| fmt(*x)).collect::<Vec<_>>().join(", ")
+    };
+    let k = |x: f64| format!("{:.0}k", x / 1000.0);
+    let tail_rates: Vec<f64> = tail.iter().map(|e| e.rate).collect();
+    let mut ceil = ceiling.clone();
+    let mut file_rates: Vec<f64> = files.iter().map(|e| e.rate).collect();
+    println!("| figure | median | runs |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| raw fdatasync/s (4 KiB appends) | {:.0} | {} |",
+        median(&mut fsync.clone()),
+        list(&fsync, &|x| format!("{x:.0}"))
+    );
+    println!(
+        "| ceiling: pipeline without disk, records/s | {} | {} |",
+        k(median(&mut ceil)),
+        list(&ceiling, &k)
+    );
+    let tm = median(&mut tail_rates.clone());
+    println!(
+        "| tail e2e durable, 256-byte lines/s | {} ({:.2}× ceiling) | {} |",
+        k(tm),
+        tm / median(&mut ceil),
+        list(&tail_rates, &k)
+    );
+    println!(
+        "| directory e2e durable, MB/s | {:.0} | {} |",
+        median(&mut file_rates),
+        list(
+            &files.iter().map(|e| e.rate).collect::<Vec<_>>(),
+            &|x| format!("{x:.0}")
+        )
+    );
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    println!(
+        "| agent peak RSS, tail e2e | {} | {} |",
+        mib(tail.iter().map(|e| e.agent_hwm_kib).max().unwrap_or(0)),
+        tail.iter()
+            .map(|e| mib(e.agent_hwm_kib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "| exchange peak RSS, tail e2e | {} | {} |",
+        mib(tail.iter().map(|e| e.exchange_hwm_kib).max().unwrap_or(0)),
+        tail.iter()
+            .map(|e| mib(e.exchange_hwm_kib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "| agent peak RSS, files e2e | {} | {} |",
+        mib(files.iter().map(|e| e.agent_hwm_kib).max().unwrap_or(0)),
+        files
+            .iter()
+            .map(|e| mib(e.agent_hwm_kib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "| exchange peak RSS, files e2e | {} | {} |",
+        mib(files.iter().map(|e| e.exchange_hwm_kib).max().unwrap_or(0)),
+        files
+            .iter()
+            .map(|e| mib(e.exchange_hwm_kib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut p50: Vec<f64> = lat.iter().map(|l| l.p50).collect();
+    let mut p99: Vec<f64> = lat.iter().map(|l| l.p99).collect();
+    println!(
+        "| latency at 20k lines/s, append→stored p50 (ms) | {:.0} | {} |",
+        median(&mut p50),
+        list(
+            &lat.iter().map(|l| l.p50).collect::<Vec<_>>(),
+            &|x| format!("{x:.0}")
+        )
+    );
+    println!(
+        "| latency at 20k lines/s, append→stored p99 (ms) | {:.0} | {} |",
+        median(&mut p99),
+        list(
+            &lat.iter().map(|l| l.p99).collect::<Vec<_>>(),
+            &|x| format!("{x:.0}")
+        )
+    );
+    println!(
+        "| latency max (ms) | | {} |",
+        list(
+            &lat.iter().map(|l| l.max).collect::<Vec<_>>(),
+            &|x| format!("{x:.0}")
+        )
+    );
+    println!(
+        "| agent RSS at 20k lines/s | | {} |",
+        lat.iter()
+            .map(|l| mib(l.agent_rss_load_kib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "| agent RSS idle after | | {} |",
+        lat.iter()
+            .map(|l| mib(l.agent_rss_idle_kib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// The pipeline without disk: the agent's work from reading lines to receiving acks,
+/// in one process over real QUIC with the same TLS configuration.
+mod ceiling {
+    use super::*;
+    use ferry_protocol::batch::{decode_batch, encode_records};
+    use ferry_protocol::frame::MAX_FRAME;
+    use ferry_protocol::messages::{frame::Msg, record::Body, Ack, Record, RecordList};
+    use ferry_transport::tls::{client_config, server_config, TlsFiles};
+    use ferry_transport::{FrameReader, FrameWriter};
+
+    const BATCH: usize = 4000;
+    const WINDOW: u64 = 16;
+
+    pub fn run(log: &Path, lines: u64) -> Result<f64> {
+        let dir = tempfile::tempdir()?;
+        let ca = ferry_transport::pki::create_ca("bench CA")?;
+        let server = ferry_transport::pki::issue_server(&ca, &["localhost".to_string()])?;
+        let agent = ferry_transport::pki::issue_agent(&ca, "bench", "000000")?;
+        for (n, v) in [
+            ("ca.pem", &ca.cert_pem),
+            ("s.pem", &server.cert_pem),
+            ("s.key", &server.key_pem),
+            ("a.pem", &agent.cert_pem),
+            ("a.key", &agent.key_pem),
+        ] {
+            std::fs::write(dir.path().join(n), v)?;
+        }
+        let p = |n: &str| dir.path().join(n);
+        let scfg = server_config(&TlsFiles {
+            ca: &p("ca.pem"),
+            cert: &p("s.pem"),
+            key: &p("s.key"),
+        })?;
+        let ccfg = client_config(&TlsFiles {
+            ca: &p("ca.pem"),
+            cert: &p("a.pem"),
+            key: &p("a.key"),
+        })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let log = log.to_path_buf();
+        rt.block_on(async move {
+            let server = quinn::Endpoint::server(scfg, "127.0.0.1:0".parse()?)?;
+            let addr = server.local_addr()?;
+            let receiver = tokio::spawn(async move {
+                let conn = server.accept().await.context("no connection")?.await?;
+                let (send, recv) = conn.accept_bi().await?;
+                let mut w = FrameWriter::new(send);
+                let mut r = FrameReader::new(recv, MAX_FRAME);
+                while let Some(Msg::Batch(b)) = r.next().await? {
+                    let list = decode_batch(&b)?;
+                    let last = b.first_seq + list.records.len() as u64 - 1;
+                    w.send(Msg::Ack(Ack {
+                        stream: b.stream,
+                        up_to_seq: last,
+                    }))
+                    .await?;
+                }
+                anyhow::Ok(())
+            });
+            let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            let start = Instant::now();
+            let conn = client.connect_with(ccfg, addr, "localhost")?.await?;
+            let (send, recv) = conn.open_bi().await?;
+            let mut w = FrameWriter::new(send);
+            let mut r = FrameReader::new(recv, MAX_FRAME);
+            let mut reader = BufReader::with_capacity(1 << 20, File::open(&log)?);
+            let mut seq = 1u64;
+            let mut acked = 0u64;
+            let mut in_flight = std::collections::VecDeque::new();
+            let mut line = Vec::with_capacity(LINE_LEN);
+            loop {
+                let mut records = Vec::with_capacity(BATCH);
+                while records.len() < BATCH {
+                    line.clear();
+                    if reader.read_until(b'\n', &mut line)? == 0 {
+                        break;
+                    }
+                    line.pop();
+                    records.push(Record {
+                        time_unix_ms: 0,
+                        position: String::new(),
+                        body: Some(Body::Line(line.clone())),
+                    });
+                }
+                if records.is_empty() {
+                    break;
+                }
+                let n = records.len() as u64;
+                let enc = encode_records(&RecordList { records })?;
+                while in_flight.len() as u64 >= WINDOW {
+                    if let Some(Msg::Ack(a)) = r.next().await? {
+                        acked = a.up_to_seq;
+                        while in_flight.front().is_some_and(|&l| l <= acked) {
+                            in_flight.pop_front();
+                        }
+                    }
+                }
+                w.send(Msg::Batch(enc.into_batch("s".into(), seq))).await?;
+                seq += n;
+                in_flight.push_back(seq - 1);
+            }
+            while acked < seq - 1 {
+                match r.next().await? {
+                    Some(Msg::Ack(a)) => acked = a.up_to_seq,
+                    _ => bail!("receiver ended early"),
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            w.finish();
+            receiver.await??;
+            if acked != lines {
+                bail!("ceiling run acknowledged {acked} of {lines} lines");
+            }
+            Ok(lines as f64 / secs)
+        })
+    }
+}
