@@ -382,10 +382,11 @@ mod tests {
     #[test]
     fn packaged_example_is_accepted_with_host_warnings_only() {
         let loaded = check(&example()).unwrap();
-        assert_eq!(loaded.config.streams.len(), 2);
+        assert_eq!(loaded.config.streams.len(), 3);
         assert_eq!(loaded.config.buffer.max_size, Size(2 << 30));
-        // Certificates and the outbox do not exist on the build machine.
-        assert_eq!(loaded.warnings.len(), 4, "{:?}", loaded.warnings);
+        // Certificates, the outbox and the database password file do not exist on
+        // the build machine.
+        assert_eq!(loaded.warnings.len(), 5, "{:?}", loaded.warnings);
         let strict = {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("agent.toml");

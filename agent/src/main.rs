@@ -51,6 +51,13 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Check what the configured sources need on this host and on the databases
+    /// they read (for PostgreSQL: wal_level, slots, privileges, publication, replica
+    /// identity), printing the exact fix for each problem.
+    Doctor {
+        #[arg(long, default_value = "/etc/ferry/agent.toml")]
+        config: PathBuf,
+    },
     /// Per stream: source position, buffered batches/bytes, acked seq, connection.
     Status {
         #[arg(long, default_value = "/etc/ferry/agent.toml")]
@@ -114,6 +121,7 @@ fn main() -> ExitCode {
             Err(e) => Err(anyhow::Error::new(e)),
         },
         Command::Status { config, json } => return cmd_status(&config, json),
+        Command::Doctor { config } => return cmd_doctor(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,6 +175,67 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Exit 0 when every check passes, 1 otherwise.
+fn cmd_doctor(path: &Path) -> ExitCode {
+    let loaded = match config::load(path, config::Host::Advisory) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ferry-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failures = loaded.warnings.len();
+    for w in &loaded.warnings {
+        println!("FAIL  {w}");
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for s in &loaded.config.streams {
+        match s.source() {
+            ferry_adapters::SourceConfig::Postgres(pg) => {
+                for c in rt.block_on(ferry_adapters::postgres::doctor(pg)) {
+                    println!(
+                        "{}  stream {}: {}: {}",
+                        if c.ok { "ok  " } else { "FAIL" },
+                        s.name(),
+                        c.name,
+                        c.detail
+                    );
+                    if let Some(fix) = c.fix.filter(|_| !c.ok) {
+                        println!("      fix: {fix}");
+                    }
+                    failures += usize::from(!c.ok);
+                }
+            }
+            other => println!(
+                "{}  stream {}: {} source",
+                if other.check_environment().is_ok() {
+                    "ok  "
+                } else {
+                    "FAIL"
+                },
+                s.name(),
+                other.kind()
+            ),
+        }
+    }
+    if failures == 0 {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("{failures} problem(s) found");
+        ExitCode::FAILURE
     }
 }
 
