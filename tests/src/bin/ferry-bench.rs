@@ -285,6 +285,7 @@ struct Latency {
 }
 
 fn latency(dir: &Path, rate: u64, secs: u64) -> Result<Latency> {
+    std::fs::create_dir_all(dir)?;
     let log = dir.join("paced.log");
     File::create(&log)?;
     let streams = format!(
@@ -403,14 +404,14 @@ fn main() -> Result<()> {
     let mut lat = Vec::new();
     for r in 0..runs {
         eprintln!("run {}/{runs}", r + 1);
-        fsync.push(fdatasync_rate(base.path())?);
-        ceiling.push(ceiling::run(&log, lines)?);
+        fsync.push(fdatasync_rate(base.path()).context("fdatasync probe")?);
+        ceiling.push(ceiling::run(&log, lines).context("ceiling")?);
         let d = base.path().join(format!("tail-{r}"));
-        tail.push(tail_e2e(&d, &log, lines)?);
+        tail.push(tail_e2e(&d, &log, lines).context("tail e2e")?);
         let d = base.path().join(format!("files-{r}"));
-        files.push(files_e2e(&d, &pool, total_bytes)?);
+        files.push(files_e2e(&d, &pool, total_bytes).context("files e2e")?);
         let d = base.path().join(format!("lat-{r}"));
-        lat.push(latency(&d, 20_000, 10)?);
+        lat.push(latency(&d, 20_000, 10).context("latency")?);
     }
     let list = |v: &[f64], fmt: &dyn Fn(f64) -> String| {
         v.iter().map(|x| fmt(*x)).collect::<Vec<_>>().join(", ")
