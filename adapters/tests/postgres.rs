@@ -1,4 +1,4 @@
-//! The postgres source against a real PostgreSQL server (see `support::pg`), with
+//! The postgres source against a real PostgreSQL server (see `ferry_tests::pg`), with
 //! an in-test buffer that can crash and restart the source.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use ferry_adapters::postgres::describe_position;
 use ferry_protocol::messages::{column, RowOp};
+use ferry_tests::pg::PgServer;
 use support::committer::Store;
 use support::model::{self, rows, schemas, text, Model};
-use support::pg::PgServer;
 use support::{config, FlushWatch};
 
 const PERSON: &str = "CREATE TABLE public.person (
@@ -529,13 +529,15 @@ async fn heartbeats_advance_the_slot_of_an_idle_database() {
     db.batch_execute("INSERT INTO public.unpublished SELECT g, repeat('x', 1000) FROM generate_series(1, 5000) g")
         .await
         .unwrap();
-    let now = support::pg::text_rows(&db, "SELECT pg_current_wal_lsn()").await;
-    let now = support::pg::parse_lsn(now[0][0].1.as_deref().unwrap()).unwrap();
+    let now = ferry_tests::pg::text_rows(&db, "SELECT pg_current_wal_lsn()").await;
+    let now = ferry_tests::pg::parse_lsn(now[0][0].1.as_deref().unwrap()).unwrap();
     run.wait_until(
         "the slot to move past the unpublished writes",
         30,
         || async {
-            let c = support::pg::confirmed_flush(&db, "s8").await.unwrap_or(0);
+            let c = ferry_tests::pg::confirmed_flush(&db, "s8")
+                .await
+                .unwrap_or(0);
             c >= now && store.durable_lsn().unwrap_or(0) >= now
         },
     )

@@ -7,9 +7,9 @@ mod support;
 
 use ferry_adapters::postgres::{doctor, SnapshotMode};
 use ferry_adapters::SourceError;
+use ferry_tests::pg::PgServer;
 use support::committer::Store;
 use support::config;
-use support::pg::PgServer;
 
 fn message(r: Result<(), SourceError>) -> String {
     match r {
@@ -112,7 +112,7 @@ async fn a_slot_held_by_another_consumer_is_a_clear_error() {
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let r = support::pg::text_rows(
+        let r = ferry_tests::pg::text_rows(
             &db,
             "SELECT active FROM pg_replication_slots WHERE slot_name = 's2'",
         )
@@ -238,7 +238,7 @@ async fn configuration_problems_name_the_fix() {
     );
     assert!(m.contains("will not re-snapshot silently"), "{m}");
     let still: Option<String> =
-        support::pg::text_rows(&db, "SELECT slot_name FROM pg_replication_slots")
+        ferry_tests::pg::text_rows(&db, "SELECT slot_name FROM pg_replication_slots")
             .await
             .first()
             .and_then(|r| r[0].1.clone());

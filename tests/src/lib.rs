@@ -7,6 +7,7 @@
 //!   `run`, `kill -9`, SIGTERM, `status --json`, `check-config`.
 //! * Helpers to produce input the way real writers do (appended lines, files renamed
 //!   into an outbox), digests, and [`wait_until`].
+//! * [`pg`]: throwaway PostgreSQL servers (also used by `ferry-adapters`' tests).
 //!
 //! Nothing here sleeps for correctness: every wait polls a condition with a generous
 //! deadline, so a slow machine only makes the tests slower. Every process writes its
@@ -25,6 +26,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+pub mod pg;
 
 /// Deadline for things that should happen "soon" (a process starting, a status
 /// changing).
@@ -572,6 +575,38 @@ pub fn tail_stream(name: &str, catalog_id: &str, path: &Path) -> String {
     )
 }
 
+/// `[[stream]]` for a `postgres` source; `extra` adds source keys, e.g.
+/// `snapshot = "never", heartbeat_interval = "1s"`.
+pub fn postgres_stream(
+    name: &str,
+    catalog_id: &str,
+    dsn: &str,
+    tables: &[&str],
+    slot: &str,
+    publication: &str,
+    extra: &str,
+) -> String {
+    let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
+    format!(
+        "\n[[stream]]\nname = \"{name}\"\ncatalog_id = \"{catalog_id}\"\nsharing = \"conditional\"\nsource = {{ kind = \"postgres\", dsn = \"{dsn}\", tables = [{}], slot = \"{slot}\", publication = \"{publication}\"{extra} }}\n",
+        tables.join(", ")
+    )
+}
+
+/// The LSN a postgres stream's position description (`status`) names as where
+/// streaming starts: `streaming from 0/1A2B3C8 ...`, also during the snapshot
+/// (`...; streaming from 0/1A2B3C8 after it`).
+pub fn pg_position_lsn(position: &str) -> Option<u64> {
+    let rest = &position[position.find("streaming from ")? + "streaming from ".len()..];
+    let lsn = rest.split([' ', ';']).next()?;
+    pg::parse_lsn(lsn)
+}
+
 /// `[[stream]]` for a `directory` source whose writers rename finished files in.
 pub fn outbox_stream(name: &str, catalog_id: &str, path: &Path) -> String {
     outbox_stream_with(name, catalog_id, path, "")
@@ -683,6 +718,22 @@ impl Agent {
                 tail_of(&self.log, 60)
             );
         }
+    }
+
+    /// `ferry-agent status --json` for observers on other threads, which may ask
+    /// while the agent is being killed: `None` unless it answered.
+    pub fn status_at(config: &Path) -> Option<Value> {
+        let out = run_output(
+            Command::new(bin("ferry-agent"))
+                .arg("status")
+                .arg("--config")
+                .arg(config)
+                .arg("--json"),
+        );
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
     }
 
     /// `ferry-agent status --json`; `None` when the agent is not running (exit 3).

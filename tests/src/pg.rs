@@ -171,6 +171,90 @@ impl PgServer {
         self.pg_ctl_start();
     }
 
+    /// `pg_ctl restart -m fast`: a clean shutdown (sessions terminated, checkpoint
+    /// written), then the server starts again on the same port with the same
+    /// settings.
+    pub fn restart_fast(&self) {
+        let log = self.dir.path().join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data().to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        );
+    }
+
+    /// A `psql` command connected to database `db` as `postgres` over TCP: no
+    /// `.psqlrc`, unaligned tuples-only output, stop at the first error. Client
+    /// tools need not run as `postgres`.
+    pub fn psql_command(&self, db: &str) -> Command {
+        let mut c = Command::new(self.bin("psql"));
+        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.dsn(db));
+        c
+    }
+
+    /// Runs `sql` (one or more statements, one implicit transaction) in database
+    /// `db` through `psql`; panics with psql's output when it fails. Returns stdout
+    /// without the final newline.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        self.try_psql(db, sql)
+            .unwrap_or_else(|e| panic!("psql in database {db} failed: {e}\nSQL: {sql}"))
+    }
+
+    /// [`PgServer::psql`] that reports failure (the server restarting, say) as `Err`.
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = self
+            .psql_command(db)
+            .arg("-c")
+            .arg(sql)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run psql: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+        while s.ends_with('\n') {
+            s.pop();
+        }
+        Ok(s)
+    }
+
+    /// `pg_current_wal_lsn()` of the server, through `psql`.
+    pub fn current_wal_lsn(&self) -> u64 {
+        let s = self.psql("postgres", "SELECT pg_current_wal_lsn()");
+        parse_lsn(&s).unwrap_or_else(|| panic!("not an LSN: {s:?}"))
+    }
+
+    /// The slot's `confirmed_flush_lsn` through `psql`; `None` when the slot does
+    /// not exist or the server does not answer.
+    pub fn slot_confirmed_flush(&self, db: &str, slot: &str) -> Option<u64> {
+        let s = self
+            .try_psql(
+                db,
+                &format!(
+                    "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+                    slot.replace('\'', "''")
+                ),
+            )
+            .ok()?;
+        parse_lsn(s.trim())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }

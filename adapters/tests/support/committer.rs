@@ -131,7 +131,7 @@ impl Store {
     pub fn durable_lsn(&self) -> Option<u64> {
         let p = self.position()?;
         let s = p["lsn"].as_str().or(p["consistent_lsn"].as_str())?;
-        super::pg::parse_lsn(s)
+        ferry_tests::pg::parse_lsn(s)
     }
 
     /// The next `n` commits with records are durable; the one after crashes.

@@ -2,12 +2,12 @@
 
 pub mod committer;
 pub mod model;
-pub mod pg;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferry_adapters::postgres::PostgresConfig;
+use ferry_tests::pg;
 
 /// A source config for database `db` of `server`, fast heartbeat.
 pub fn config(server: &pg::PgServer, db: &str, tables: &[&str], slot: &str) -> PostgresConfig {

@@ -124,7 +124,7 @@ impl Model {
 /// `SELECT *` of a table, keyed like the model (`key` columns in order).
 pub async fn table_state(client: &Client, table: &str, key: &[&str]) -> BTreeMap<Vec<String>, Row> {
     let mut out = BTreeMap::new();
-    for r in super::pg::text_rows(client, &format!("SELECT * FROM {table}")).await {
+    for r in ferry_tests::pg::text_rows(client, &format!("SELECT * FROM {table}")).await {
         let row: Row = r.into_iter().collect();
         let k = key.iter().map(|k| row[*k].clone().unwrap()).collect();
         out.insert(k, row);
