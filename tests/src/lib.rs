@@ -27,6 +27,7 @@ use rand::Rng;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub mod bench;
 pub mod pg;
 
 /// Deadline for things that should happen "soon" (a process starting, a status

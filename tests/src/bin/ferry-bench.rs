@@ -24,35 +24,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
+use ferry_tests::bench::{bin, median, rss_kib, Pair};
+
 const LINE_LEN: usize = 256;
-
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().to_path_buf()
-}
-
-fn bin(name: &str) -> PathBuf {
-    bin_dir().join(name)
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -90,142 +69,20 @@ fn write_log(path: &Path, lines: u64) -> Result<()> {
     Ok(())
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// An exchange and one agent with the given stream sections.
-struct Pair {
-    dir: PathBuf,
-    exchange: Proc,
-    agent: Option<Proc>,
-}
-
-impl Pair {
-    fn new(dir: &Path, streams: &str) -> Result<Pair> {
-        let port = free_udp_port();
-        let ex = dir.join("ex");
-        let ag = dir.join("ag");
-        run(Command::new(bin("ferry-exchange"))
-            .args(["init", "--dir"])
-            .arg(&ex)
-            .args(["--listen", &format!("127.0.0.1:{port}")]))?;
-        run(Command::new(bin("ferry-exchange"))
-            .args(["enroll", "--config"])
-            .arg(ex.join("exchange.toml"))
-            .args([
-                "--agent-id",
-                "bench",
-                "--department",
-                "000000-BENCH",
-                "--out",
-            ])
-            .arg(&ag))?;
-        let mut cfg = OpenOptions::new()
-            .append(true)
-            .open(ag.join("agent.toml"))?;
-        write!(cfg, "\n{streams}")?;
-        let exchange = Proc(
-            Command::new(bin("ferry-exchange"))
-                .args(["serve", "--config"])
-                .arg(ex.join("exchange.toml"))
-                .env("FERRY_LOG", "warn")
-                .stderr(File::create(dir.join("exchange.log"))?)
-                .spawn()?,
-        );
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(Pair {
-            dir: dir.to_path_buf(),
-            exchange,
-            agent: None,
-        })
-    }
-
-    fn start_agent(&mut self) -> Result<u32> {
-        let child = Command::new(bin("ferry-agent"))
-            .args(["run", "--config"])
-            .arg(self.dir.join("ag/agent.toml"))
-            .env("FERRY_LOG", "warn")
-            .stderr(File::create(self.dir.join("agent.log"))?)
-            .spawn()?;
-        let pid = child.id();
-        self.agent = Some(Proc(child));
-        Ok(pid)
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        let out = Command::new(bin("ferry-agent"))
-            .args(["status", "--json", "--config"])
-            .arg(self.dir.join("ag/agent.toml"))
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    /// Waits until the exchange acknowledged `seq` on every stream.
-    fn wait_acked(&self, seq: u64, timeout: Duration) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.status() {
-                let streams = s["streams"].as_array().cloned().unwrap_or_default();
-                if !streams.is_empty()
-                    && streams
-                        .iter()
-                        .all(|st| st["acked_seq"].as_u64() >= Some(seq))
-                {
-                    return Ok(());
-                }
-            }
-            if start.elapsed() > timeout {
-                bail!(
-                    "timed out waiting for seq {seq}; logs in {}",
-                    self.dir.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn records(&self, stream: &str) -> Result<Vec<serde_json::Value>> {
-        let out = Command::new(bin("ferry-exchange"))
-            .args([
-                "records", "--agent", "bench", "--stream", stream, "--config",
-            ])
-            .arg(self.dir.join("ex/exchange.toml"))
-            .output()?;
-        Ok(out
-            .stdout
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect())
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+/// A stream's records as the exchange's `records` command prints them.
+fn records(pair: &Pair, stream: &str) -> Result<Vec<serde_json::Value>> {
+    let out = std::process::Command::new(bin("ferry-exchange"))
+        .args([
+            "records", "--agent", "bench", "--stream", stream, "--config",
+        ])
+        .arg(pair.dir.join("ex/exchange.toml"))
+        .output()?;
+    Ok(out
+        .stdout
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect())
 }
 
 struct E2e {
@@ -242,7 +99,9 @@ fn tail_e2e(dir: &Path, log: &Path, lines: u64) -> Result<E2e> {
     let mut pair = Pair::new(dir, &streams)?;
     let start = Instant::now();
     let pid = pair.start_agent()?;
-    pair.wait_acked(lines, Duration::from_secs(600))?;
+    pair.wait("the last ack", Duration::from_secs(600), |s| {
+        s["acked_seq"].as_u64() >= Some(lines)
+    })?;
     let secs = start.elapsed().as_secs_f64();
     Ok(E2e {
         rate: lines as f64 / secs,
@@ -267,7 +126,9 @@ fn files_e2e(dir: &Path, pool: &Path, total_bytes: u64) -> Result<E2e> {
     let mut pair = Pair::new(dir, &streams)?;
     let start = Instant::now();
     let pid = pair.start_agent()?;
-    pair.wait_acked(chunks, Duration::from_secs(600))?;
+    pair.wait("the last ack", Duration::from_secs(600), |s| {
+        s["acked_seq"].as_u64() >= Some(chunks)
+    })?;
     let secs = start.elapsed().as_secs_f64();
     Ok(E2e {
         rate: total_bytes as f64 / secs / 1e6,
@@ -316,11 +177,13 @@ fn latency(dir: &Path, rate: u64, secs: u64) -> Result<Latency> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    pair.wait_acked(total, Duration::from_secs(120))?;
+    pair.wait("the last ack", Duration::from_secs(120), |s| {
+        s["acked_seq"].as_u64() >= Some(total)
+    })?;
     std::thread::sleep(Duration::from_secs(3));
     let idle_rss = rss_kib(pid, "VmRSS");
     let mut lat: Vec<f64> = Vec::new();
-    for r in pair.records("paced")? {
+    for r in records(&pair, "paced")? {
         let Some(text) = r["text"].as_str() else {
             continue;
         };
@@ -418,30 +281,30 @@ fn main() -> Result<()> {
     };
     let k = |x: f64| format!("{:.0}k", x / 1000.0);
     let tail_rates: Vec<f64> = tail.iter().map(|e| e.rate).collect();
-    let mut ceil = ceiling.clone();
-    let mut file_rates: Vec<f64> = files.iter().map(|e| e.rate).collect();
+    let ceil = ceiling.clone();
+    let file_rates: Vec<f64> = files.iter().map(|e| e.rate).collect();
     println!("| figure | median | runs |");
     println!("| --- | --- | --- |");
     println!(
         "| raw fdatasync/s (4 KiB appends) | {:.0} | {} |",
-        median(&mut fsync.clone()),
+        median(&fsync),
         list(&fsync, &|x| format!("{x:.0}"))
     );
     println!(
         "| ceiling: pipeline without disk, records/s | {} | {} |",
-        k(median(&mut ceil)),
+        k(median(&ceil)),
         list(&ceiling, &k)
     );
-    let tm = median(&mut tail_rates.clone());
+    let tm = median(&tail_rates);
     println!(
         "| tail e2e durable, 256-byte lines/s | {} ({:.2}× ceiling) | {} |",
         k(tm),
-        tm / median(&mut ceil),
+        tm / median(&ceil),
         list(&tail_rates, &k)
     );
     println!(
         "| directory e2e durable, MB/s | {:.0} | {} |",
-        median(&mut file_rates),
+        median(&file_rates),
         list(
             &files.iter().map(|e| e.rate).collect::<Vec<_>>(),
             &|x| format!("{x:.0}")
@@ -482,11 +345,11 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let mut p50: Vec<f64> = lat.iter().map(|l| l.p50).collect();
-    let mut p99: Vec<f64> = lat.iter().map(|l| l.p99).collect();
+    let p50: Vec<f64> = lat.iter().map(|l| l.p50).collect();
+    let p99: Vec<f64> = lat.iter().map(|l| l.p99).collect();
     println!(
         "| latency at 20k lines/s, append→stored p50 (ms) | {:.0} | {} |",
-        median(&mut p50),
+        median(&p50),
         list(
             &lat.iter().map(|l| l.p50).collect::<Vec<_>>(),
             &|x| format!("{x:.0}")
@@ -494,7 +357,7 @@ fn main() -> Result<()> {
     );
     println!(
         "| latency at 20k lines/s, append→stored p99 (ms) | {:.0} | {} |",
-        median(&mut p99),
+        median(&p99),
         list(
             &lat.iter().map(|l| l.p99).collect::<Vec<_>>(),
             &|x| format!("{x:.0}")

@@ -1,0 +1,195 @@
+//! Pieces the benchmark binaries (`ferry-bench`, `pg-bench`) share: running the
+//! release binaries that sit beside them, an exchange + agent pair, and /proc
+//! readings.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+/// A binary next to the running benchmark (both live in `target/release`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().join(name)
+}
+
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+pub fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) a live process used so far.
+pub fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are the
+            // 14th and 15th fields of the whole line.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let u: f64 = f.get(11)?.parse().ok()?;
+            let st: f64 = f.get(12)?.parse().ok()?;
+            Some((u + st) / hz)
+        })
+        .unwrap_or(0.0)
+}
+
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fresh exchange and one enrolled agent whose config gets `stream` appended.
+pub struct Pair {
+    pub dir: PathBuf,
+    pub exchange: Proc,
+    pub agent: Option<Proc>,
+}
+
+impl Pair {
+    pub fn new(dir: &Path, stream: &str) -> Result<Pair> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_udp_port();
+        let ex = dir.join("ex");
+        let ag = dir.join("ag");
+        run(Command::new(bin("ferry-exchange"))
+            .args(["init", "--dir"])
+            .arg(&ex)
+            .args(["--listen", &format!("127.0.0.1:{port}")]))?;
+        run(Command::new(bin("ferry-exchange"))
+            .args(["enroll", "--config"])
+            .arg(ex.join("exchange.toml"))
+            .args([
+                "--agent-id",
+                "bench",
+                "--department",
+                "000000-BENCH",
+                "--out",
+            ])
+            .arg(&ag))?;
+        let mut cfg = OpenOptions::new()
+            .append(true)
+            .open(ag.join("agent.toml"))?;
+        write!(cfg, "\n{stream}")?;
+        let exchange = Proc(
+            Command::new(bin("ferry-exchange"))
+                .args(["serve", "--config"])
+                .arg(ex.join("exchange.toml"))
+                .env("FERRY_LOG", "warn")
+                .stderr(File::create(dir.join("exchange.log"))?)
+                .spawn()?,
+        );
+        // Serving once its admin socket answers (bound after the QUIC endpoint).
+        let sock = ex.join("store").join("exchange.sock");
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("the exchange did not start; log in {}", dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Pair {
+            dir: dir.to_path_buf(),
+            exchange,
+            agent: None,
+        })
+    }
+
+    pub fn start_agent(&mut self) -> Result<u32> {
+        let child = Command::new(bin("ferry-agent"))
+            .args(["run", "--config"])
+            .arg(self.dir.join("ag/agent.toml"))
+            .env("FERRY_LOG", "warn")
+            .stderr(File::create(self.dir.join("agent.log"))?)
+            .spawn()?;
+        let pid = child.id();
+        self.agent = Some(Proc(child));
+        Ok(pid)
+    }
+
+    /// The one stream's status entry.
+    pub fn stream_status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(bin("ferry-agent"))
+            .args(["status", "--json", "--config"])
+            .arg(self.dir.join("ag/agent.toml"))
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["streams"].get(0).cloned()
+    }
+
+    /// Polls the stream's status until `done`; bails on a source error or after
+    /// `timeout`.
+    pub fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        let mut last = serde_json::Value::Null;
+        loop {
+            if let Some(s) = self.stream_status() {
+                if done(&s) {
+                    return Ok(s);
+                }
+                if let Some(e) = s["source_error"].as_str() {
+                    bail!("source error while waiting for {what}: {e}");
+                }
+                last = s;
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out waiting for {what}; last status {last}; logs in {}",
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop_agent(&mut self) {
+        self.agent = None;
+    }
+}
