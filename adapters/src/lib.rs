@@ -12,8 +12,10 @@
 //! Adding a source: a module here, a variant in [`SourceConfig`], one arm in
 //! [`SourceConfig::build`].
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_protocol::messages::Record;
 use serde::Deserialize;
@@ -39,10 +41,64 @@ pub struct Committed {
 #[derive(Debug)]
 pub struct CommitRequest {
     pub stream: usize,
+    /// Which running instance of the source sent this (see [`SourceContext::epoch`]).
+    /// When a commit of a stream fails, the buffer refuses every later request of
+    /// that stream with the same or an older epoch: a source with several commits
+    /// in flight must never see a later one become durable after an earlier one was
+    /// lost, or its position would skip the lost records.
+    pub epoch: u64,
     pub records: Vec<Record>,
     pub position: Vec<u8>,
     /// Answered once durable: `Ok(None)` when `records` was empty.
     pub done: oneshot::Sender<Result<Option<Committed>, String>>,
+    /// Held until the request is dropped by whoever handles it; see
+    /// [`SourceContext::tracker`].
+    pub ticket: Ticket,
+}
+
+/// Counts a source's commits not yet answered.
+#[derive(Debug, Default)]
+struct Outstanding {
+    n: std::sync::atomic::AtomicUsize,
+    zero: tokio::sync::Notify,
+}
+
+/// One outstanding commit; dropping it (after the answer) counts it as settled.
+#[derive(Debug)]
+pub struct Ticket(std::sync::Arc<Outstanding>);
+
+impl Ticket {
+    /// A ticket tracked by nobody, for requests built outside a [`SourceContext`].
+    pub fn untracked() -> Self {
+        Ticket(std::sync::Arc::default())
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+/// Tells when every commit a source submitted has been answered (durable or
+/// refused). The agent waits for it before restarting a failed source: the new
+/// instance reads its resume position from the buffer, which must already include
+/// everything the old instance handed over, or it would read those records again.
+#[derive(Debug, Clone)]
+pub struct CommitTracker(std::sync::Arc<Outstanding>);
+
+impl CommitTracker {
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.0.zero.notified();
+            if self.0.n.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +127,10 @@ impl SourceError {
     }
 }
 
+/// Source instances are numbered from one process-wide counter, so a restarted
+/// source always has a higher epoch than the instance it replaces.
+static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
+
 /// Everything a running source may touch.
 pub struct SourceContext {
     /// Index of the stream in the agent's configuration.
@@ -84,6 +144,8 @@ pub struct SourceContext {
     /// Every seq `<=` this value has been acknowledged by the exchange.
     pub acked: watch::Receiver<u64>,
     pub shutdown: CancellationToken,
+    epoch: u64,
+    outstanding: std::sync::Arc<Outstanding>,
     commits: mpsc::Sender<CommitRequest>,
 }
 
@@ -104,8 +166,20 @@ impl SourceContext {
             head_at_start,
             acked,
             shutdown,
+            epoch: NEXT_EPOCH.fetch_add(1, Ordering::Relaxed),
+            outstanding: std::sync::Arc::default(),
             commits,
         }
+    }
+
+    /// Watches this source's commits in flight, also after the source ended.
+    pub fn tracker(&self) -> CommitTracker {
+        CommitTracker(std::sync::Arc::clone(&self.outstanding))
+    }
+
+    /// This instance's number; see [`CommitRequest::epoch`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Hands records and the position after them to the buffer and waits until both
@@ -115,25 +189,36 @@ impl SourceContext {
         records: Vec<Record>,
         position: Vec<u8>,
     ) -> Result<Option<Committed>, SourceError> {
+        self.submit(records, position).await?.durable().await
+    }
+
+    /// Hands records and the position after them to the buffer without waiting for
+    /// durability. Commits of one source become durable in the order they were
+    /// submitted, and if one fails every later one fails too, so a source may keep
+    /// several in flight (see [`Inflight`]) as long as it treats a position as
+    /// durable only once its [`PendingCommit`] resolved. Waits (backpressure) while
+    /// the buffer is full.
+    pub async fn submit(
+        &self,
+        records: Vec<Record>,
+        position: Vec<u8>,
+    ) -> Result<PendingCommit, SourceError> {
         let (done, rx) = oneshot::channel();
+        self.outstanding.n.fetch_add(1, Ordering::AcqRel);
         let req = CommitRequest {
             stream: self.stream,
+            epoch: self.epoch,
             records,
             position,
             done,
+            ticket: Ticket(std::sync::Arc::clone(&self.outstanding)),
         };
         tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return Err(SourceError::Shutdown),
             r = self.commits.send(req) => r.map_err(|_| SourceError::Shutdown)?,
         }
-        // Once handed over, the commit completes even during shutdown: wait for it so
-        // the in-memory position matches what is durable.
-        match rx.await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(SourceError::Buffer(e)),
-            Err(_) => Err(SourceError::Shutdown),
-        }
+        Ok(PendingCommit { rx })
     }
 
     /// Waits until the exchange acknowledged every seq `<= seq`.
@@ -143,6 +228,98 @@ impl SourceContext {
             biased;
             _ = shutdown.cancelled() => Err(SourceError::Shutdown),
             r = self.acked.wait_for(|&a| a >= seq) => r.map(|_| ()).map_err(|_| SourceError::Shutdown),
+        }
+    }
+}
+
+/// A commit handed to the buffer whose durability is not known yet.
+#[must_use = "a position is durable only once its commit resolved"]
+pub struct PendingCommit {
+    rx: oneshot::Receiver<Result<Option<Committed>, String>>,
+}
+
+impl PendingCommit {
+    /// Waits until the commit is durable. Once handed over, a commit completes even
+    /// during shutdown: waiting for it keeps the in-memory position equal to what
+    /// is durable.
+    pub async fn durable(self) -> Result<Option<Committed>, SourceError> {
+        match self.rx.await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(SourceError::Buffer(e)),
+            Err(_) => Err(SourceError::Shutdown),
+        }
+    }
+}
+
+/// A bounded queue of a source's commits in flight, oldest first, each with what
+/// the source needs to know once it is durable (`T`: a position, a file, `()`).
+///
+/// One commit at a time makes a source wait a whole fsync round trip per batch, so
+/// one stream can never go faster than one batch per sync; a few in flight let the
+/// committer fold consecutive batches of the same stream into one group commit
+/// while the source reads on. Durability still arrives in order, so "durable up to
+/// here" stays a prefix of what was read (DESIGN invariant 1).
+pub struct Inflight<T> {
+    queue: VecDeque<(PendingCommit, T)>,
+    depth: usize,
+}
+
+impl<T> Inflight<T> {
+    /// At most `depth` (at least 1) commits in flight.
+    pub fn new(depth: usize) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            depth: depth.max(1),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Submits a commit; when more than `depth` are in flight, waits for the oldest
+    /// ones. Returns the commits now known durable, oldest first.
+    pub async fn push(
+        &mut self,
+        ctx: &SourceContext,
+        records: Vec<Record>,
+        position: Vec<u8>,
+        tag: T,
+    ) -> Result<Vec<(Option<Committed>, T)>, SourceError> {
+        let pending = ctx.submit(records, position).await?;
+        self.queue.push_back((pending, tag));
+        let mut done = Vec::new();
+        while self.queue.len() > self.depth {
+            done.push(self.pop().await?);
+        }
+        Ok(done)
+    }
+
+    /// Waits for every commit in flight; returns them oldest first. On an error the
+    /// commits after the failed one are dropped unanswered: the buffer refuses them
+    /// anyway (see [`CommitRequest::epoch`]).
+    pub async fn drain(&mut self) -> Result<Vec<(Option<Committed>, T)>, SourceError> {
+        let mut done = Vec::with_capacity(self.queue.len());
+        while !self.queue.is_empty() {
+            done.push(self.pop().await?);
+        }
+        Ok(done)
+    }
+
+    async fn pop(&mut self) -> Result<(Option<Committed>, T), SourceError> {
+        match self.queue.pop_front() {
+            Some((pending, tag)) => {
+                let r = pending.durable().await;
+                if r.is_err() {
+                    self.queue.clear();
+                }
+                Ok((r?, tag))
+            }
+            None => Err(SourceError::Other("no commit in flight".into())),
         }
     }
 }

@@ -2,17 +2,33 @@
 //! sources, compresses them, writes each group atomically, makes it durable with one
 //! sync (group commit), and only then answers the sources.
 //!
+//! Two stages, so compression never waits for a sync and a sync never waits for
+//! compression:
+//!
+//! ```text
+//!  sources ──▶ encode stage ──(≤ ENCODE_AHEAD in order)──▶ write stage ──▶ sled + fdatasync
+//!              one blocking task per                       every request already
+//!              request, in parallel                        encoded → one group
+//! ```
+//!
+//! Order: requests are written in the order they arrived, so a source's commits
+//! become durable in the order it submitted them. A failed commit refuses every
+//! later request of the same stream and source instance (`CommitRequest::epoch`):
+//! a source may keep several commits in flight, and a later one must never become
+//! durable after an earlier one was lost.
+//!
 //! Backpressure (DESIGN invariant 4): while the buffer holds `max_size` or more,
-//! the committer stops taking requests; the bounded channel fills and every
+//! the write stage stops taking requests; the bounded channels fill and every
 //! source's `commit` waits. Nothing is dropped. Acks free space and wake it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_adapters::{CommitRequest, Committed};
+use ferry_adapters::{CommitRequest, Committed, Ticket};
 use ferry_protocol::batch::{encode_records, EncodedRecords};
-use ferry_protocol::messages::RecordList;
+use ferry_protocol::messages::{Record, RecordList};
 use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::buffer::{Buffer, CommitItem};
@@ -20,6 +36,12 @@ use crate::status::Board;
 
 /// Most requests folded into one group commit.
 const MAX_GROUP: usize = 512;
+/// Requests encoded ahead of the write stage. Enough to keep both cores compressing
+/// while a sync is under way, few enough that a full buffer stops sources at once.
+const ENCODE_AHEAD: usize = 8;
+/// Below this many raw bytes a batch is compressed inline: a blocking task would
+/// cost more than the work (small batches are the latency path).
+const INLINE_ENCODE_BYTES: usize = 16 * 1024;
 
 pub struct Committer {
     pub buffer: Arc<Buffer>,
@@ -34,14 +56,163 @@ pub struct Committer {
 }
 
 type Answer = tokio::sync::oneshot::Sender<Result<Option<Committed>, String>>;
+type Encoded = Result<Option<EncodedRecords>, String>;
 
-/// A request ready for the buffer: stream index, compressed records, position.
-type Encoded = (usize, Option<EncodedRecords>, Vec<u8>);
+/// A request on its way through the encode stage.
+struct Encoding {
+    stream: usize,
+    epoch: u64,
+    position: Vec<u8>,
+    done: Answer,
+    work: Work,
+    _ticket: Ticket,
+}
+
+enum Work {
+    Ready(Encoded),
+    Running(JoinHandle<Encoded>),
+}
+
+impl Work {
+    fn is_ready(&self) -> bool {
+        match self {
+            Work::Ready(_) => true,
+            Work::Running(h) => h.is_finished(),
+        }
+    }
+
+    async fn result(self) -> Encoded {
+        match self {
+            Work::Ready(r) => r,
+            Work::Running(h) => h
+                .await
+                .unwrap_or_else(|e| Err(format!("compressing a batch failed: {e}"))),
+        }
+    }
+}
+
+/// A request ready for the buffer.
+struct Ready {
+    stream: usize,
+    epoch: u64,
+    position: Vec<u8>,
+    done: Answer,
+    encoded: Encoded,
+    _ticket: Ticket,
+}
+
+impl Encoding {
+    async fn ready(self) -> Ready {
+        Ready {
+            stream: self.stream,
+            epoch: self.epoch,
+            position: self.position,
+            done: self.done,
+            encoded: self.work.result().await,
+            _ticket: self._ticket,
+        }
+    }
+}
+
+fn encode(stream: &str, records: Vec<Record>) -> Encoded {
+    if records.is_empty() {
+        return Ok(None);
+    }
+    encode_records(&RecordList { records })
+        .map(Some)
+        .map_err(|e| format!("stream {stream}: {e}"))
+}
+
+/// Starts compressing each request as it arrives, and passes them on in order.
+async fn encode_stage(
+    mut rx: mpsc::Receiver<CommitRequest>,
+    names: Arc<Vec<String>>,
+    tx: mpsc::Sender<Encoding>,
+) {
+    while let Some(r) = rx.recv().await {
+        let name = names.get(r.stream).cloned().unwrap_or_default();
+        let raw: usize = r.records.iter().map(approx_len).sum();
+        let work = if r.stream >= names.len() {
+            Work::Ready(Err(format!("unknown stream index {}", r.stream)))
+        } else if raw < INLINE_ENCODE_BYTES {
+            Work::Ready(encode(&name, r.records))
+        } else {
+            let records = r.records;
+            Work::Running(tokio::task::spawn_blocking(move || encode(&name, records)))
+        };
+        let e = Encoding {
+            stream: r.stream,
+            epoch: r.epoch,
+            position: r.position,
+            done: r.done,
+            work,
+            _ticket: r.ticket,
+        };
+        if tx.send(e).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn approx_len(r: &Record) -> usize {
+    use ferry_protocol::messages::record::Body;
+    16 + r.position.len()
+        + match &r.body {
+            Some(Body::Line(l)) => l.len(),
+            Some(Body::FileChunk(c)) => c.data.len(),
+            // Rows and the rest: assume big enough to be worth a task.
+            _ => 256,
+        }
+}
 
 impl Committer {
-    /// Runs until every source has dropped its sender.
-    pub async fn run(mut self) {
+    /// Runs until every source has dropped its sender and everything handed over is
+    /// written.
+    pub async fn run(self) {
+        let Committer {
+            buffer,
+            names,
+            max_size,
+            rx,
+            durable,
+            space,
+            board,
+        } = self;
+        let names = Arc::new(names);
+        let (tx, encoded) = mpsc::channel(ENCODE_AHEAD);
+        let encoder = tokio::spawn(encode_stage(rx, Arc::clone(&names), tx));
+        let mut writer = Writer {
+            refused: vec![0; names.len()],
+            buffer,
+            names,
+            max_size,
+            rx: encoded,
+            durable,
+            space,
+            board,
+        };
+        writer.run().await;
+        let _ = encoder.await;
+    }
+}
+
+struct Writer {
+    buffer: Arc<Buffer>,
+    names: Arc<Vec<String>>,
+    max_size: u64,
+    rx: mpsc::Receiver<Encoding>,
+    durable: Arc<Notify>,
+    space: Arc<Notify>,
+    board: Arc<Board>,
+    /// Per stream: requests of this epoch or older are refused (a commit of that
+    /// source instance failed). 0: none.
+    refused: Vec<u64>,
+}
+
+impl Writer {
+    async fn run(&mut self) {
         let mut full = false;
+        let mut carry: Option<Encoding> = None;
         loop {
             // 1. Backpressure: no new requests while the buffer is over its bound.
             if self.buffer.total_bytes() >= self.max_size {
@@ -59,7 +230,7 @@ impl Committer {
                     _ = self.space.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                if self.rx.is_closed() && self.rx.is_empty() {
+                if carry.is_none() && self.rx.is_closed() && self.rx.is_empty() {
                     return;
                 }
                 continue;
@@ -72,14 +243,23 @@ impl Committer {
                     "buffer below its bound again, sources resume"
                 );
             }
-            // 2. Take one request, then whatever else is already waiting.
-            let Some(first) = self.rx.recv().await else {
-                return;
+            // 2. Take one request, then every following one already encoded.
+            let first = match carry.take() {
+                Some(e) => e,
+                None => match self.rx.recv().await {
+                    Some(e) => e,
+                    None => return,
+                },
             };
-            let mut group = vec![first];
+            let mut group = vec![first.ready().await];
             while group.len() < MAX_GROUP {
                 match self.rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(e) if e.work.is_ready() => group.push(e.ready().await),
+                    Ok(e) => {
+                        // Still compressing: it heads the next group, so order holds.
+                        carry = Some(e);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -87,85 +267,202 @@ impl Committer {
         }
     }
 
-    async fn commit(&mut self, group: Vec<CommitRequest>) {
-        let buffer = self.buffer.clone();
-        let names = self.names.clone();
-        let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
-        let mut work = Vec::with_capacity(group.len());
+    /// Writes a group; answers every request in it.
+    async fn commit(&mut self, group: Vec<Ready>) {
+        // Refusals first, in order: after a failed request of a source instance,
+        // its later requests must fail too.
+        let mut answers: Vec<(Answer, Option<String>)> = Vec::with_capacity(group.len());
+        let mut work: Vec<(usize, u64, Option<EncodedRecords>, Vec<u8>)> = Vec::new();
+        let mut tickets = Vec::with_capacity(group.len());
         for r in group {
-            answers.push(r.done);
-            work.push((r.stream, r.records, r.position));
-        }
-        let result = tokio::task::spawn_blocking(move || {
-            // Compression happens here, off the async threads, once per batch: the
-            // buffer stores what will travel.
-            let mut encoded: Vec<Result<Encoded, String>> = Vec::with_capacity(work.len());
-            for (stream, records, position) in work {
-                if stream >= names.len() {
-                    encoded.push(Err(format!("unknown stream index {stream}")));
-                    continue;
-                }
-                if records.is_empty() {
-                    encoded.push(Ok((stream, None, position)));
-                    continue;
-                }
-                match encode_records(&RecordList { records }) {
-                    Ok(e) => encoded.push(Ok((stream, Some(e), position))),
-                    Err(e) => encoded.push(Err(format!("stream {}: {e}", names[stream]))),
-                }
-            }
-            let items: Vec<CommitItem<'_>> = encoded
-                .iter()
-                .filter_map(|r| r.as_ref().ok())
-                .map(|(stream, records, position)| CommitItem {
-                    stream: &names[*stream],
-                    records: records.clone(),
-                    position,
-                })
-                .collect();
-            let committed = if items.is_empty() {
-                Ok(Vec::new())
+            tickets.push(r._ticket);
+            let refused = self.refused.get(r.stream).copied().unwrap_or(u64::MAX);
+            let verdict = if r.epoch <= refused {
+                Some(format!(
+                    "stream {}: an earlier commit of this source failed; it restarts from its last durable position",
+                    self.name(r.stream)
+                ))
             } else {
-                buffer.commit_group(&items)
-            };
-            (
-                encoded.into_iter().map(|r| r.err()).collect::<Vec<_>>(),
-                committed,
-            )
-        })
-        .await;
-        let (rejections, committed) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                error!(error = %e, "buffer commit task failed");
-                for a in answers {
-                    let _ = a.send(Err(format!("buffer commit task failed: {e}")));
+                match r.encoded {
+                    Ok(records) => {
+                        work.push((r.stream, r.epoch, records, r.position));
+                        None
+                    }
+                    Err(e) => {
+                        self.refuse(r.stream, r.epoch);
+                        Some(e)
+                    }
                 }
-                return;
-            }
+            };
+            answers.push((r.done, verdict));
+        }
+        let keys: Vec<(usize, u64)> = work.iter().map(|w| (w.0, w.1)).collect();
+        let buffer = Arc::clone(&self.buffer);
+        let names = Arc::clone(&self.names);
+        let result = if work.is_empty() {
+            Ok(Ok(Vec::new()))
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let items: Vec<CommitItem<'_>> = work
+                    .iter()
+                    .map(|(stream, _, records, position)| CommitItem {
+                        stream: &names[*stream],
+                        records: records.as_ref(),
+                        position,
+                    })
+                    .collect();
+                buffer.commit_group(&items)
+            })
+            .await
+            .map_err(|e| format!("buffer commit task failed: {e}"))
+        };
+        let committed = match result {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         match committed {
             Ok(done) => {
                 self.board.set_write_error(None);
                 let mut done = done.into_iter();
-                for (answer, rejection) in answers.into_iter().zip(rejections) {
-                    let _ = match rejection {
+                for (answer, verdict) in answers {
+                    let _ = match verdict {
                         Some(e) => answer.send(Err(e)),
                         None => answer.send(Ok(done.next().flatten())),
                     };
                 }
                 self.durable.notify_one();
             }
-            Err(e) => {
-                let msg = e.to_string();
+            Err(msg) => {
                 error!(error = %msg, "ALARM: buffer write failed; sources will retry from their last durable position");
                 self.board.set_write_error(Some(msg.clone()));
-                for a in answers {
-                    let _ = a.send(Err(msg.clone()));
+                for (stream, epoch) in keys {
+                    self.refuse(stream, epoch);
+                }
+                for (answer, verdict) in answers {
+                    let _ = answer.send(Err(verdict.unwrap_or_else(|| msg.clone())));
                 }
                 // Let a full disk or a transient error settle before the next try.
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+        drop(tickets);
+    }
+
+    fn refuse(&mut self, stream: usize, epoch: u64) {
+        if let Some(r) = self.refused.get_mut(stream) {
+            *r = (*r).max(epoch);
+        }
+    }
+
+    fn name(&self, stream: usize) -> &str {
+        self.names.get(stream).map_or("?", String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use ferry_adapters::SourceContext;
+    use ferry_protocol::messages::record::Body;
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    fn line(text: &str) -> Record {
+        Record {
+            time_unix_ms: 1,
+            position: String::new(),
+            body: Some(Body::Line(text.as_bytes().to_vec())),
+        }
+    }
+
+    /// A record too big for one batch: the encode stage refuses it.
+    fn oversized() -> Record {
+        Record {
+            time_unix_ms: 1,
+            position: String::new(),
+            body: Some(Body::Line(vec![b'x'; 9 << 20])),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failed_commit_later_ones_of_that_source_fail_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = Arc::new(Buffer::open(&dir.path().join("buf"), 1 << 20).unwrap());
+        let (tx, rx) = mpsc::channel(16);
+        let committer = tokio::spawn(
+            Committer {
+                buffer: buffer.clone(),
+                names: vec!["s".into()],
+                max_size: 1 << 30,
+                rx,
+                durable: Arc::new(Notify::new()),
+                space: Arc::new(Notify::new()),
+                board: Arc::new(Board::default()),
+            }
+            .run(),
+        );
+        let (_acked_tx, acked) = watch::channel(0);
+        let shutdown = CancellationToken::new();
+        let ctx = |resume, tx: &mpsc::Sender<CommitRequest>| {
+            SourceContext::new(
+                0,
+                "s".into(),
+                resume,
+                0,
+                acked.clone(),
+                shutdown.clone(),
+                tx.clone(),
+            )
+        };
+        let first = ctx(None, &tx);
+        // Three commits in flight at once; the middle one cannot be stored.
+        let a = first
+            .submit(vec![line("a")], b"after-a".to_vec())
+            .await
+            .unwrap();
+        let b = first
+            .submit(vec![oversized()], b"after-b".to_vec())
+            .await
+            .unwrap();
+        let c = first
+            .submit(vec![line("c")], b"after-c".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            a.durable().await.unwrap(),
+            Some(Committed {
+                first_seq: 1,
+                last_seq: 1
+            })
+        );
+        assert!(b.durable().await.is_err());
+        let e = c.durable().await.unwrap_err().to_string();
+        assert!(e.contains("an earlier commit of this source failed"), "{e}");
+        // The position stays after the last commit that was durable: "c" must not
+        // be durable with "b" lost before it.
+        first.tracker().settled().await;
+        assert_eq!(buffer.position("s").unwrap().unwrap(), b"after-a");
+        assert_eq!(buffer.state("s").head, 1);
+
+        // The restarted source (a new instance) is served again.
+        let second = ctx(buffer.position("s").unwrap(), &tx);
+        assert!(second.epoch() > first.epoch());
+        let d = second
+            .commit(vec![line("b2")], b"after-b2".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(
+            d,
+            Some(Committed {
+                first_seq: 2,
+                last_seq: 2
+            })
+        );
+        drop((first, second, tx));
+        committer.await.unwrap();
     }
 }

@@ -132,7 +132,12 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                         shutdown.clone(),
                         commits.clone(),
                     );
-                    match source_cfg.build().run(ctx).await {
+                    let tracker = ctx.tracker();
+                    let result = source_cfg.build().run(ctx).await;
+                    // What this instance handed over must be written (or refused)
+                    // before the next one reads its resume position from the buffer.
+                    tracker.settled().await;
+                    match result {
                         Ok(()) | Err(SourceError::Shutdown) if shutdown.is_cancelled() => return,
                         Ok(()) => {
                             info!("source finished");

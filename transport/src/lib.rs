@@ -9,6 +9,7 @@
 pub mod durable;
 pub mod framed;
 pub mod pki;
+pub mod segments;
 pub mod tls;
 
 pub use framed::{FrameReader, FrameWriter};

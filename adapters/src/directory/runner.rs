@@ -16,7 +16,12 @@ use super::fsops::{self, AfterAck, Finalized, ScanRules, Seen, Stat};
 use super::position::{FileEntry, InProgress, Position};
 use super::watch::DirWatch;
 use super::{Complete, DirectoryConfig, MAX_CHUNK_SIZE};
-use crate::{now_unix_ms, SourceContext, SourceError};
+use crate::{now_unix_ms, Inflight, SourceContext, SourceError};
+
+/// Chunks of the file being sent in flight to the buffer at once (see [`Inflight`]).
+/// Only chunks before the last are pipelined: the last one's seq is what the file's
+/// ack is awaited on, so it is committed on its own and waits for those before it.
+const INFLIGHT: usize = 4;
 
 /// How long a file that could not be opened or read is left alone before another try.
 const RETRY_AFTER_ERROR: std::time::Duration = std::time::Duration::from_secs(30);
@@ -91,6 +96,7 @@ struct Runner {
     warned_names: HashSet<OsString>,
     scan_failing: bool,
     acks_closed: bool,
+    inflight: Inflight<()>,
 }
 
 impl Runner {
@@ -129,6 +135,7 @@ impl Runner {
             warned_names: HashSet::new(),
             scan_failing: false,
             acks_closed: false,
+            inflight: Inflight::new(INFLIGHT),
         })
     }
 
@@ -324,7 +331,7 @@ impl Runner {
                 }),
                 None,
             )?;
-            ctx.commit(vec![rec], pos).await?;
+            self.inflight.push(ctx, vec![rec], pos, ()).await?;
             cur.offset = next;
             cur.hasher = hasher;
             self.current = Some(cur);
@@ -508,6 +515,8 @@ impl Runner {
     }
 
     async fn wait(&mut self, ctx: &mut SourceContext, watch: &DirWatch) -> Result<(), SourceError> {
+        // Nothing may stay in flight while the source sleeps.
+        self.inflight.drain().await?;
         let now = Instant::now();
         let period = self.cfg.quiet_period.0;
         let deadline = self

@@ -14,7 +14,10 @@ use super::lines::{self, Limits};
 use super::position::{Fingerprint, TailPosition, FP_MAX};
 use super::{StartAt, TailConfig, MAX_BATCH_BYTES_LIMIT, MAX_BATCH_LINES_LIMIT, MAX_LINE_LIMIT};
 use crate::directory::watch::DirWatch;
-use crate::{now_unix_ms, SourceContext, SourceError};
+use crate::{now_unix_ms, Inflight, SourceContext, SourceError};
+
+/// Batches of one file in flight to the buffer at once (see [`Inflight`]).
+const INFLIGHT: usize = 4;
 
 /// The file being read.
 struct Tailed {
@@ -66,6 +69,9 @@ pub(super) async fn run(cfg: TailConfig, ctx: SourceContext) -> Result<(), Sourc
     // `start_at = "end"` skips only what the file held when the source first started.
     let mut skip_existing = ctx.resume.is_none() && cfg.start_at == StartAt::End;
     let mut trouble = Trouble::default();
+    // Only line batches are pipelined; every other commit waits for itself and so
+    // for everything before it.
+    let mut inflight: Inflight<()> = Inflight::new(INFLIGHT);
 
     loop {
         let Some(t) = cur.as_mut() else {
@@ -101,6 +107,7 @@ pub(super) async fn run(cfg: TailConfig, ctx: SourceContext) -> Result<(), Sourc
             }
             Err(e) => {
                 trouble.report(&cfg.path, "cannot read the file; retrying", Some(&e));
+                inflight.drain().await?;
                 wait(&ctx, &mut watch, &parent, poll).await?;
                 continue;
             }
@@ -141,9 +148,14 @@ pub(super) async fn run(cfg: TailConfig, ctx: SourceContext) -> Result<(), Sourc
                 .collect();
             t.fp = probe.fresh_fp;
             t.offset += split.consumed as u64;
-            ctx.commit(records, t.position().encode()?).await?;
+            inflight
+                .push(&ctx, records, t.position().encode()?, ())
+                .await?;
             continue;
         }
+        // At the end of what the file holds: nothing may stay in flight while the
+        // source looks around or sleeps.
+        inflight.drain().await?;
 
         // Nothing complete left in the file: has it been replaced at the path?
         let at_path = match std::fs::metadata(&cfg.path) {

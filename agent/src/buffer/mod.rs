@@ -6,7 +6,10 @@
 //! ```text
 //! key                                   value
 //! "b:" stream 0x00 first_seq(u64 BE)    a batch entry (see entry.rs): crc32c, header,
-//!                                       the compressed RecordList exactly as sent
+//!                                       the compressed RecordList exactly as sent;
+//!                                       or, for entries over INLINE_MAX bytes,
+//!                                       'L' locator(20) first_seq(u64 BE) count(u32 BE)
+//!                                       naming the entry in `segments/`
 //! "p:" stream                           the source's position after its last batch
 //! "h:" stream                           head: highest durable seq (u64 BE); committer only
 //! "a:" stream                           acked: every seq <= it was acknowledged (u64 BE);
@@ -14,6 +17,12 @@
 //! ```
 //! Head and acked live under separate keys because different tasks write them
 //! concurrently; neither write may carry a stale copy of the other.
+//!
+//! Large entries live in append-only segment files (`ferry_transport::segments`)
+//! because sled keeps every value of a resident node in memory whatever its cache
+//! size: with them inline an agent's memory grew with what it buffered. Small
+//! entries (the low-latency path) stay inline, so a commit of a few lines costs one
+//! sync, not two.
 //!
 //! # Invariants
 //! * A batch, its stream's new head and the source position after it are written in
@@ -26,6 +35,11 @@
 //!   holes. Opening checks this and every checksum, and refuses a damaged buffer.
 //! * Batches are removed only after an ack; removal needs no sync, because a batch
 //!   that reappears after a crash is re-sent and dropped by the exchange's dedup.
+//!   A segment file is deleted only after the removals that emptied it were synced
+//!   (by the next group commit or `close`), so a batch that reappears always finds
+//!   its bytes.
+//! * An external entry's bytes are fdatasync'd before the sled write that names
+//!   them: a durable locator never points at bytes that may vanish.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +49,8 @@ use std::sync::Mutex;
 use ferry_adapters::Committed;
 use ferry_protocol::batch::EncodedRecords;
 use ferry_transport::durable::Syncer;
+use ferry_transport::segments::{BatchRef, Locator, Segments};
+use tracing::warn;
 
 use ferry_protocol::entry::{self, Decoded, StoredBatch};
 
@@ -70,13 +86,69 @@ pub struct StreamState {
 /// One unit for [`Buffer::commit_group`].
 pub struct CommitItem<'a> {
     pub stream: &'a str,
-    pub records: Option<EncodedRecords>,
+    pub records: Option<&'a EncodedRecords>,
     pub position: &'a [u8],
+}
+
+/// Entries larger than this go to segment files.
+const INLINE_MAX: usize = 16 * 1024;
+
+/// A stored batch value: the entry itself, or where it is.
+enum Stored<'a> {
+    Inline(&'a [u8]),
+    External {
+        loc: Locator,
+        first: u64,
+        count: u32,
+    },
+}
+
+impl<'a> Stored<'a> {
+    fn parse(v: &'a [u8]) -> Self {
+        match BatchRef::parse(v) {
+            Some(r) => Stored::External {
+                loc: r.loc,
+                first: r.first_seq,
+                count: r.record_count,
+            },
+            None => Stored::Inline(v),
+        }
+    }
+
+    fn encode_external(loc: &Locator, first: u64, count: u32) -> Vec<u8> {
+        BatchRef {
+            loc: *loc,
+            first_seq: first,
+            record_count: count,
+        }
+        .encode()
+    }
+
+    /// The seqs covered, from what sled holds alone.
+    fn seq_range(&self) -> Option<(u64, u64)> {
+        match self {
+            Stored::Inline(v) => entry::seq_range(v),
+            Stored::External { first, count, .. } => {
+                (*count > 0).then(|| (*first, first + u64::from(*count) - 1))
+            }
+        }
+    }
+
+    /// Bytes of the entry itself (what `max_size` counts).
+    fn entry_len(&self) -> u64 {
+        match self {
+            Stored::Inline(v) => v.len() as u64,
+            Stored::External { loc, .. } => u64::from(loc.len),
+        }
+    }
 }
 
 pub struct Buffer {
     dir: PathBuf,
     db: sled::Db,
+    segments: Segments,
+    /// Segments emptied by acks, deleted after the next sync.
+    doomed: Mutex<Vec<u64>>,
     syncer: Mutex<Syncer>,
     streams: Mutex<BTreeMap<String, StreamState>>,
     total_bytes: AtomicU64,
@@ -107,6 +179,14 @@ impl Buffer {
             dir: dir.to_path_buf(),
             source,
         };
+        for name in ferry_transport::durable::clear_torn_snapshots(dir).map_err(|source| {
+            BufferError::Sync {
+                dir: dir.to_path_buf(),
+                source,
+            }
+        })? {
+            warn!(file = %name, "removed a snapshot file a crash left half-written");
+        }
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -125,9 +205,16 @@ impl Buffer {
             dir: dir.to_path_buf(),
             source,
         })?;
+        let segments =
+            Segments::open(&dir.join("segments")).map_err(|source| BufferError::Sync {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         let buffer = Buffer {
             dir: dir.to_path_buf(),
             db,
+            segments,
+            doomed: Mutex::new(Vec::new()),
             syncer: Mutex::new(syncer),
             streams: Mutex::new(BTreeMap::new()),
             total_bytes: AtomicU64::new(0),
@@ -176,7 +263,29 @@ impl Buffer {
                 return Err(self.damaged("a batch key without a stream separator".into()));
             };
             let name = String::from_utf8_lossy(&k[2..nul]).into_owned();
-            let batch = match entry::verify(&v) {
+            let stored = Stored::parse(&v);
+            let acked = streams.get(&name).map_or(0, |s| s.acked);
+            // An ack's removal is not synced, so batches at or below `acked` may
+            // reappear after a crash: they are harmless and dropped here (before
+            // their bytes are looked for: their segment may be gone).
+            if stored.seq_range().is_some_and(|(_, last)| last <= acked) {
+                let _ = self.db.remove(&k);
+                continue;
+            }
+            let external;
+            let bytes: &[u8] = match &stored {
+                Stored::Inline(v) => v,
+                Stored::External { loc, first, .. } => {
+                    external = self.segments.read(loc).map_err(|e| {
+                        self.damaged(format!(
+                            "stream {name}, batch at seq {first}: its segment file (segments/{:016x}.seg, {} bytes at offset {}) cannot be read: {e}",
+                            loc.segment, loc.len, loc.offset
+                        ))
+                    })?;
+                    &external
+                }
+            };
+            let batch = match entry::verify(bytes) {
                 Decoded::Valid(b) => b,
                 Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => {
                     return Err(self.damaged(format!(
@@ -188,11 +297,16 @@ impl Buffer {
             let st = streams.get_mut(&name).ok_or_else(|| {
                 self.damaged(format!("stream {name} has batches but no metadata"))
             })?;
-            // An ack's removal is not synced, so batches at or below `acked` may
-            // reappear after a crash: they are harmless and dropped here.
-            if batch.last_seq() <= st.acked {
-                let _ = self.db.remove(&k);
-                continue;
+            if let Stored::External { loc, first, count } = &stored {
+                if (*first, *count) != (batch.first_seq, batch.record_count) {
+                    return Err(self.damaged(format!(
+                        "stream {name}: the locator of seq {first} names an entry of seq {}",
+                        batch.first_seq
+                    )));
+                }
+                self.segments
+                    .retain(loc)
+                    .map_err(|e| self.damaged(e.to_string()))?;
             }
             let want = expected.entry(name.clone()).or_insert(batch.first_seq);
             if batch.first_seq != *want {
@@ -203,9 +317,15 @@ impl Buffer {
             }
             *want = batch.last_seq() + 1;
             st.batches += 1;
-            st.bytes += v.len() as u64;
-            total += v.len() as u64;
+            st.bytes += stored.entry_len();
+            total += stored.entry_len();
         }
+        self.segments
+            .remove_unreferenced()
+            .map_err(|source| BufferError::Sync {
+                dir: self.dir.clone(),
+                source,
+            })?;
         for (name, st) in &streams {
             if let Some(&next) = expected.get(name) {
                 if next != st.head + 1 {
@@ -276,32 +396,76 @@ impl Buffer {
         let mut added = 0u64;
         let mut batch = sled::Batch::default();
         let stamp = ferry_adapters::now_unix_ms();
+        // Entries first, then the large ones to segment files (durable before the
+        // sled write that names them).
+        let mut entries: Vec<Option<(u64, u32, Vec<u8>)>> = Vec::with_capacity(items.len());
+        let mut head_after: Vec<u64> = Vec::with_capacity(items.len());
         for item in items {
             let st = heads.entry(item.stream.to_string()).or_default();
-            let committed = match &item.records {
-                Some(rec) => {
-                    let first = st.head + 1;
-                    let value = entry::encode(first, rec, stamp);
-                    st.head += u64::from(rec.record_count);
+            entries.push(item.records.map(|rec| {
+                let first = st.head + 1;
+                st.head += u64::from(rec.record_count);
+                (first, rec.record_count, entry::encode(first, rec, stamp))
+            }));
+            head_after.push(st.head);
+        }
+        let large: Vec<&[u8]> = entries
+            .iter()
+            .flatten()
+            .filter(|(_, _, e)| e.len() > INLINE_MAX)
+            .map(|(_, _, e)| e.as_slice())
+            .collect();
+        let mut locators = if large.is_empty() {
+            Vec::new()
+        } else {
+            self.segments
+                .append(&large)
+                .map_err(|source| BufferError::Sync {
+                    dir: self.dir.clone(),
+                    source,
+                })?
+        }
+        .into_iter();
+        for ((item, e), head) in items.iter().zip(entries).zip(head_after) {
+            let st = heads.entry(item.stream.to_string()).or_default();
+            let committed = match e {
+                Some((first, count, value)) => {
+                    let last = first + u64::from(count) - 1;
                     st.batches += 1;
                     st.bytes += value.len() as u64;
                     added += value.len() as u64;
-                    batch.insert(batch_key(item.stream, first), value);
+                    let stored = if value.len() > INLINE_MAX {
+                        let loc = locators.next().ok_or_else(|| {
+                            self.damaged("a segment write returned too few locators".into())
+                        })?;
+                        Stored::encode_external(&loc, first, count)
+                    } else {
+                        value
+                    };
+                    batch.insert(batch_key(item.stream, first), stored);
                     Some(Committed {
                         first_seq: first,
-                        last_seq: st.head,
+                        last_seq: last,
                     })
                 }
                 None => None,
             };
             batch.insert(prefixed(b"p:", item.stream), item.position);
-            batch.insert(prefixed(b"h:", item.stream), &st.head.to_be_bytes()[..]);
+            batch.insert(prefixed(b"h:", item.stream), &head.to_be_bytes()[..]);
             out.push(committed);
         }
+        // Segments emptied by acks before this point: their removals are made
+        // durable by the sync below, after which the files may go.
+        let doomed = self
+            .doomed
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
         // One apply_batch for the whole group: each item's batch, position and
         // metadata are in it together, so they become visible (and durable) together.
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
         self.sync()?;
+        self.delete_segments(doomed)?;
         let mut streams = self
             .streams
             .lock()
@@ -335,7 +499,20 @@ impl Buffer {
             return Ok(None);
         };
         let (_, v) = kv.map_err(|e| self.sled_err(e))?;
-        match entry::decode(&v) {
+        let external;
+        let bytes: &[u8] = match Stored::parse(&v) {
+            Stored::Inline(v) => v,
+            Stored::External { loc, .. } => {
+                external = self.segments.read(&loc).map_err(|e| {
+                    self.damaged(format!(
+                        "stream {stream}, batch holding seq {seq}: segments/{:016x}.seg cannot be read: {e}",
+                        loc.segment
+                    ))
+                })?;
+                &external
+            }
+        };
+        match entry::decode(bytes) {
             Decoded::Valid(b) if b.last_seq() >= seq => Ok(Some(b)),
             Decoded::Valid(_) => Ok(None),
             Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => Err(self
@@ -358,21 +535,28 @@ impl Buffer {
         let mut batch = sled::Batch::default();
         let mut freed = 0u64;
         let mut removed = 0u64;
+        let mut emptied = Vec::new();
         let mut acked = st.acked;
         for kv in self
             .db
             .range(batch_key(stream, 0)..batch_key(stream, up_to + 1))
         {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-            let Some((_, last)) = entry::seq_range(&v) else {
+            let stored = Stored::parse(&v);
+            let Some((_, last)) = stored.seq_range() else {
                 continue;
             };
             if last > up_to {
                 break;
             }
             acked = last;
-            freed += v.len() as u64;
+            freed += stored.entry_len();
             removed += 1;
+            if let Stored::External { loc, .. } = stored {
+                if let Some(id) = self.segments.release(&loc) {
+                    emptied.push(id);
+                }
+            }
             batch.remove(k);
         }
         // The exchange only ever acks whole batches; a watermark inside a batch keeps
@@ -382,14 +566,43 @@ impl Buffer {
         st.bytes -= freed.min(st.bytes);
         batch.insert(prefixed(b"a:", stream), &st.acked.to_be_bytes()[..]);
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        if !emptied.is_empty() {
+            if let Ok(mut d) = self.doomed.lock() {
+                d.extend(emptied);
+            }
+        }
         self.total_bytes
             .fetch_sub(freed.min(self.total_bytes()), Ordering::Relaxed);
         Ok(freed)
     }
 
-    /// Flushes and syncs before shutdown.
+    fn delete_segments(&self, ids: Vec<u64>) -> Result<(), BufferError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.segments
+            .delete(&ids)
+            .map_err(|source| BufferError::Sync {
+                dir: self.dir.clone(),
+                source,
+            })
+    }
+
+    /// Bytes in segment files on disk.
+    #[cfg(test)]
+    pub fn segment_bytes(&self) -> u64 {
+        self.segments.disk_bytes()
+    }
+
+    /// Flushes and syncs before shutdown; deletes segments acks emptied.
     pub fn close(&self) -> Result<(), BufferError> {
-        self.sync()
+        let doomed = self
+            .doomed
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
+        self.sync()?;
+        self.delete_segments(doomed)
     }
 }
 

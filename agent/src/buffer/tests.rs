@@ -16,6 +16,24 @@ fn records(n: usize, tag: &str) -> EncodedRecords {
     .unwrap()
 }
 
+/// Opens the buffer again after a drop. sled releases its file lock from its own
+/// threads shortly after the last handle is dropped, so a reopen at once may find
+/// it still held.
+fn reopen(path: &std::path::Path) -> Result<Buffer, BufferError> {
+    let mut tries = 0;
+    loop {
+        match Buffer::open(path, 1 << 20) {
+            Err(BufferError::Sled { source, .. })
+                if tries < 50 && source.to_string().contains("could not acquire lock") =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
 #[test]
 fn commits_are_dense_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -26,17 +44,17 @@ fn commits_are_dense_and_survive_reopen() {
             .commit_group(&[
                 CommitItem {
                     stream: "a",
-                    records: Some(records(3, "x")),
+                    records: Some(&records(3, "x")),
                     position: b"p1",
                 },
                 CommitItem {
                     stream: "b",
-                    records: Some(records(2, "y")),
+                    records: Some(&records(2, "y")),
                     position: b"q1",
                 },
                 CommitItem {
                     stream: "a",
-                    records: Some(records(4, "z")),
+                    records: Some(&records(4, "z")),
                     position: b"p2",
                 },
                 CommitItem {
@@ -69,7 +87,7 @@ fn commits_are_dense_and_survive_reopen() {
         );
         assert_eq!(out[3], None);
     }
-    let b = Buffer::open(&path, 1 << 20).unwrap();
+    let b = reopen(&path).unwrap();
     assert_eq!(
         b.state("a"),
         StreamState {
@@ -89,10 +107,112 @@ fn commits_are_dense_and_survive_reopen() {
     assert_eq!(b.state("a").batches, 1);
     assert_eq!(b.batch_at("a", 2).unwrap(), None);
     drop(b);
-    let b = Buffer::open(&path, 1 << 20).unwrap();
+    let b = reopen(&path).unwrap();
     assert_eq!(b.state("a").acked, 3);
     assert_eq!(b.state("a").head, 7);
     b.ack("a", 7).unwrap();
     assert_eq!(b.state("a").batches, 0);
     assert_eq!(b.state("b").batches, 1);
+}
+
+/// A batch whose stored entry is `size` bytes of noise: too big to stay inline.
+fn large(count: u32, size: usize, fill: u8) -> EncodedRecords {
+    EncodedRecords {
+        record_count: count,
+        compression: ferry_protocol::messages::Compression::Zstd,
+        raw_len: size as u32,
+        payload: (0..size).map(|i| (i as u8) ^ fill).collect(),
+    }
+}
+
+#[test]
+fn large_batches_live_in_segments_and_leave_with_their_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buf");
+    let chunk = 1 << 20;
+    let want = |seq: u64| large(1, chunk, seq as u8);
+    {
+        let b = Buffer::open(&path, 1 << 20).unwrap();
+        // 80 MiB: more than one segment.
+        for seq in 1..=80u64 {
+            let rec = want(seq);
+            b.commit_group(&[CommitItem {
+                stream: "files",
+                records: Some(&rec),
+                position: format!("p{seq}").as_bytes(),
+            }])
+            .unwrap();
+        }
+        assert!(b.segment_bytes() >= 80 * chunk as u64);
+        // sled itself holds locators only.
+        let batch = b.batch_at("files", 42).unwrap().unwrap();
+        assert_eq!(batch.payload, want(42).payload);
+    }
+    // Reopening checks every entry and finds them all.
+    let b = reopen(&path).unwrap();
+    assert_eq!(b.state("files").head, 80);
+    assert_eq!(b.state("files").batches, 80);
+    assert_eq!(b.position("files").unwrap().unwrap(), b"p80");
+    assert_eq!(
+        b.batch_at("files", 80).unwrap().unwrap().payload,
+        want(80).payload
+    );
+    // Acks release the first segment; it goes with the next sync.
+    b.ack("files", 70).unwrap();
+    let before = b.segment_bytes();
+    let rec = want(81);
+    b.commit_group(&[CommitItem {
+        stream: "files",
+        records: Some(&rec),
+        position: b"p81",
+    }])
+    .unwrap();
+    assert!(
+        b.segment_bytes() < before,
+        "the emptied segment was not deleted ({} bytes before, {} after)",
+        before,
+        b.segment_bytes()
+    );
+    assert_eq!(
+        b.batch_at("files", 75).unwrap().unwrap().payload,
+        want(75).payload
+    );
+    drop(b);
+    let b = reopen(&path).unwrap();
+    assert_eq!(b.state("files").acked, 70);
+    assert_eq!(b.state("files").batches, 11);
+}
+
+#[test]
+fn a_damaged_segment_is_refused_at_open_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buf");
+    {
+        let b = Buffer::open(&path, 1 << 20).unwrap();
+        let rec = large(3, 100_000, 1);
+        b.commit_group(&[CommitItem {
+            stream: "s",
+            records: Some(&rec),
+            position: b"p",
+        }])
+        .unwrap();
+    }
+    let seg = std::fs::read_dir(path.join("segments"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[5000] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = reopen(&path).err().unwrap().to_string();
+    assert!(err.contains("damaged") && err.contains("checksum"), "{err}");
+    // A truncated segment: the entry cannot be read at all.
+    std::fs::write(&seg, &bytes[..1000]).unwrap();
+    let err = reopen(&path).err().unwrap().to_string();
+    assert!(
+        err.contains("segments/") && err.contains("cannot be read"),
+        "{err}"
+    );
 }

@@ -14,6 +14,13 @@
 //! `STORE/files/AGENT/STREAM/FILE_ID` holds the bytes of received files, written
 //! at their offsets (all-zero chunks are left as holes).
 //!
+//! A batch entry over `INLINE_MAX` bytes lives in `STORE/segments/` (append-only
+//! files, `ferry_transport::segments`) and its "b:" value is a `BatchRef` naming
+//! it: sled keeps every value of a resident node in memory whatever its cache
+//! size, so with large entries inline the exchange's memory grew with what it
+//! stored. A crash between the segment write and the sled commit leaves bytes no
+//! reference names at the end of a segment; they are never read.
+//!
 //! # Invariants
 //! * A seq is stored at most once: admission ([`ferry_protocol::session::admit`])
 //!   compares each batch with the stream's next expected seq, and the batch, the new
@@ -34,6 +41,7 @@ use ferry_protocol::entry::{self, Decoded};
 use ferry_protocol::messages::{record::Body, Batch, Compression, Record, RecordList};
 use ferry_protocol::session::{admit, Admission};
 use ferry_transport::durable::Syncer;
+use ferry_transport::segments::{BatchRef, Segments};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
@@ -99,10 +107,14 @@ pub struct Store {
     dir: PathBuf,
     files_dir: PathBuf,
     db: sled::Db,
+    segments: Segments,
     syncer: Mutex<Syncer>,
     next: Mutex<HashMap<(String, String), u64>>,
     hashers: Mutex<files::Hashers>,
 }
+
+/// Entries larger than this go to segment files.
+const INLINE_MAX: usize = 16 * 1024;
 
 fn key(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.to_vec();
@@ -137,6 +149,15 @@ impl Store {
             what: "creating the files directory".into(),
             source,
         })?;
+        for name in ferry_transport::durable::clear_torn_snapshots(&db_dir).map_err(|source| {
+            StoreError::Io {
+                dir: db_dir.clone(),
+                what: "clearing a torn sled snapshot".into(),
+                source,
+            }
+        })? {
+            warn!(file = %name, "removed a snapshot file a crash left half-written");
+        }
         let db = sled::Config::new()
             .path(&db_dir)
             .cache_capacity(cache_bytes)
@@ -151,10 +172,16 @@ impl Store {
             what: "opening the log for syncing".into(),
             source,
         })?;
+        let segments = Segments::open(&dir.join("segments")).map_err(|source| StoreError::Io {
+            dir: dir.to_path_buf(),
+            what: "opening the segment files".into(),
+            source,
+        })?;
         Ok(Self {
             dir: dir.to_path_buf(),
             files_dir,
             db,
+            segments,
             syncer: Mutex::new(syncer),
             next: Mutex::new(HashMap::new()),
             hashers: Mutex::new(files::Hashers::default()),
@@ -200,6 +227,7 @@ impl Store {
         let mut staged: HashMap<(String, String), u64> = HashMap::new();
         let mut batch = sled::Batch::default();
         let mut writes = files::GroupWrites::default();
+        let mut entries: Vec<(Vec<u8>, u64, u32, Vec<u8>)> = Vec::new();
         let now = now_unix_ms();
         for item in items {
             let b = &item.batch;
@@ -268,10 +296,12 @@ impl Store {
                 }
             };
             let last = first + u64::from(encoded.record_count) - 1;
-            batch.insert(
+            entries.push((
                 seq_key(b"b:", &item.agent, &b.stream, first),
+                first,
+                encoded.record_count,
                 entry::encode(first, &encoded, now),
-            );
+            ));
             if let Some(from) = gap_from {
                 let gap = Gap {
                     from,
@@ -290,7 +320,10 @@ impl Store {
             staged.insert(k, last + 1);
             results.push(Ok(last));
         }
-        if let Err(e) = self.make_durable(batch, &mut writes) {
+        if let Err(e) = self
+            .place_entries(entries, &mut batch)
+            .and_then(|()| self.make_durable(batch, &mut writes))
+        {
             error!(error = %e, "store commit failed; the batches will be retried by their agents");
             if let Ok(mut h) = self.hashers.lock() {
                 h.forget(writes.touched());
@@ -313,6 +346,48 @@ impl Store {
         }
         writes.after_commit();
         results
+    }
+
+    /// Puts each entry in the sled batch: small ones inline, large ones into
+    /// segment files (durable when this returns) with a reference in sled.
+    fn place_entries(
+        &self,
+        entries: Vec<(Vec<u8>, u64, u32, Vec<u8>)>,
+        batch: &mut sled::Batch,
+    ) -> Result<(), StoreError> {
+        let large: Vec<&[u8]> = entries
+            .iter()
+            .filter(|e| e.3.len() > INLINE_MAX)
+            .map(|e| e.3.as_slice())
+            .collect();
+        let mut locs = if large.is_empty() {
+            Vec::new()
+        } else {
+            self.segments
+                .append(&large)
+                .map_err(|source| StoreError::Io {
+                    dir: self.dir.clone(),
+                    what: "writing batch entries to segment files".into(),
+                    source,
+                })?
+        }
+        .into_iter();
+        for (k, first_seq, record_count, value) in entries {
+            if value.len() > INLINE_MAX {
+                let loc = locs.next().ok_or_else(|| {
+                    StoreError::Damaged("a segment write returned too few locators".into())
+                })?;
+                let r = BatchRef {
+                    loc,
+                    first_seq,
+                    record_count,
+                };
+                batch.insert(k, r.encode());
+            } else {
+                batch.insert(k, value);
+            }
+        }
+        Ok(())
     }
 
     fn make_durable(
@@ -349,7 +424,20 @@ impl Store {
             .map_or(lo, |(k, _)| k.to_vec());
         for kv in self.db.range(start..=hi) {
             let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-            let stored = match entry::decode(&v) {
+            let external;
+            let bytes: &[u8] = match BatchRef::parse(&v) {
+                Some(r) => {
+                    external = self.segments.read(&r.loc).map_err(|e| {
+                        StoreError::Damaged(format!(
+                            "entry {k:?}: segments/{:016x}.seg ({} bytes at offset {}) cannot be read: {e}",
+                            r.loc.segment, r.loc.len, r.loc.offset
+                        ))
+                    })?;
+                    &external
+                }
+                None => &v,
+            };
+            let stored = match entry::decode(bytes) {
                 Decoded::Valid(b) => b,
                 Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => {
                     return Err(StoreError::Damaged(format!("entry {k:?}: {reason}")))
@@ -441,3 +529,6 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -218,6 +218,7 @@ fn main() -> Result<()> {
     let mut runs = 3usize;
     let mut lines = 2_000_000u64;
     let mut file_mb = 1024u64;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -229,7 +230,10 @@ fn main() -> Result<()> {
             "--runs" => runs = val()? as usize,
             "--lines" => lines = val()?,
             "--file-mb" => file_mb = val()?,
-            other => bail!("unknown argument {other}; use --runs N --lines N --file-mb N"),
+            "--only" => only = Some(args.next().context("missing value")?),
+            other => bail!(
+                "unknown argument {other}; use --runs N --lines N --file-mb N --only tail|files|latency"
+            ),
         }
     }
     for b in ["ferry-agent", "ferry-exchange"] {
@@ -259,6 +263,41 @@ fn main() -> Result<()> {
         f.flush()?;
     }
     let total_bytes = nfiles * per_file;
+
+    if let Some(what) = only {
+        // A quick look at one figure while working on it; BENCHMARKS.md takes the
+        // full report, where every figure sits next to its ceiling.
+        for r in 0..runs {
+            let d = base.path().join(format!("{what}-{r}"));
+            match what.as_str() {
+                "tail" => {
+                    let e = tail_e2e(&d, &log, lines)?;
+                    println!(
+                        "tail e2e: {:.0}k lines/s, agent peak RSS {} KiB, exchange {} KiB",
+                        e.rate / 1000.0,
+                        e.agent_hwm_kib,
+                        e.exchange_hwm_kib
+                    );
+                }
+                "files" => {
+                    let e = files_e2e(&d, &pool, total_bytes)?;
+                    println!(
+                        "files e2e: {:.0} MB/s, agent peak RSS {} KiB, exchange {} KiB",
+                        e.rate, e.agent_hwm_kib, e.exchange_hwm_kib
+                    );
+                }
+                "latency" => {
+                    let l = latency(&d, 20_000, 10)?;
+                    println!(
+                        "latency at 20k/s: p50 {} ms, p99 {} ms, max {} ms, agent RSS {} KiB under load, {} KiB idle",
+                        l.p50, l.p99, l.max, l.agent_rss_load_kib, l.agent_rss_idle_kib
+                    );
+                }
+                other => bail!("--only {other}: use tail, files or latency"),
+            }
+        }
+        return Ok(());
+    }
 
     let mut fsync = Vec::new();
     let mut ceiling = Vec::new();
