@@ -47,6 +47,8 @@ pub struct Committer {
     pub buffer: Arc<Buffer>,
     pub names: Vec<String>,
     pub max_size: u64,
+    /// Free space to leave on the buffer's filesystem.
+    pub min_free: u64,
     pub rx: mpsc::Receiver<CommitRequest>,
     /// Signalled after every durable commit (the shipper waits on it).
     pub durable: Arc<Notify>,
@@ -173,6 +175,7 @@ impl Committer {
             buffer,
             names,
             max_size,
+            min_free,
             rx,
             durable,
             space,
@@ -186,6 +189,7 @@ impl Committer {
             buffer,
             names,
             max_size,
+            min_free,
             rx: encoded,
             durable,
             space,
@@ -200,6 +204,7 @@ struct Writer {
     buffer: Arc<Buffer>,
     names: Arc<Vec<String>>,
     max_size: u64,
+    min_free: u64,
     rx: mpsc::Receiver<Encoding>,
     durable: Arc<Notify>,
     space: Arc<Notify>,
@@ -212,36 +217,58 @@ struct Writer {
 impl Writer {
     async fn run(&mut self) {
         let mut full = false;
+        let mut low = false;
         let mut carry: Option<Encoding> = None;
         loop {
-            // 1. Backpressure: no new requests while the buffer is over its bound.
-            if self.buffer.total_bytes() >= self.max_size {
-                if !full {
-                    full = true;
-                    self.board.set_buffer_full(true);
+            // 1. Backpressure: no new requests while the buffer is over its bound or
+            //    its disk is nearly full (a write that fails for want of space is
+            //    worse than a pause: it would fail the sources over and over).
+            let over = self.buffer.total_bytes() >= self.max_size;
+            let free = self.buffer.free_disk_bytes();
+            let short = free.is_some_and(|f| f < self.min_free);
+            if over != full {
+                full = over;
+                self.board.set_buffer_full(over);
+                if over {
                     warn!(
                         buffered = self.buffer.total_bytes(),
                         max_size = self.max_size,
                         "ALARM: buffer full, sources paused until the exchange acknowledges data"
                     );
+                } else {
+                    info!(
+                        buffered = self.buffer.total_bytes(),
+                        "buffer below its bound again, sources resume"
+                    );
                 }
-                // Acks wake us; the timeout re-checks in case a wakeup raced.
+            }
+            if short != low {
+                low = short;
+                self.board.set_disk_low(short);
+                if short {
+                    warn!(
+                        free = free.unwrap_or(0),
+                        min_free = self.min_free,
+                        "ALARM: the buffer's disk is nearly full, sources paused until space is freed or the exchange acknowledges data"
+                    );
+                } else {
+                    info!(
+                        free = free.unwrap_or(0),
+                        "disk space available again, sources resume"
+                    );
+                }
+            }
+            if over || short {
+                // Acks wake us; the timeout re-checks (freed disk space sends no
+                // signal).
                 tokio::select! {
                     _ = self.space.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 if carry.is_none() && self.rx.is_closed() && self.rx.is_empty() {
                     return;
                 }
                 continue;
-            }
-            if full {
-                full = false;
-                self.board.set_buffer_full(false);
-                info!(
-                    buffered = self.buffer.total_bytes(),
-                    "buffer below its bound again, sources resume"
-                );
             }
             // 2. Take one request, then every following one already encoded.
             let first = match carry.take() {
@@ -398,6 +425,7 @@ mod tests {
                 buffer: buffer.clone(),
                 names: vec!["s".into()],
                 max_size: 1 << 30,
+                min_free: 0,
                 rx,
                 durable: Arc::new(Notify::new()),
                 space: Arc::new(Notify::new()),

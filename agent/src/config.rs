@@ -51,6 +51,10 @@ pub struct BufferSection {
     /// Memory the buffer may use to cache its pages.
     #[serde(default = "default_cache_size")]
     pub cache_size: Size,
+    /// Free space to leave on the filesystem of `data_dir`: below it sources pause
+    /// as when the buffer is full, before a write can fail for want of space.
+    #[serde(default = "default_min_free")]
+    pub min_free: Size,
 }
 
 fn default_max_size() -> Size {
@@ -61,11 +65,16 @@ fn default_cache_size() -> Size {
     Size(8 << 20)
 }
 
+fn default_min_free() -> Size {
+    Size(64 << 20)
+}
+
 impl Default for BufferSection {
     fn default() -> Self {
         Self {
             max_size: default_max_size(),
             cache_size: default_cache_size(),
+            min_free: default_min_free(),
         }
     }
 }

@@ -338,11 +338,16 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
             .unwrap_or_default()
     );
     println!(
-        "buffer: {} of {}{}{}",
+        "buffer: {} of {}{}{}{}",
         human_bytes(report.buffer.bytes),
         human_bytes(report.buffer.max_bytes),
         if report.buffer.full {
             "  ALARM: FULL, sources paused"
+        } else {
+            ""
+        },
+        if report.buffer.disk_low {
+            "  ALARM: DISK NEARLY FULL (below [buffer] min_free), sources paused"
         } else {
             ""
         },

@@ -52,6 +52,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             buffer: buffer.clone(),
             names: names.clone(),
             max_size: cfg.buffer.max_size.0,
+            min_free: cfg.buffer.min_free.0,
             rx: commit_rx,
             durable: durable.clone(),
             space: space.clone(),

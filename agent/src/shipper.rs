@@ -296,7 +296,7 @@ impl Shipper {
                     }
                 })
                 .collect(),
-            buffer_full: self.board.buffer_full(),
+            buffer_full: self.board.buffer_full() || self.board.disk_low(),
             software: env!("CARGO_PKG_VERSION").to_string(),
             cert_not_after_unix: self.cert_not_after_unix,
         }

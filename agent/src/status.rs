@@ -32,6 +32,10 @@ pub struct BufferStatus {
     pub max_bytes: u64,
     /// Sources are paused because the buffer reached `max_size`.
     pub full: bool,
+    /// Sources are paused because the filesystem of `data_dir` has less than
+    /// `[buffer] min_free` left.
+    #[serde(default)]
+    pub disk_low: bool,
     /// The last buffer write error, if writes are failing now.
     pub write_error: Option<String>,
 }
@@ -63,6 +67,7 @@ pub struct Board {
 struct Inner {
     connection: Connection,
     buffer_full: bool,
+    disk_low: bool,
     write_error: Option<String>,
     source_errors: std::collections::BTreeMap<usize, String>,
     ship_errors: std::collections::BTreeMap<String, String>,
@@ -114,6 +119,14 @@ impl Board {
         self.with(|i| i.buffer_full = full);
     }
 
+    pub fn set_disk_low(&self, low: bool) {
+        self.with(|i| i.disk_low = low);
+    }
+
+    pub fn disk_low(&self) -> bool {
+        self.with(|i| i.disk_low).unwrap_or(false)
+    }
+
     pub fn buffer_full(&self) -> bool {
         self.with(|i| i.buffer_full).unwrap_or(false)
     }
@@ -149,6 +162,7 @@ impl Board {
         self.with(|i| {
             report.connection = i.connection.clone();
             report.buffer.full = i.buffer_full;
+            report.buffer.disk_low = i.disk_low;
             report.buffer.write_error = i.write_error.clone();
             for (idx, s) in report.streams.iter_mut().enumerate() {
                 s.source_error = i.source_errors.get(&idx).cloned();

@@ -28,6 +28,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub mod bench;
+pub mod faults;
 pub mod pg;
 
 /// Deadline for things that should happen "soon" (a process starting, a status

@@ -13,7 +13,7 @@ use super::conn::{self, Fail, Result, Target};
 use super::position::{fmt_lsn, PgPosition, StreamPos};
 use super::sql::{qualified, quote_ident, quote_literal, Sql, TableInfo};
 use super::{snapshot, split_table, stream, PostgresConfig, SnapshotMode};
-use crate::{SourceContext, SourceError};
+use crate::{Inflight, SourceContext, SourceError};
 
 /// Sessions that may fail in a row (with backoff 1 s … 30 s) before the error is
 /// handed to the agent (which shows it and restarts the source).
@@ -87,6 +87,35 @@ impl Session<'_> {
         *self.durable = Some(pos.clone());
         *self.progress = true;
         Ok(())
+    }
+
+    /// Hands records to the buffer without waiting: up to `inflight`'s depth
+    /// commits are under way, and `durable` follows each as it completes, in order.
+    pub(crate) async fn submit(
+        &mut self,
+        inflight: &mut Inflight<PgPosition>,
+        records: Vec<Record>,
+        pos: &PgPosition,
+    ) -> Result<()> {
+        let done = inflight
+            .push(self.ctx, records, pos.encode()?, pos.clone())
+            .await?;
+        self.settled(done);
+        Ok(())
+    }
+
+    /// Waits for every commit in flight.
+    pub(crate) async fn drain(&mut self, inflight: &mut Inflight<PgPosition>) -> Result<()> {
+        let done = inflight.drain().await?;
+        self.settled(done);
+        Ok(())
+    }
+
+    fn settled(&mut self, done: Vec<(Option<crate::Committed>, PgPosition)>) {
+        if let Some((_, pos)) = done.into_iter().next_back() {
+            *self.durable = Some(pos);
+            *self.progress = true;
+        }
     }
 
     /// WAL the slot retains, as last measured.

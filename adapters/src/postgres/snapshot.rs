@@ -14,6 +14,7 @@ use super::records::{row_record, size_of, snapshot_columns, Rel, Stamp};
 use super::run::Session;
 use super::sql::{qualified, quote_ident, quote_literal, TableInfo};
 use super::stream::{MAX_RECORD_BYTES, MAX_TXN_BYTES};
+use crate::Inflight;
 
 /// Rough memory a snapshot chunk may take (rows are fetched a chunk at a time).
 const CHUNK_MEMORY: usize = 32 << 20;
@@ -119,8 +120,24 @@ fn estimate(s: &Session<'_>, table: Option<&String>) -> u64 {
         .map_or(0, |i| i.reltuples.max(0.0) as u64)
 }
 
+/// Chunks of a table in flight to the buffer while the next one is fetched.
+const INFLIGHT: usize = 3;
+
 /// Copies from `pos` to the end, then moves to streaming at the consistent point.
-async fn copy(s: &mut Session<'_>, mut pos: SnapshotPos) -> Result<()> {
+/// Commits are pipelined; whatever way the copy ends, those in flight are waited
+/// for first, so the session's durable position is exact when it returns.
+async fn copy(s: &mut Session<'_>, pos: SnapshotPos) -> Result<()> {
+    let mut inflight = Inflight::new(INFLIGHT);
+    let r = copy_pipelined(s, pos, &mut inflight).await;
+    let drained = s.drain(&mut inflight).await;
+    r.and(drained)
+}
+
+async fn copy_pipelined(
+    s: &mut Session<'_>,
+    mut pos: SnapshotPos,
+    inflight: &mut Inflight<PgPosition>,
+) -> Result<()> {
     let started = tokio::time::Instant::now();
     let mut copied: u64 = 0;
     while pos.table < pos.tables.len() {
@@ -133,6 +150,7 @@ async fn copy(s: &mut Session<'_>, mut pos: SnapshotPos) -> Result<()> {
         else {
             warn!(table = %name, "table is no longer in source.tables; not copied");
             next_table(s, &mut pos);
+            s.drain(inflight).await?;
             s.commit(Vec::new(), &PgPosition::Snapshot(pos.clone()))
                 .await?;
             continue;
@@ -184,7 +202,8 @@ async fn copy(s: &mut Session<'_>, mut pos: SnapshotPos) -> Result<()> {
                 let end_of_rows = i + 1 == total;
                 if bytes >= MAX_TXN_BYTES && !(end_of_rows && last_chunk) {
                     pos.retained_wal = s.retained();
-                    s.commit(
+                    s.submit(
+                        inflight,
                         std::mem::take(&mut pending),
                         &PgPosition::Snapshot(pos.clone()),
                     )
@@ -202,7 +221,8 @@ async fn copy(s: &mut Session<'_>, mut pos: SnapshotPos) -> Result<()> {
             }
             if !pending.is_empty() || last_chunk {
                 pos.retained_wal = s.retained();
-                s.commit(
+                s.submit(
+                    inflight,
                     std::mem::take(&mut pending),
                     &PgPosition::Snapshot(pos.clone()),
                 )
@@ -215,6 +235,7 @@ async fn copy(s: &mut Session<'_>, mut pos: SnapshotPos) -> Result<()> {
             }
         }
     }
+    s.drain(inflight).await?;
     s.sql.execute("COMMIT").await?;
     let streaming = PgPosition::Streaming(StreamPos {
         slot: pos.slot.clone(),

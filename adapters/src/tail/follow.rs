@@ -137,11 +137,13 @@ pub(super) async fn run(cfg: TailConfig, ctx: SourceContext) -> Result<(), Sourc
                 );
             }
             let ino = t.ino;
+            // One clock reading per batch: the lines were read together.
+            let now = now_unix_ms();
             let records = split
                 .lines
                 .into_iter()
                 .map(|l| Record {
-                    time_unix_ms: now_unix_ms(),
+                    time_unix_ms: now,
                     position: format!("ino={ino} off={}", l.start),
                     body: Some(record::Body::Line(l.text)),
                 })

@@ -48,7 +48,7 @@ pub(crate) fn split(buf: &[u8], base: u64, flush_tail: bool, lim: &Limits, enc: 
         let start = out.consumed;
         let Some(rest) = buf.get(start..) else { break };
         let window = rest.get(..rest.len().min(max_line + 1)).unwrap_or(rest);
-        let (line, used) = if let Some(nl) = window.iter().position(|&b| b == b'\n') {
+        let (line, used) = if let Some(nl) = memchr::memchr(b'\n', window) {
             (rest.get(..nl).unwrap_or_default(), nl + 1)
         } else if window.len() > max_line {
             let cut = cut_point(rest, max_line, enc);

@@ -594,6 +594,21 @@ impl Buffer {
         self.segments.disk_bytes()
     }
 
+    /// Free bytes for unprivileged writers on the buffer's filesystem, if known.
+    pub fn free_disk_bytes(&self) -> Option<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is a valid C string and `st` a buffer statvfs fills.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: statvfs returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    }
+
     /// Flushes and syncs before shutdown; deletes segments acks emptied.
     pub fn close(&self) -> Result<(), BufferError> {
         let doomed = self

@@ -1,0 +1,472 @@
+//! The fault harness: a UDP proxy that stands between an agent and the exchange on
+//! loopback and misbehaves on command, and a checker that compares what a source
+//! produced with what the exchange stored.
+//!
+//! The proxy forwards every datagram through one scheduler, so each can be
+//! dropped, delayed, duplicated or held back (reordered) independently, in both
+//! directions, and the whole link can be cut (black-holed) and restored. It never
+//! binds anything but 127.0.0.1.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+/// How the link misbehaves; applied to each datagram, in both directions.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Probability a datagram is dropped.
+    pub drop: f64,
+    /// Probability a datagram is sent twice.
+    pub duplicate: f64,
+    /// Every datagram waits this long.
+    pub delay: Duration,
+    /// Plus a uniformly random extra wait up to this.
+    pub jitter: Duration,
+    /// Probability a datagram is held back a further `delay + 20 ms`, so that
+    /// later ones overtake it.
+    pub reorder: f64,
+    /// Black hole: nothing passes.
+    pub cut: bool,
+}
+
+/// What the proxy did, for the report.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub forwarded: AtomicU64,
+    pub dropped: AtomicU64,
+    pub duplicated: AtomicU64,
+    pub reordered: AtomicU64,
+}
+
+impl fmt::Display for ProxyStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "forwarded {}, dropped {}, duplicated {}, reordered {}",
+            self.forwarded.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+            self.duplicated.load(Ordering::Relaxed),
+            self.reordered.load(Ordering::Relaxed)
+        )
+    }
+}
+
+struct Pending {
+    due: Instant,
+    n: u64,
+    from: Arc<UdpSocket>,
+    to: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, o: &Self) -> bool {
+        (self.due, self.n) == (o.due, o.n)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.due, self.n).cmp(&(o.due, o.n))
+    }
+}
+
+struct Shared {
+    faults: Mutex<Faults>,
+    queue: Mutex<BinaryHeap<Reverse<Pending>>>,
+    wake: Condvar,
+    stop: AtomicBool,
+    seq: AtomicU64,
+    stats: ProxyStats,
+}
+
+impl Shared {
+    /// Decides the fate of one datagram and queues what survives.
+    fn offer(&self, from: &Arc<UdpSocket>, to: SocketAddr, bytes: &[u8]) {
+        let f = *self.faults.lock().unwrap();
+        let mut rng = rand::rng();
+        if f.cut || rng.random_bool(f.drop.clamp(0.0, 1.0)) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let copies = if rng.random_bool(f.duplicate.clamp(0.0, 1.0)) {
+            self.stats.duplicated.fetch_add(1, Ordering::Relaxed);
+            2
+        } else {
+            1
+        };
+        let now = Instant::now();
+        let mut q = self.queue.lock().unwrap();
+        for _ in 0..copies {
+            let mut wait = f.delay;
+            if !f.jitter.is_zero() {
+                wait += f.jitter.mul_f64(rng.random::<f64>());
+            }
+            if rng.random_bool(f.reorder.clamp(0.0, 1.0)) {
+                wait += f.delay + Duration::from_millis(20);
+                self.stats.reordered.fetch_add(1, Ordering::Relaxed);
+            }
+            q.push(Reverse(Pending {
+                due: now + wait,
+                n: self.seq.fetch_add(1, Ordering::Relaxed),
+                from: Arc::clone(from),
+                to,
+                bytes: bytes.to_vec(),
+            }));
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Sends queued datagrams when they are due.
+    fn run_scheduler(&self) {
+        let mut q = self.queue.lock().unwrap();
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            match q.peek() {
+                Some(Reverse(p)) if p.due <= now => {
+                    let Reverse(p) = q.pop().unwrap();
+                    drop(q);
+                    // A cut also swallows what was already in flight.
+                    if self.faults.lock().unwrap().cut {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let _ = p.from.send_to(&p.bytes, p.to);
+                        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    q = self.queue.lock().unwrap();
+                }
+                Some(Reverse(p)) => {
+                    let wait = p.due - now;
+                    q = self.wake.wait_timeout(q, wait).unwrap().0;
+                }
+                None => {
+                    q = self
+                        .wake
+                        .wait_timeout(q, Duration::from_millis(50))
+                        .unwrap()
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+/// A misbehaving UDP link: agents connect to [`UdpProxy::address`], the proxy
+/// talks to `upstream`.
+pub struct UdpProxy {
+    pub port: u16,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl UdpProxy {
+    pub fn start(upstream: SocketAddr) -> UdpProxy {
+        assert!(
+            upstream.ip().is_loopback(),
+            "the fault proxy only works on loopback"
+        );
+        let listen = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        listen
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let port = listen.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            faults: Mutex::new(Faults::default()),
+            queue: Mutex::new(BinaryHeap::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+            stats: ProxyStats::default(),
+        });
+        let mut threads = Vec::new();
+        {
+            let s = Arc::clone(&shared);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("proxy-scheduler".into())
+                    .spawn(move || s.run_scheduler())
+                    .unwrap(),
+            );
+        }
+        {
+            let s = Arc::clone(&shared);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("proxy-clients".into())
+                    .spawn(move || client_side(&s, &listen, upstream))
+                    .unwrap(),
+            );
+        }
+        UdpProxy {
+            port,
+            shared,
+            threads,
+        }
+    }
+
+    /// `host:port` for the agent's `[exchange] address`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn set(&self, faults: Faults) {
+        *self.shared.faults.lock().unwrap() = faults;
+    }
+
+    pub fn cut(&self, cut: bool) {
+        self.shared.faults.lock().unwrap().cut = cut;
+    }
+
+    pub fn stats(&self) -> &ProxyStats {
+        &self.shared.stats
+    }
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Client → exchange: one upstream socket per client address (an agent opens a
+/// new UDP socket for every connection), each with a thread for the replies.
+fn client_side(s: &Arc<Shared>, listen: &Arc<UdpSocket>, upstream: SocketAddr) {
+    let mut peers: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut repliers: Vec<JoinHandle<()>> = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while !s.stop.load(Ordering::Relaxed) {
+        let (n, client) = match listen.recv_from(&mut buf) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        let up = peers.entry(client).or_insert_with(|| {
+            let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let (s2, sock2, listen2) = (Arc::clone(s), Arc::clone(&sock), Arc::clone(listen));
+            repliers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !s2.stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = sock2.recv_from(&mut buf) {
+                        if from == upstream {
+                            s2.offer(&listen2, client, &buf[..n]);
+                        }
+                    }
+                }
+            }));
+            sock
+        });
+        let up = Arc::clone(up);
+        s.offer(&up, upstream, &buf[..n]);
+    }
+    for r in repliers {
+        let _ = r.join();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The checker
+// ---------------------------------------------------------------------------------
+
+/// A numbered line the checker can verify: `<tag>-<index>-<digest of both>`.
+pub fn checked_line(tag: &str, i: usize) -> String {
+    format!("{tag}-{i:08}-{:08x}", line_digest(tag, i))
+}
+
+fn line_digest(tag: &str, i: usize) -> u32 {
+    crc32fast_like(format!("{tag}/{i}").as_bytes())
+}
+
+/// A small stable checksum (FNV-1a), enough to notice an altered line.
+fn crc32fast_like(b: &[u8]) -> u32 {
+    b.iter().fold(0x811c_9dc5u32, |h, &x| {
+        (h ^ u32::from(x)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// What the exchange holds compared with what was produced, record by record.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub produced: usize,
+    pub stored: usize,
+    pub missing: usize,
+    pub duplicated: usize,
+    pub out_of_order: usize,
+    pub altered: usize,
+    /// The first few problems, for the message.
+    pub examples: Vec<String>,
+}
+
+impl Verdict {
+    /// Compares `produced` lines (made by [`checked_line`] with indexes `0..`) with
+    /// what the exchange stored, in seq order.
+    pub fn of_lines(tag: &str, produced: usize, stored: &[String]) -> Verdict {
+        let mut v = Verdict {
+            produced,
+            stored: stored.len(),
+            ..Verdict::default()
+        };
+        let mut seen = vec![false; produced];
+        let mut last: Option<usize> = None;
+        for (pos, text) in stored.iter().enumerate() {
+            let idx = text
+                .strip_prefix(tag)
+                .and_then(|r| r.strip_prefix('-'))
+                .and_then(|r| r.split('-').next())
+                .and_then(|n| n.parse::<usize>().ok());
+            let Some(idx) = idx.filter(|&i| i < produced && *text == checked_line(tag, i)) else {
+                v.altered += 1;
+                v.example(format!(
+                    "seq {}: {text:?} is not a line that was written",
+                    pos + 1
+                ));
+                continue;
+            };
+            if seen[idx] {
+                v.duplicated += 1;
+                v.example(format!("seq {}: line {idx} again", pos + 1));
+                continue;
+            }
+            seen[idx] = true;
+            if last.is_some_and(|l| idx < l) {
+                v.out_of_order += 1;
+                v.example(format!(
+                    "seq {}: line {idx} after line {}",
+                    pos + 1,
+                    last.unwrap_or(0)
+                ));
+            }
+            last = Some(idx);
+        }
+        let missing: Vec<usize> = (0..produced).filter(|&i| !seen[i]).collect();
+        v.missing = missing.len();
+        if let (Some(a), Some(b)) = (missing.first(), missing.last()) {
+            v.example(format!(
+                "missing: {} lines between {a} and {b}",
+                missing.len()
+            ));
+        }
+        v
+    }
+
+    fn example(&mut self, e: String) {
+        if self.examples.len() < 5 {
+            self.examples.push(e);
+        }
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.missing == 0 && self.duplicated == 0 && self.out_of_order == 0 && self.altered == 0
+    }
+
+    /// Prints the verdict and fails the test unless nothing was lost, duplicated,
+    /// reordered or altered.
+    pub fn assert_clean(&self, scenario: &str) {
+        crate::note(format!("verdict, {scenario}: {self}"));
+        assert!(self.is_clean(), "{scenario}: {self}");
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "produced {}, stored {}: {} lost, {} duplicated, {} out of order, {} altered",
+            self.produced,
+            self.stored,
+            self.missing,
+            self.duplicated,
+            self.out_of_order,
+            self.altered
+        )?;
+        for e in &self.examples {
+            write!(f, "; {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// True when long variants of the fault scenarios were asked for (`FERRY_SOAK=1`).
+pub fn soak() -> bool {
+    std::env::var("FERRY_SOAK").is_ok_and(|v| v == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checker_sees_every_kind_of_damage() {
+        let good: Vec<String> = (0..10).map(|i| checked_line("t", i)).collect();
+        assert!(Verdict::of_lines("t", 10, &good).is_clean());
+        let mut bad = good.clone();
+        bad.remove(3); // lost
+        bad.push(good[5].clone()); // duplicated (and late)
+        bad.swap(0, 1); // out of order
+        bad[6] = bad[6].replace('-', "_"); // altered
+        let v = Verdict::of_lines("t", 10, &bad);
+        assert_eq!(
+            (v.missing, v.duplicated, v.out_of_order, v.altered),
+            (2, 1, 1, 1),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn the_proxy_drops_duplicates_and_cuts() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let proxy = UdpProxy::start(server.local_addr().unwrap());
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let count = |n: usize| {
+            for i in 0..n {
+                client
+                    .send_to(&i.to_be_bytes(), ("127.0.0.1", proxy.port))
+                    .unwrap();
+            }
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            while server.recv_from(&mut buf).is_ok() {
+                got += 1;
+            }
+            got
+        };
+        assert_eq!(count(50), 50);
+        proxy.set(Faults {
+            duplicate: 1.0,
+            ..Faults::default()
+        });
+        assert_eq!(count(50), 100);
+        proxy.set(Faults {
+            drop: 1.0,
+            ..Faults::default()
+        });
+        assert_eq!(count(50), 0);
+        proxy.set(Faults::default());
+        proxy.cut(true);
+        assert_eq!(count(50), 0);
+        proxy.cut(false);
+        assert_eq!(count(10), 10);
+    }
+}
