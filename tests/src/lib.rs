@@ -670,6 +670,11 @@ impl Agent {
         since_last_banner(&self.log)
     }
 
+    /// The running agent's process id.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// Spawns `run` without waiting for it to be up.
     pub fn spawn(&mut self) {
         assert!(self.proc.is_none(), "agent already started");

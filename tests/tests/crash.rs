@@ -285,3 +285,46 @@ fn exchange_killed_at_random_moments_loses_and_duplicates_nothing() {
     agent.stop();
     ex.stop();
 }
+
+/// Both ends die over and over in one run: the agent is killed with SIGKILL
+/// between 50 and 700 ms after each start, and after every second agent kill the
+/// exchange is killed and restarted too, while lines and files keep coming and the
+/// log is rotated halfway. 12 agent and 6 exchange kills; with FERRY_SOAK=1, 100
+/// and 50. Every line arrives exactly once, in order, every file exactly once.
+#[test]
+fn agent_and_exchange_killed_in_one_run_lose_and_duplicate_nothing() {
+    let (agent_kills, exchange_kills) = if ferry_tests::faults::soak() {
+        (100, 50)
+    } else {
+        (12, 6)
+    };
+    let t = TestDir::new("crash-both");
+    let (mut ex, mut agent, log, outbox) = setup(&t);
+    let writer = Writer::start(log, outbox.clone());
+    let mut rng = rand::rng();
+    let mut ex_killed = 0;
+    for i in 0..agent_kills {
+        if i == agent_kills / 2 {
+            writer.rotate();
+        }
+        agent.start();
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..=700)));
+        agent.kill9();
+        if i % 2 == 1 && ex_killed < exchange_kills {
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..=300)));
+            ex.kill9();
+            ex.start();
+            ex_killed += 1;
+        }
+    }
+    agent.start();
+    note(format!(
+        "agent killed {agent_kills} times, exchange {ex_killed} times; {} sessions at the exchange",
+        count_in_log(ex.log_path(), "agent connected")
+    ));
+    let produced = writer.finish();
+    assert!(produced.rotated, "the log was rotated midway");
+    verify_everything_arrived_once(&mut ex, &mut agent, &outbox, &produced);
+    agent.stop();
+    ex.stop();
+}

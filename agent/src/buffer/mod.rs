@@ -606,7 +606,10 @@ impl Buffer {
         }
         // SAFETY: statvfs returned 0, so it filled `st`.
         let st = unsafe { st.assume_init() };
-        Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+        // fsblkcnt_t and c_ulong are 32 bits on some targets.
+        #[allow(clippy::useless_conversion)]
+        let (avail, frsize) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+        Some(avail.saturating_mul(frsize))
     }
 
     /// Flushes and syncs before shutdown; deletes segments acks emptied.
