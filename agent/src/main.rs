@@ -58,6 +58,17 @@ enum Command {
         #[arg(long, default_value = "/etc/ferry/agent.toml")]
         config: PathBuf,
     },
+    /// Recover a buffer the agent refuses to open as damaged: intact batches go to
+    /// a fresh buffer, every damaged seq range is reported by stream (and shown by
+    /// the exchange as a gap), the damaged buffer is kept beside it. The agent must
+    /// be stopped.
+    Salvage {
+        #[arg(long, default_value = "/etc/ferry/agent.toml")]
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Per stream: source position, buffered batches/bytes, acked seq, connection.
     Status {
         #[arg(long, default_value = "/etc/ferry/agent.toml")]
@@ -122,6 +133,7 @@ fn main() -> ExitCode {
         },
         Command::Status { config, json } => return cmd_status(&config, json),
         Command::Doctor { config } => return cmd_doctor(&config),
+        Command::Salvage { config, json } => cmd_salvage(&config, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -276,6 +288,55 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// Exit codes follow `systemctl status`: 0 running, 3 not running, 1 error.
+fn cmd_salvage(path: &Path, json: bool) -> Result<()> {
+    let loaded = config::load(path, config::Host::Advisory)?;
+    let cfg = &loaded.config;
+    let socket = cfg.admin_socket();
+    let running = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()
+        .and_then(|rt| rt.block_on(admin::query(&socket)).ok());
+    if let Some(r) = running {
+        anyhow::bail!(
+            "agent {} is running (pid {}): stop it before salvaging its buffer",
+            cfg.agent.id,
+            r.pid
+        );
+    }
+    let dir = cfg.buffer_dir();
+    let report = buffer::salvage(&dir, cfg.buffer.cache_size.0)
+        .with_context(|| format!("salvaging the buffer at {}", dir.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for s in &report.streams {
+        println!(
+            "stream {}: acked {}, head {}; recovered {} batches ({} records)",
+            s.name, s.acked, s.head, s.intact_batches, s.intact_records
+        );
+        for (a, b) in &s.lost {
+            println!(
+                "  LOST: seqs {a}..={b} ({} records) were durable but are damaged beyond recovery; the exchange will show them as a gap",
+                b - a + 1
+            );
+        }
+    }
+    println!(
+        "buffer recovered at {}; the damaged one is kept at {}",
+        dir.display(),
+        report.damaged_dir.display()
+    );
+    if report.lost_records() > 0 {
+        println!(
+            "{} records could not be recovered (see LOST above)",
+            report.lost_records()
+        );
+    }
+    Ok(())
+}
+
 fn cmd_status(path: &Path, json: bool) -> ExitCode {
     let loaded = match config::load(path, config::Host::Advisory) {
         Ok(l) => l,
@@ -376,6 +437,9 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
         }
         if let Some(e) = &s.ship_error {
             println!("  shipping: {e}");
+        }
+        for [a, b] in &s.lost {
+            println!("  LOST to buffer damage (salvaged): seqs {a}..={b}");
         }
     }
     ExitCode::SUCCESS

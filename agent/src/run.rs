@@ -194,7 +194,12 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                 streams: views.clone(),
                 ..Default::default()
             };
+            let lost = buffer.lost_ranges();
             for (v, sc) in r.streams.iter_mut().zip(&source_cfgs) {
+                v.lost = lost
+                    .get(&v.name)
+                    .map(|l| l.iter().map(|&(a, b)| [a, b]).collect())
+                    .unwrap_or_default();
                 let st = buffer.state(&v.name);
                 v.head_seq = st.head;
                 v.acked_seq = st.acked;

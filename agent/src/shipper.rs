@@ -251,9 +251,17 @@ impl Shipper {
         for (i, name) in self.names.iter().enumerate() {
             session.on_durable(name, self.buffer.state(name).head);
             while let Some(seq) = session.poll_send(name) {
-                let batch = self.buffer.batch_at(name, seq)?.ok_or_else(|| {
-                    anyhow!("stream {name}: seq {seq} is durable but not in the buffer")
-                })?;
+                let Some(batch) = self.buffer.batch_at(name, seq)? else {
+                    // Seqs lost to damage (recorded by `salvage`) are skipped: the
+                    // exchange sees the hole when the next batch arrives, records
+                    // it as a gap and acknowledges past it.
+                    if let Some(to) = self.buffer.lost_through(name, seq) {
+                        warn!(stream = %name, from = seq, to, "skipping seqs lost to buffer damage");
+                        session.on_sent(name, seq, to)?;
+                        continue;
+                    }
+                    bail!("stream {name}: seq {seq} is durable but not in the buffer");
+                };
                 session.on_sent(name, batch.first_seq, batch.last_seq())?;
                 if writers[i].is_none() {
                     let (send, recv) = conn.open_bi().await.context("opening a data stream")?;

@@ -55,6 +55,10 @@ pub struct StreamView {
     pub buffered_bytes: u64,
     pub source_error: Option<String>,
     pub ship_error: Option<String>,
+    /// Seq ranges `[from, to]` lost to buffer damage (recorded by `salvage`) and not
+    /// yet acknowledged past.
+    #[serde(default)]
+    pub lost: Vec<[u64; 2]>,
 }
 
 /// The mutable parts, updated by the tasks that know them.

@@ -292,6 +292,21 @@ pub fn checked_line(tag: &str, i: usize) -> String {
     format!("{tag}-{i:08}-{:08x}", line_digest(tag, i))
 }
 
+/// A [`checked_line`] with 96 more characters that do not compress well, so that
+/// a batch of them is large.
+pub fn long_line(tag: &str, i: usize) -> String {
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let noise: String = (0..96)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"0123456789abcdefghijklmnopqrstuvwxyz"[(x % 36) as usize])
+        })
+        .collect();
+    format!("{}-{noise}", checked_line(tag, i))
+}
+
 fn line_digest(tag: &str, i: usize) -> u32 {
     crc32fast_like(format!("{tag}/{i}").as_bytes())
 }
@@ -312,6 +327,8 @@ pub struct Verdict {
     pub duplicated: usize,
     pub out_of_order: usize,
     pub altered: usize,
+    /// Indexes of the lines never stored.
+    pub missing_indexes: Vec<usize>,
     /// The first few problems, for the message.
     pub examples: Vec<String>,
 }
@@ -320,6 +337,16 @@ impl Verdict {
     /// Compares `produced` lines (made by [`checked_line`] with indexes `0..`) with
     /// what the exchange stored, in seq order.
     pub fn of_lines(tag: &str, produced: usize, stored: &[String]) -> Verdict {
+        Self::of_lines_made(tag, produced, stored, |i| checked_line(tag, i))
+    }
+
+    /// [`Self::of_lines`] for lines made by `make` (e.g. [`long_line`]).
+    pub fn of_lines_made(
+        tag: &str,
+        produced: usize,
+        stored: &[String],
+        make: impl Fn(usize) -> String,
+    ) -> Verdict {
         let mut v = Verdict {
             produced,
             stored: stored.len(),
@@ -333,7 +360,7 @@ impl Verdict {
                 .and_then(|r| r.strip_prefix('-'))
                 .and_then(|r| r.split('-').next())
                 .and_then(|n| n.parse::<usize>().ok());
-            let Some(idx) = idx.filter(|&i| i < produced && *text == checked_line(tag, i)) else {
+            let Some(idx) = idx.filter(|&i| i < produced && *text == make(i)) else {
                 v.altered += 1;
                 v.example(format!(
                     "seq {}: {text:?} is not a line that was written",
@@ -359,6 +386,7 @@ impl Verdict {
         }
         let missing: Vec<usize> = (0..produced).filter(|&i| !seen[i]).collect();
         v.missing = missing.len();
+        v.missing_indexes = missing.clone();
         if let (Some(a), Some(b)) = (missing.first(), missing.last()) {
             v.example(format!(
                 "missing: {} lines between {a} and {b}",

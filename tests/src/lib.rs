@@ -567,6 +567,8 @@ pub struct Agent {
     log: PathBuf,
     proc: Option<Proc>,
     starts: u32,
+    /// Extra environment for the agent's process (e.g. a faked clock).
+    env: Vec<(String, String)>,
 }
 
 /// `[[stream]]` for a `tail` source.
@@ -638,7 +640,14 @@ impl Agent {
             log: dir.join("agent.log"),
             proc: None,
             starts: 0,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for the agent processes started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     pub fn config_text(&self) -> String {
@@ -681,6 +690,7 @@ impl Agent {
         self.starts += 1;
         let mut cmd = Command::new(bin("ferry-agent"));
         cmd.arg("run").arg("--config").arg(&self.config);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn(
             cmd,
             &self.log,

@@ -507,3 +507,189 @@ fn a_soak_at_20k_lines_per_second_keeps_memory_and_descriptors_flat() {
         "the buffer did not shrink back after draining: {disk_at_start} → {disk_after} bytes"
     );
 }
+
+/// Bytes of the agent's buffer are flipped while it is stopped (the exchange was
+/// away, so everything was still buffered): the agent refuses to start, naming the
+/// damage; `ferry-agent salvage` recovers every intact batch and reports the lost
+/// seq range; the agent then ships the rest, the exchange shows exactly that range
+/// as a gap, and nothing else is missing, duplicated or altered.
+#[test]
+fn a_damaged_buffer_is_refused_salvaged_and_its_loss_shown_as_a_gap() {
+    use ferry_tests::faults::long_line;
+    let t = TestDir::new("faults-salvage");
+    let (mut ex, mut agent, log) = setup(&t);
+    ex.stop();
+    agent.start();
+    let mut produced = 0usize;
+    for _ in 0..6 {
+        let lines: Vec<String> = (produced..produced + 1500)
+            .map(|i| long_line(TAG, i))
+            .collect();
+        append_lines(&log, &lines);
+        produced += 1500;
+        wait_until(SHORT, "the burst to be durable", || {
+            agent.stream_status("hall-log")["head_seq"].as_u64() == Some(produced as u64)
+        });
+    }
+    agent.stop();
+
+    let segments = agent.dir.join("data/buffer/segments");
+    let seg = std::fs::read_dir(&segments)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .expect("large batches live in segment files")
+        .path();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0x5A;
+    }
+    std::fs::write(&seg, &bytes).unwrap();
+    note(format!(
+        "flipped 16 bytes at offset {mid} of {}",
+        seg.display()
+    ));
+
+    let out = Agent::run_to_exit(&agent.config, SHORT);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the agent must refuse a damaged buffer"
+    );
+    assert!(
+        err.contains("damaged") && err.contains("checksum") && err.contains("ferry-agent salvage"),
+        "the refusal names the damage and the way out: {err}"
+    );
+
+    let out = std::process::Command::new(bin("ferry-agent"))
+        .args(["salvage", "--json", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "salvage: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    note(format!("salvage report: {report}"));
+    let stream = &report["streams"][0];
+    let lost: Vec<(u64, u64)> = stream["lost"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
+    assert!(
+        !lost.is_empty(),
+        "the flipped bytes cost at least one batch: {report}"
+    );
+    let lost_count: u64 = lost.iter().map(|(a, b)| b - a + 1).sum();
+    assert_eq!(
+        stream["intact_records"].as_u64().unwrap() + lost_count,
+        produced as u64,
+        "every record is either recovered or reported lost"
+    );
+
+    ex.start();
+    agent.start();
+    let more: Vec<String> = (produced..produced + 100)
+        .map(|i| long_line(TAG, i))
+        .collect();
+    append_lines(&log, &more);
+    produced += 100;
+    let want = produced - lost_count as usize;
+    ex.wait_lines(AGENT, "hall-log", want, LONG);
+    wait_drained(&mut agent);
+    let got = ex.lines(AGENT, "hall-log");
+    let v = Verdict::of_lines_made(TAG, produced, &got, |i| long_line(TAG, i));
+    note(format!("verdict after salvage: {v}"));
+    assert_eq!((v.duplicated, v.out_of_order, v.altered), (0, 0, 0), "{v}");
+    // Exactly the reported seqs are missing (line i has seq i + 1).
+    let reported: Vec<usize> = lost
+        .iter()
+        .flat_map(|&(a, b)| (a..=b).map(|s| s as usize - 1))
+        .collect();
+    assert_eq!(
+        v.missing_indexes, reported,
+        "missing lines are the lost seqs"
+    );
+    let gaps: Vec<(u64, u64)> = ex
+        .gaps(AGENT, "hall-log")
+        .iter()
+        .map(|g| (g["from"].as_u64().unwrap(), g["to"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(gaps, lost, "the exchange shows the loss as a gap");
+    assert!(agent.stream_status("hall-log")["lost"]
+        .as_array()
+        .is_none_or(|l| l.is_empty()));
+}
+
+/// libfaketime, which fakes the wall clock of one process.
+fn libfaketime() -> Option<PathBuf> {
+    let dirs = std::fs::read_dir("/usr/lib").ok()?;
+    dirs.flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .chain([PathBuf::from("/usr/lib/faketime/libfaketime.so.1")])
+        .find(|p| p.is_file())
+}
+
+/// The agent's wall clock jumps while it runs (set back 3 hours, then forward 6,
+/// then back to the truth) and it is restarted with its clock 3 hours behind: it
+/// keeps shipping, it still accepts the exchange's certificate, and every line
+/// arrives once, in order. Sequence numbers, offsets and acks never look at the
+/// wall clock; only the records' capture times show the jumps.
+#[test]
+fn clock_jumps_on_the_agent_reorder_and_lose_nothing() {
+    let Some(lib) = libfaketime() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "libfaketime is missing: install the Debian package faketime"
+        );
+        note("skipped: libfaketime is missing (Debian package faketime)");
+        return;
+    };
+    let t = TestDir::new("faults-clock");
+    let (mut ex, mut agent, log) = setup(&t);
+    let clock = t.path().join("clock");
+    let set_clock = |offset: &str| std::fs::write(&clock, offset).unwrap();
+    set_clock("-3h");
+    agent.set_env("LD_PRELOAD", lib.to_str().unwrap());
+    agent.set_env("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap());
+    agent.set_env("FAKETIME_CACHE_DURATION", "1");
+    // Only the wall clock jumps; the monotonic clock never does on a real system.
+    agent.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    agent.start();
+    let writer = LineWriter::start(log, 1_000);
+    ex.wait_lines(AGENT, "hall-log", 500, LONG);
+    let skew = |ex: &Exchange| {
+        let recs = ex.records(AGENT, "hall-log");
+        let last = recs.last().cloned().unwrap_or_default();
+        let t = last["time"].as_str().unwrap_or_default().to_string();
+        (recs.len(), t)
+    };
+    note(format!("clock 3 h behind: {:?}", skew(&ex)));
+    for offset in ["+3h", "+0", "-3h"] {
+        set_clock(offset);
+        std::thread::sleep(Duration::from_secs(3));
+        note(format!("clock {offset}: {:?}", skew(&ex)));
+    }
+    // A restart with the clock 3 hours behind: a new TLS handshake, certificates
+    // checked against the skewed clock.
+    agent.kill9();
+    agent.start();
+    std::thread::sleep(Duration::from_secs(3));
+    set_clock("+0");
+    let produced = writer.finish();
+    verdict(&mut ex, produced, LONG).assert_clean("clock jumps on the agent");
+    wait_drained(&mut agent);
+    let times: Vec<String> = ex
+        .records(AGENT, "hall-log")
+        .iter()
+        .filter_map(|r| r["time"].as_str().map(str::to_string))
+        .collect();
+    let (first, last) = (times.first().cloned(), times.last().cloned());
+    note(format!("capture times from {first:?} to {last:?}"));
+    assert!(ex.gaps(AGENT, "hall-log").is_empty());
+}

@@ -14,6 +14,8 @@
 //! "h:" stream                           head: highest durable seq (u64 BE); committer only
 //! "a:" stream                           acked: every seq <= it was acknowledged (u64 BE);
 //!                                       written only on acks
+//! "l:" stream 0x00 from(u64 BE)         to (u64 BE): seqs `from..=to` were durable once
+//!                                       but lost to damage; written only by `salvage`
 //! ```
 //! Head and acked live under separate keys because different tasks write them
 //! concurrently; neither write may carry a stale copy of the other.
@@ -54,6 +56,9 @@ use tracing::warn;
 
 use ferry_protocol::entry::{self, Decoded, StoredBatch};
 
+mod salvage;
+pub use salvage::salvage;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
     #[error("buffer at {dir}: {source}")]
@@ -68,7 +73,7 @@ pub enum BufferError {
         #[source]
         source: std::io::Error,
     },
-    #[error("buffer at {dir} is damaged: {detail}. The agent refuses to start so that nothing is lost; keep the directory for inspection and recovery")]
+    #[error("buffer at {dir} is damaged: {detail}. The agent refuses to start so that nothing is lost; `ferry-agent salvage --config FILE` recovers every intact batch and reports what it cannot")]
     Damaged { dir: PathBuf, detail: String },
 }
 
@@ -151,6 +156,8 @@ pub struct Buffer {
     doomed: Mutex<Vec<u64>>,
     syncer: Mutex<Syncer>,
     streams: Mutex<BTreeMap<String, StreamState>>,
+    /// Per stream: seqs lost to damage, `from → to` (see `salvage`).
+    lost: Mutex<BTreeMap<String, BTreeMap<u64, u64>>>,
     total_bytes: AtomicU64,
 }
 
@@ -160,6 +167,12 @@ fn batch_key(stream: &str, seq: u64) -> Vec<u8> {
     k.extend_from_slice(stream.as_bytes());
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn lost_key(stream: &str, from: u64) -> Vec<u8> {
+    let mut k = batch_key(stream, from);
+    k[0] = b'l';
     k
 }
 
@@ -217,6 +230,7 @@ impl Buffer {
             doomed: Mutex::new(Vec::new()),
             syncer: Mutex::new(syncer),
             streams: Mutex::new(BTreeMap::new()),
+            lost: Mutex::new(BTreeMap::new()),
             total_bytes: AtomicU64::new(0),
         };
         buffer.scan()?;
@@ -255,6 +269,15 @@ impl Buffer {
                 }
             }
         }
+        let lost = self.read_lost(&streams)?;
+        let skip = |name: &str, mut want: u64| {
+            if let Some(l) = lost.get(name) {
+                while let Some(&to) = l.get(&want) {
+                    want = to + 1;
+                }
+            }
+            want
+        };
         let mut expected: BTreeMap<String, u64> = BTreeMap::new();
         let mut total = 0;
         for kv in self.db.scan_prefix(b"b:") {
@@ -308,7 +331,12 @@ impl Buffer {
                     .retain(loc)
                     .map_err(|e| self.damaged(e.to_string()))?;
             }
-            let want = expected.entry(name.clone()).or_insert(batch.first_seq);
+            let start = lost
+                .get(&name)
+                .and_then(|l| l.keys().next().copied())
+                .map_or(batch.first_seq, |f| f.min(batch.first_seq));
+            let want = expected.entry(name.clone()).or_insert(start);
+            *want = skip(&name, *want);
             if batch.first_seq != *want {
                 return Err(self.damaged(format!(
                     "stream {name}: batch starts at seq {} where {} was expected",
@@ -327,7 +355,11 @@ impl Buffer {
                 source,
             })?;
         for (name, st) in &streams {
-            if let Some(&next) = expected.get(name) {
+            let next = expected
+                .get(name)
+                .copied()
+                .or_else(|| lost.get(name).and_then(|l| l.keys().next().copied()));
+            if let Some(next) = next.map(|n| skip(name, n)) {
                 if next != st.head + 1 {
                     return Err(self.damaged(format!(
                         "stream {name}: batches end at seq {} but the head is {}",
@@ -341,7 +373,53 @@ impl Buffer {
         if let Ok(mut s) = self.streams.lock() {
             *s = streams;
         }
+        if let Ok(mut l) = self.lost.lock() {
+            *l = lost;
+        }
         Ok(())
+    }
+
+    /// Lost ranges above each stream's acked watermark (others are dropped).
+    fn read_lost(
+        &self,
+        streams: &BTreeMap<String, StreamState>,
+    ) -> Result<BTreeMap<String, BTreeMap<u64, u64>>, BufferError> {
+        let mut lost: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+        for kv in self.db.scan_prefix(b"l:") {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let parsed = k.iter().position(|&b| b == 0).and_then(|nul| {
+                let name = String::from_utf8_lossy(&k[2..nul]).into_owned();
+                Some((name, read_u64(&k[nul + 1..])?, read_u64(&v)?))
+            });
+            let Some((name, from, to)) = parsed else {
+                return Err(self.damaged(format!("a lost-range record {k:?} is malformed")));
+            };
+            if to <= streams.get(&name).map_or(0, |s| s.acked) {
+                let _ = self.db.remove(&k);
+                continue;
+            }
+            lost.entry(name).or_default().insert(from, to);
+        }
+        Ok(lost)
+    }
+
+    /// If `seq` lies in a range lost to damage (see `salvage`), its last seq.
+    pub fn lost_through(&self, stream: &str, seq: u64) -> Option<u64> {
+        let l = self.lost.lock().ok()?;
+        let (_, &to) = l.get(stream)?.range(..=seq).next_back()?;
+        (to >= seq).then_some(to)
+    }
+
+    /// Every range lost to damage, per stream.
+    pub fn lost_ranges(&self) -> BTreeMap<String, Vec<(u64, u64)>> {
+        self.lost
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .map(|(n, r)| (n.clone(), r.iter().map(|(&a, &b)| (a, b)).collect()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn state(&self, stream: &str) -> StreamState {
@@ -561,6 +639,22 @@ impl Buffer {
         }
         // The exchange only ever acks whole batches; a watermark inside a batch keeps
         // that batch until the rest of it is acked.
+        // A lost range is acknowledged like a batch: the exchange's ack of a later
+        // seq covers it (the exchange recorded it as a gap).
+        if let Ok(mut l) = self.lost.lock() {
+            if let Some(ranges) = l.get_mut(stream) {
+                let done: Vec<(u64, u64)> = ranges
+                    .range(..=up_to)
+                    .filter(|(_, &to)| to <= up_to)
+                    .map(|(&f, &t)| (f, t))
+                    .collect();
+                for (from, to) in done {
+                    ranges.remove(&from);
+                    batch.remove(lost_key(stream, from));
+                    acked = acked.max(to);
+                }
+            }
+        }
         st.acked = st.acked.max(acked);
         st.batches -= removed.min(st.batches);
         st.bytes -= freed.min(st.bytes);
