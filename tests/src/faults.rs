@@ -433,6 +433,79 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// The checker fed one stored line at a time, for runs too long to hold in memory.
+pub struct LineChecker {
+    tag: String,
+    seen: Vec<bool>,
+    last: Option<usize>,
+    v: Verdict,
+}
+
+impl LineChecker {
+    pub fn new(tag: &str) -> Self {
+        LineChecker {
+            tag: tag.to_string(),
+            seen: Vec::new(),
+            last: None,
+            v: Verdict::default(),
+        }
+    }
+
+    /// One stored line (made by [`checked_line`]), in seq order.
+    pub fn feed(&mut self, seq: u64, text: &str) {
+        self.v.stored += 1;
+        let idx = text
+            .strip_prefix(self.tag.as_str())
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.split('-').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        let Some(idx) = idx.filter(|&i| text == checked_line(&self.tag, i)) else {
+            self.v.altered += 1;
+            self.v.example(format!(
+                "seq {seq}: {text:?} is not a line that was written"
+            ));
+            return;
+        };
+        if idx >= self.seen.len() {
+            self.seen.resize(idx + 1, false);
+        }
+        if self.seen[idx] {
+            self.v.duplicated += 1;
+            self.v.example(format!("seq {seq}: line {idx} again"));
+            return;
+        }
+        self.seen[idx] = true;
+        if self.last.is_some_and(|l| idx < l) {
+            self.v.out_of_order += 1;
+            self.v.example(format!(
+                "seq {seq}: line {idx} after line {}",
+                self.last.unwrap_or(0)
+            ));
+        }
+        self.last = Some(idx);
+    }
+
+    pub fn stored(&self) -> usize {
+        self.v.stored
+    }
+
+    /// The verdict once `produced` lines were written in all.
+    pub fn finish(mut self, produced: usize) -> Verdict {
+        self.v.produced = produced;
+        self.seen.resize(produced.max(self.seen.len()), false);
+        let missing: Vec<usize> = (0..produced).filter(|&i| !self.seen[i]).collect();
+        self.v.missing = missing.len();
+        if let (Some(a), Some(b)) = (missing.first(), missing.last()) {
+            self.v.example(format!(
+                "missing: {} lines between {a} and {b}",
+                missing.len()
+            ));
+        }
+        self.v.missing_indexes = missing;
+        self.v
+    }
+}
+
 /// True when long variants of the fault scenarios were asked for (`FERRY_SOAK=1`).
 pub fn soak() -> bool {
     std::env::var("FERRY_SOAK").is_ok_and(|v| v == "1")

@@ -330,6 +330,11 @@ impl Exchange {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The running exchange's process id.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub fn admin_socket(&self) -> PathBuf {
         self.dir.join("store").join("exchange.sock")
     }
@@ -422,6 +427,48 @@ impl Exchange {
             "--from",
             &from.to_string(),
         ])))
+    }
+
+    /// Streams the line texts of records `from..` to `each` (seq, text) without
+    /// holding them all: for runs that store tens of millions of lines. Returns the
+    /// seq after the last one seen.
+    pub fn each_line_from(
+        &self,
+        agent: &str,
+        stream: &str,
+        from: u64,
+        mut each: impl FnMut(u64, &str),
+    ) -> u64 {
+        use std::io::BufRead;
+        let mut child = self
+            .cli("records")
+            .args([
+                "--agent",
+                agent,
+                "--stream",
+                stream,
+                "--from",
+                &from.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("running ferry-exchange records");
+        let out = child.stdout.take().expect("stdout");
+        let mut next = from;
+        for line in std::io::BufReader::with_capacity(1 << 20, out).lines() {
+            let line = line.expect("reading records");
+            let v: Value = serde_json::from_str(&line).expect("a JSON record");
+            let seq = v["seq"].as_u64().expect("seq");
+            if let Some(t) = v.get("text").and_then(Value::as_str) {
+                each(seq, t);
+            }
+            next = seq + 1;
+        }
+        assert!(
+            child.wait().expect("records").success(),
+            "ferry-exchange records failed"
+        );
+        next
     }
 
     /// `ferry-exchange records`: every record of a stream, in seq order.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_tests::faults::{checked_line, soak, Faults, UdpProxy, Verdict};
+use ferry_tests::faults::{checked_line, soak, Faults, LineChecker, UdpProxy, Verdict};
 use ferry_tests::*;
 
 const AGENT: &str = "hp-mz-01";
@@ -463,15 +463,31 @@ fn a_soak_at_20k_lines_per_second_keeps_memory_and_descriptors_flat() {
     let every = Duration::from_secs((secs / 20).max(2));
     let start = Instant::now();
     let mut curve: Vec<(u64, u64, usize)> = Vec::new();
+    let mut ex_peak = 0u64;
+    // What arrived is checked as the run goes: an hour is 72 million lines.
+    let mut checker = LineChecker::new(TAG);
+    let mut next = 1;
     while start.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(every);
         agent.assert_alive();
+        ex.assert_alive();
         let (rss, fds) = footprint(pid);
         curve.push((start.elapsed().as_secs(), rss, fds));
+        ex_peak = ex_peak.max(ex.pid().map_or(0, |p| footprint(p).0));
+        next = ex.each_line_from(AGENT, "hall-log", next, |seq, t| checker.feed(seq, t));
     }
     let produced = writer.finish();
-    verdict(&mut ex, produced, LONG).assert_clean("soak at 20k lines/s, 1% loss");
+    wait_until(LONG, "every line to arrive", || {
+        next = ex.each_line_from(AGENT, "hall-log", next, |seq, t| checker.feed(seq, t));
+        checker.stored() >= produced
+    });
     wait_drained(&mut agent);
+    std::thread::sleep(Duration::from_millis(500));
+    ex.each_line_from(AGENT, "hall-log", next, |seq, t| checker.feed(seq, t));
+    let checker_stored = checker.stored();
+    checker
+        .finish(produced)
+        .assert_clean("soak at 20k lines/s, 1% loss");
     std::thread::sleep(Duration::from_secs(2));
     let disk_after = dir_bytes(&buffer);
     let (rss_end, fds_end) = footprint(pid);
@@ -480,6 +496,15 @@ fn a_soak_at_20k_lines_per_second_keeps_memory_and_descriptors_flat() {
         .map(|(s, r, f)| format!("{s}s {:.1}MiB {f}fd", *r as f64 / 1024.0))
         .collect();
     note(format!("agent footprint over the run: {}", rows.join(", ")));
+    note(format!(
+        "exchange peak RSS {:.1} MiB holding {} lines",
+        ex_peak as f64 / 1024.0,
+        checker_stored
+    ));
+    assert!(
+        ex_peak <= 256 * 1024,
+        "the exchange stays within 256 MiB however much it stores: {ex_peak} KiB"
+    );
     note(format!(
         "after draining: {:.1} MiB RSS, {fds_end} fds; buffer on disk {:.1} MiB at start, {:.1} MiB after; {}",
         rss_end as f64 / 1024.0,
