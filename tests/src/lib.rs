@@ -105,6 +105,18 @@ pub fn note(msg: impl std::fmt::Display) {
 }
 
 /// Polls `cond` every 100 ms until it holds; panics naming `what` after `timeout`.
+/// For tests that need something of the host: `true` when it is there. Otherwise
+/// the test is skipped with a note, except under CI, where it fails saying what is
+/// missing (`what`).
+pub fn host_has(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    assert!(std::env::var("CI").is_err(), "{what}");
+    note(format!("skipped: {what}"));
+    false
+}
+
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     loop {
@@ -416,17 +428,18 @@ impl Exchange {
         cmd
     }
 
+    /// `ferry-exchange records --agent A --stream S --from FROM`.
+    fn records_cmd(&self, agent: &str, stream: &str, from: u64) -> Command {
+        let mut cmd = self.cli("records");
+        cmd.args(["--agent", agent, "--stream", stream, "--from"])
+            .arg(from.to_string());
+        cmd
+    }
+
     /// `ferry-exchange records --from FROM`: the records of a stream from seq `from`
     /// on, in seq order.
     pub fn records_from(&self, agent: &str, stream: &str, from: u64) -> Vec<Value> {
-        json_lines(&run_ok(self.cli("records").args([
-            "--agent",
-            agent,
-            "--stream",
-            stream,
-            "--from",
-            &from.to_string(),
-        ])))
+        json_lines(&run_ok(&mut self.records_cmd(agent, stream, from)))
     }
 
     /// Streams the line texts of records `from..` to `each` (seq, text) without
@@ -441,15 +454,7 @@ impl Exchange {
     ) -> u64 {
         use std::io::BufRead;
         let mut child = self
-            .cli("records")
-            .args([
-                "--agent",
-                agent,
-                "--stream",
-                stream,
-                "--from",
-                &from.to_string(),
-            ])
+            .records_cmd(agent, stream, from)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("running ferry-exchange records");

@@ -76,6 +76,20 @@ fn setup(t: &TestDir) -> (Exchange, Agent, PathBuf) {
     (ex, agent, log)
 }
 
+/// An exchange, a fault proxy in front of it with `faults`, and an agent with a
+/// tail stream that reaches the exchange through the proxy.
+fn setup_via_proxy(t: &TestDir, faults: Faults) -> (Exchange, Agent, PathBuf, UdpProxy) {
+    let ex = Exchange::start_new(&t.mkdir("exchange"));
+    let proxy = UdpProxy::start(ex.address().parse().unwrap());
+    proxy.set(faults);
+    let agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    agent.set("address", &format!("\"{}\"", proxy.address()));
+    let log = t.mkdir("logs").join("app.log");
+    std::fs::write(&log, b"").unwrap();
+    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
+    (ex, agent, log, proxy)
+}
+
 fn verdict(ex: &mut Exchange, produced: usize, timeout: Duration) -> Verdict {
     let got = ex.wait_lines(AGENT, "hall-log", produced, timeout);
     // Anything late (a duplicate) would show in a second look.
@@ -98,22 +112,17 @@ fn wait_drained(agent: &mut Agent) {
 #[test]
 fn a_lossy_slow_reordering_link_delivers_everything_once() {
     let t = TestDir::new("faults-lossy");
-    let ex_dir = t.mkdir("exchange");
-    let mut ex = Exchange::start_new(&ex_dir);
-    let proxy = UdpProxy::start(ex.address().parse().unwrap());
-    proxy.set(Faults {
-        drop: 0.05,
-        duplicate: 0.01,
-        delay: Duration::from_millis(50),
-        jitter: Duration::from_millis(10),
-        reorder: 0.05,
-        cut: false,
-    });
-    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
-    agent.set("address", &format!("\"{}\"", proxy.address()));
-    let log = t.mkdir("logs").join("app.log");
-    std::fs::write(&log, b"").unwrap();
-    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
+    let (mut ex, mut agent, log, proxy) = setup_via_proxy(
+        &t,
+        Faults {
+            drop: 0.05,
+            duplicate: 0.01,
+            delay: Duration::from_millis(50),
+            jitter: Duration::from_millis(10),
+            reorder: 0.05,
+            cut: false,
+        },
+    );
     let outbox = t.mkdir("outbox");
     agent.add_stream(&outbox_stream("outbox", "210100-MZ-0001", &outbox));
     agent.start();
@@ -159,14 +168,7 @@ fn a_lossy_slow_reordering_link_delivers_everything_once() {
 #[test]
 fn a_cut_link_is_buffered_through_and_drained_after() {
     let t = TestDir::new("faults-cut");
-    let ex_dir = t.mkdir("exchange");
-    let mut ex = Exchange::start_new(&ex_dir);
-    let proxy = UdpProxy::start(ex.address().parse().unwrap());
-    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
-    agent.set("address", &format!("\"{}\"", proxy.address()));
-    let log = t.mkdir("logs").join("app.log");
-    std::fs::write(&log, b"").unwrap();
-    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
+    let (mut ex, mut agent, log, proxy) = setup_via_proxy(&t, Faults::default());
     agent.start();
 
     let writer = LineWriter::start(log, 5_000);
@@ -330,12 +332,8 @@ impl Drop for Tmpfs {
 #[test]
 fn a_full_disk_pauses_sources_until_space_returns() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var("CI").is_err(),
-            "this test mounts a tmpfs and must run as root under CI"
-        );
-        note("skipped: mounting a tmpfs needs root");
+    let root = unsafe { libc::geteuid() } == 0;
+    if !host_has(root, "this test mounts a tmpfs: run it as root") {
         return;
     }
     let t = TestDir::new("faults-disk");
@@ -442,18 +440,14 @@ fn a_soak_at_20k_lines_per_second_keeps_memory_and_descriptors_flat() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if soak() { 3600 } else { 40 });
     let t = TestDir::new("faults-soak");
-    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
-    let proxy = UdpProxy::start(ex.address().parse().unwrap());
-    proxy.set(Faults {
-        drop: 0.01,
-        delay: Duration::from_millis(10),
-        ..Faults::default()
-    });
-    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
-    agent.set("address", &format!("\"{}\"", proxy.address()));
-    let log = t.mkdir("logs").join("app.log");
-    std::fs::write(&log, b"").unwrap();
-    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
+    let (mut ex, mut agent, log, proxy) = setup_via_proxy(
+        &t,
+        Faults {
+            drop: 0.01,
+            delay: Duration::from_millis(10),
+            ..Faults::default()
+        },
+    );
     agent.start();
     let pid = agent.pid().unwrap();
     let buffer = agent.dir.join("data").join("buffer");
@@ -667,14 +661,14 @@ fn libfaketime() -> Option<PathBuf> {
 /// wall clock; only the records' capture times show the jumps.
 #[test]
 fn clock_jumps_on_the_agent_reorder_and_lose_nothing() {
-    let Some(lib) = libfaketime() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "libfaketime is missing: install the Debian package faketime"
-        );
-        note("skipped: libfaketime is missing (Debian package faketime)");
+    let lib = libfaketime();
+    if !host_has(
+        lib.is_some(),
+        "libfaketime is missing: install the Debian package faketime",
+    ) {
         return;
-    };
+    }
+    let Some(lib) = lib else { return };
     let t = TestDir::new("faults-clock");
     let (mut ex, mut agent, log) = setup(&t);
     let clock = t.path().join("clock");

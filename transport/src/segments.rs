@@ -260,6 +260,45 @@ impl Segments {
         Ok(out)
     }
 
+    /// Places batch entries for a sled write: entries over `inline_max` bytes are
+    /// appended here (durable when this returns) and replaced by their
+    /// [`BatchRef`]; the others stay as they are. Takes `(key, first_seq,
+    /// record_count, entry)`; returns `(key, value)` to insert, in order.
+    pub fn place(
+        &self,
+        entries: Vec<(Vec<u8>, u64, u32, Vec<u8>)>,
+        inline_max: usize,
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let large: Vec<&[u8]> = entries
+            .iter()
+            .filter(|e| e.3.len() > inline_max)
+            .map(|e| e.3.as_slice())
+            .collect();
+        let mut locs = if large.is_empty() {
+            Vec::new()
+        } else {
+            self.append(&large)?
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, first_seq, record_count, value) in entries {
+            if value.len() > inline_max {
+                let loc = locs
+                    .next()
+                    .ok_or_else(|| io::Error::other("a segment write returned too few locators"))?;
+                let r = BatchRef {
+                    loc,
+                    first_seq,
+                    record_count,
+                };
+                out.push((key, r.encode()));
+            } else {
+                out.push((key, value));
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads a value back.
     pub fn read(&self, loc: &Locator) -> io::Result<Vec<u8>> {
         let file = {

@@ -120,15 +120,6 @@ impl<'a> Stored<'a> {
         }
     }
 
-    fn encode_external(loc: &Locator, first: u64, count: u32) -> Vec<u8> {
-        BatchRef {
-            loc: *loc,
-            first_seq: first,
-            record_count: count,
-        }
-        .encode()
-    }
-
     /// The seqs covered, from what sled holds alone.
     fn seq_range(&self) -> Option<(u64, u64)> {
         match self {
@@ -487,50 +478,32 @@ impl Buffer {
             }));
             head_after.push(st.head);
         }
-        let large: Vec<&[u8]> = entries
-            .iter()
-            .flatten()
-            .filter(|(_, _, e)| e.len() > INLINE_MAX)
-            .map(|(_, _, e)| e.as_slice())
-            .collect();
-        let mut locators = if large.is_empty() {
-            Vec::new()
-        } else {
-            self.segments
-                .append(&large)
-                .map_err(|source| BufferError::Sync {
-                    dir: self.dir.clone(),
-                    source,
-                })?
-        }
-        .into_iter();
+        let mut placed_entries = Vec::new();
         for ((item, e), head) in items.iter().zip(entries).zip(head_after) {
             let st = heads.entry(item.stream.to_string()).or_default();
-            let committed = match e {
-                Some((first, count, value)) => {
-                    let last = first + u64::from(count) - 1;
-                    st.batches += 1;
-                    st.bytes += value.len() as u64;
-                    added += value.len() as u64;
-                    let stored = if value.len() > INLINE_MAX {
-                        let loc = locators.next().ok_or_else(|| {
-                            self.damaged("a segment write returned too few locators".into())
-                        })?;
-                        Stored::encode_external(&loc, first, count)
-                    } else {
-                        value
-                    };
-                    batch.insert(batch_key(item.stream, first), stored);
-                    Some(Committed {
-                        first_seq: first,
-                        last_seq: last,
-                    })
+            let committed = e.map(|(first, count, value)| {
+                st.batches += 1;
+                st.bytes += value.len() as u64;
+                added += value.len() as u64;
+                placed_entries.push((batch_key(item.stream, first), first, count, value));
+                Committed {
+                    first_seq: first,
+                    last_seq: first + u64::from(count) - 1,
                 }
-                None => None,
-            };
+            });
             batch.insert(prefixed(b"p:", item.stream), item.position);
             batch.insert(prefixed(b"h:", item.stream), &head.to_be_bytes()[..]);
             out.push(committed);
+        }
+        let placed = self
+            .segments
+            .place(placed_entries, INLINE_MAX)
+            .map_err(|source| BufferError::Sync {
+                dir: self.dir.clone(),
+                source,
+            })?;
+        for (k, v) in placed {
+            batch.insert(k, v);
         }
         // Segments emptied by acks before this point: their removals are made
         // durable by the sync below, after which the files may go.

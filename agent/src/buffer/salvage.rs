@@ -154,7 +154,7 @@ pub fn salvage(dir: &Path, cache_bytes: u64) -> Result<SalvageReport, BufferErro
     }
     let fresh = Buffer::open(&fresh_dir, cache_bytes)?;
     let mut batch = sled::Batch::default();
-    let mut external: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut intact: Vec<(Vec<u8>, u64, u32, Vec<u8>)> = Vec::new();
     for (name, st) in meta.iter_mut() {
         let entries = found.remove(name).unwrap_or_default();
         let mut lost: Vec<(u64, u64)> = old_lost.remove(name).unwrap_or_default();
@@ -167,14 +167,11 @@ pub fn salvage(dir: &Path, cache_bytes: u64) -> Result<SalvageReport, BufferErro
             }
             match &f.entry {
                 Ok(bytes) => {
+                    let (first, last) = entry::seq_range(bytes).unwrap_or((f.key_seq, f.key_seq));
+                    let count = u32::try_from(last + 1 - first).unwrap_or(u32::MAX);
                     st.intact_batches += 1;
-                    st.intact_records += entry::seq_range(bytes).map_or(0, |(a, b)| b - a + 1);
-                    let key = batch_key(name, f.key_seq);
-                    if bytes.len() > super::INLINE_MAX {
-                        external.push((key, bytes.clone()));
-                    } else {
-                        batch.insert(key, bytes.clone());
-                    }
+                    st.intact_records += u64::from(count);
+                    intact.push((batch_key(name, f.key_seq), first, count, bytes.clone()));
                 }
                 Err(why) => {
                     let from = f.key_seq.max(st.acked + 1);
@@ -194,12 +191,12 @@ pub fn salvage(dir: &Path, cache_bytes: u64) -> Result<SalvageReport, BufferErro
             batch.insert(prefixed(b"p:", name), p.clone());
         }
     }
-    let values: Vec<&[u8]> = external.iter().map(|(_, v)| v.as_slice()).collect();
-    let locs = fresh.segments.append(&values).map_err(io)?;
-    for ((key, bytes), loc) in external.iter().zip(locs) {
-        let (first, last) = entry::seq_range(bytes).unwrap_or((0, 0));
-        let count = u32::try_from(last + 1 - first).unwrap_or(u32::MAX);
-        batch.insert(key.clone(), Stored::encode_external(&loc, first, count));
+    for (k, v) in fresh
+        .segments
+        .place(intact, super::INLINE_MAX)
+        .map_err(io)?
+    {
+        batch.insert(k, v);
     }
     fresh.db.apply_batch(batch).map_err(|e| fresh.sled_err(e))?;
     fresh.close()?;

@@ -355,37 +355,16 @@ impl Store {
         entries: Vec<(Vec<u8>, u64, u32, Vec<u8>)>,
         batch: &mut sled::Batch,
     ) -> Result<(), StoreError> {
-        let large: Vec<&[u8]> = entries
-            .iter()
-            .filter(|e| e.3.len() > INLINE_MAX)
-            .map(|e| e.3.as_slice())
-            .collect();
-        let mut locs = if large.is_empty() {
-            Vec::new()
-        } else {
-            self.segments
-                .append(&large)
-                .map_err(|source| StoreError::Io {
-                    dir: self.dir.clone(),
-                    what: "writing batch entries to segment files".into(),
-                    source,
-                })?
-        }
-        .into_iter();
-        for (k, first_seq, record_count, value) in entries {
-            if value.len() > INLINE_MAX {
-                let loc = locs.next().ok_or_else(|| {
-                    StoreError::Damaged("a segment write returned too few locators".into())
-                })?;
-                let r = BatchRef {
-                    loc,
-                    first_seq,
-                    record_count,
-                };
-                batch.insert(k, r.encode());
-            } else {
-                batch.insert(k, value);
-            }
+        let placed = self
+            .segments
+            .place(entries, INLINE_MAX)
+            .map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                what: "writing batch entries to segment files".into(),
+                source,
+            })?;
+        for (k, v) in placed {
+            batch.insert(k, v);
         }
         Ok(())
     }
