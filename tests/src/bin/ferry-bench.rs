@@ -157,6 +157,27 @@ struct Latency {
     max: f64,
     agent_rss_load_kib: u64,
     agent_rss_idle_kib: u64,
+    /// The slowest 4 KiB append + fdatasync of a probe running beside the
+    /// pipeline (one every 10 ms, same filesystem), in ms: a stall of the disk
+    /// shows here too.
+    disk_max: f64,
+}
+
+/// Times 4 KiB append + fdatasync every 10 ms until `stop`; returns the slowest.
+fn disk_probe(dir: &Path, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<f64> {
+    let path = dir.join("stall.probe");
+    let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+    let block = vec![3u8; 4096];
+    let mut worst = 0f64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        worst = worst.max(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_file(path)?;
+    Ok(worst)
 }
 
 fn latency(dir: &Path, rate: u64, secs: u64) -> Result<Latency> {
@@ -170,6 +191,11 @@ fn latency(dir: &Path, rate: u64, secs: u64) -> Result<Latency> {
     let mut pair = Pair::new(dir, &streams)?;
     let pid = pair.start_agent()?;
     std::thread::sleep(Duration::from_secs(1));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let (dir, stop) = (dir.to_path_buf(), stop.clone());
+        std::thread::spawn(move || disk_probe(&dir, stop))
+    };
     let mut f = OpenOptions::new().append(true).open(&log)?;
     let total = rate * secs;
     let start = Instant::now();
@@ -194,6 +220,10 @@ fn latency(dir: &Path, rate: u64, secs: u64) -> Result<Latency> {
     pair.wait("the last ack", Duration::from_secs(120), |s| {
         s["acked_seq"].as_u64() >= Some(total)
     })?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let disk_max = probe
+        .join()
+        .map_err(|_| anyhow::anyhow!("the disk probe panicked"))??;
     std::thread::sleep(Duration::from_secs(3));
     let idle_rss = rss_kib(pid, "VmRSS");
     let mut lat: Vec<f64> = Vec::new();
@@ -225,6 +255,7 @@ fn latency(dir: &Path, rate: u64, secs: u64) -> Result<Latency> {
         max: *lat.last().unwrap(),
         agent_rss_load_kib: load_rss,
         agent_rss_idle_kib: idle_rss,
+        disk_max,
     })
 }
 
@@ -303,8 +334,8 @@ fn main() -> Result<()> {
                 "latency" => {
                     let l = latency(&d, 20_000, 10)?;
                     println!(
-                        "latency at 20k/s: p50 {} ms, p99 {} ms, max {} ms, agent RSS {} KiB under load, {} KiB idle",
-                        l.p50, l.p99, l.max, l.agent_rss_load_kib, l.agent_rss_idle_kib
+                        "latency at 20k/s: p50 {} ms, p99 {} ms, max {} ms, agent RSS {} KiB under load, {} KiB idle; slowest fdatasync beside it {:.1} ms",
+                        l.p50, l.p99, l.max, l.agent_rss_load_kib, l.agent_rss_idle_kib, l.disk_max
                     );
                 }
                 other => bail!("--only {other}: use tail, files or latency"),
@@ -421,6 +452,13 @@ fn main() -> Result<()> {
         list(
             &lat.iter().map(|l| l.max).collect::<Vec<_>>(),
             &|x| format!("{x:.0}")
+        )
+    );
+    println!(
+        "| slowest 4 KiB fdatasync beside the latency run (ms) | | {} |",
+        list(
+            &lat.iter().map(|l| l.disk_max).collect::<Vec<_>>(),
+            &|x| format!("{x:.1}")
         )
     );
     println!(
