@@ -10,6 +10,8 @@
 //! * `ceiling`: the agent's pipeline without disk, in one process: read the log,
 //!   split lines, batch (≤ 4000 lines), encode + zstd, QUIC (the same rustls/quinn
 //!   configuration, mutual TLS, loopback), decode, cumulative ack. Records/s.
+//! * `raw quinn`: the link alone: the same compressed batches sent again and again
+//!   over the same QUIC/TLS configuration and acked without decoding.
 //! * `tail e2e`: real `ferry-exchange` + `ferry-agent` processes (release build),
 //!   both durable, shipping a pre-written log of 256-byte lines: records/s from
 //!   agent start until the exchange acknowledged the last line.
@@ -346,13 +348,15 @@ fn main() -> Result<()> {
 
     let mut fsync = Vec::new();
     let mut ceiling = Vec::new();
+    let mut raw_quinn = Vec::new();
     let mut tail = Vec::new();
     let mut files = Vec::new();
     let mut lat = Vec::new();
     for r in 0..runs {
         eprintln!("run {}/{runs}", r + 1);
         fsync.push(fdatasync_rate(base.path()).context("fdatasync probe")?);
-        ceiling.push(ceiling::run(&log, lines).context("ceiling")?);
+        ceiling.push(ceiling::run(&log, lines, false).context("ceiling")?);
+        raw_quinn.push(ceiling::run(&log, lines, true).context("raw quinn")?);
         let d = base.path().join(format!("tail-{r}"));
         tail.push(tail_e2e(&d, &log, lines).context("tail e2e")?);
         let d = base.path().join(format!("files-{r}"));
@@ -378,6 +382,11 @@ fn main() -> Result<()> {
         "| ceiling: pipeline without disk, records/s | {} | {} |",
         k(median(&ceil)),
         list(&ceiling, &k)
+    );
+    println!(
+        "| raw quinn: the same compressed batches re-sent, no decoding, records/s | {} | {} |",
+        k(median(&raw_quinn)),
+        list(&raw_quinn, &k)
     );
     let tm = median(&tail_rates);
     println!(
@@ -491,7 +500,10 @@ mod ceiling {
     const BATCH: usize = 4000;
     const WINDOW: u64 = 16;
 
-    pub fn run(log: &Path, lines: u64) -> Result<f64> {
+    /// `raw`: the physical limit of the link instead: the first `WINDOW` batches are
+    /// read and compressed once and sent over and over (new seqs, same bytes), and
+    /// the receiver acks without decoding.
+    pub fn run(log: &Path, lines: u64, raw: bool) -> Result<f64> {
         let dir = tempfile::tempdir()?;
         let ca = ferry_transport::pki::create_ca("bench CA")?;
         let server = ferry_transport::pki::issue_server(&ca, &["localhost".to_string()])?;
@@ -530,8 +542,12 @@ mod ceiling {
                 let mut w = FrameWriter::new(send);
                 let mut r = FrameReader::new(recv, MAX_FRAME);
                 while let Some(Msg::Batch(b)) = r.next().await? {
-                    let list = decode_batch(&b)?;
-                    let last = b.first_seq + list.records.len() as u64 - 1;
+                    let count = if raw {
+                        u64::from(b.record_count)
+                    } else {
+                        decode_batch(&b)?.records.len() as u64
+                    };
+                    let last = b.first_seq + count - 1;
                     w.send(Msg::Ack(Ack {
                         stream: b.stream,
                         up_to_seq: last,
@@ -551,7 +567,34 @@ mod ceiling {
             let mut acked = 0u64;
             let mut in_flight = std::collections::VecDeque::new();
             let mut line = Vec::with_capacity(LINE_LEN);
+            let mut pre: Vec<ferry_protocol::batch::EncodedRecords> = Vec::new();
+            let mut turn = 0usize;
             loop {
+                if raw && pre.len() == WINDOW as usize {
+                    let left = lines + 1 - seq;
+                    if left == 0 {
+                        break;
+                    }
+                    let mut enc = pre[turn % pre.len()].clone();
+                    turn += 1;
+                    if u64::from(enc.record_count) > left {
+                        // The last batch: fewer records than the template says.
+                        enc.record_count = left as u32;
+                    }
+                    let n = u64::from(enc.record_count);
+                    while in_flight.len() as u64 >= WINDOW {
+                        if let Some(Msg::Ack(a)) = r.next().await? {
+                            acked = a.up_to_seq;
+                            while in_flight.front().is_some_and(|&l| l <= acked) {
+                                in_flight.pop_front();
+                            }
+                        }
+                    }
+                    w.send(Msg::Batch(enc.into_batch("s".into(), seq))).await?;
+                    seq += n;
+                    in_flight.push_back(seq - 1);
+                    continue;
+                }
                 let mut records = Vec::with_capacity(BATCH);
                 while records.len() < BATCH {
                     line.clear();
@@ -570,6 +613,9 @@ mod ceiling {
                 }
                 let n = records.len() as u64;
                 let enc = encode_records(&RecordList { records })?;
+                if raw {
+                    pre.push(enc.clone());
+                }
                 while in_flight.len() as u64 >= WINDOW {
                     if let Some(Msg::Ack(a)) = r.next().await? {
                         acked = a.up_to_seq;
