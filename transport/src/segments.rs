@@ -221,14 +221,9 @@ impl Segments {
                             .write(true)
                             .open(self.path(id))?,
                     );
-                    if let Some(old) = st.active.take() {
-                        if st.live.get(&old.id).copied().unwrap_or(0) == 0 {
-                            // Everything in it was released while it was active.
-                            st.live.remove(&old.id);
-                            st.files.remove(&old.id);
-                            let _ = std::fs::remove_file(self.path(old.id));
-                        }
-                    }
+                    // A full segment that is already empty is not deleted here:
+                    // the releases that emptied it may not be durable yet. Its id
+                    // went to the caller with the last release (see `delete`).
                     st.files.insert(id, Arc::clone(&file));
                     st.active = Some(Active { id, file, len: 0 });
                     created = true;
@@ -318,25 +313,27 @@ impl Segments {
     }
 
     /// Drops one reference to `loc`. Returns the segment's id when nothing in it is
-    /// referenced any more and it is not being written: delete it with
-    /// [`Self::delete`] once this release is durable.
+    /// referenced any more: delete it with [`Self::delete`] once this release is
+    /// durable.
     pub fn release(&self, loc: &Locator) -> Option<u64> {
         let mut st = self.state.lock().ok()?;
         let n = st.live.get_mut(&loc.segment)?;
         *n = n.saturating_sub(1);
-        let empty = *n == 0;
-        let active = st.active.as_ref().is_some_and(|a| a.id == loc.segment);
-        (empty && !active).then_some(loc.segment)
+        (*n == 0).then_some(loc.segment)
     }
 
-    /// Deletes segments [`Self::release`] emptied, unless one was referenced again.
+    /// Deletes segments [`Self::release`] emptied, unless one was referenced again
+    /// since. An emptied active segment goes too (the next value opens a new one),
+    /// so a drained buffer gives its disk space back. Call it from the thread that
+    /// appends.
     pub fn delete(&self, ids: &[u64]) -> io::Result<()> {
         let mut st = self.state.lock().map_err(|_| poisoned())?;
         for &id in ids {
-            if st.live.get(&id).copied().unwrap_or(0) > 0
-                || st.active.as_ref().is_some_and(|a| a.id == id)
-            {
+            if st.live.get(&id).copied().unwrap_or(0) > 0 {
                 continue;
+            }
+            if st.active.as_ref().is_some_and(|a| a.id == id) {
+                st.active = None;
             }
             st.live.remove(&id);
             st.files.remove(&id);
@@ -380,13 +377,15 @@ mod tests {
         let doomed = s.release(&locs[0]).unwrap();
         s.delete(&[doomed]).unwrap();
         assert!(s.read(&locs[0]).is_err());
-        // The active segment stays although released; it goes at the next rotation.
+        // The active segment goes too once all of it is released.
         assert_eq!(s.release(&locs[1]), None);
-        assert_eq!(s.release(&locs[2]), None);
+        let active = s.release(&locs[2]).unwrap();
         assert_eq!(s.read(&locs[2]).unwrap(), big);
+        s.delete(&[active]).unwrap();
+        assert!(s.read(&locs[2]).is_err());
         let next = s.append(&[b"after"]).unwrap()[0];
         assert_ne!(next.segment, locs[2].segment);
-        assert!(s.read(&locs[2]).is_err());
+        assert_eq!(s.read(&next).unwrap(), b"after");
     }
 
     #[test]
