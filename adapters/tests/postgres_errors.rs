@@ -11,6 +11,21 @@ use ferry_tests::pg::PgServer;
 use support::committer::Store;
 use support::config;
 
+/// Drops a replication slot once no walsender holds it: a source that just
+/// stopped leaves its server process exiting for a moment.
+async fn drop_slot(db: &tokio_postgres::Client, slot: &str) {
+    let sql = format!(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"
+    );
+    for _ in 0..300 {
+        if db.execute(&sql, &[]).await.unwrap() == 1 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("replication slot {slot} stayed active for 30 s");
+}
+
 fn message(r: Result<(), SourceError>) -> String {
     match r {
         Err(SourceError::Other(m)) => m,
@@ -216,9 +231,7 @@ async fn configuration_problems_name_the_fix() {
     one.tables = vec!["public.a".into()];
     let m = message(store.start(&one).ended(30).await);
     assert!(m.contains("SELECT pg_drop_replication_slot('s4');"), "{m}");
-    db.batch_execute("SELECT pg_drop_replication_slot('s4')")
-        .await
-        .unwrap();
+    drop_slot(&db, "s4").await;
 
     // Streaming, then the slot disappears (a failover to a standby without it):
     // refused, never re-snapshotted.
@@ -228,9 +241,7 @@ async fn configuration_problems_name_the_fix() {
     })
     .await;
     run.stop().await.unwrap_err();
-    db.batch_execute("SELECT pg_drop_replication_slot('s4')")
-        .await
-        .unwrap();
+    drop_slot(&db, "s4").await;
     let m = message(store.start(&one).ended(30).await);
     assert!(
         m.contains("does not exist, but the stored position says streaming had reached"),
