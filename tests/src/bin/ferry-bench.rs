@@ -570,7 +570,7 @@ mod ceiling {
             let mut pre: Vec<ferry_protocol::batch::EncodedRecords> = Vec::new();
             let mut turn = 0usize;
             loop {
-                if raw && pre.len() == WINDOW as usize {
+                let enc = if raw && pre.len() == WINDOW as usize {
                     let left = lines + 1 - seq;
                     if left == 0 {
                         break;
@@ -581,41 +581,31 @@ mod ceiling {
                         // The last batch: fewer records than the template says.
                         enc.record_count = left as u32;
                     }
-                    let n = u64::from(enc.record_count);
-                    while in_flight.len() as u64 >= WINDOW {
-                        if let Some(Msg::Ack(a)) = r.next().await? {
-                            acked = a.up_to_seq;
-                            while in_flight.front().is_some_and(|&l| l <= acked) {
-                                in_flight.pop_front();
-                            }
+                    enc
+                } else {
+                    let mut records = Vec::with_capacity(BATCH);
+                    while records.len() < BATCH {
+                        line.clear();
+                        if reader.read_until(b'\n', &mut line)? == 0 {
+                            break;
                         }
+                        line.pop();
+                        records.push(Record {
+                            time_unix_ms: 0,
+                            position: String::new(),
+                            body: Some(Body::Line(line.clone())),
+                        });
                     }
-                    w.send(Msg::Batch(enc.into_batch("s".into(), seq))).await?;
-                    seq += n;
-                    in_flight.push_back(seq - 1);
-                    continue;
-                }
-                let mut records = Vec::with_capacity(BATCH);
-                while records.len() < BATCH {
-                    line.clear();
-                    if reader.read_until(b'\n', &mut line)? == 0 {
+                    if records.is_empty() {
                         break;
                     }
-                    line.pop();
-                    records.push(Record {
-                        time_unix_ms: 0,
-                        position: String::new(),
-                        body: Some(Body::Line(line.clone())),
-                    });
-                }
-                if records.is_empty() {
-                    break;
-                }
-                let n = records.len() as u64;
-                let enc = encode_records(&RecordList { records })?;
-                if raw {
-                    pre.push(enc.clone());
-                }
+                    let enc = encode_records(&RecordList { records })?;
+                    if raw {
+                        pre.push(enc.clone());
+                    }
+                    enc
+                };
+                let n = u64::from(enc.record_count);
                 while in_flight.len() as u64 >= WINDOW {
                     if let Some(Msg::Ack(a)) = r.next().await? {
                         acked = a.up_to_seq;
