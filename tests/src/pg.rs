@@ -173,12 +173,16 @@ impl PgServer {
 
     /// `pg_ctl restart -m fast`: a clean shutdown (sessions terminated, checkpoint
     /// written), then the server starts again on the same port with the same
-    /// settings.
+    /// settings. A fast shutdown waits for each logical walsender's client to
+    /// confirm the server's last sent position; an idle agent has confirmed only
+    /// its last durable commit, so the shutdown can wait (seen once in CI). After
+    /// 30 s the server is stopped immediately instead, so the test still sees
+    /// PostgreSQL go away under the running agent.
     pub fn restart_fast(&self) {
         let log = self.dir.path().join("server.log");
-        self.run(
-            "pg_ctl",
-            &[
+        let out = self
+            .command("pg_ctl")
+            .args([
                 "-D",
                 self.data().to_str().unwrap(),
                 "-l",
@@ -187,10 +191,18 @@ impl PgServer {
                 "fast",
                 "-w",
                 "-t",
-                "60",
+                "30",
                 "restart",
-            ],
-        );
+            ])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            crate::note(format!(
+                "fast restart did not finish in 30 s ({}); stopping immediately instead",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+            self.restart();
+        }
     }
 
     /// A `psql` command connected to database `db` as `postgres` over TCP: no
