@@ -465,34 +465,31 @@ impl Buffer {
         let mut added = 0u64;
         let mut batch = sled::Batch::default();
         let stamp = ferry_adapters::now_unix_ms();
-        // Entries first, then the large ones to segment files (durable before the
-        // sled write that names them).
-        let mut entries: Vec<Option<(u64, u32, Vec<u8>)>> = Vec::with_capacity(items.len());
-        let mut head_after: Vec<u64> = Vec::with_capacity(items.len());
+        // Entries first; the large ones then go to segment files (durable before
+        // the sled write that names them).
+        let mut placed_entries = Vec::new();
         for item in items {
             let st = heads.entry(item.stream.to_string()).or_default();
-            entries.push(item.records.map(|rec| {
+            let committed = item.records.map(|rec| {
                 let first = st.head + 1;
                 st.head += u64::from(rec.record_count);
-                (first, rec.record_count, entry::encode(first, rec, stamp))
-            }));
-            head_after.push(st.head);
-        }
-        let mut placed_entries = Vec::new();
-        for ((item, e), head) in items.iter().zip(entries).zip(head_after) {
-            let st = heads.entry(item.stream.to_string()).or_default();
-            let committed = e.map(|(first, count, value)| {
+                let value = entry::encode(first, rec, stamp);
                 st.batches += 1;
                 st.bytes += value.len() as u64;
                 added += value.len() as u64;
-                placed_entries.push((batch_key(item.stream, first), first, count, value));
+                placed_entries.push((
+                    batch_key(item.stream, first),
+                    first,
+                    rec.record_count,
+                    value,
+                ));
                 Committed {
                     first_seq: first,
-                    last_seq: first + u64::from(count) - 1,
+                    last_seq: st.head,
                 }
             });
             batch.insert(prefixed(b"p:", item.stream), item.position);
-            batch.insert(prefixed(b"h:", item.stream), &head.to_be_bytes()[..]);
+            batch.insert(prefixed(b"h:", item.stream), &st.head.to_be_bytes()[..]);
             out.push(committed);
         }
         let placed = self
@@ -514,8 +511,19 @@ impl Buffer {
             .unwrap_or_default();
         // One apply_batch for the whole group: each item's batch, position and
         // metadata are in it together, so they become visible (and durable) together.
-        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-        self.sync()?;
+        let written = self
+            .db
+            .apply_batch(batch)
+            .map_err(|e| self.sled_err(e))
+            .and_then(|()| self.sync());
+        if let Err(e) = written {
+            // The removals that emptied them are not known durable: keep them
+            // for the next sync.
+            if let Ok(mut d) = self.doomed.lock() {
+                d.extend(doomed);
+            }
+            return Err(e);
+        }
         self.delete_segments(doomed)?;
         let mut streams = self
             .streams
