@@ -511,6 +511,83 @@ async fn a_postgres_restart_mid_stream_is_survived() {
     assert_eq!(got.len(), 101, "rows 100..200 and the marker");
 }
 
+/// A fast shutdown waits until every logical walsender's client has reported
+/// the server's last sent position (the shutdown checkpoint, past anything
+/// Ferry made durable). The source reports what it received as written and what
+/// is durable as flushed, as pg_recvlogical does, so it never holds the
+/// department's server up; the slot still moves only with what is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_shutdown_of_postgres_does_not_wait_for_the_source() {
+    let server = PgServer::start();
+    let db = server.database("t9").await;
+    support::acct(&db, 10).await;
+    let mut cfg = config(&server, "t9", &["public.acct"], "s9");
+    cfg.snapshot = ferry_adapters::postgres::SnapshotMode::Never;
+    let store = Store::new();
+    let mut run = store.start(&cfg);
+    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
+        .await;
+    for i in 100..120 {
+        db.batch_execute(&format!("INSERT INTO public.acct VALUES ({i}, 0, 'x')"))
+            .await
+            .unwrap();
+    }
+    let now = server.current_wal_lsn();
+    run.wait_until("the slot to confirm the inserts", 30, || async {
+        ferry_tests::pg::confirmed_flush(&db, "s9")
+            .await
+            .is_some_and(|c| c >= now)
+    })
+    .await;
+    // WAL after the last captured commit (a table outside the publication): the
+    // server sends past everything the source will ever make durable.
+    db.batch_execute("CREATE TABLE public.unpublished (id int PRIMARY KEY); INSERT INTO public.unpublished VALUES (1)")
+        .await
+        .unwrap();
+    let now = server.current_wal_lsn();
+    run.wait_until(
+        "the walsender to send the unpublished writes",
+        30,
+        || async {
+            let sent = ferry_tests::pg::text_rows(
+            &db,
+            "SELECT sent_lsn::text FROM pg_stat_replication WHERE application_name <> 'flushwatch'",
+        )
+        .await;
+            sent.iter()
+                .filter_map(|r| r[0].1.as_deref().and_then(ferry_tests::pg::parse_lsn))
+                .any(|s| s >= now)
+        },
+    )
+    .await;
+    drop(db);
+    let started = std::time::Instant::now();
+    assert!(
+        server.restart_fast_within(20),
+        "pg_ctl stop -m fast waited for the idle source for 20 s; server log:\n{}",
+        server.log()
+    );
+    ferry_tests::note(format!(
+        "fast restart with an idle source attached: {:?}",
+        started.elapsed()
+    ));
+    // The source reconnects and carries on after the restart.
+    let db = server.client("t9").await;
+    db.batch_execute("INSERT INTO public.acct VALUES (500, 0, 'after')")
+        .await
+        .unwrap();
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    model::assert_streamed_once(&records);
+    let m = Model::apply_all(&records);
+    assert_eq!(
+        m.table("public.acct").len(),
+        22,
+        "rows 100..120, 500 and the marker"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_advance_the_slot_of_an_idle_database() {
     let server = PgServer::start();

@@ -174,11 +174,11 @@ impl PgServer {
     /// `pg_ctl restart -m fast`: a clean shutdown (sessions terminated, checkpoint
     /// written), then the server starts again on the same port with the same
     /// settings. A fast shutdown waits for each logical walsender's client to
-    /// confirm the server's last sent position; an idle agent has confirmed only
-    /// its last durable commit, so the shutdown can wait (seen once in CI). After
-    /// 30 s the server is stopped immediately instead, so the test still sees
-    /// PostgreSQL go away under the running agent.
-    pub fn restart_fast(&self) {
+    /// report that it has received the server's last sent position. Returns
+    /// whether the restart finished within `secs`; if not, the server is stopped
+    /// immediately and started again, so a caller still sees PostgreSQL go away
+    /// under a running client.
+    pub fn restart_fast_within(&self, secs: u32) -> bool {
         let log = self.dir.path().join("server.log");
         let out = self
             .command("pg_ctl")
@@ -191,18 +191,30 @@ impl PgServer {
                 "fast",
                 "-w",
                 "-t",
-                "30",
+                &secs.to_string(),
                 "restart",
             ])
             .output()
             .unwrap();
-        if !out.status.success() {
-            crate::note(format!(
-                "fast restart did not finish in 30 s ({}); stopping immediately instead",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-            self.restart();
+        if out.status.success() {
+            return true;
         }
+        crate::note(format!(
+            "fast restart did not finish in {secs} s ({}); stopping immediately instead",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+        self.restart();
+        false
+    }
+
+    /// [`PgServer::restart_fast_within`] 30 s, asserting that it finished: a
+    /// client of a logical slot must never hold up a DBA's clean shutdown.
+    pub fn restart_fast(&self) {
+        assert!(
+            self.restart_fast_within(30),
+            "a fast shutdown of PostgreSQL waited more than 30 s; server log:\n{}",
+            self.log()
+        );
     }
 
     /// A `psql` command connected to database `db` as `postgres` over TCP: no

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 
 use ferry_protocol::messages::{record, Record, RowOp};
 use pg_walstream::{
-    EventType, LogicalReplicationStream, ReplicaIdentity, ReplicationStreamConfig, RetryConfig,
-    StreamingMode,
+    EventType, LogicalReplicationStream, ReplicaIdentity, ReplicationError,
+    ReplicationStreamConfig, RetryConfig, StreamingMode,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::conn::{classify_repl, Fail, Result};
@@ -104,14 +105,20 @@ pub(crate) async fn stream(s: &mut Session<'_>) -> Result<()> {
         types: HashMap::new(),
         txn: None,
     };
+    let ticks = IdleTicks::start(&st.s.ctx.shutdown);
     loop {
-        let ev = repl
-            .next_event(&st.s.ctx.shutdown)
-            .await
-            .map_err(|e| classify_repl(&st.s.target, "replication stream failed", e))?;
-        let confirm = st.event(ev.event_type).await?;
+        let confirm = match repl.next_event(&ticks.token()).await {
+            Ok(ev) => st.event(ev.event_type).await?,
+            Err(ReplicationError::Cancelled(_)) if !st.s.ctx.shutdown.is_cancelled() => {
+                ticks.renew();
+                st.idle(repl.current_lsn()).await?
+            }
+            Err(e) => return Err(classify_repl(&st.s.target, "replication stream failed", e)),
+        };
         if let Some(lsn) = confirm {
-            repl.shared_lsn_feedback.update_applied_lsn(lsn);
+            // Durable in the buffer: reported as flushed, which is what moves a
+            // logical slot (applied stays unset, as pg_recvlogical leaves it).
+            repl.shared_lsn_feedback.update_flushed_lsn(lsn);
             repl.send_feedback()
                 .await
                 .map_err(|e| classify_repl(&st.s.target, "cannot confirm the slot position", e))?;
@@ -119,7 +126,94 @@ pub(crate) async fn stream(s: &mut Session<'_>) -> Result<()> {
     }
 }
 
+/// How often an idle stream makes the server's sent position durable.
+const IDLE_CONFIRM: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Wakes the streaming loop out of `next_event` every [`IDLE_CONFIRM`] by
+/// cancelling the token it waits on (a child of the source's shutdown token).
+///
+/// Why: a walsender sends keepalives carrying its sent position, which moves past
+/// our last commit whenever other WAL follows it (other tables, other databases,
+/// checkpoints). pg_walstream answers them itself with our durable position, so
+/// without a tick the slot's client never reports that later position as flushed,
+/// and a fast shutdown of the server, which waits until each logical client has
+/// flushed the last sent position, waits for Ferry forever.
+///
+/// Cancelling through the token is safe with pg_walstream 0.9's inline driver,
+/// the one it uses on a multi-thread runtime: the token is checked only between
+/// frames and while waiting for the socket, and a frame read before the
+/// cancellation is returned, not dropped. Its threaded driver (current-thread
+/// runtimes) drops the batches queued for the reader on cancellation, so there no
+/// ticks are sent and idle positions are confirmed only by heartbeats.
+struct IdleTicks {
+    current: std::sync::Arc<std::sync::Mutex<CancellationToken>>,
+    parent: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl IdleTicks {
+    fn start(shutdown: &CancellationToken) -> IdleTicks {
+        let current = std::sync::Arc::new(std::sync::Mutex::new(shutdown.child_token()));
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        let task = multi_thread.then(|| {
+            let current = current.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(IDLE_CONFIRM);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    if let Ok(t) = current.lock() {
+                        t.cancel();
+                    }
+                }
+            })
+        });
+        IdleTicks {
+            current,
+            parent: shutdown.clone(),
+            task,
+        }
+    }
+
+    fn token(&self) -> CancellationToken {
+        match self.current.lock() {
+            Ok(t) => t.clone(),
+            Err(_) => self.parent.clone(),
+        }
+    }
+
+    /// After a tick: the next wait gets a fresh token.
+    fn renew(&self) {
+        if let Ok(mut t) = self.current.lock() {
+            *t = self.parent.child_token();
+        }
+    }
+}
+
+impl Drop for IdleTicks {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
 impl Streamer<'_, '_> {
+    /// A tick between events. Outside a transaction, every transaction committed
+    /// before `received` (the last keepalive's sent position: the server queues a
+    /// keepalive behind all it has sent) has been received and committed, so
+    /// `received` becomes the durable position and is confirmed.
+    async fn idle(&mut self, received: u64) -> Result<Option<u64>> {
+        if self.txn.is_some() || self.resume_partial.is_some() || received <= self.pos.lsn {
+            return Ok(None);
+        }
+        let pos = self.next_pos(received, None);
+        self.commit(Vec::new(), pos).await?;
+        Ok(Some(received))
+    }
+
     /// Handles one event; `Some(lsn)`: `lsn` is durable now, confirm it.
     async fn event(&mut self, ev: EventType) -> Result<Option<u64>> {
         match ev {
