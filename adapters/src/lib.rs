@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_protocol::messages::Record;
+use ferry_protocol::record_buf::RecordBuf;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,54 @@ pub struct Committed {
     pub last_seq: u64,
 }
 
+/// The records of one commit: as values, or already encoded into a
+/// [`RecordBuf`] (sources of many small records: no allocation per record).
+#[derive(Debug)]
+pub enum Records {
+    List(Vec<Record>),
+    Encoded(RecordBuf),
+}
+
+impl Records {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Records::List(l) => l.is_empty(),
+            Records::Encoded(b) => b.is_empty(),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        match self {
+            Records::List(l) => l.len(),
+            Records::Encoded(b) => b.count() as usize,
+        }
+    }
+
+    /// The records as values (decoding what was encoded).
+    pub fn into_list(self) -> Result<Vec<Record>, String> {
+        match self {
+            Records::List(l) => Ok(l),
+            Records::Encoded(b) => {
+                <ferry_protocol::messages::RecordList as prost::Message>::decode(b.as_bytes())
+                    .map(|l| l.records)
+                    .map_err(|e| format!("encoded records do not decode: {e}"))
+            }
+        }
+    }
+}
+
+impl From<Vec<Record>> for Records {
+    fn from(l: Vec<Record>) -> Records {
+        Records::List(l)
+    }
+}
+
+impl From<RecordBuf> for Records {
+    fn from(b: RecordBuf) -> Records {
+        Records::Encoded(b)
+    }
+}
+
 /// One atomic unit for the buffer: records plus the source position after them.
 /// `records` may be empty to move the position alone.
 #[derive(Debug)]
@@ -47,7 +96,7 @@ pub struct CommitRequest {
     /// in flight must never see a later one become durable after an earlier one was
     /// lost, or its position would skip the lost records.
     pub epoch: u64,
-    pub records: Vec<Record>,
+    pub records: Records,
     pub position: Vec<u8>,
     /// Answered once durable: `Ok(None)` when `records` was empty.
     pub done: oneshot::Sender<Result<Option<Committed>, String>>,
@@ -186,7 +235,7 @@ impl SourceContext {
     /// are durable. Waits (backpressure) while the buffer is full.
     pub async fn commit(
         &self,
-        records: Vec<Record>,
+        records: impl Into<Records>,
         position: Vec<u8>,
     ) -> Result<Option<Committed>, SourceError> {
         self.submit(records, position).await?.durable().await
@@ -200,9 +249,10 @@ impl SourceContext {
     /// the buffer is full.
     pub async fn submit(
         &self,
-        records: Vec<Record>,
+        records: impl Into<Records>,
         position: Vec<u8>,
     ) -> Result<PendingCommit, SourceError> {
+        let records = records.into();
         let (done, rx) = oneshot::channel();
         self.outstanding.n.fetch_add(1, Ordering::AcqRel);
         let req = CommitRequest {
@@ -286,7 +336,7 @@ impl<T> Inflight<T> {
     pub async fn push(
         &mut self,
         ctx: &SourceContext,
-        records: Vec<Record>,
+        records: impl Into<Records>,
         position: Vec<u8>,
         tag: T,
     ) -> Result<Vec<(Option<Committed>, T)>, SourceError> {

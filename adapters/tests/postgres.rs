@@ -209,6 +209,67 @@ async fn changes_arrive_exactly_as_committed() {
     watch.check().await;
 }
 
+/// The snapshot encodes rows its own way (straight into the batch bytes); a row
+/// read by the snapshot and the same values streamed must arrive alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_rows_render_like_streamed_ones() {
+    let server = PgServer::start();
+    let db = server.database("t10").await;
+    db.batch_execute(PERSON).await.unwrap();
+    let row = |id: i32| {
+        format!(
+            "INSERT INTO public.person VALUES ({id}, -9223372036854775808, -0.0000000001,
+               E'tab\\there\\nnew line \\\\ 沈阳', '\\x00ff10', '2024-03-01 12:34:56.789+08', '2024-03-01',
+               false, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{{\"k\": \"v\"}}', '{{}}', NULL,
+               repeat('y', 50000))"
+        )
+    };
+    db.batch_execute(&format!(
+        "{}; CREATE PUBLICATION ferry_pub FOR TABLE public.person",
+        row(1)
+    ))
+    .await
+    .unwrap();
+    db.batch_execute("CREATE TABLE public.acct (id int PRIMARY KEY, balance int, note text); ALTER PUBLICATION ferry_pub ADD TABLE public.acct")
+        .await
+        .unwrap();
+    let cfg = config(&server, "t10", &["public.person", "public.acct"], "s10");
+    let store = Store::new();
+    let mut run = store.start(&cfg);
+    run.wait_for("the snapshot", 30, || phase_is(&store, "streaming"))
+        .await;
+    db.batch_execute(&row(2)).await.unwrap();
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    let all = rows(&records);
+    let person: Vec<_> = all.iter().filter(|c| c.table == "person").collect();
+    assert_eq!(person.len(), 2, "{person:?}");
+    assert!(person[0].snapshot && !person[1].snapshot);
+    let without_id = |c: &ferry_protocol::messages::RowChange| {
+        c.columns
+            .iter()
+            .filter(|x| x.name != "id")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(without_id(person[0]), without_id(person[1]));
+    assert_eq!(
+        col(person[0], "photo").value,
+        Some(column::Value::Bytes(vec![0x00, 0xff, 0x10]))
+    );
+    assert_eq!(
+        text(col(person[0], "name")).as_deref(),
+        Some("tab\there\nnew line \\ 沈阳")
+    );
+    assert_eq!(
+        col(person[0], "note").value,
+        Some(column::Value::Null(true))
+    );
+    assert_eq!(text(col(person[0], "blob")).map(|b| b.len()), Some(50_000));
+    model::assert_streamed_once(&records);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ddl_mid_stream_emits_schema_changes() {
     let server = PgServer::start();
@@ -432,6 +493,53 @@ async fn crashes_during_the_snapshot_converge() {
         &model::table_state(&db, "public.acct", &["id"]).await,
     );
     watch.check().await;
+}
+
+/// Wide rows: a chunk is committed in several pieces (each ≤ 4 MiB), each with
+/// the key of its own last row. Crashes between pieces resume after that row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_between_the_pieces_of_a_wide_chunk_converge() {
+    use rand::{Rng, SeedableRng};
+    let server = PgServer::start();
+    let db = server.database("t11").await;
+    support::acct(&db, 3_000).await;
+    db.batch_execute("UPDATE public.acct SET note = repeat(md5(id::text), 256)")
+        .await
+        .unwrap();
+    let mut cfg = config(&server, "t11", &["public.acct"], "s11");
+    cfg.snapshot_chunk_rows = 1_000;
+    cfg.snapshot_rows_per_second = Some(800);
+    let store = Store::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut mid_snapshot = 0;
+    for _ in 0..12 {
+        let run = store.start(&cfg);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
+        let before = store.phase();
+        run.stop().await.unwrap_err();
+        if before.as_deref() == Some("snapshot") {
+            mid_snapshot += 1;
+        }
+        if phase_is(&store, "streaming") && mid_snapshot >= 3 {
+            break;
+        }
+    }
+    assert!(
+        mid_snapshot >= 3,
+        "only {mid_snapshot} crashes hit the snapshot"
+    );
+    let mut run = store.start(&cfg);
+    run.wait_for("the snapshot", 60, || phase_is(&store, "streaming"))
+        .await;
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    model::assert_snapshot_rows_once(&records, "public.acct", "id");
+    let m = Model::apply_all(&records);
+    model::assert_same(
+        &m.table("public.acct"),
+        &model::table_state(&db, "public.acct", &["id"]).await,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,8 +24,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_adapters::{CommitRequest, Committed, Ticket};
-use ferry_protocol::batch::{encode_records, EncodedRecords};
+use ferry_adapters::{CommitRequest, Committed, Records, Ticket};
+use ferry_protocol::batch::{encode_buf, encode_records, EncodedRecords};
 use ferry_protocol::messages::{Record, RecordList};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -116,13 +116,16 @@ impl Encoding {
     }
 }
 
-fn encode(stream: &str, records: Vec<Record>) -> Encoded {
+fn encode(stream: &str, records: Records) -> Encoded {
     if records.is_empty() {
         return Ok(None);
     }
-    encode_records(&RecordList { records })
-        .map(Some)
-        .map_err(|e| format!("stream {stream}: {e}"))
+    match records {
+        Records::List(records) => encode_records(&RecordList { records }),
+        Records::Encoded(buf) => encode_buf(&buf),
+    }
+    .map(Some)
+    .map_err(|e| format!("stream {stream}: {e}"))
 }
 
 /// Starts compressing each request as it arrives, and passes them on in order.
@@ -133,7 +136,10 @@ async fn encode_stage(
 ) {
     while let Some(r) = rx.recv().await {
         let name = names.get(r.stream).cloned().unwrap_or_default();
-        let raw: usize = r.records.iter().map(approx_len).sum();
+        let raw: usize = match &r.records {
+            Records::List(l) => l.iter().map(approx_len).sum(),
+            Records::Encoded(b) => b.len(),
+        };
         let work = if r.stream >= names.len() {
             Work::Ready(Err(format!("unknown stream index {}", r.stream)))
         } else if raw < INLINE_ENCODE_BYTES {

@@ -7,7 +7,9 @@
 
 use prost::Message;
 
+use crate::check::{check_list, Checked};
 use crate::messages::{Batch, Compression, RecordList};
+use crate::record_buf::RecordBuf;
 
 /// Largest uncompressed batch: 8 MiB.
 pub const MAX_RAW_BATCH: usize = 8 * 1024 * 1024;
@@ -57,33 +59,36 @@ impl EncodedRecords {
 
 /// Encodes and compresses records.
 pub fn encode_records(list: &RecordList) -> Result<EncodedRecords, BatchError> {
-    if list.records.is_empty() {
+    compress(&list.encode_to_vec(), list.records.len())
+}
+
+/// Compresses records already encoded into a [`RecordBuf`].
+pub fn encode_buf(buf: &RecordBuf) -> Result<EncodedRecords, BatchError> {
+    compress(buf.as_bytes(), buf.count() as usize)
+}
+
+fn compress(raw: &[u8], count: usize) -> Result<EncodedRecords, BatchError> {
+    if count == 0 {
         return Err(BatchError::Empty);
     }
-    let raw = list.encode_to_vec();
     if raw.len() > MAX_RAW_BATCH {
         return Err(BatchError::TooLarge {
             len: raw.len(),
             limit: MAX_RAW_BATCH,
         });
     }
-    let payload = zstd::bulk::compress(&raw, ZSTD_LEVEL)
+    let payload = zstd::bulk::compress(raw, ZSTD_LEVEL)
         .map_err(|e| BatchError::Decompress(format!("compressing: {e}")))?;
     Ok(EncodedRecords {
-        record_count: list.records.len() as u32,
+        record_count: count as u32,
         compression: Compression::Zstd,
         raw_len: raw.len() as u32,
         payload,
     })
 }
 
-/// Decompresses and decodes a batch payload, checking every declared size.
-pub fn decode_records(
-    compression: i32,
-    raw_len: u32,
-    record_count: u32,
-    payload: &[u8],
-) -> Result<RecordList, BatchError> {
+/// Decompresses a batch payload, checking the declared sizes.
+fn decompress(compression: i32, raw_len: u32, payload: &[u8]) -> Result<Vec<u8>, BatchError> {
     let raw_len = raw_len as usize;
     if raw_len > MAX_RAW_BATCH {
         return Err(BatchError::TooLarge {
@@ -103,17 +108,42 @@ pub fn decode_records(
             actual: raw.len(),
         });
     }
-    let list = RecordList::decode(raw.as_slice()).map_err(|e| BatchError::Decode(e.to_string()))?;
-    if list.records.len() != record_count as usize {
+    Ok(raw)
+}
+
+fn count_matches(declared: u32, actual: usize) -> Result<(), BatchError> {
+    if actual != declared as usize {
         return Err(BatchError::CountMismatch {
-            declared: record_count as usize,
-            actual: list.records.len(),
+            declared: declared as usize,
+            actual,
         });
     }
-    if list.records.is_empty() {
+    if actual == 0 {
         return Err(BatchError::Empty);
     }
+    Ok(())
+}
+
+/// Decompresses and decodes a batch payload, checking every declared size.
+pub fn decode_records(
+    compression: i32,
+    raw_len: u32,
+    record_count: u32,
+    payload: &[u8],
+) -> Result<RecordList, BatchError> {
+    let raw = decompress(compression, raw_len, payload)?;
+    let list = RecordList::decode(raw.as_slice()).map_err(|e| BatchError::Decode(e.to_string()))?;
+    count_matches(record_count, list.records.len())?;
     Ok(list)
+}
+
+/// Decompresses a received batch and checks it as [`decode_batch`] would, without
+/// decoding its records (see [`crate::check`]).
+pub fn check_batch(batch: &Batch) -> Result<Checked, BatchError> {
+    let raw = decompress(batch.compression, batch.raw_len, &batch.payload)?;
+    let c = check_list(&raw).map_err(BatchError::Decode)?;
+    count_matches(batch.record_count, c.records)?;
+    Ok(c)
 }
 
 /// Decodes a received [`Batch`].

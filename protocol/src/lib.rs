@@ -11,9 +11,11 @@
 //! driven by tests with arbitrary inputs.
 
 pub mod batch;
+pub mod check;
 pub mod entry;
 pub mod frame;
 pub mod messages;
+pub mod record_buf;
 pub mod session;
 
 /// The ALPN protocol id both ends require.

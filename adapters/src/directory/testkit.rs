@@ -100,7 +100,7 @@ impl Store {
                     None
                 } else {
                     let first_seq = d.head + 1;
-                    for mut rec in req.records {
+                    for mut rec in req.records.into_list().unwrap() {
                         let mut len = 0;
                         if let Some(record::Body::FileChunk(c)) = rec.body.as_mut() {
                             len = c.data.len();

@@ -75,6 +75,16 @@ impl Rel {
     }
 }
 
+/// The hex digits of a `bytea` column's text output (`\x...`), if `c` is one.
+pub(crate) fn bytea_hex<'a>(c: &ColInfo, text: &'a str) -> Option<&'a [u8]> {
+    if c.type_oid != BYTEA_OID {
+        return None;
+    }
+    text.strip_prefix("\\x")
+        .filter(|h| h.len() % 2 == 0)
+        .map(str::as_bytes)
+}
+
 /// A value from its text output; `bytea` (`\x` hex) travels as bytes.
 pub(crate) fn text_value(type_oid: u32, text: String) -> column::Value {
     if type_oid == BYTEA_OID {
@@ -126,21 +136,6 @@ pub(crate) fn old_columns(
         .iter()
         .filter(|c| key_columns.iter().any(|k| k.as_ref() == c.name))
         .map(|c| column(c, decoded(c, row.get(&c.name))))
-        .collect()
-}
-
-/// A snapshot row from text values in column order.
-pub(crate) fn snapshot_columns(rel: &Rel, values: Vec<Option<String>>) -> Vec<Column> {
-    rel.cols
-        .iter()
-        .zip(values)
-        .map(|(c, v)| {
-            let value = match v {
-                Some(t) => text_value(c.type_oid, t),
-                None => column::Value::Null(true),
-            };
-            column(c, value)
-        })
         .collect()
 }
 

@@ -94,7 +94,7 @@ impl Session<'_> {
     pub(crate) async fn submit(
         &mut self,
         inflight: &mut Inflight<PgPosition>,
-        records: Vec<Record>,
+        records: impl Into<crate::Records>,
         pos: &PgPosition,
     ) -> Result<()> {
         let done = inflight

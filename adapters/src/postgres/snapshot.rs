@@ -4,17 +4,21 @@
 
 use std::collections::BTreeMap;
 
-use ferry_protocol::messages::{Record, RowOp};
+use std::fmt::Write as _;
+
+use ferry_protocol::messages::RowOp;
+use ferry_protocol::record_buf::{ColumnRef, RecordBuf, RowHead, ValueRef};
 use pg_walstream::{PgReplicationConnection, ReplicationSlotOptions, SlotType};
+use tokio_postgres::SimpleQueryRow;
 use tracing::{info, warn};
 
 use super::conn::{classify_repl, Fail, Result, Target};
 use super::position::{fmt_lsn, parse_lsn, PgPosition, SnapshotPos, StreamPos};
-use super::records::{row_record, size_of, snapshot_columns, Rel, Stamp};
+use super::records::{bytea_hex, Rel};
 use super::run::Session;
 use super::sql::{qualified, quote_ident, quote_literal, TableInfo};
 use super::stream::{MAX_RECORD_BYTES, MAX_TXN_BYTES};
-use crate::Inflight;
+use crate::{now_unix_ms, Inflight};
 
 /// Rough memory a snapshot chunk may take (rows are fetched a chunk at a time).
 const CHUNK_MEMORY: usize = 32 << 20;
@@ -155,62 +159,61 @@ async fn copy_pipelined(
                 .await?;
             continue;
         };
-        let rel = Rel::from_table(&info);
-        let mut pending: Vec<Record> = Vec::new();
+        let rel = std::sync::Arc::new(Rel::from_table(&info));
+        let mut pending = RecordBuf::new();
         let fp = rel.fingerprint();
         if pos.schemas.get(&name) != Some(&fp) {
-            pending.push(rel.schema_record(pos.view_lsn));
+            pending.push(&rel.schema_record(pos.view_lsn));
             pos.schemas.insert(name.clone(), fp);
         }
+        let nkey = info.page_key.len().max(1);
         let mut limit = s.cfg.snapshot_chunk_rows;
+        let mut rows = s
+            .sql
+            .rows(&chunk_sql(&info, pos.last_key.as_deref(), limit))
+            .await?;
         loop {
-            let sql = chunk_sql(&info, pos.last_key.as_deref(), limit);
-            let rows = s.sql.text_rows(&sql).await?;
-            let nkey = info.page_key.len().max(1);
             let last_chunk = rows.len() < limit;
             let total = rows.len();
-            let mut bytes: usize = pending.iter().map(size_of).sum();
-            let mut chunk_bytes = 0usize;
-            for (i, mut row) in rows.into_iter().enumerate() {
-                let values = row.split_off(nkey.min(row.len()));
-                let key: Vec<String> = row.into_iter().map(Option::unwrap_or_default).collect();
-                let stamp = Stamp {
-                    xid: 0,
-                    commit_lsn: pos.view_lsn,
-                    commit_time_unix_us: 0,
-                    change_index: u32::try_from(pos.rows_done).unwrap_or(u32::MAX),
-                    snapshot: true,
-                };
-                let rec = row_record(
-                    &rel,
-                    RowOp::Insert,
-                    &stamp,
-                    snapshot_columns(&rel, values),
-                    Vec::new(),
-                );
-                let size = size_of(&rec);
-                if size > MAX_RECORD_BYTES {
-                    return Err(Fail::Fatal(format!(
-                        "a row of {name} (key {key:?}) is {size} bytes; Ferry ships rows of up to {MAX_RECORD_BYTES} bytes"
-                    )));
-                }
-                pending.push(rec);
-                bytes += size;
-                chunk_bytes += size;
-                pos.rows_done += 1;
-                pos.last_key = Some(key);
-                let end_of_rows = i + 1 == total;
-                if bytes >= MAX_TXN_BYTES && !(end_of_rows && last_chunk) {
-                    pos.retained_wal = s.retained();
-                    s.submit(
-                        inflight,
-                        std::mem::take(&mut pending),
-                        &PgPosition::Snapshot(pos.clone()),
-                    )
-                    .await?;
-                    bytes = 0;
-                }
+            if let Some(row) = rows.last() {
+                pos.last_key = Some(row_key(row, nkey));
             }
+            // The server runs the next chunk's query while this one is encoded.
+            let job = EncodeJob {
+                rel: rel.clone(),
+                table: name.clone(),
+                view_lsn: pos.view_lsn,
+                first_index: pos.rows_done,
+                nkey,
+                last_chunk,
+                pending: std::mem::take(&mut pending),
+            };
+            let encoding = tokio::task::spawn_blocking(move || job.run(rows));
+            let next = async {
+                if last_chunk {
+                    Ok(Vec::new())
+                } else {
+                    s.sql
+                        .rows(&chunk_sql(&info, pos.last_key.as_deref(), limit))
+                        .await
+                }
+            };
+            let (encoded, next) = tokio::join!(encoding, next);
+            let encoded =
+                encoded.map_err(|e| Fail::Fatal(format!("snapshot encoding failed: {e}")))??;
+            rows = next?;
+            let chunk_bytes: usize = encoded.pieces.iter().map(|p| p.0.len()).sum();
+            for (buf, done, key) in encoded.pieces {
+                pos.rows_done = done;
+                // The chunk's last piece carries the chunk's position, set above.
+                let last_key = std::mem::replace(&mut pos.last_key, key);
+                pos.retained_wal = s.retained();
+                s.submit(inflight, buf, &PgPosition::Snapshot(pos.clone()))
+                    .await?;
+                pos.last_key = last_key;
+            }
+            pos.rows_done = encoded.rows_done;
+            pending = encoded.rest;
             copied += total as u64;
             // Wide rows: keep a chunk's result (held in memory whole) near 32 MiB.
             if let Some(per_row) = chunk_bytes.checked_div(total) {
@@ -221,12 +224,8 @@ async fn copy_pipelined(
             }
             if !pending.is_empty() || last_chunk {
                 pos.retained_wal = s.retained();
-                s.submit(
-                    inflight,
-                    std::mem::take(&mut pending),
-                    &PgPosition::Snapshot(pos.clone()),
-                )
-                .await?;
+                s.submit(inflight, pending.take(), &PgPosition::Snapshot(pos.clone()))
+                    .await?;
             }
             throttle(s, started, copied).await?;
             if last_chunk {
@@ -247,6 +246,152 @@ async fn copy_pipelined(
     s.commit(Vec::new(), &streaming).await?;
     info!(from = %fmt_lsn(pos.consistent_lsn), "initial snapshot complete");
     Ok(())
+}
+
+/// One chunk of rows to encode, off the async threads.
+struct EncodeJob {
+    rel: std::sync::Arc<Rel>,
+    table: String,
+    view_lsn: u64,
+    /// Number of the chunk's first row within its table.
+    first_index: u64,
+    nkey: usize,
+    last_chunk: bool,
+    /// Records not yet submitted (a table's schema record).
+    pending: RecordBuf,
+}
+
+struct Encoded {
+    /// Full pieces to submit in order: records, rows done after them, the key of
+    /// their last row.
+    pieces: Vec<(RecordBuf, u64, Option<Vec<String>>)>,
+    /// What is left after the last full piece, and the rows done after it.
+    rest: RecordBuf,
+    rows_done: u64,
+}
+
+impl EncodeJob {
+    fn run(self, rows: Vec<SimpleQueryRow>) -> Result<Encoded> {
+        let rel = &self.rel;
+        let head = RowHead {
+            schema: &rel.schema,
+            table: &rel.table,
+            op: RowOp::Insert,
+            xid: 0,
+            commit_lsn: self.view_lsn,
+            commit_time_unix_us: 0,
+            change_index: 0,
+            last_in_txn: true,
+            snapshot: true,
+        };
+        let mut pending = self.pending;
+        let mut pieces = Vec::new();
+        let mut position = String::with_capacity(64);
+        let mut hex = Vec::new();
+        let mut done = self.first_index;
+        let now = now_unix_ms();
+        let total = rows.len();
+        for (i, row) in rows.iter().enumerate() {
+            let before = pending.len();
+            let index = u32::try_from(done).unwrap_or(u32::MAX);
+            position.clear();
+            // Writing to a String cannot fail.
+            let _ = write!(position, "snapshot {} #{index}", self.table);
+            let head = RowHead {
+                change_index: index,
+                ..head
+            };
+            push_row(
+                &mut pending,
+                &mut hex,
+                now,
+                &position,
+                &head,
+                rel,
+                row,
+                self.nkey,
+            );
+            let size = pending.len() - before;
+            if size > MAX_RECORD_BYTES {
+                return Err(Fail::Fatal(format!(
+                    "a row of {} (key {:?}) is {size} bytes; Ferry ships rows of up to {MAX_RECORD_BYTES} bytes",
+                    self.table,
+                    row_key(row, self.nkey)
+                )));
+            }
+            done += 1;
+            let end_of_rows = i + 1 == total;
+            if pending.len() >= MAX_TXN_BYTES && !(end_of_rows && self.last_chunk) {
+                pieces.push((pending.take(), done, Some(row_key(row, self.nkey))));
+            }
+        }
+        Ok(Encoded {
+            pieces,
+            rest: pending,
+            rows_done: done,
+        })
+    }
+}
+
+/// The text of a row's paging key (its first `nkey` columns).
+fn row_key(row: &SimpleQueryRow, nkey: usize) -> Vec<String> {
+    (0..nkey.min(row.len()))
+        .map(|i| row.get(i).unwrap_or_default().to_string())
+        .collect()
+}
+
+/// One snapshot row (key columns first, then every published column, as text)
+/// encoded as an INSERT record; `hex` is scratch space for `bytea` values.
+#[allow(clippy::too_many_arguments)]
+fn push_row(
+    buf: &mut RecordBuf,
+    hex: &mut Vec<u8>,
+    now: u64,
+    position: &str,
+    head: &RowHead<'_>,
+    rel: &Rel,
+    row: &SimpleQueryRow,
+    nkey: usize,
+) {
+    // bytea text output (`\x` + hex) travels as its bytes: decode those first,
+    // into one scratch buffer, so the columns can borrow from it.
+    hex.clear();
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    for (i, c) in rel.cols.iter().enumerate() {
+        if let Some(b) = row.get(nkey + i).and_then(|t| bytea_hex(c, t)) {
+            let at = hex.len();
+            hex.resize(at + b.len() / 2, 0);
+            if hex::decode_to_slice(b, &mut hex[at..]).is_ok() {
+                spans.push((i, at));
+            } else {
+                hex.truncate(at);
+            }
+        }
+    }
+    let cols: Vec<ColumnRef<'_>> = rel
+        .cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let value = match row.get(nkey + i) {
+                None => ValueRef::Null,
+                Some(t) => match spans.iter().find(|(j, _)| *j == i) {
+                    Some(&(_, at)) => {
+                        let len = (t.len() - 2) / 2;
+                        ValueRef::Bytes(hex.get(at..at + len).unwrap_or_default())
+                    }
+                    None => ValueRef::Text(t),
+                },
+            };
+            ColumnRef {
+                name: &c.name,
+                type_name: &c.type_name,
+                type_oid: c.type_oid,
+                value,
+            }
+        })
+        .collect();
+    buf.push_row(now, position, head, &cols, &[]);
 }
 
 fn next_table(s: &Session<'_>, pos: &mut SnapshotPos) {

@@ -140,6 +140,22 @@ impl Sql {
         Ok(out)
     }
 
+    /// Rows of a simple query, as the server's text output (no copy per value).
+    pub(crate) async fn rows(&self, sql: &str) -> Result<Vec<tokio_postgres::SimpleQueryRow>> {
+        let msgs = self
+            .client
+            .simple_query(sql)
+            .await
+            .map_err(|e| self.fail("query failed", &e))?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .collect())
+    }
+
     pub(crate) async fn execute(&self, sql: &str) -> Result<()> {
         self.client
             .batch_execute(sql)

@@ -7,7 +7,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ferry_protocol::messages::{record, Record};
+use std::fmt::Write as _;
+
+use ferry_protocol::record_buf::RecordBuf;
 use sha2::{Digest, Sha256};
 
 use super::lines::{self, Limits};
@@ -139,15 +141,14 @@ pub(super) async fn run(cfg: TailConfig, ctx: SourceContext) -> Result<(), Sourc
             let ino = t.ino;
             // One clock reading per batch: the lines were read together.
             let now = now_unix_ms();
-            let records = split
-                .lines
-                .into_iter()
-                .map(|l| Record {
-                    time_unix_ms: now,
-                    position: format!("ino={ino} off={}", l.start),
-                    body: Some(record::Body::Line(l.text)),
-                })
-                .collect();
+            let mut records = RecordBuf::with_capacity(split.consumed + 40 * split.lines.len());
+            let mut position = String::with_capacity(48);
+            for l in &split.lines {
+                position.clear();
+                // Writing to a String cannot fail.
+                let _ = write!(position, "ino={ino} off={}", l.start);
+                records.push_line(now, &position, &l.text);
+            }
             t.fp = probe.fresh_fp;
             t.offset += split.consumed as u64;
             inflight

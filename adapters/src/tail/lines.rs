@@ -1,5 +1,7 @@
 //! Cutting a window of file bytes into line records: pure, no I/O.
 
+use std::borrow::Cow;
+
 use super::Encoding;
 
 #[derive(Debug, Clone, Copy)]
@@ -19,16 +21,17 @@ impl Limits {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Line {
+pub(crate) struct Line<'a> {
     /// File offset of the line's first byte.
     pub start: u64,
-    /// UTF-8 (or raw bytes in `utf-8` mode), without `\n` or a trailing `\r`.
-    pub text: Vec<u8>,
+    /// UTF-8 (or raw bytes in `utf-8` mode), without `\n` or a trailing `\r`;
+    /// borrowed from the window unless transcoded.
+    pub text: Cow<'a, [u8]>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Split {
-    pub lines: Vec<Line>,
+pub(crate) struct Split<'a> {
+    pub lines: Vec<Line<'a>>,
     /// Bytes of the window the lines cover; the batch's position is `base + consumed`.
     pub consumed: usize,
     /// How many of `lines` are pieces of an over-long line.
@@ -38,7 +41,13 @@ pub(crate) struct Split {
 /// Cuts `buf` (file bytes from offset `base`) into complete lines, within `lim`. A
 /// trailing partial line stays unconsumed unless `flush_tail` (the file is rotated
 /// away and `buf` reaches its end).
-pub(crate) fn split(buf: &[u8], base: u64, flush_tail: bool, lim: &Limits, enc: Encoding) -> Split {
+pub(crate) fn split<'a>(
+    buf: &'a [u8],
+    base: u64,
+    flush_tail: bool,
+    lim: &Limits,
+    enc: Encoding,
+) -> Split<'a> {
     let mut out = Split::default();
     let max_line = lim.max_line.max(4);
     while out.consumed < buf.len()
@@ -75,19 +84,15 @@ pub(crate) fn split(buf: &[u8], base: u64, flush_tail: bool, lim: &Limits, enc: 
     out
 }
 
-fn decode(raw: &[u8], enc: Encoding) -> Vec<u8> {
-    match enc {
-        Encoding::Utf8 => raw.to_vec(),
-        Encoding::Gbk => encoding_rs::GBK
-            .decode_without_bom_handling(raw)
-            .0
-            .into_owned()
-            .into_bytes(),
-        Encoding::Gb18030 => encoding_rs::GB18030
-            .decode_without_bom_handling(raw)
-            .0
-            .into_owned()
-            .into_bytes(),
+fn decode(raw: &[u8], enc: Encoding) -> Cow<'_, [u8]> {
+    let text = match enc {
+        Encoding::Utf8 => return Cow::Borrowed(raw),
+        Encoding::Gbk => encoding_rs::GBK.decode_without_bom_handling(raw).0,
+        Encoding::Gb18030 => encoding_rs::GB18030.decode_without_bom_handling(raw).0,
+    };
+    match text {
+        Cow::Borrowed(t) => Cow::Borrowed(t.as_bytes()),
+        Cow::Owned(t) => Cow::Owned(t.into_bytes()),
     }
 }
 
@@ -227,7 +232,7 @@ mod tests {
     #[test]
     fn invalid_utf8_passes_through_and_gbk_is_transcoded() {
         let s = split(b"\xff\xfe ok\n", 0, false, &lim(64), Encoding::Utf8);
-        assert_eq!(s.lines[0].text, b"\xff\xfe ok");
+        assert_eq!(&*s.lines[0].text, b"\xff\xfe ok");
         let (gbk, _, _) = encoding_rs::GBK.encode("沈阳市民政局\r\n");
         let s = split(&gbk, 0, false, &lim(64), Encoding::Gbk);
         assert_eq!(texts(&s), ["沈阳市民政局"]);

@@ -72,8 +72,9 @@ impl Store {
                     }
                 }
                 let first = d.records.len() as u64 + 1;
-                let n = req.records.len() as u64;
-                d.records.extend(req.records);
+                let records = req.records.into_list().unwrap();
+                let n = records.len() as u64;
+                d.records.extend(records);
                 d.position = Some(req.position);
                 d.commits += 1;
                 drop(d);

@@ -36,9 +36,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use ferry_protocol::batch::{decode_batch, encode_records, EncodedRecords};
+use ferry_protocol::batch::{check_batch, decode_batch, encode_records, EncodedRecords};
 use ferry_protocol::entry::{self, Decoded};
-use ferry_protocol::messages::{record::Body, Batch, Compression, Record, RecordList};
+use ferry_protocol::messages::{Batch, Compression, Record, RecordList};
 use ferry_protocol::session::{admit, Admission};
 use ferry_transport::durable::Syncer;
 use ferry_transport::segments::{BatchRef, Segments};
@@ -249,36 +249,19 @@ impl Store {
                 }
                 Admission::Store { skip, gap_from } => (skip, gap_from),
             };
-            let list = match decode_batch(b) {
-                Ok(l) => l,
+            let first = b.first_seq + u64::from(skip);
+            let invalid = |e: ferry_protocol::batch::BatchError| {
+                StoreError::Invalid(format!("stream {} seq {}: {e}", b.stream, b.first_seq))
+            };
+            // Lines and rows are stored as they arrived once checked; only file
+            // records (written out here) and partly duplicated batches are decoded.
+            let has_files = match check_batch(b) {
+                Ok(c) => c.has_files,
                 Err(e) => {
-                    results.push(Err(StoreError::Invalid(format!(
-                        "stream {} seq {}: {e}",
-                        b.stream, b.first_seq
-                    ))));
+                    results.push(Err(invalid(e)));
                     continue;
                 }
             };
-            let first = b.first_seq + u64::from(skip);
-            let mut records: Vec<Record> = list.records.into_iter().skip(skip as usize).collect();
-            let has_files = records
-                .iter()
-                .any(|r| matches!(r.body, Some(Body::FileChunk(_) | Body::FileAbort(_))));
-            if has_files {
-                let dir = self.files_dir.join(&item.agent).join(&b.stream);
-                if let Err(e) = writes.apply(
-                    &dir,
-                    &item.agent,
-                    &b.stream,
-                    first,
-                    &mut records,
-                    &mut batch,
-                    self,
-                ) {
-                    results.push(Err(e));
-                    continue;
-                }
-            }
             let encoded = if skip == 0 && !has_files {
                 EncodedRecords {
                     record_count: b.record_count,
@@ -287,6 +270,30 @@ impl Store {
                     payload: b.payload.clone(),
                 }
             } else {
+                let list = match decode_batch(b) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        results.push(Err(invalid(e)));
+                        continue;
+                    }
+                };
+                let mut records: Vec<Record> =
+                    list.records.into_iter().skip(skip as usize).collect();
+                if has_files {
+                    let dir = self.files_dir.join(&item.agent).join(&b.stream);
+                    if let Err(e) = writes.apply(
+                        &dir,
+                        &item.agent,
+                        &b.stream,
+                        first,
+                        &mut records,
+                        &mut batch,
+                        self,
+                    ) {
+                        results.push(Err(e));
+                        continue;
+                    }
+                }
                 match encode_records(&RecordList { records }) {
                     Ok(e) => e,
                     Err(e) => {

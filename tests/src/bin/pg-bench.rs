@@ -295,17 +295,55 @@ fn copy_out(server: &PgServer) -> Result<f64> {
 
 struct Run {
     load: Loaded,
+    /// `None` with `--snapshot-only`.
+    streaming: Option<Streaming>,
+    copy_secs: f64,
+    snapshot: FerryRun,
+}
+
+struct Streaming {
     decode_secs: f64,
     recv_secs: f64,
     stream: FerryRun,
-    copy_secs: f64,
-    snapshot: FerryRun,
+}
+
+/// Server-side decoding, `pg_recvlogical` and Ferry on the three slots.
+fn streaming(
+    base: &tempfile::TempDir,
+    r: usize,
+    server: &PgServer,
+    load: &Loaded,
+    [decode_slot, recv_slot, ferry_slot]: [&str; 3],
+) -> Result<Streaming> {
+    // Alternate whether Ferry reads the WAL first or last, so it does not
+    // always get the colder (or the warmer) caches.
+    let d = base.path().join(format!("stream-{r}"));
+    let mut stream = None;
+    if r % 2 == 1 {
+        stream = Some(ferry_stream(&d, server, ferry_slot, load.changes)?);
+    }
+    let decode_secs = sql_decode(server, decode_slot, load.end_lsn)?;
+    drop_slot(server, decode_slot)?;
+    let recv_secs = recvlogical(server, recv_slot, load.end_lsn)?;
+    drop_slot(server, recv_slot)?;
+    let stream = match stream {
+        Some(s) => s,
+        None => ferry_stream(&d, server, ferry_slot, load.changes)?,
+    };
+    std::fs::remove_dir_all(&d)?;
+    eprintln!("  ferry streaming {:.1} s", stream.secs);
+    Ok(Streaming {
+        decode_secs,
+        recv_secs,
+        stream,
+    })
 }
 
 fn main() -> Result<()> {
     let mut runs = 3usize;
     let mut rows = 1_000_000u64;
     let mut updates = true;
+    let mut snapshot_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -317,7 +355,10 @@ fn main() -> Result<()> {
             "--runs" => runs = val()? as usize,
             "--rows" => rows = val()?,
             "--no-updates" => updates = false,
-            other => bail!("unknown argument {other}; use --runs N --rows N --no-updates"),
+            "--snapshot-only" => snapshot_only = true,
+            other => bail!(
+                "unknown argument {other}; use --runs N --rows N --no-updates --snapshot-only"
+            ),
         }
     }
     if runs == 0 || rows == 0 {
@@ -347,35 +388,29 @@ fn main() -> Result<()> {
             format!("snap_{r}"),
         );
         eprintln!("run {}/{runs}: loading", r + 1);
-        let load = load(
-            &server,
-            rows,
-            updates,
-            &[&decode_slot, &recv_slot, &ferry_slot],
-        );
+        let slots: &[&str] = if snapshot_only {
+            &[]
+        } else {
+            &[&decode_slot, &recv_slot, &ferry_slot]
+        };
+        let load = load(&server, rows, updates, slots);
         eprintln!(
             "  {} changes in {:.1} s, WAL end {}",
             load.changes,
             load.secs,
             lsn_text(load.end_lsn)
         );
-        // Alternate whether Ferry reads the WAL first or last, so it does not
-        // always get the colder (or the warmer) caches.
-        let d = base.path().join(format!("stream-{r}"));
-        let mut stream = None;
-        if r % 2 == 1 {
-            stream = Some(ferry_stream(&d, &server, &ferry_slot, load.changes)?);
-        }
-        let decode_secs = sql_decode(&server, &decode_slot, load.end_lsn)?;
-        drop_slot(&server, &decode_slot)?;
-        let recv_secs = recvlogical(&server, &recv_slot, load.end_lsn)?;
-        drop_slot(&server, &recv_slot)?;
-        let stream = match stream {
-            Some(s) => s,
-            None => ferry_stream(&d, &server, &ferry_slot, load.changes)?,
+        let streaming = if snapshot_only {
+            None
+        } else {
+            Some(streaming(
+                &base,
+                r,
+                &server,
+                &load,
+                [&decode_slot, &recv_slot, &ferry_slot],
+            )?)
         };
-        std::fs::remove_dir_all(&d)?;
-        eprintln!("  ferry streaming {:.1} s", stream.secs);
         let copy_secs = copy_out(&server)?;
         eprintln!("  COPY {copy_secs:.1} s");
         let d = base.path().join(format!("snapshot-{r}"));
@@ -384,9 +419,7 @@ fn main() -> Result<()> {
         eprintln!("  ferry snapshot {:.1} s", snapshot.secs);
         results.push(Run {
             load,
-            decode_secs,
-            recv_secs,
-            stream,
+            streaming,
             copy_secs,
             snapshot,
         });
@@ -398,26 +431,18 @@ fn main() -> Result<()> {
         v.iter().map(|x| fmt(*x)).collect::<Vec<_>>().join(", ")
     };
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
-    let recv: Vec<f64> = results
+    let streamed: Vec<(&Run, &Streaming)> = results
         .iter()
-        .map(|r| r.load.changes as f64 / r.recv_secs)
+        .filter_map(|r| r.streaming.as_ref().map(|s| (r, s)))
         .collect();
-    let ferry: Vec<f64> = results
-        .iter()
-        .map(|r| r.load.changes as f64 / r.stream.secs)
-        .collect();
-    let decode: Vec<f64> = results
-        .iter()
-        .map(|r| r.load.changes as f64 / r.decode_secs)
-        .collect();
-    let stream_ratio: Vec<f64> = results
-        .iter()
-        .map(|r| r.recv_secs / r.stream.secs)
-        .collect();
-    let decode_ratio: Vec<f64> = results
-        .iter()
-        .map(|r| r.decode_secs / r.stream.secs)
-        .collect();
+    let of = |f: &dyn Fn(&Run, &Streaming) -> f64| -> Vec<f64> {
+        streamed.iter().map(|(r, s)| f(r, s)).collect()
+    };
+    let recv = of(&|r, s| r.load.changes as f64 / s.recv_secs);
+    let ferry = of(&|r, s| r.load.changes as f64 / s.stream.secs);
+    let decode = of(&|r, s| r.load.changes as f64 / s.decode_secs);
+    let stream_ratio = of(&|_, s| s.recv_secs / s.stream.secs);
+    let decode_ratio = of(&|_, s| s.decode_secs / s.stream.secs);
     let copy: Vec<f64> = results.iter().map(|r| rows as f64 / r.copy_secs).collect();
     let snap: Vec<f64> = results
         .iter()
@@ -455,44 +480,46 @@ fn main() -> Result<()> {
             &k
         )
     );
-    println!(
+    if !streamed.is_empty() {
+        println!(
         "| server-side decoding only (pg_logical_slot_get_binary_changes, pgoutput v1), changes/s | {} | {} |",
         k(median(&decode)),
         list(&decode, &k)
     );
-    println!(
-        "| pg_recvlogical (pgoutput v1 → /dev/null), changes/s | {} | {} |",
-        k(median(&recv)),
-        list(&recv, &k)
-    );
-    println!(
+        println!(
+            "| pg_recvlogical (pgoutput v1 → /dev/null), changes/s | {} | {} |",
+            k(median(&recv)),
+            list(&recv, &k)
+        );
+        println!(
         "| Ferry streaming e2e durable, changes/s | {} ({:.2}× pg_recvlogical, {:.2}× server-side decoding) | {} |",
         k(median(&ferry)),
         median(&stream_ratio),
         median(&decode_ratio),
         list(&ferry, &k)
     );
-    println!(
-        "| agent peak RSS, streaming | {} | {} |",
-        mib(results
-            .iter()
-            .map(|r| r.stream.agent_hwm_kib)
-            .max()
-            .unwrap_or(0)),
-        results
-            .iter()
-            .map(|r| mib(r.stream.agent_hwm_kib))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "| CPU seconds agent / exchange, streaming | | {} |",
-        results
-            .iter()
-            .map(|r| format!("{:.1} / {:.1}", r.stream.agent_cpu, r.stream.exchange_cpu))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+        println!(
+            "| agent peak RSS, streaming | {} | {} |",
+            mib(streamed
+                .iter()
+                .map(|(_, s)| s.stream.agent_hwm_kib)
+                .max()
+                .unwrap_or(0)),
+            streamed
+                .iter()
+                .map(|(_, s)| mib(s.stream.agent_hwm_kib))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "| CPU seconds agent / exchange, streaming | | {} |",
+            streamed
+                .iter()
+                .map(|(_, s)| format!("{:.1} / {:.1}", s.stream.agent_cpu, s.stream.exchange_cpu))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!(
         "| COPY t TO STDOUT (psql → /dev/null), rows/s | {} | {} |",
         k(median(&copy)),

@@ -1,0 +1,327 @@
+//! Checking an encoded [`RecordList`] without decoding it: the exchange stores
+//! line and row batches as they arrived, so it only needs to know they are well
+//! formed (every record and nested message framed correctly, every string UTF-8,
+//! the record count right) and whether any record concerns files. Walking the
+//! bytes costs no allocation per record, where a prost decode allocates every
+//! string and vector of every record only to drop them.
+//!
+//! The check is never looser than prost: whatever it accepts, prost decodes, with
+//! the same record count (a property test holds it to that). It is stricter in one
+//! point: the long-deprecated group wire types are refused even in unknown fields.
+//!
+//! [`RecordList`]: crate::messages::RecordList
+
+use prost::encoding::decode_varint;
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Varint,
+    /// Length-delimited UTF-8.
+    Str,
+    Bytes,
+    Msg(&'static [(u32, Kind)]),
+}
+
+use Kind::{Bytes, Msg, Str, Varint};
+
+const FILE_END: &[(u32, Kind)] = &[(1, Varint), (2, Bytes)];
+const FILE_CHUNK: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Varint),
+    (4, Bytes),
+    (5, Msg(FILE_END)),
+];
+const FILE_ABORT: &[(u32, Kind)] = &[(1, Str), (2, Str), (3, Str)];
+const COLUMN: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Varint),
+    (4, Str),
+    (5, Varint),
+    (6, Varint),
+    (7, Bytes),
+];
+const ROW_CHANGE: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Varint),
+    (4, Varint),
+    (5, Varint),
+    (6, Varint),
+    (7, Varint),
+    (8, Varint),
+    (9, Varint),
+    (10, Msg(COLUMN)),
+    (11, Msg(COLUMN)),
+    (12, Varint),
+    (13, Varint),
+];
+const SCHEMA_COLUMN: &[(u32, Kind)] = &[(1, Str), (2, Str), (3, Varint), (4, Varint)];
+const SCHEMA_CHANGE: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Msg(SCHEMA_COLUMN)),
+    (4, Str),
+    (5, Varint),
+];
+const RECORD: &[(u32, Kind)] = &[
+    (1, Varint),
+    (2, Str),
+    (3, Bytes),
+    (4, Msg(FILE_CHUNK)),
+    (5, Msg(FILE_ABORT)),
+    (6, Msg(ROW_CHANGE)),
+    (7, Msg(SCHEMA_CHANGE)),
+];
+/// `Record` body tags of file records.
+const FILE_TAGS: u64 = (1 << 4) | (1 << 5);
+
+/// What [`check_list`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    pub records: usize,
+    /// Some record is a `FileChunk` or `FileAbort`.
+    pub has_files: bool,
+}
+
+/// Checks the bytes of a `RecordList`.
+pub fn check_list(mut buf: &[u8]) -> Result<Checked, String> {
+    let mut out = Checked {
+        records: 0,
+        has_files: false,
+    };
+    while !buf.is_empty() {
+        let (tag, wire) = key(&mut buf)?;
+        if tag == 1 && wire == 2 {
+            let rec = take_len(&mut buf)?;
+            let seen = walk(rec, RECORD).map_err(|e| format!("record {}: {e}", out.records))?;
+            out.has_files |= seen & FILE_TAGS != 0;
+            out.records += 1;
+        } else if tag == 1 {
+            return Err(format!("record list: field 1 has wire type {wire}"));
+        } else {
+            skip(&mut buf, wire)?;
+        }
+    }
+    Ok(out)
+}
+
+fn key(buf: &mut &[u8]) -> Result<(u32, u64), String> {
+    let k = decode_varint(buf).map_err(|e| e.to_string())?;
+    if k > u64::from(u32::MAX) {
+        return Err(format!("invalid key {k}"));
+    }
+    let tag = (k >> 3) as u32;
+    if tag == 0 {
+        return Err("invalid tag 0".into());
+    }
+    Ok((tag, k & 7))
+}
+
+fn take_len<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    let len = decode_varint(buf).map_err(|e| e.to_string())?;
+    let len = usize::try_from(len).map_err(|_| "length overflow".to_string())?;
+    if len > buf.len() {
+        return Err(format!(
+            "field of {len} bytes with {} bytes left",
+            buf.len()
+        ));
+    }
+    let (field, rest) = buf.split_at(len);
+    *buf = rest;
+    Ok(field)
+}
+
+fn skip(buf: &mut &[u8], wire: u64) -> Result<(), String> {
+    let n = match wire {
+        0 => {
+            decode_varint(buf).map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        1 => 8,
+        2 => {
+            take_len(buf)?;
+            return Ok(());
+        }
+        5 => 4,
+        w => return Err(format!("unsupported wire type {w}")),
+    };
+    if buf.len() < n {
+        return Err("truncated fixed-width field".into());
+    }
+    *buf = &buf[n..];
+    Ok(())
+}
+
+/// Checks one message against `spec`; returns a mask of the tags (< 64) seen.
+fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
+    let mut seen = 0u64;
+    while !buf.is_empty() {
+        let (tag, wire) = key(&mut buf)?;
+        let Some(&(_, kind)) = spec.iter().find(|(t, _)| *t == tag) else {
+            skip(&mut buf, wire)?;
+            continue;
+        };
+        if tag < 64 {
+            seen |= 1 << tag;
+        }
+        let want = if matches!(kind, Varint) { 0 } else { 2 };
+        if wire != want {
+            return Err(format!("field {tag} has wire type {wire}, expected {want}"));
+        }
+        match kind {
+            Varint => {
+                decode_varint(&mut buf).map_err(|e| e.to_string())?;
+            }
+            Str => {
+                let s = take_len(&mut buf)?;
+                std::str::from_utf8(s).map_err(|e| format!("field {tag}: {e}"))?;
+            }
+            Bytes => {
+                take_len(&mut buf)?;
+            }
+            Msg(inner) => {
+                let m = take_len(&mut buf)?;
+                walk(m, inner).map_err(|e| format!("field {tag}: {e}"))?;
+            }
+        }
+    }
+    Ok(seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{
+        column, record::Body, Column, FileChunk, FileEnd, Record, RecordList, RowChange,
+    };
+    use proptest::prelude::*;
+    use prost::Message;
+
+    fn sample() -> RecordList {
+        RecordList {
+            records: vec![
+                Record {
+                    time_unix_ms: 5,
+                    position: "off=1".into(),
+                    body: Some(Body::Line(b"hello".to_vec())),
+                },
+                Record {
+                    time_unix_ms: 0,
+                    position: String::new(),
+                    body: Some(Body::RowChange(RowChange {
+                        schema: "public".into(),
+                        table: "t".into(),
+                        op: 1,
+                        commit_lsn: 99,
+                        columns: vec![Column {
+                            name: "id".into(),
+                            type_name: "int".into(),
+                            type_oid: 23,
+                            value: Some(column::Value::Text("1".into())),
+                        }],
+                        ..Default::default()
+                    })),
+                },
+            ],
+        }
+    }
+
+    fn file() -> Record {
+        Record {
+            time_unix_ms: 1,
+            position: "f".into(),
+            body: Some(Body::FileChunk(FileChunk {
+                file_id: "x".into(),
+                path: "a.xml".into(),
+                offset: 0,
+                data: vec![1, 2, 3],
+                end: Some(FileEnd {
+                    size: 3,
+                    sha256: vec![0; 32],
+                }),
+            })),
+        }
+    }
+
+    #[test]
+    fn counts_records_and_sees_files() {
+        let mut list = sample();
+        let c = check_list(&list.encode_to_vec()).unwrap();
+        assert_eq!(
+            c,
+            Checked {
+                records: 2,
+                has_files: false
+            }
+        );
+        list.records.push(file());
+        let c = check_list(&list.encode_to_vec()).unwrap();
+        assert_eq!(
+            c,
+            Checked {
+                records: 3,
+                has_files: true
+            }
+        );
+    }
+
+    #[test]
+    fn bad_utf8_in_a_nested_string_is_refused() {
+        let mut list = sample();
+        if let Some(Body::RowChange(r)) = list.records[1].body.as_mut() {
+            r.columns[0].value = Some(column::Value::Text("\u{7ff}".into()));
+        }
+        let mut raw = list.encode_to_vec();
+        // The two bytes of U+07FF (0xDF 0xBF) become an invalid sequence.
+        let at = raw.windows(2).position(|w| w == [0xDF, 0xBF]).unwrap();
+        raw[at + 1] = 0x41;
+        assert!(RecordList::decode(raw.as_slice()).is_err());
+        let e = check_list(&raw).unwrap_err();
+        assert!(e.contains("record 1"), "{e}");
+    }
+
+    proptest! {
+        /// Never looser than prost, on arbitrary bytes.
+        #[test]
+        fn accepts_only_what_prost_decodes(raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(c) = check_list(&raw) {
+                let l = RecordList::decode(raw.as_slice());
+                prop_assert!(l.is_ok(), "checked {:?} but prost says {:?}", c, l);
+                prop_assert_eq!(l.unwrap().records.len(), c.records);
+            }
+        }
+
+        /// ... and on damaged valid batches, which reach deeper into the walk.
+        #[test]
+        fn damaged_batches_are_never_passed_that_prost_refuses(at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<bool>()) {
+            let mut list = sample();
+            list.records.push(file());
+            let mut raw = list.encode_to_vec();
+            let i = at.index(raw.len());
+            if cut { raw.truncate(i) } else { raw[i] = byte }
+            if let Ok(c) = check_list(&raw) {
+                let l = RecordList::decode(raw.as_slice());
+                prop_assert!(l.is_ok(), "checked {:?} but prost says {:?}", c, l);
+                let l = l.unwrap();
+                prop_assert_eq!(l.records.len(), c.records);
+                let files = l.records.iter().any(|r| matches!(r.body, Some(Body::FileChunk(_) | Body::FileAbort(_))));
+                // A record naming two bodies is taken as its last by prost; the
+                // check may see a file where there is none (the careful way).
+                prop_assert!(!files || c.has_files);
+            }
+        }
+
+        /// Whatever prost encodes passes.
+        #[test]
+        fn passes_what_prost_encodes(lines in proptest::collection::vec(".{0,20}", 0..10)) {
+            let mut list = sample();
+            for l in &lines {
+                list.records.push(Record { time_unix_ms: 1, position: l.clone(), body: Some(Body::Line(l.clone().into_bytes())) });
+            }
+            let c = check_list(&list.encode_to_vec()).unwrap();
+            prop_assert_eq!(c.records, list.records.len());
+        }
+    }
+}
