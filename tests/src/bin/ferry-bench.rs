@@ -8,8 +8,10 @@
 //! Per run:
 //! * `fdatasync/s`: 4 KiB appends + fdatasync for 3 s, in the bench directory.
 //! * `ceiling`: the agent's pipeline without disk, in one process: read the log,
-//!   split lines, batch (≤ 4000 lines), encode + zstd, QUIC (the same rustls/quinn
-//!   configuration, mutual TLS, loopback), decode, cumulative ack. Records/s.
+//!   split lines, batch (≤ 4000 lines, written into the batch bytes with their
+//!   positions as the tail source does), zstd, QUIC (the same rustls/quinn
+//!   configuration, mutual TLS, loopback), decompress and check as the exchange
+//!   does, cumulative ack. Records/s.
 //! * `raw quinn`: the link alone: the same compressed batches sent again and again
 //!   over the same QUIC/TLS configuration and acked without decoding.
 //! * `tail e2e`: real `ferry-exchange` + `ferry-agent` processes (release build),
@@ -491,9 +493,12 @@ fn main() -> Result<()> {
 /// in one process over real QUIC with the same TLS configuration.
 mod ceiling {
     use super::*;
-    use ferry_protocol::batch::{decode_batch, encode_records};
+    use std::fmt::Write as _;
+
+    use ferry_protocol::batch::{check_batch, encode_buf};
     use ferry_protocol::frame::MAX_FRAME;
-    use ferry_protocol::messages::{frame::Msg, record::Body, Ack, Record, RecordList};
+    use ferry_protocol::messages::{frame::Msg, Ack};
+    use ferry_protocol::record_buf::RecordBuf;
     use ferry_transport::tls::{client_config, server_config, TlsFiles};
     use ferry_transport::{FrameReader, FrameWriter};
 
@@ -545,7 +550,8 @@ mod ceiling {
                     let count = if raw {
                         u64::from(b.record_count)
                     } else {
-                        decode_batch(&b)?.records.len() as u64
+                        // What the exchange does with a batch of lines.
+                        check_batch(&b)?.records as u64
                     };
                     let last = b.first_seq + count - 1;
                     w.send(Msg::Ack(Ack {
@@ -567,6 +573,11 @@ mod ceiling {
             let mut acked = 0u64;
             let mut in_flight = std::collections::VecDeque::new();
             let mut line = Vec::with_capacity(LINE_LEN);
+            let mut position = String::new();
+            let mut offset = 0u64;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             let mut pre: Vec<ferry_protocol::batch::EncodedRecords> = Vec::new();
             let mut turn = 0usize;
             loop {
@@ -583,23 +594,24 @@ mod ceiling {
                     }
                     enc
                 } else {
-                    let mut records = Vec::with_capacity(BATCH);
-                    while records.len() < BATCH {
+                    // As the tail source builds a batch: records written straight
+                    // into the batch bytes, each with its position.
+                    let mut records = RecordBuf::with_capacity(BATCH * (LINE_LEN + 40));
+                    while (records.count() as usize) < BATCH {
                         line.clear();
                         if reader.read_until(b'\n', &mut line)? == 0 {
                             break;
                         }
                         line.pop();
-                        records.push(Record {
-                            time_unix_ms: 0,
-                            position: String::new(),
-                            body: Some(Body::Line(line.clone())),
-                        });
+                        position.clear();
+                        write!(position, "ino=1 off={offset}")?;
+                        offset += line.len() as u64 + 1;
+                        records.push_line(now_ms, &position, &line);
                     }
                     if records.is_empty() {
                         break;
                     }
-                    let enc = encode_records(&RecordList { records })?;
+                    let enc = encode_buf(&records)?;
                     if raw {
                         pre.push(enc.clone());
                     }

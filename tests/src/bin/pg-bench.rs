@@ -30,6 +30,9 @@
 //!   chunk size) on the loaded table: rows/s from agent start until the exchange
 //!   acknowledged every row, next to `psql -c "COPY t TO STDOUT" > /dev/null`.
 //!
+//! `--snapshot-only` skips the streaming figures (slots, decoding, pg_recvlogical,
+//! Ferry streaming): the load, COPY and the snapshot, for working on the snapshot.
+//!
 //! The report prints medians and every run, as markdown.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
