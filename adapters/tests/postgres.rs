@@ -448,9 +448,44 @@ async fn a_snapshot_under_concurrent_writes_converges() {
     watch.check().await;
 }
 
+/// Starts the source and crashes it after a random `pause_ms` (seeded), up to
+/// `rounds` times, until at least `hits` crashes landed mid-snapshot and the
+/// snapshot is done; then starts it once more and returns it, streaming.
+async fn crash_through_the_snapshot(
+    store: &Store,
+    cfg: &ferry_adapters::postgres::PostgresConfig,
+    seed: u64,
+    rounds: usize,
+    pause_ms: std::ops::Range<u64>,
+    hits: usize,
+) -> support::committer::Running {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut mid_snapshot = 0;
+    for _ in 0..rounds {
+        let run = store.start(cfg);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(pause_ms.clone()))).await;
+        let before = store.phase();
+        run.stop().await.unwrap_err();
+        if before.as_deref() == Some("snapshot") {
+            mid_snapshot += 1;
+        }
+        if phase_is(store, "streaming") && mid_snapshot >= hits {
+            break;
+        }
+    }
+    assert!(
+        mid_snapshot >= hits,
+        "only {mid_snapshot} crashes hit the snapshot"
+    );
+    let mut run = store.start(cfg);
+    run.wait_for("the snapshot", 60, || phase_is(store, "streaming"))
+        .await;
+    run
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_during_the_snapshot_converge() {
-    use rand::{Rng, SeedableRng};
     let server = PgServer::start();
     let db = server.database("t5").await;
     support::acct(&db, 30_000).await;
@@ -460,27 +495,7 @@ async fn crashes_during_the_snapshot_converge() {
     let store = Store::new();
     let watch = FlushWatch::start(&server, "t5", "s5", &store).await;
     let writer = support::Writer::start(&server, "t5", 30_000, 5, 5).await;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut mid_snapshot = 0;
-    for _ in 0..20 {
-        let run = store.start(&cfg);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(150..600))).await;
-        let before = store.phase();
-        run.stop().await.unwrap_err();
-        if before.as_deref() == Some("snapshot") {
-            mid_snapshot += 1;
-        }
-        if phase_is(&store, "streaming") && mid_snapshot >= 5 {
-            break;
-        }
-    }
-    assert!(
-        mid_snapshot >= 5,
-        "only {mid_snapshot} crashes hit the snapshot"
-    );
-    let mut run = store.start(&cfg);
-    run.wait_for("the snapshot", 60, || phase_is(&store, "streaming"))
-        .await;
+    let mut run = crash_through_the_snapshot(&store, &cfg, 5, 20, 150..600, 5).await;
     writer.stop().await;
     support::catch_up(&db, &mut run, &store).await;
     run.stop().await.unwrap_err();
@@ -499,7 +514,6 @@ async fn crashes_during_the_snapshot_converge() {
 /// the key of its own last row. Crashes between pieces resume after that row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_between_the_pieces_of_a_wide_chunk_converge() {
-    use rand::{Rng, SeedableRng};
     let server = PgServer::start();
     let db = server.database("t11").await;
     support::acct(&db, 3_000).await;
@@ -510,27 +524,7 @@ async fn crashes_between_the_pieces_of_a_wide_chunk_converge() {
     cfg.snapshot_chunk_rows = 1_000;
     cfg.snapshot_rows_per_second = Some(800);
     let store = Store::new();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut mid_snapshot = 0;
-    for _ in 0..12 {
-        let run = store.start(&cfg);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(100..700))).await;
-        let before = store.phase();
-        run.stop().await.unwrap_err();
-        if before.as_deref() == Some("snapshot") {
-            mid_snapshot += 1;
-        }
-        if phase_is(&store, "streaming") && mid_snapshot >= 3 {
-            break;
-        }
-    }
-    assert!(
-        mid_snapshot >= 3,
-        "only {mid_snapshot} crashes hit the snapshot"
-    );
-    let mut run = store.start(&cfg);
-    run.wait_for("the snapshot", 60, || phase_is(&store, "streaming"))
-        .await;
+    let mut run = crash_through_the_snapshot(&store, &cfg, 11, 12, 100..700, 3).await;
     support::catch_up(&db, &mut run, &store).await;
     run.stop().await.unwrap_err();
     let records = store.records();
