@@ -576,17 +576,28 @@ async fn crashes_while_streaming_lose_and_repeat_nothing() {
     watch.check().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postgres_restart_mid_stream_is_survived() {
-    let server = PgServer::start();
-    let db = server.database("t7").await;
-    support::acct(&db, 10).await;
-    let mut cfg = config(&server, "t7", &["public.acct"], "s7");
+/// `public.acct` (10 rows) in database `db`, and a source streaming it on `slot`
+/// without a snapshot.
+async fn streaming_acct(
+    server: &PgServer,
+    db: &str,
+    slot: &str,
+) -> (tokio_postgres::Client, Store, support::committer::Running) {
+    let client = server.database(db).await;
+    support::acct(&client, 10).await;
+    let mut cfg = config(server, db, &["public.acct"], slot);
     cfg.snapshot = ferry_adapters::postgres::SnapshotMode::Never;
     let store = Store::new();
     let mut run = store.start(&cfg);
     run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
         .await;
+    (client, store, run)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_stream_is_survived() {
+    let server = PgServer::start();
+    let (db, store, mut run) = streaming_acct(&server, "t7", "s7").await;
     for i in 100..150 {
         db.batch_execute(&format!(
             "INSERT INTO public.acct VALUES ({i}, 0, 'before')"
@@ -613,22 +624,15 @@ async fn a_postgres_restart_mid_stream_is_survived() {
     assert_eq!(got.len(), 101, "rows 100..200 and the marker");
 }
 
-/// A fast shutdown waits until every logical walsender's client has reported
-/// the server's last sent position (the shutdown checkpoint, past anything
-/// Ferry made durable). The source reports what it received as written and what
-/// is durable as flushed, as pg_recvlogical does, so it never holds the
-/// department's server up; the slot still moves only with what is durable.
+/// A fast shutdown waits until every logical walsender's client has flushed the
+/// server's last sent position, which is past anything captured when other WAL
+/// follows the last captured commit. Between transactions the source makes that
+/// position durable and confirms it, so it never holds the department's server up;
+/// the slot still moves only with what is durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_shutdown_of_postgres_does_not_wait_for_the_source() {
     let server = PgServer::start();
-    let db = server.database("t9").await;
-    support::acct(&db, 10).await;
-    let mut cfg = config(&server, "t9", &["public.acct"], "s9");
-    cfg.snapshot = ferry_adapters::postgres::SnapshotMode::Never;
-    let store = Store::new();
-    let mut run = store.start(&cfg);
-    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
-        .await;
+    let (db, store, mut run) = streaming_acct(&server, "t9", "s9").await;
     for i in 100..120 {
         db.batch_execute(&format!("INSERT INTO public.acct VALUES ({i}, 0, 'x')"))
             .await
