@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_protocol::batch::join_payloads;
+use ferry_protocol::entry::StoredBatch;
 use ferry_protocol::frame::MAX_FRAME;
-use ferry_protocol::messages::{frame::Msg, ErrorCode, Hello, Status, StreamStatus};
+use ferry_protocol::messages::{frame::Msg, Batch, ErrorCode, Hello, Status, StreamStatus};
 use ferry_protocol::session::{AgentSession, LocalStream, ResumeVerdict};
 use ferry_transport::{FrameReader, FrameWriter};
 use rand::Rng;
@@ -24,6 +26,13 @@ use crate::buffer::Buffer;
 use crate::status::Board;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
+/// Buffered batches smaller than this (uncompressed) are joined with the ones
+/// after them ([`Shipper::coalesce`]) ...
+const COALESCE_BELOW: usize = 256 << 10;
+/// ... up to this many bytes uncompressed ...
+const COALESCE_RAW: usize = 1 << 20;
+/// ... and this many parts.
+const COALESCE_MAX_PARTS: usize = 64;
 
 pub struct Shipper {
     pub address: String,
@@ -262,18 +271,73 @@ impl Shipper {
                     }
                     bail!("stream {name}: seq {seq} is durable but not in the buffer");
                 };
-                session.on_sent(name, batch.first_seq, batch.last_seq())?;
+                let head = self.buffer.state(name).head;
+                let batch = self.coalesce(name, batch, head)?;
+                let last = batch.first_seq + u64::from(batch.record_count) - 1;
+                session.on_sent(name, batch.first_seq, last)?;
                 if writers[i].is_none() {
                     let (send, recv) = conn.open_bi().await.context("opening a data stream")?;
                     spawn_reader(FrameReader::new(recv, MAX_FRAME), events.clone());
                     writers[i] = Some(FrameWriter::new(send));
                 }
                 if let Some(w) = writers[i].as_mut() {
-                    w.send(Msg::Batch(batch.into_batch(name.clone()))).await?;
+                    w.send(Msg::Batch(batch)).await?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Small batches waiting one after another (a backlog after an outage, a
+    /// source trickling a few lines per commit) leave as one: the window counts
+    /// batches, so sixteen batches of fifty lines would hold a drain to 800 lines
+    /// per round trip. Only what is durable (`..= head`) and contiguous is joined;
+    /// the exchange and the acks work by seq, so a joined batch is acknowledged and
+    /// released like its parts. A part that cannot be joined goes out alone.
+    fn coalesce(&self, name: &str, first: StoredBatch, head: u64) -> Result<Batch> {
+        if first.raw_len as usize >= COALESCE_BELOW {
+            return Ok(first.into_batch(name.to_string()));
+        }
+        let mut raw = first.raw_len as usize;
+        let mut parts = vec![first];
+        while parts.len() < COALESCE_MAX_PARTS {
+            let next = parts.last().map_or(0, |b| b.last_seq() + 1);
+            if next > head {
+                break;
+            }
+            let Some(b) = self.buffer.batch_at(name, next)? else {
+                break;
+            };
+            if b.first_seq != next
+                || b.raw_len as usize >= COALESCE_BELOW
+                || raw + b.raw_len as usize > COALESCE_RAW
+            {
+                break;
+            }
+            raw += b.raw_len as usize;
+            parts.push(b);
+        }
+        if parts.len() > 1 {
+            let refs: Vec<(i32, u32, u32, &[u8])> = parts
+                .iter()
+                .map(|p| {
+                    (
+                        p.compression as i32,
+                        p.raw_len,
+                        p.record_count,
+                        &p.payload[..],
+                    )
+                })
+                .collect();
+            match join_payloads(&refs) {
+                Ok(e) => return Ok(e.into_batch(name.to_string(), parts[0].first_seq)),
+                Err(e) => {
+                    warn!(stream = %name, error = %e, "cannot join buffered batches; sending them one by one")
+                }
+            }
+        }
+        let first = parts.swap_remove(0);
+        Ok(first.into_batch(name.to_string()))
     }
 
     fn on_acked(&self, stream: &str, up_to: u64) -> Result<()> {

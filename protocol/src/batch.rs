@@ -146,6 +146,26 @@ pub fn check_batch(batch: &Batch) -> Result<Checked, BatchError> {
     Ok(c)
 }
 
+/// Joins the payloads of consecutive batches of one stream into one payload:
+/// the bytes of `RecordList`s concatenate into the `RecordList` of all their
+/// records. Each part is `(compression, raw_len, record_count, payload)`.
+pub fn join_payloads(parts: &[(i32, u32, u32, &[u8])]) -> Result<EncodedRecords, BatchError> {
+    let total: usize = parts.iter().map(|p| p.1 as usize).sum();
+    if total > MAX_RAW_BATCH {
+        return Err(BatchError::TooLarge {
+            len: total,
+            limit: MAX_RAW_BATCH,
+        });
+    }
+    let mut raw = Vec::with_capacity(total);
+    let mut count = 0usize;
+    for &(compression, raw_len, record_count, payload) in parts {
+        raw.extend_from_slice(&decompress(compression, raw_len, payload)?);
+        count += record_count as usize;
+    }
+    compress(&raw, count)
+}
+
 /// Decodes a received [`Batch`].
 pub fn decode_batch(batch: &Batch) -> Result<RecordList, BatchError> {
     decode_records(
@@ -198,6 +218,29 @@ mod tests {
         let mut b = enc.into_batch("s".into(), 1);
         b.raw_len = u32::MAX;
         assert!(matches!(decode_batch(&b), Err(BatchError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn joined_payloads_hold_every_record_in_order() {
+        let (a, b) = (lines(3), lines(5));
+        let (ea, eb) = (encode_records(&a).unwrap(), encode_records(&b).unwrap());
+        let part = |e: &EncodedRecords| {
+            (
+                e.compression as i32,
+                e.raw_len,
+                e.record_count,
+                e.payload.clone(),
+            )
+        };
+        let (pa, pb) = (part(&ea), part(&eb));
+        let joined =
+            join_payloads(&[(pa.0, pa.1, pa.2, &pa.3[..]), (pb.0, pb.1, pb.2, &pb.3[..])]).unwrap();
+        assert_eq!(joined.record_count, 8);
+        let got = decode_batch(&joined.into_batch("s".into(), 1)).unwrap();
+        let want: Vec<_> = a.records.into_iter().chain(b.records).collect();
+        assert_eq!(got.records, want);
+        // A damaged part is an error, not a shorter batch.
+        assert!(join_payloads(&[(pa.0, pa.1, pa.2, &pa.3[..1])]).is_err());
     }
 
     #[test]
