@@ -90,6 +90,7 @@ use tracing::Instrument;
 use crate::{Duration, Size, Source, SourceContext, SourceFuture};
 
 mod conn;
+mod copy_text;
 mod doctor;
 mod position;
 mod records;

@@ -510,8 +510,9 @@ async fn crashes_during_the_snapshot_converge() {
     watch.check().await;
 }
 
-/// Wide rows: a chunk is committed in several pieces (each ≤ 4 MiB), each with
-/// the key of its own last row. Crashes between pieces resume after that row.
+/// Wide rows: the copy is committed in pieces cut at 4 MiB before
+/// `snapshot_chunk_rows` is reached, each with the key of its own last row.
+/// Crashes between pieces resume after that row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_between_the_pieces_of_a_wide_chunk_converge() {
     let server = PgServer::start();

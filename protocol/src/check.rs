@@ -107,8 +107,21 @@ pub fn check_list(mut buf: &[u8]) -> Result<Checked, String> {
     Ok(out)
 }
 
+/// A varint; most keys and lengths are one byte, taken without prost's loop.
+#[inline(always)]
+fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+    if let Some((&b, rest)) = buf.split_first() {
+        if b < 0x80 {
+            *buf = rest;
+            return Ok(u64::from(b));
+        }
+    }
+    decode_varint(buf).map_err(|e| e.to_string())
+}
+
+#[inline(always)]
 fn key(buf: &mut &[u8]) -> Result<(u32, u64), String> {
-    let k = decode_varint(buf).map_err(|e| e.to_string())?;
+    let k = varint(buf)?;
     if k > u64::from(u32::MAX) {
         return Err(format!("invalid key {k}"));
     }
@@ -119,8 +132,9 @@ fn key(buf: &mut &[u8]) -> Result<(u32, u64), String> {
     Ok((tag, k & 7))
 }
 
+#[inline(always)]
 fn take_len<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
-    let len = decode_varint(buf).map_err(|e| e.to_string())?;
+    let len = varint(buf)?;
     let len = usize::try_from(len).map_err(|_| "length overflow".to_string())?;
     if len > buf.len() {
         return Err(format!(
@@ -136,7 +150,7 @@ fn take_len<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
 fn skip(buf: &mut &[u8], wire: u64) -> Result<(), String> {
     let n = match wire {
         0 => {
-            decode_varint(buf).map_err(|e| e.to_string())?;
+            varint(buf)?;
             return Ok(());
         }
         1 => 8,
@@ -159,7 +173,13 @@ fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
     let mut seen = 0u64;
     while !buf.is_empty() {
         let (tag, wire) = key(&mut buf)?;
-        let Some(&(_, kind)) = spec.iter().find(|(t, _)| *t == tag) else {
+        // Specs list tags 1, 2, 3, ... in order.
+        let entry = (tag as usize)
+            .checked_sub(1)
+            .and_then(|i| spec.get(i))
+            .filter(|(t, _)| *t == tag)
+            .or_else(|| spec.iter().find(|(t, _)| *t == tag));
+        let Some(&(_, kind)) = entry else {
             skip(&mut buf, wire)?;
             continue;
         };
@@ -172,11 +192,14 @@ fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
         }
         match kind {
             Varint => {
-                decode_varint(&mut buf).map_err(|e| e.to_string())?;
+                varint(&mut buf)?;
             }
             Str => {
                 let s = take_len(&mut buf)?;
-                std::str::from_utf8(s).map_err(|e| format!("field {tag}: {e}"))?;
+                // Most strings here are short and ASCII.
+                if !s.is_ascii() {
+                    std::str::from_utf8(s).map_err(|e| format!("field {tag}: {e}"))?;
+                }
             }
             Bytes => {
                 take_len(&mut buf)?;

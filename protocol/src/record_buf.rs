@@ -6,7 +6,7 @@
 //!
 //! [`RecordList`]: crate::messages::RecordList
 
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+use prost::encoding::{encoded_len_varint, key_len};
 use prost::Message;
 
 use crate::messages::{Record, RowOp};
@@ -56,6 +56,30 @@ pub struct RowHead<'a> {
 pub struct RecordBuf {
     raw: Vec<u8>,
     count: u32,
+}
+
+/// Appends a varint as prost writes it, reserving once instead of per byte.
+#[inline]
+fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
+    if v < 0x80 {
+        out.push(v as u8);
+        return;
+    }
+    let mut tmp = [0u8; 10];
+    let mut n = 0;
+    while v >= 0x80 {
+        tmp[n] = (v as u8) | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    tmp[n] = v as u8;
+    out.extend_from_slice(&tmp[..=n]);
+}
+
+/// A field key: tag and wire type (0 varint, 2 length-delimited).
+#[inline]
+fn put_key(out: &mut Vec<u8>, tag: u32, wire: u32) {
+    put_uvarint(out, u64::from((tag << 3) | wire));
 }
 
 fn str_len(tag: u32, s: &[u8]) -> usize {
@@ -120,8 +144,8 @@ impl RecordBuf {
 
     /// Any record, through prost.
     pub fn push(&mut self, r: &Record) {
-        encode_key(LIST_RECORDS, WireType::LengthDelimited, &mut self.raw);
-        encode_varint(r.encoded_len() as u64, &mut self.raw);
+        put_key(&mut self.raw, LIST_RECORDS, 2);
+        put_uvarint(&mut self.raw, r.encoded_len() as u64);
         r.encode_raw(&mut self.raw);
         self.count += 1;
     }
@@ -134,21 +158,21 @@ impl RecordBuf {
 
     /// A length-delimited field, written even when empty (a oneof member).
     fn put_field(&mut self, tag: u32, s: &[u8]) {
-        encode_key(tag, WireType::LengthDelimited, &mut self.raw);
-        encode_varint(s.len() as u64, &mut self.raw);
+        put_key(&mut self.raw, tag, 2);
+        put_uvarint(&mut self.raw, s.len() as u64);
         self.raw.extend_from_slice(s);
     }
 
     fn put_varint(&mut self, tag: u32, v: u64) {
         if v != 0 {
-            encode_key(tag, WireType::Varint, &mut self.raw);
-            encode_varint(v, &mut self.raw);
+            put_key(&mut self.raw, tag, 0);
+            put_uvarint(&mut self.raw, v);
         }
     }
 
     fn put_bool(&mut self, tag: u32, v: bool) {
         if v {
-            encode_key(tag, WireType::Varint, &mut self.raw);
+            put_key(&mut self.raw, tag, 0);
             self.raw.push(1);
         }
     }
@@ -158,8 +182,8 @@ impl RecordBuf {
         let len = varint_len(RECORD_TIME, time_unix_ms)
             + str_len(RECORD_POSITION, position.as_bytes())
             + body_len;
-        encode_key(LIST_RECORDS, WireType::LengthDelimited, &mut self.raw);
-        encode_varint(len as u64, &mut self.raw);
+        put_key(&mut self.raw, LIST_RECORDS, 2);
+        put_uvarint(&mut self.raw, len as u64);
         self.put_varint(RECORD_TIME, time_unix_ms);
         self.put_bytes(RECORD_POSITION, position.as_bytes());
         self.count += 1;
@@ -193,9 +217,10 @@ impl RecordBuf {
             + bool_len(9, head.snapshot)
             + cols
             + old;
+        self.raw.reserve(row_len + position.len() + 32);
         self.record_head(time_unix_ms, position, field_len(RECORD_ROW, row_len));
-        encode_key(RECORD_ROW, WireType::LengthDelimited, &mut self.raw);
-        encode_varint(row_len as u64, &mut self.raw);
+        put_key(&mut self.raw, RECORD_ROW, 2);
+        put_uvarint(&mut self.raw, row_len as u64);
         self.put_bytes(1, head.schema.as_bytes());
         self.put_bytes(2, head.table.as_bytes());
         self.put_varint(3, head.op as i32 as u64);
@@ -207,19 +232,19 @@ impl RecordBuf {
         self.put_bool(9, head.snapshot);
         for (tag, list) in [(10, columns), (11, old_key)] {
             for c in list {
-                encode_key(tag, WireType::LengthDelimited, &mut self.raw);
-                encode_varint(column_len(c) as u64, &mut self.raw);
+                put_key(&mut self.raw, tag, 2);
+                put_uvarint(&mut self.raw, column_len(c) as u64);
                 self.put_bytes(1, c.name.as_bytes());
                 self.put_bytes(2, c.type_name.as_bytes());
                 self.put_varint(3, u64::from(c.type_oid));
                 match c.value {
                     ValueRef::Text(t) => self.put_field(4, t.as_bytes()),
                     ValueRef::Null => {
-                        encode_key(5, WireType::Varint, &mut self.raw);
+                        put_key(&mut self.raw, 5, 0);
                         self.raw.push(1);
                     }
                     ValueRef::UnchangedToast => {
-                        encode_key(6, WireType::Varint, &mut self.raw);
+                        put_key(&mut self.raw, 6, 0);
                         self.raw.push(1);
                     }
                     ValueRef::Bytes(b) => self.put_field(7, b),

@@ -1,6 +1,8 @@
 //! The initial snapshot: create the slot with an exported snapshot and copy the
-//! tables under it, in key order and in chunks, each chunk one commit. A crash
-//! mid-copy resumes under a fresh view (see the module doc of `postgres`).
+//! tables under it: one streamed `COPY (SELECT ... ORDER BY key) TO STDOUT` per
+//! table, committed in pieces (`snapshot_chunk_rows` rows or 4 MiB, whichever
+//! comes first), each piece's position the key of its last row. A crash mid-copy
+//! resumes after that key under a fresh view (see the module doc of `postgres`).
 
 use std::collections::BTreeMap;
 
@@ -8,20 +10,18 @@ use std::fmt::Write as _;
 
 use ferry_protocol::messages::RowOp;
 use ferry_protocol::record_buf::{ColumnRef, RecordBuf, RowHead, ValueRef};
+use futures_util::StreamExt;
 use pg_walstream::{PgReplicationConnection, ReplicationSlotOptions, SlotType};
-use tokio_postgres::SimpleQueryRow;
 use tracing::{info, warn};
 
 use super::conn::{classify_repl, Fail, Result, Target};
+use super::copy_text::{Fields, Lines};
 use super::position::{fmt_lsn, parse_lsn, PgPosition, SnapshotPos, StreamPos};
 use super::records::{bytea_hex, Rel};
 use super::run::Session;
 use super::sql::{qualified, quote_ident, quote_literal, TableInfo};
 use super::stream::{MAX_RECORD_BYTES, MAX_TXN_BYTES};
 use crate::{now_unix_ms, Inflight};
-
-/// Rough memory a snapshot chunk may take (rows are fetched a chunk at a time).
-const CHUNK_MEMORY: usize = 32 << 20;
 
 /// Creates the slot; returns its replication connection (which must stay open
 /// while an exported snapshot is being imported), its consistent point and the
@@ -124,7 +124,7 @@ fn estimate(s: &Session<'_>, table: Option<&String>) -> u64 {
         .map_or(0, |i| i.reltuples.max(0.0) as u64)
 }
 
-/// Chunks of a table in flight to the buffer while the next one is fetched.
+/// Pieces of a table in flight to the buffer while the copy reads on.
 const INFLIGHT: usize = 3;
 
 /// Copies from `pos` to the end, then moves to streaming at the consistent point.
@@ -159,80 +159,72 @@ async fn copy_pipelined(
                 .await?;
             continue;
         };
-        let rel = std::sync::Arc::new(Rel::from_table(&info));
+        let rel = Rel::from_table(&info);
         let mut pending = RecordBuf::new();
         let fp = rel.fingerprint();
         if pos.schemas.get(&name) != Some(&fp) {
             pending.push(&rel.schema_record(pos.view_lsn));
             pos.schemas.insert(name.clone(), fp);
         }
-        let nkey = info.page_key.len().max(1);
-        let mut limit = s.cfg.snapshot_chunk_rows;
-        let mut rows = s
+        let table = TableCopy {
+            rel: &rel,
+            name: &name,
+            nkey: info.page_key.len().max(1),
+            max_rows: s.cfg.snapshot_chunk_rows,
+        };
+        let stream = s
             .sql
-            .rows(&chunk_sql(&info, pos.last_key.as_deref(), limit))
+            .copy_out(&copy_sql(&info, pos.last_key.as_deref()))
             .await?;
+        let mut stream = std::pin::pin!(stream);
+        let mut lines = Lines::default();
+        let mut row = RowEncoder::new(&table, pos.view_lsn);
+        // Rows in `pending`, and the key of the last of them once a piece is full.
+        let mut piece_rows = 0usize;
+        let mut cut: Option<Vec<String>> = None;
         loop {
-            let last_chunk = rows.len() < limit;
-            let total = rows.len();
-            if let Some(row) = rows.last() {
-                pos.last_key = Some(row_key(row, nkey));
-            }
-            // The server runs the next chunk's query while this one is encoded.
-            let job = EncodeJob {
-                rel: rel.clone(),
-                table: name.clone(),
-                view_lsn: pos.view_lsn,
-                first_index: pos.rows_done,
-                nkey,
-                last_chunk,
-                pending: std::mem::take(&mut pending),
-            };
-            let encoding = tokio::task::spawn_blocking(move || job.run(rows));
-            let next = async {
-                if last_chunk {
-                    Ok(Vec::new())
-                } else {
-                    s.sql
-                        .rows(&chunk_sql(&info, pos.last_key.as_deref(), limit))
-                        .await
+            let chunk = tokio::select! {
+                _ = s.ctx.shutdown.cancelled() => {
+                    return Err(Fail::Source(crate::SourceError::Shutdown));
                 }
+                c = stream.next() => c,
             };
-            let (encoded, next) = tokio::join!(encoding, next);
-            let encoded =
-                encoded.map_err(|e| Fail::Fatal(format!("snapshot encoding failed: {e}")))??;
-            rows = next?;
-            let chunk_bytes: usize = encoded.pieces.iter().map(|p| p.0.len()).sum();
-            for (buf, done, key) in encoded.pieces {
-                pos.rows_done = done;
-                // The chunk's last piece carries the chunk's position, set above.
-                let last_key = std::mem::replace(&mut pos.last_key, key);
+            let Some(chunk) = chunk else { break };
+            let chunk = chunk.map_err(|e| s.sql.fail("the snapshot's COPY failed", &e))?;
+            lines.feed(&chunk, |line| {
+                row.push(&mut pending, line, pos.rows_done)?;
+                pos.rows_done += 1;
+                piece_rows += 1;
+                if pending.len() >= MAX_TXN_BYTES || piece_rows >= table.max_rows {
+                    cut = Some(row.key(line));
+                }
+                Ok::<(), Fail>(())
+            })?;
+            if let Some(key) = cut.take() {
+                pos.last_key = Some(key);
                 pos.retained_wal = s.retained();
-                s.submit(inflight, buf, &PgPosition::Snapshot(pos.clone()))
+                copied += piece_rows as u64;
+                piece_rows = 0;
+                // The next piece is about as large: allocate it whole once, not by
+                // doubling (each doubling a copy and fresh pages).
+                let size = pending.len() + pending.len() / 8;
+                let piece = std::mem::replace(&mut pending, RecordBuf::with_capacity(size));
+                s.submit(inflight, piece, &PgPosition::Snapshot(pos.clone()))
                     .await?;
-                pos.last_key = last_key;
-            }
-            pos.rows_done = encoded.rows_done;
-            pending = encoded.rest;
-            copied += total as u64;
-            // Wide rows: keep a chunk's result (held in memory whole) near 32 MiB.
-            if let Some(per_row) = chunk_bytes.checked_div(total) {
-                limit = (CHUNK_MEMORY / per_row.max(1)).clamp(1, s.cfg.snapshot_chunk_rows);
-            }
-            if last_chunk {
-                next_table(s, &mut pos);
-            }
-            if !pending.is_empty() || last_chunk {
-                pos.retained_wal = s.retained();
-                s.submit(inflight, pending.take(), &PgPosition::Snapshot(pos.clone()))
-                    .await?;
-            }
-            throttle(s, started, copied).await?;
-            if last_chunk {
-                info!(table = %name, "table copied");
-                break;
+                throttle(s, started, copied).await?;
             }
         }
+        if lines.unfinished() > 0 {
+            return Err(Fail::Fatal(format!(
+                "the snapshot's COPY of {name} ended inside a row"
+            )));
+        }
+        copied += piece_rows as u64;
+        next_table(s, &mut pos);
+        pos.retained_wal = s.retained();
+        s.submit(inflight, pending.take(), &PgPosition::Snapshot(pos.clone()))
+            .await?;
+        info!(table = %name, "table copied");
     }
     s.drain(inflight).await?;
     s.sql.execute("COMMIT").await?;
@@ -248,31 +240,52 @@ async fn copy_pipelined(
     Ok(())
 }
 
-/// One chunk of rows to encode, off the async threads.
-struct EncodeJob {
-    rel: std::sync::Arc<Rel>,
-    table: String,
-    view_lsn: u64,
-    /// Number of the chunk's first row within its table.
-    first_index: u64,
+/// A table being copied.
+struct TableCopy<'a> {
+    rel: &'a Rel,
+    name: &'a str,
+    /// Leading key columns in each COPY row, before the published columns.
     nkey: usize,
-    last_chunk: bool,
-    /// Records not yet submitted (a table's schema record).
-    pending: RecordBuf,
+    /// Rows per commit at most (`snapshot_chunk_rows`).
+    max_rows: usize,
 }
 
-struct Encoded {
-    /// Full pieces to submit in order: records, rows done after them, the key of
-    /// their last row.
-    pieces: Vec<(RecordBuf, u64, Option<Vec<String>>)>,
-    /// What is left after the last full piece, and the rows done after it.
-    rest: RecordBuf,
-    rows_done: u64,
+/// Encodes COPY rows as INSERT records; its buffers are reused from row to row.
+struct RowEncoder<'a> {
+    table: &'a TableCopy<'a>,
+    view_lsn: u64,
+    now: u64,
+    fields: Fields,
+    position: String,
+    /// Decoded `bytea` values of the current row.
+    hex: Vec<u8>,
 }
 
-impl EncodeJob {
-    fn run(self, rows: Vec<SimpleQueryRow>) -> Result<Encoded> {
-        let rel = &self.rel;
+impl<'a> RowEncoder<'a> {
+    fn new(table: &'a TableCopy<'a>, view_lsn: u64) -> Self {
+        RowEncoder {
+            table,
+            view_lsn,
+            now: now_unix_ms(),
+            fields: Fields::default(),
+            position: String::with_capacity(64),
+            hex: Vec::new(),
+        }
+    }
+
+    /// Appends one COPY line (key columns, then every published column) to `buf`
+    /// as the table's row number `index`.
+    fn push(&mut self, buf: &mut RecordBuf, line: &[u8], index: u64) -> Result<()> {
+        let t = self.table;
+        let rel = t.rel;
+        let line = self
+            .fields
+            .split(line, t.nkey + rel.cols.len())
+            .map_err(|e| Fail::Fatal(format!("the snapshot's COPY of {}: {e}", t.name)))?;
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        self.position.clear();
+        // Writing to a String cannot fail.
+        let _ = write!(self.position, "snapshot {} #{index}", t.name);
         let head = RowHead {
             schema: &rel.schema,
             table: &rel.table,
@@ -280,118 +293,72 @@ impl EncodeJob {
             xid: 0,
             commit_lsn: self.view_lsn,
             commit_time_unix_us: 0,
-            change_index: 0,
+            change_index: index,
             last_in_txn: true,
             snapshot: true,
         };
-        let mut pending = self.pending;
-        let mut pieces = Vec::new();
-        let mut position = String::with_capacity(64);
-        let mut hex = Vec::new();
-        let mut done = self.first_index;
-        let now = now_unix_ms();
-        let total = rows.len();
-        for (i, row) in rows.iter().enumerate() {
-            let before = pending.len();
-            let index = u32::try_from(done).unwrap_or(u32::MAX);
-            position.clear();
-            // Writing to a String cannot fail.
-            let _ = write!(position, "snapshot {} #{index}", self.table);
-            let head = RowHead {
-                change_index: index,
-                ..head
-            };
-            push_row(
-                &mut pending,
-                &mut hex,
-                now,
-                &position,
-                &head,
-                rel,
-                row,
-                self.nkey,
-            );
-            let size = pending.len() - before;
-            if size > MAX_RECORD_BYTES {
-                return Err(Fail::Fatal(format!(
-                    "a row of {} (key {:?}) is {size} bytes; Ferry ships rows of up to {MAX_RECORD_BYTES} bytes",
-                    self.table,
-                    row_key(row, self.nkey)
-                )));
-            }
-            done += 1;
-            let end_of_rows = i + 1 == total;
-            if pending.len() >= MAX_TXN_BYTES && !(end_of_rows && self.last_chunk) {
-                pieces.push((pending.take(), done, Some(row_key(row, self.nkey))));
+        let fields = &self.fields;
+        let value = |i: usize| fields.get(line, t.nkey + i);
+        // bytea text output (`\x` + hex) travels as its bytes: decode those first,
+        // into one scratch buffer, so the columns can borrow from it.
+        let hex = &mut self.hex;
+        hex.clear();
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        for (i, c) in rel.cols.iter().enumerate() {
+            if let Some(b) = value(i).and_then(|v| bytea_hex(c, v)) {
+                let at = hex.len();
+                hex.resize(at + b.len() / 2, 0);
+                if hex::decode_to_slice(b, &mut hex[at..]).is_ok() {
+                    spans.push((i, at));
+                } else {
+                    hex.truncate(at);
+                }
             }
         }
-        Ok(Encoded {
-            pieces,
-            rest: pending,
-            rows_done: done,
-        })
-    }
-}
-
-/// The text of a row's paging key (its first `nkey` columns).
-fn row_key(row: &SimpleQueryRow, nkey: usize) -> Vec<String> {
-    (0..nkey.min(row.len()))
-        .map(|i| row.get(i).unwrap_or_default().to_string())
-        .collect()
-}
-
-/// One snapshot row (key columns first, then every published column, as text)
-/// encoded as an INSERT record; `hex` is scratch space for `bytea` values.
-#[allow(clippy::too_many_arguments)]
-fn push_row(
-    buf: &mut RecordBuf,
-    hex: &mut Vec<u8>,
-    now: u64,
-    position: &str,
-    head: &RowHead<'_>,
-    rel: &Rel,
-    row: &SimpleQueryRow,
-    nkey: usize,
-) {
-    // bytea text output (`\x` + hex) travels as its bytes: decode those first,
-    // into one scratch buffer, so the columns can borrow from it.
-    hex.clear();
-    let mut spans: Vec<(usize, usize)> = Vec::new();
-    for (i, c) in rel.cols.iter().enumerate() {
-        if let Some(b) = row.get(nkey + i).and_then(|t| bytea_hex(c, t)) {
-            let at = hex.len();
-            hex.resize(at + b.len() / 2, 0);
-            if hex::decode_to_slice(b, &mut hex[at..]).is_ok() {
-                spans.push((i, at));
-            } else {
-                hex.truncate(at);
-            }
+        let hex = &self.hex;
+        let cols: Vec<ColumnRef<'_>> = rel
+            .cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let value = match value(i) {
+                    None => ValueRef::Null,
+                    Some(v) => match spans.iter().find(|(j, _)| *j == i) {
+                        Some(&(_, at)) => {
+                            let len = (v.len() - 2) / 2;
+                            ValueRef::Bytes(hex.get(at..at + len).unwrap_or_default())
+                        }
+                        None => ValueRef::Text(v),
+                    },
+                };
+                ColumnRef {
+                    name: &c.name,
+                    type_name: &c.type_name,
+                    type_oid: c.type_oid,
+                    value,
+                }
+            })
+            .collect();
+        let before = buf.len();
+        buf.push_row(self.now, &self.position, &head, &cols, &[]);
+        let size = buf.len() - before;
+        if size > MAX_RECORD_BYTES {
+            return Err(Fail::Fatal(format!(
+                "a row of {} (key {:?}) is {size} bytes; Ferry ships rows of up to {MAX_RECORD_BYTES} bytes",
+                t.name,
+                self.key(line.as_bytes())
+            )));
         }
+        Ok(())
     }
-    let cols: Vec<ColumnRef<'_>> = rel
-        .cols
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let value = match row.get(nkey + i) {
-                None => ValueRef::Null,
-                Some(t) => match spans.iter().find(|(j, _)| *j == i) {
-                    Some(&(_, at)) => {
-                        let len = (t.len() - 2) / 2;
-                        ValueRef::Bytes(hex.get(at..at + len).unwrap_or_default())
-                    }
-                    None => ValueRef::Text(t),
-                },
-            };
-            ColumnRef {
-                name: &c.name,
-                type_name: &c.type_name,
-                type_oid: c.type_oid,
-                value,
-            }
-        })
-        .collect();
-    buf.push_row(now, position, head, &cols, &[]);
+
+    /// The text of the paging key of `line`, the line last pushed.
+    fn key(&self, line: &[u8]) -> Vec<String> {
+        let line = std::str::from_utf8(line).unwrap_or_default();
+        (0..self.table.nkey)
+            .map(|i| self.fields.get(line, i).unwrap_or_default().to_string())
+            .collect()
+    }
 }
 
 fn next_table(s: &Session<'_>, pos: &mut SnapshotPos) {
@@ -413,8 +380,9 @@ async fn throttle(s: &Session<'_>, started: tokio::time::Instant, copied: u64) -
     }
 }
 
-/// The next chunk: key columns first (as text), then every published column.
-fn chunk_sql(t: &TableInfo, after: Option<&[String]>, limit: usize) -> String {
+/// The rest of a table in key order, from after `after`: key columns first, then
+/// every published column.
+fn copy_sql(t: &TableInfo, after: Option<&[String]>) -> String {
     let (keys, casts): (Vec<String>, Vec<String>) = if t.page_key.is_empty() {
         (vec!["ctid".to_string()], vec!["tid".to_string()])
     } else {
@@ -450,7 +418,7 @@ fn chunk_sql(t: &TableInfo, after: Option<&[String]>, limit: usize) -> String {
     };
     let select: Vec<String> = keys.iter().cloned().chain(cols).collect();
     format!(
-        "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {limit}",
+        "COPY (SELECT {} FROM {}{filter} ORDER BY {}) TO STDOUT",
         select.join(", "),
         qualified(&t.schema, &t.table),
         keys.join(", ")
@@ -474,7 +442,7 @@ mod tests {
     }
 
     #[test]
-    fn chunk_queries_page_by_key() {
+    fn copies_page_by_key() {
         let mut t = TableInfo {
             schema: "public".into(),
             table: "Person".into(),
@@ -486,18 +454,18 @@ mod tests {
             row_filter: None,
         };
         assert_eq!(
-            chunk_sql(&t, None, 10),
-            r#"SELECT "a", "b", "a", "b", "c" FROM "public"."Person" ORDER BY "a", "b" LIMIT 10"#
+            copy_sql(&t, None),
+            r#"COPY (SELECT "a", "b", "a", "b", "c" FROM "public"."Person" ORDER BY "a", "b") TO STDOUT"#
         );
         assert_eq!(
-            chunk_sql(&t, Some(&["1".into(), "it's".into()]), 10),
-            r#"SELECT "a", "b", "a", "b", "c" FROM "public"."Person" WHERE ("a", "b") > ('1'::integer, 'it''s'::text) ORDER BY "a", "b" LIMIT 10"#
+            copy_sql(&t, Some(&["1".into(), "it's".into()])),
+            r#"COPY (SELECT "a", "b", "a", "b", "c" FROM "public"."Person" WHERE ("a", "b") > ('1'::integer, 'it''s'::text) ORDER BY "a", "b") TO STDOUT"#
         );
         t.page_key.clear();
         t.row_filter = Some("a > 5".into());
         assert_eq!(
-            chunk_sql(&t, Some(&["(0,3)".into()]), 5),
-            r#"SELECT ctid, "a", "b", "c" FROM "public"."Person" WHERE (a > 5) AND (ctid) > ('(0,3)'::tid) ORDER BY ctid LIMIT 5"#
+            copy_sql(&t, Some(&["(0,3)".into()])),
+            r#"COPY (SELECT ctid, "a", "b", "c" FROM "public"."Person" WHERE (a > 5) AND (ctid) > ('(0,3)'::tid) ORDER BY ctid) TO STDOUT"#
         );
     }
 }

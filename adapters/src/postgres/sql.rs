@@ -1,5 +1,5 @@
 //! The ordinary SQL connection (tokio-postgres): catalog look-ups, slot state,
-//! heartbeat, and the snapshot copy.
+//! heartbeat, and the snapshot's COPY.
 
 use std::collections::HashMap;
 
@@ -140,20 +140,12 @@ impl Sql {
         Ok(out)
     }
 
-    /// Rows of a simple query, as the server's text output (no copy per value).
-    pub(crate) async fn rows(&self, sql: &str) -> Result<Vec<tokio_postgres::SimpleQueryRow>> {
-        let msgs = self
-            .client
-            .simple_query(sql)
+    /// The data of a `COPY ... TO STDOUT` statement, as the server sends it.
+    pub(crate) async fn copy_out(&self, sql: &str) -> Result<tokio_postgres::CopyOutStream> {
+        self.client
+            .copy_out(sql)
             .await
-            .map_err(|e| self.fail("query failed", &e))?;
-        Ok(msgs
-            .into_iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(r) => Some(r),
-                _ => None,
-            })
-            .collect())
+            .map_err(|e| self.fail("the snapshot's COPY failed", &e))
     }
 
     pub(crate) async fn execute(&self, sql: &str) -> Result<()> {
