@@ -193,6 +193,10 @@ pub struct SourceContext {
     /// Every seq `<=` this value has been acknowledged by the exchange.
     pub acked: watch::Receiver<u64>,
     pub shutdown: CancellationToken,
+    /// Where a source may keep scratch files it does not need after a restart
+    /// (PostgreSQL: transactions still in progress); `None`: the system's
+    /// temporary directory.
+    pub spool_dir: Option<std::path::PathBuf>,
     epoch: u64,
     outstanding: std::sync::Arc<Outstanding>,
     commits: mpsc::Sender<CommitRequest>,
@@ -215,6 +219,7 @@ impl SourceContext {
             head_at_start,
             acked,
             shutdown,
+            spool_dir: None,
             epoch: NEXT_EPOCH.fetch_add(1, Ordering::Relaxed),
             outstanding: std::sync::Arc::default(),
             commits,

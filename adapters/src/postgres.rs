@@ -96,6 +96,7 @@ mod position;
 mod records;
 mod run;
 mod snapshot;
+mod spool;
 mod sql;
 mod stream;
 #[cfg(test)]
@@ -133,6 +134,15 @@ pub struct PostgresConfig {
     pub snapshot_rows_per_second: Option<u64>,
     #[serde(default = "default_snapshot_chunk_rows")]
     pub snapshot_chunk_rows: usize,
+    /// Receive large transactions while they are still in progress (pgoutput
+    /// protocol v2 streaming), spooled to local files until they commit, so the
+    /// server does not spill them to its own disk.
+    #[serde(default = "default_true")]
+    pub stream_in_progress: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -175,6 +185,7 @@ impl PostgresConfig {
             heartbeat_interval: default_heartbeat_interval(),
             snapshot_rows_per_second: None,
             snapshot_chunk_rows: default_snapshot_chunk_rows(),
+            stream_in_progress: true,
         }
     }
 

@@ -405,15 +405,210 @@ async fn a_large_transaction_is_split_and_survives_a_crash_midway() {
         store.commits() - commits_before >= 6,
         "split into several commits"
     );
-    // Rows 1..=10 predate the slot (snapshot = "never").
-    let m = Model::apply_all(&records);
+    assert_acct_matches(&db, &records).await;
+    watch.check().await;
+}
+
+/// The records applied by key equal `public.acct` now, but for rows 1..=99, which
+/// predate the slot (snapshot = "never").
+async fn assert_acct_matches(
+    db: &tokio_postgres::Client,
+    records: &[ferry_protocol::messages::Record],
+) {
+    let m = Model::apply_all(records);
     let db_rows = model::table_state(
-        &db,
+        db,
         "(SELECT * FROM public.acct WHERE id >= 100 OR id < 0) q",
         &["id"],
     )
     .await;
     model::assert_same(&m.table("public.acct"), &db_rows);
+}
+
+/// A server that streams every transaction over 64 kB while it is in progress.
+async fn streaming_server(
+    db: &str,
+    slot: &str,
+) -> (
+    PgServer,
+    tokio_postgres::Client,
+    ferry_adapters::postgres::PostgresConfig,
+) {
+    let server = PgServer::start();
+    let admin = server.client("postgres").await;
+    admin
+        .batch_execute("ALTER SYSTEM SET logical_decoding_work_mem = '64kB'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let client = server.database(db).await;
+    support::acct(&client, 10).await;
+    let mut cfg = config(&server, db, &["public.acct"], slot);
+    cfg.snapshot = ferry_adapters::postgres::SnapshotMode::Never;
+    (server, client, cfg)
+}
+
+/// Transactions of the slot the server streamed while in progress.
+async fn streamed_txns(client: &tokio_postgres::Client, slot: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT coalesce(stream_txns, 0) FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+/// The row ids of the records, in the order they arrived, per commit LSN.
+fn ids_by_txn(records: &[ferry_protocol::messages::Record]) -> Vec<(u64, Vec<i32>)> {
+    let mut out: Vec<(u64, Vec<i32>)> = Vec::new();
+    for c in rows(records) {
+        let Some(id) = c.columns.first().and_then(text) else {
+            continue;
+        };
+        let id: i32 = id.parse().unwrap();
+        match out.last_mut() {
+            Some((lsn, ids)) if *lsn == c.commit_lsn => ids.push(id),
+            _ => out.push((c.commit_lsn, vec![id])),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_received_in_progress_arrive_whole_in_commit_order() {
+    let (server, db, cfg) = streaming_server("t12", "s12").await;
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t12", "s12", &store).await;
+    let mut run = store.start(&cfg);
+    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
+        .await;
+
+    // A: large, open across other commits. R: large, rolled back.
+    let a = server.client("t12").await;
+    let r = server.client("t12").await;
+    a.batch_execute(
+        "BEGIN; INSERT INTO public.acct SELECT g, g, repeat(md5(g::text), 4) FROM generate_series(1000, 5999) g",
+    )
+    .await
+    .unwrap();
+    r.batch_execute(
+        "BEGIN; INSERT INTO public.acct SELECT g, g, repeat('r', 200) FROM generate_series(10000, 12999) g",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("INSERT INTO public.acct VALUES (100, 1, 'small, first')")
+        .await
+        .unwrap();
+    a.batch_execute(
+        "INSERT INTO public.acct SELECT g, g, repeat(md5(g::text), 4) FROM generate_series(6000, 6999) g; UPDATE public.acct SET note = 'changed in A' WHERE id = 100",
+    )
+    .await
+    .unwrap();
+    r.batch_execute("ROLLBACK").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    db.batch_execute("INSERT INTO public.acct VALUES (101, 1, 'small, last')")
+        .await
+        .unwrap();
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    assert!(
+        streamed_txns(&db, "s12").await >= 2,
+        "the server streamed the large transactions in progress"
+    );
+
+    let records = store.records();
+    let txns = ids_by_txn(&records);
+    let order: Vec<i32> = txns.iter().map(|(_, ids)| ids[0]).collect();
+    assert_eq!(order, vec![100, 1000, 101, -1], "commit order: {order:?}");
+    let big = &txns[1].1;
+    let mut want: Vec<i32> = (1000..7000).collect();
+    want.push(100);
+    assert_eq!(big, &want, "A whole, in its own order");
+    assert!(rows(&records).iter().all(|c| c
+        .columns
+        .first()
+        .and_then(text)
+        .unwrap()
+        .parse::<i32>()
+        .unwrap()
+        < 10000));
+    let last: Vec<_> = rows(&records)
+        .into_iter()
+        .filter(|c| c.last_in_txn)
+        .collect();
+    assert_eq!(last.len(), 4);
+    model::assert_streamed_once(&records);
+    assert_acct_matches(&db, &records).await;
+    watch.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_rolled_back_in_a_streamed_transaction_is_never_shipped() {
+    let (server, db, cfg) = streaming_server("t13", "s13").await;
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t13", "s13", &store).await;
+    let mut run = store.start(&cfg);
+    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
+        .await;
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO public.acct SELECT g, g, repeat('a', 200) FROM generate_series(1000, 2999) g;
+         SAVEPOINT s;
+         INSERT INTO public.acct SELECT g, g, repeat('s', 200) FROM generate_series(20000, 22999) g;
+         ROLLBACK TO SAVEPOINT s;
+         INSERT INTO public.acct SELECT g, g, repeat('b', 200) FROM generate_series(3000, 3999) g;
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    let txns = ids_by_txn(&records);
+    assert_eq!(txns.len(), 2, "the transaction, then the marker");
+    assert_eq!(txns[0].1, (1000..4000).collect::<Vec<i32>>());
+    model::assert_streamed_once(&records);
+    assert_acct_matches(&db, &records).await;
+    watch.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_a_streamed_transaction_commits_loses_and_repeats_nothing() {
+    let (server, db, cfg) = streaming_server("t14", "s14").await;
+    let store = Store::new();
+    let watch = FlushWatch::start(&server, "t14", "s14", &store).await;
+    let mut run = store.start(&cfg);
+    run.wait_for("streaming", 30, || phase_is(&store, "streaming"))
+        .await;
+    // ~30 MB, committed to the buffer in several pieces; the source dies after
+    // the second.
+    store.crash_after(2);
+    db.batch_execute(
+        "INSERT INTO public.acct SELECT g, g, repeat(md5(g::text), 32) FROM generate_series(1000, 30999) g",
+    )
+    .await
+    .unwrap();
+    run.ended(60).await.unwrap_err();
+    assert!(
+        store.position().unwrap()["partial"]["done"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let mut run = store.start(&cfg);
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    assert!(streamed_txns(&db, "s14").await >= 1);
+    let records = store.records();
+    let txns = ids_by_txn(&records);
+    assert_eq!(txns[0].1, (1000..31000).collect::<Vec<i32>>());
+    model::assert_streamed_once(&records);
+    assert_acct_matches(&db, &records).await;
     watch.check().await;
 }
 

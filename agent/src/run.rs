@@ -111,6 +111,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
         let acked = acked_rx[i].clone();
         let commits = commit_tx.clone();
         let shutdown = shutdown.clone();
+        let spool_dir = data_dir.join("spool");
         let span = info_span!("stream", stream = %name, kind = source_cfg.kind());
         sources.push(tokio::spawn(
             async move {
@@ -124,7 +125,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                             return;
                         }
                     };
-                    let ctx = SourceContext::new(
+                    let mut ctx = SourceContext::new(
                         i,
                         name.clone(),
                         resume,
@@ -133,6 +134,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                         shutdown.clone(),
                         commits.clone(),
                     );
+                    ctx.spool_dir = Some(spool_dir.clone());
                     let tracker = ctx.tracker();
                     let result = source_cfg.build().run(ctx).await;
                     // What this instance handed over must be written (or refused)

@@ -34,9 +34,18 @@ pub(crate) async fn run(
     };
     let retained = Arc::new(AtomicU64::new(UNKNOWN));
     let mut failures = 0;
+    let mut in_progress = cfg.stream_in_progress;
     loop {
         let mut progress = false;
-        let r = session(&cfg, &ctx, &mut durable, &retained, &mut progress).await;
+        let r = session(
+            &cfg,
+            &ctx,
+            &mut durable,
+            &retained,
+            &mut progress,
+            &mut in_progress,
+        )
+        .await;
         if progress {
             failures = 0;
         }
@@ -78,6 +87,9 @@ pub(crate) struct Session<'a> {
     pub durable: &'a mut Option<PgPosition>,
     retained: Arc<AtomicU64>,
     progress: &'a mut bool,
+    /// Receive large transactions in progress (pgoutput v2 streaming); cleared
+    /// for the rest of the process when a streamed one rolled back to a savepoint.
+    pub in_progress: &'a mut bool,
 }
 
 impl Session<'_> {
@@ -133,6 +145,7 @@ async fn session(
     durable: &mut Option<PgPosition>,
     retained: &Arc<AtomicU64>,
     progress: &mut bool,
+    in_progress: &mut bool,
 ) -> Result<()> {
     let target = conn::target(cfg).map_err(Fail::Fatal)?;
     let sql = Sql::connect(&target).await?;
@@ -189,6 +202,7 @@ async fn session(
         durable,
         retained: Arc::clone(retained),
         progress,
+        in_progress,
     };
     let gone = |what: &str| {
         Fail::Fatal(format!(

@@ -1,6 +1,18 @@
 //! Streaming from the slot: assemble each transaction's changes, commit them to
 //! the buffer (in pieces when large), and confirm the slot only up to what is
 //! durable.
+//!
+//! With `stream_in_progress` (pgoutput protocol v2 streaming), the server sends a
+//! transaction larger than its `logical_decoding_work_mem` while it is still in
+//! progress, in blocks interleaved with other transactions, instead of spilling it
+//! to its own disk. Those blocks go to a local spool (`spool.rs`); at the stream
+//! commit the spooled changes take the path of any other transaction, in commit
+//! order, so the buffer and the exchange still only ever see committed whole
+//! transactions. A stream abort drops the spool. pg_walstream does not say which
+//! subtransaction a streamed change belongs to, so when a streamed transaction
+//! rolls back to a savepoint the source reconnects without in-progress streaming
+//! (the server then sends that transaction whole at its commit) and stays so
+//! until the agent restarts.
 
 use std::collections::HashMap;
 
@@ -16,6 +28,7 @@ use super::conn::{classify_repl, Fail, Result};
 use super::position::{fmt_lsn, Partial, PgPosition, StreamPos};
 use super::records::{old_columns, row_columns, row_record, size_of, Rel, Stamp};
 use super::run::Session;
+use super::spool::Spool;
 use super::sql::ColInfo;
 
 /// A transaction goes to the buffer in one commit up to this many changes...
@@ -39,6 +52,8 @@ struct Txn {
     pending: Vec<Record>,
     pending_rows: usize,
     pending_bytes: usize,
+    /// Relation of the last change, whose shape is known to precede it.
+    checked: Option<u32>,
 }
 
 struct Streamer<'s, 'a> {
@@ -48,10 +63,16 @@ struct Streamer<'s, 'a> {
     /// Fingerprints including what is pending.
     schemas: std::collections::BTreeMap<String, String>,
     rels: HashMap<u32, Rel>,
+    /// `Rel::fingerprint` of each of `rels`.
+    fps: HashMap<u32, String>,
     types: HashMap<(u32, i32), String>,
     txn: Option<Txn>,
     /// A transaction committed to the buffer in pieces before a restart.
     resume_partial: Option<Partial>,
+    /// Transactions in progress (v2 streaming), by top-level xid.
+    spools: HashMap<u32, Spool>,
+    /// The transaction of the stream block being received.
+    streaming_xid: Option<u32>,
 }
 
 pub(crate) async fn stream(s: &mut Session<'_>) -> Result<()> {
@@ -60,9 +81,14 @@ pub(crate) async fn stream(s: &mut Session<'_>) -> Result<()> {
             "internal: streaming without a streaming position".into(),
         ));
     };
+    let in_progress = *s.in_progress;
     let config = ReplicationStreamConfig::builder(s.cfg.slot.clone(), s.cfg.publication.clone())
-        .with_protocol_version(1)
-        .with_streaming_mode(StreamingMode::Off)
+        .with_protocol_version(if in_progress { 2 } else { 1 })
+        .with_streaming_mode(if in_progress {
+            StreamingMode::On
+        } else {
+            StreamingMode::Off
+        })
         .with_messages(true)
         .with_binary(false)
         .with_feedback_interval(std::time::Duration::from_secs(1))
@@ -95,15 +121,18 @@ pub(crate) async fn stream(s: &mut Session<'_>) -> Result<()> {
             )));
         }
     }
-    info!(from = %fmt_lsn(pos.lsn), "streaming changes");
+    info!(from = %fmt_lsn(pos.lsn), in_progress, "streaming changes");
     let mut st = Streamer {
         schemas: pos.schemas.clone(),
         resume_partial: pos.partial,
         pos,
         s,
         rels: HashMap::new(),
+        fps: HashMap::new(),
         types: HashMap::new(),
         txn: None,
+        spools: HashMap::new(),
+        streaming_xid: None,
     };
     let ticks = IdleTicks::start(&st.s.ctx.shutdown);
     loop {
@@ -222,28 +251,93 @@ impl Streamer<'_, '_> {
                 final_lsn,
                 commit_timestamp,
             } => {
-                let commit_lsn = final_lsn.0;
-                let mut skip = 0;
-                if let Some(p) = self.resume_partial {
-                    if p.commit_lsn == commit_lsn {
-                        skip = p.done;
-                        self.resume_partial = None;
-                        info!(commit_lsn = %fmt_lsn(commit_lsn), skip, "resuming a large transaction after its durable part");
-                    } else if commit_lsn > p.commit_lsn {
-                        self.partial_missing(p);
-                    }
-                }
-                self.txn = Some(Txn {
-                    xid: transaction_id,
-                    commit_lsn,
-                    time_us: commit_timestamp.timestamp_micros(),
-                    count: 0,
-                    skip,
-                    pending: Vec::new(),
-                    pending_rows: 0,
-                    pending_bytes: 0,
-                });
+                self.begin(
+                    transaction_id,
+                    final_lsn.0,
+                    commit_timestamp.timestamp_micros(),
+                );
                 Ok(None)
+            }
+            EventType::StreamStart {
+                transaction_id,
+                first_segment,
+            } => {
+                if first_segment {
+                    let dir = self
+                        .s
+                        .ctx
+                        .spool_dir
+                        .clone()
+                        .unwrap_or_else(std::env::temp_dir);
+                    let spool = Spool::create(&dir).map_err(|e| {
+                        Fail::Fatal(format!(
+                            "cannot create a spool file for a transaction in progress in {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                    self.spools.insert(transaction_id, spool);
+                } else if !self.spools.contains_key(&transaction_id) {
+                    return Err(self.stop_in_progress(format!(
+                        "a block of transaction {transaction_id} in progress arrived without its first block"
+                    )));
+                }
+                self.streaming_xid = Some(transaction_id);
+                Ok(None)
+            }
+            EventType::StreamStop => {
+                self.streaming_xid = None;
+                Ok(None)
+            }
+            EventType::StreamAbort {
+                transaction_id,
+                subtransaction_xid,
+                ..
+            } => {
+                if subtransaction_xid == transaction_id {
+                    // Rolled back: never shipped; the file goes with the spool.
+                    self.spools.remove(&transaction_id);
+                    return Ok(None);
+                }
+                if self.spools.remove(&transaction_id).is_some() {
+                    return Err(self.stop_in_progress(format!(
+                        "transaction {transaction_id}, received while in progress, rolled back subtransaction {subtransaction_xid}"
+                    )));
+                }
+                Ok(None)
+            }
+            EventType::StreamCommit {
+                transaction_id,
+                commit_lsn,
+                end_lsn,
+                commit_timestamp,
+            } => {
+                self.streaming_xid = None;
+                let Some(spool) = self.spools.remove(&transaction_id) else {
+                    return Ok(None);
+                };
+                self.begin(
+                    transaction_id,
+                    commit_lsn.0,
+                    commit_timestamp.timestamp_micros(),
+                );
+                let spooled = spool.records;
+                let mut replay = spool.replay().map_err(|e| {
+                    Fail::Fatal(format!("cannot read back a spooled transaction: {e}"))
+                })?;
+                while let Some(rec) = replay.next_record().map_err(|e| {
+                    Fail::Fatal(format!("cannot read back a spooled transaction: {e}"))
+                })? {
+                    if let Some(record::Body::SchemaChange(c)) = &rec.body {
+                        let name = format!("{}.{}", c.schema, c.table);
+                        if self.schemas.get(&name) == Some(&rec.position) {
+                            continue;
+                        }
+                        self.schemas.insert(name, rec.position.clone());
+                    }
+                    self.txn_push(rec).await?;
+                }
+                info!(commit_lsn = %fmt_lsn(commit_lsn.0), records = spooled, "transaction received in progress committed");
+                self.commit_txn(end_lsn.0).await
             }
             EventType::Relation {
                 relation_id,
@@ -285,19 +379,31 @@ impl Streamer<'_, '_> {
                     warn!(table = %name, "table has REPLICA IDENTITY NOTHING: PostgreSQL refuses UPDATE and DELETE on it while it is published. Fix: add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL");
                 }
                 let fp = rel.fingerprint();
-                if self.schemas.get(&name) != Some(&fp) {
+                self.fps.insert(relation_id, fp.clone());
+                if let Some(t) = self.txn.as_mut() {
+                    t.checked = None;
+                }
+                for sp in self.spools.values_mut() {
+                    sp.checked = None;
+                }
+                if let Some(xid) = self.streaming_xid {
+                    // Whether it is news is known only in commit order, at the
+                    // stream commit: spooled with its fingerprint as position.
+                    let mut rec = rel.schema_record(0);
+                    rec.position = fp.clone();
+                    self.spool(xid, &rec)?;
+                    if let Some(sp) = self.spools.get_mut(&xid) {
+                        sp.schemas.insert(name, fp.clone());
+                    }
+                } else if self.schemas.get(&name) != Some(&fp) {
                     let lsn = self.txn.as_ref().map_or(self.pos.lsn, |t| t.commit_lsn);
                     let rec = rel.schema_record(lsn);
                     self.schemas.insert(name, fp);
-                    match self.txn.as_mut() {
-                        Some(t) => {
-                            t.pending_bytes += size_of(&rec);
-                            t.pending.push(rec);
-                        }
-                        None => {
-                            let pos = self.next_pos(self.pos.lsn, self.pos.partial);
-                            self.commit(vec![rec], pos).await?;
-                        }
+                    if self.txn.is_some() {
+                        self.txn_push(rec).await?;
+                    } else {
+                        let pos = self.next_pos(self.pos.lsn, self.pos.partial);
+                        self.commit(vec![rec], pos).await?;
                     }
                 }
                 self.rels.insert(relation_id, rel);
@@ -427,6 +533,54 @@ impl Streamer<'_, '_> {
         Ok(())
     }
 
+    /// A transaction begins (or a spooled one is replayed at its commit).
+    fn begin(&mut self, xid: u32, commit_lsn: u64, time_us: i64) {
+        let mut skip = 0;
+        if let Some(p) = self.resume_partial {
+            if p.commit_lsn == commit_lsn {
+                skip = p.done;
+                self.resume_partial = None;
+                info!(commit_lsn = %fmt_lsn(commit_lsn), skip, "resuming a large transaction after its durable part");
+            } else if commit_lsn > p.commit_lsn {
+                self.partial_missing(p);
+            }
+        }
+        self.txn = Some(Txn {
+            xid,
+            commit_lsn,
+            time_us,
+            count: 0,
+            skip,
+            pending: Vec::new(),
+            pending_rows: 0,
+            pending_bytes: 0,
+            checked: None,
+        });
+    }
+
+    /// Turns in-progress streaming off for the rest of the process and asks for
+    /// a reconnect, from the durable position.
+    fn stop_in_progress(&mut self, why: String) -> Fail {
+        *self.s.in_progress = false;
+        self.spools.clear();
+        self.streaming_xid = None;
+        warn!(reason = %why, "reconnecting without in-progress streaming: large transactions are received whole at their commit until the agent restarts");
+        Fail::Retry(format!("{why}; reconnecting without in-progress streaming"))
+    }
+
+    fn spool(&mut self, xid: u32, rec: &Record) -> Result<()> {
+        let Some(spool) = self.spools.get_mut(&xid) else {
+            warn!(
+                xid,
+                "a change of an unknown transaction in progress; ignored"
+            );
+            return Ok(());
+        };
+        spool
+            .push(rec)
+            .map_err(|e| Fail::Fatal(format!("cannot spool a transaction in progress: {e}")))
+    }
+
     async fn change(
         &mut self,
         rel_oid: u32,
@@ -435,35 +589,15 @@ impl Streamer<'_, '_> {
         old_key: Vec<ferry_protocol::messages::Column>,
         truncate: (bool, bool),
     ) -> Result<Option<u64>> {
-        let Some(t) = self.txn.as_mut() else {
-            warn!("a change arrived outside a transaction; ignored");
+        let Some(rel) = self.rels.get(&rel_oid) else {
             return Ok(None);
         };
-        let idx = t.count;
-        t.count += 1;
-        if idx < t.skip {
-            return Ok(None);
-        }
-        if t.pending_rows >= MAX_TXN_ROWS || t.pending_bytes >= MAX_TXN_BYTES {
-            // The transaction continues: what is pending goes to the buffer now.
-            let records = std::mem::take(&mut t.pending);
-            t.pending_rows = 0;
-            t.pending_bytes = 0;
-            let partial = Partial {
-                commit_lsn: t.commit_lsn,
-                done: idx,
-            };
-            let pos = self.next_pos(self.pos.lsn, Some(partial));
-            self.commit(records, pos).await?;
-        }
-        let (Some(t), Some(rel)) = (self.txn.as_mut(), self.rels.get(&rel_oid)) else {
-            return Ok(None);
-        };
+        // Stamped for real when it joins its transaction (`txn_push`).
         let stamp = Stamp {
-            xid: t.xid,
-            commit_lsn: t.commit_lsn,
-            commit_time_unix_us: t.time_us,
-            change_index: idx,
+            xid: 0,
+            commit_lsn: 0,
+            commit_time_unix_us: 0,
+            change_index: 0,
             snapshot: false,
         };
         let mut rec = row_record(rel, op, &stamp, columns, old_key);
@@ -475,14 +609,108 @@ impl Streamer<'_, '_> {
             return Err(Fail::Fatal(format!(
                 "a row of {} in transaction {} is {} bytes; Ferry ships rows of up to {} bytes. The change cannot be captured",
                 rel.name(),
-                fmt_lsn(t.commit_lsn),
+                self.txn.as_ref().map_or_else(|| "in progress".to_string(), |t| fmt_lsn(t.commit_lsn)),
                 size,
                 MAX_RECORD_BYTES
             )));
         }
+        // pg_walstream reports a Relation message only when the shape is new to
+        // it, which may have been in another transaction: each transaction makes
+        // sure, in commit order, that its table's shape went before its rows.
+        // `checked`: the table of the last change, whose shape was seen to.
+        if let Some(xid) = self.streaming_xid {
+            if let Some(sp) = self.spools.get_mut(&xid) {
+                if sp.checked == Some(rel_oid) {
+                    self.spool(xid, &rec)?;
+                    return Ok(None);
+                }
+                sp.checked = Some(rel_oid);
+            }
+        } else if let Some(t) = self.txn.as_mut() {
+            if t.checked == Some(rel_oid) {
+                return self.txn_push(rec).await;
+            }
+            t.checked = Some(rel_oid);
+        }
+        let name = rel.name();
+        let fp = self.fps.get(&rel_oid).cloned().unwrap_or_default();
+        if let Some(xid) = self.streaming_xid {
+            if let Some(sp) = self.spools.get(&xid) {
+                if sp.schemas.get(&name) != Some(&fp) {
+                    let mut schema = rel.schema_record(0);
+                    schema.position = fp.clone();
+                    self.spool(xid, &schema)?;
+                    if let Some(sp) = self.spools.get_mut(&xid) {
+                        sp.schemas.insert(name, fp);
+                    }
+                }
+            }
+            self.spool(xid, &rec)?;
+            return Ok(None);
+        }
+        if self.txn.is_some() && self.schemas.get(&name) != Some(&fp) {
+            let schema = rel.schema_record(0);
+            self.schemas.insert(name, fp);
+            self.txn_push(schema).await?;
+        }
+        self.txn_push(rec).await
+    }
+
+    /// Adds a record to the open transaction: row changes are numbered (and
+    /// skipped when durable from before a restart) and stamped with the
+    /// transaction; what is pending goes to the buffer first when it is full.
+    async fn txn_push(&mut self, mut rec: Record) -> Result<Option<u64>> {
+        let Some(t) = self.txn.as_mut() else {
+            warn!("a change arrived outside a transaction; ignored");
+            return Ok(None);
+        };
+        let (xid, commit_lsn, time_us) = (t.xid, t.commit_lsn, t.time_us);
+        match rec.body.as_mut() {
+            Some(record::Body::SchemaChange(c)) => {
+                c.commit_lsn = commit_lsn;
+                rec.position = format!(
+                    "lsn={} schema {}.{}",
+                    fmt_lsn(commit_lsn),
+                    c.schema,
+                    c.table
+                );
+                t.pending_bytes += size_of(&rec);
+                t.pending.push(rec);
+                return Ok(None);
+            }
+            Some(record::Body::RowChange(_)) => {}
+            _ => return Ok(None),
+        }
+        let idx = t.count;
+        t.count += 1;
+        if idx < t.skip {
+            return Ok(None);
+        }
+        if t.pending_rows >= MAX_TXN_ROWS || t.pending_bytes >= MAX_TXN_BYTES {
+            // The transaction continues: what is pending goes to the buffer now.
+            let records = std::mem::take(&mut t.pending);
+            t.pending_rows = 0;
+            t.pending_bytes = 0;
+            let partial = Partial {
+                commit_lsn,
+                done: idx,
+            };
+            let pos = self.next_pos(self.pos.lsn, Some(partial));
+            self.commit(records, pos).await?;
+        }
+        let Some(t) = self.txn.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(record::Body::RowChange(c)) = rec.body.as_mut() {
+            c.xid = xid;
+            c.commit_lsn = commit_lsn;
+            c.commit_time_unix_us = time_us;
+            c.change_index = idx;
+        }
+        rec.position = format!("lsn={} n={idx}", fmt_lsn(commit_lsn));
+        t.pending_bytes += size_of(&rec);
         t.pending.push(rec);
         t.pending_rows += 1;
-        t.pending_bytes += size;
         Ok(None)
     }
 
