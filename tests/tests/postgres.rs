@@ -709,3 +709,100 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
     // Stops the server (the Drop of the last reference).
     drop(server);
 }
+
+/// One transaction of about 200 MB (100,000 rows of 2 kB that do not compress),
+/// larger than the server's `logical_decoding_work_mem` (64 MB by default), so the
+/// server streams it while it is in progress. The agent is killed with SIGKILL while the
+/// transaction is still open and part of it spooled; after the restart the server
+/// streams it again from its start; at its commit it reaches the exchange whole,
+/// once, in one transaction, and the agent never held it in memory.
+#[test]
+fn a_200_mb_transaction_arrives_whole_and_the_agent_stays_small() {
+    const BIG: i64 = 100_000;
+    let t = TestDir::new("pg-200mb");
+    let server = Arc::new(PgServer::start());
+    setup_database(&server);
+    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    agent.add_stream(&postgres_stream(
+        STREAM,
+        "210100-GA-0003",
+        &server.dsn(DB),
+        &["public.person"],
+        SLOT,
+        "ferry_pub",
+        "snapshot = \"never\", heartbeat_interval = \"1s\"",
+    ));
+    agent.start();
+    wait_until(SHORT, "the agent to stream", || {
+        position(&agent).is_some_and(|p| p.starts_with("streaming"))
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(server.client(DB));
+    rt.block_on(client.batch_execute(&format!(
+        "BEGIN; INSERT INTO public.person
+           SELECT {ROWS} + g, 'big-' || g, '沈阳', g, timestamptz '2024-01-01 08:00:00+08',
+                  (SELECT string_agg(md5(g::text || '-' || i), '') FROM generate_series(1, 62) i)
+           FROM generate_series(1, {BIG}) g"
+    )))
+    .unwrap();
+    // The server has streamed (part of) it to the agent: kill the agent with the
+    // transaction still open, then start it again.
+    let spooling = "receiving a transaction in progress";
+    wait_until(LONG, "the server to stream the open transaction", || {
+        agent.assert_alive();
+        agent.log_since_start().contains(spooling)
+    });
+    agent.kill9();
+    agent.start();
+    rt.block_on(client.batch_execute("COMMIT")).unwrap();
+    let stop_lsn = server.current_wal_lsn();
+    wait_until(LONG, "the exchange to acknowledge the transaction", || {
+        let s = agent.stream_status(STREAM);
+        let pos = s["position"].as_str().unwrap_or_default();
+        pos.starts_with("streaming")
+            && pg_position_lsn(pos).is_some_and(|l| l >= stop_lsn)
+            && s["acked_seq"] == s["head_seq"]
+    });
+    let pid = agent.pid().expect("the agent runs");
+    let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let streamed = server
+        .try_psql(
+            DB,
+            &format!("SELECT sum(stream_bytes) FROM pg_stat_replication_slots WHERE slot_name = '{SLOT}'"),
+        )
+        .unwrap_or_default();
+    note(format!(
+        "server streamed {streamed} bytes in progress; agent peak RSS after the restart {} MiB",
+        hwm_kib >> 10
+    ));
+    assert!(
+        hwm_kib < 160 << 10,
+        "the agent's peak RSS {hwm_kib} kB: it held the transaction in memory"
+    );
+    let records = ex.records(AGENT, STREAM);
+    let (applied, _, streamed_changes) = apply_records(&records);
+    assert_eq!(streamed_changes as i64, BIG, "every row once");
+    let lsns: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r["row"]["commit_lsn"].as_str())
+        .collect();
+    assert_eq!(lsns.len(), 1, "one transaction");
+    assert_same_table(
+        &applied,
+        &table_rows(&server)
+            .into_iter()
+            .filter(|(id, _)| *id > ROWS)
+            .collect(),
+    );
+    agent.stop();
+    ex.stop();
+}

@@ -275,6 +275,10 @@ impl Streamer<'_, '_> {
                             dir.display()
                         ))
                     })?;
+                    info!(
+                        xid = transaction_id,
+                        "receiving a transaction in progress (spooled until it commits)"
+                    );
                     self.spools.insert(transaction_id, spool);
                 } else if !self.spools.contains_key(&transaction_id) {
                     return Err(self.stop_in_progress(format!(
