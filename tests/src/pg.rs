@@ -16,6 +16,8 @@ pub struct PgServer {
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_postgres: bool,
+    /// `fsync` on the server (off unless started with [`PgServer::start_durable`]).
+    fsync: bool,
     pub port: u16,
 }
 
@@ -46,6 +48,15 @@ fn free_port() -> u16 {
 
 impl PgServer {
     pub fn start() -> PgServer {
+        PgServer::start_with(false)
+    }
+
+    /// A server that makes its commits durable (`fsync = on`), as in production.
+    pub fn start_durable() -> PgServer {
+        PgServer::start_with(true)
+    }
+
+    fn start_with(fsync: bool) -> PgServer {
         let bin = find_bin();
         let dir = tempfile::Builder::new()
             .prefix("ferry-pg-")
@@ -66,6 +77,7 @@ impl PgServer {
             dir,
             bin,
             as_postgres,
+            fsync,
             port: free_port(),
         };
         s.run(
@@ -129,9 +141,10 @@ impl PgServer {
         let opts = format!(
             "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
              -c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10 \
-             -c fsync=off -c timezone=Asia/Shanghai -c max_connections=50",
+             -c fsync={} -c timezone=Asia/Shanghai -c max_connections=50",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.fsync { "on" } else { "off" }
         );
         let log = self.dir.path().join("server.log");
         self.run(

@@ -157,6 +157,9 @@ pub(crate) fn row_record(
 ) -> Record {
     let position = if stamp.snapshot {
         format!("snapshot {} #{}", rel.name(), stamp.change_index)
+    } else if stamp.commit_lsn == 0 {
+        // Not stamped yet: the transaction's own commit gives the position.
+        String::new()
     } else {
         format!("lsn={} n={}", fmt_lsn(stamp.commit_lsn), stamp.change_index)
     };

@@ -608,21 +608,12 @@ impl Streamer<'_, '_> {
         if let Some(record::Body::RowChange(c)) = rec.body.as_mut() {
             (c.truncate_cascade, c.truncate_restart_identity) = truncate;
         }
-        let size = size_of(&rec);
-        if size > MAX_RECORD_BYTES {
-            return Err(Fail::Fatal(format!(
-                "a row of {} in transaction {} is {} bytes; Ferry ships rows of up to {} bytes. The change cannot be captured",
-                rel.name(),
-                self.txn.as_ref().map_or_else(|| "in progress".to_string(), |t| fmt_lsn(t.commit_lsn)),
-                size,
-                MAX_RECORD_BYTES
-            )));
-        }
         // pg_walstream reports a Relation message only when the shape is new to
         // it, which may have been in another transaction: each transaction makes
         // sure, in commit order, that its table's shape went before its rows.
         // `checked`: the table of the last change, whose shape was seen to.
         if let Some(xid) = self.streaming_xid {
+            too_large(&rec, size_of(&rec), "in progress")?;
             if let Some(sp) = self.spools.get_mut(&xid) {
                 if sp.checked == Some(rel_oid) {
                     self.spool(xid, &rec)?;
@@ -712,7 +703,9 @@ impl Streamer<'_, '_> {
             c.change_index = idx;
         }
         rec.position = format!("lsn={} n={idx}", fmt_lsn(commit_lsn));
-        t.pending_bytes += size_of(&rec);
+        let size = size_of(&rec);
+        too_large(&rec, size, &fmt_lsn(commit_lsn))?;
+        t.pending_bytes += size;
         t.pending.push(rec);
         t.pending_rows += 1;
         Ok(None)
@@ -747,4 +740,19 @@ impl Streamer<'_, '_> {
         self.commit(t.pending, pos).await?;
         Ok(Some(end_lsn))
     }
+}
+
+/// Refuses a row record over [`MAX_RECORD_BYTES`], naming its table and
+/// transaction.
+fn too_large(rec: &Record, size: usize, txn: &str) -> Result<()> {
+    if size <= MAX_RECORD_BYTES {
+        return Ok(());
+    }
+    let table = match &rec.body {
+        Some(record::Body::RowChange(c)) => format!("{}.{}", c.schema, c.table),
+        _ => "a table".to_string(),
+    };
+    Err(Fail::Fatal(format!(
+        "a row of {table} in transaction {txn} is {size} bytes; Ferry ships rows of up to {MAX_RECORD_BYTES} bytes. The change cannot be captured"
+    )))
 }

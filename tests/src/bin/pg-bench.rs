@@ -6,7 +6,8 @@
 //! ```
 //!
 //! One throwaway PostgreSQL (`ferry_tests::pg`, the server binaries of the Debian
-//! package `postgresql`; `fsync = off` on the server). Per run, on a fresh table
+//! package `postgresql`; `fsync = off` on the server, `on` with `--server-fsync`).
+//! Per run, on a fresh table
 //! `t (id bigint primary key, payload text, ts timestamptz)`:
 //!
 //! * three logical slots (pgoutput) are created, then the load is committed:
@@ -32,7 +33,8 @@
 //!   also until the last row was durable in the agent's buffer (the exchange still
 //!   receiving and storing alongside).
 //!
-//! `--snapshot-only` skips the streaming figures (slots, decoding, pg_recvlogical,
+//! `--source 'stream_in_progress = false'` adds keys to the stream's source table
+//! (to compare settings). `--snapshot-only` skips the streaming figures (slots, decoding, pg_recvlogical,
 //! Ferry streaming): the load, COPY and the snapshot, for working on the snapshot.
 //!
 //! The report prints medians and every run, as markdown.
@@ -53,7 +55,14 @@ const PUBLICATION: &str = "bench_pub";
 /// Transactions per load phase.
 const TXNS: u64 = 10;
 
+/// `--source 'key = value, ...'`: more keys for the stream's `source` table.
+static SOURCE_EXTRA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn pg_stream(server: &PgServer, slot: &str, extra: &str) -> String {
+    let extra = match SOURCE_EXTRA.get() {
+        Some(more) => format!("{extra}, {more}"),
+        None => extra.to_string(),
+    };
     format!(
         "[[stream]]\nname = \"t\"\ncatalog_id = \"BENCH-PG\"\nsharing = \"unconditional\"\nsource = {{ kind = \"postgres\", dsn = \"{}\", tables = [\"public.t\"], slot = \"{slot}\", publication = \"{PUBLICATION}\", {extra} }}\n",
         server.dsn(DB)
@@ -360,6 +369,7 @@ fn main() -> Result<()> {
     let mut rows = 1_000_000u64;
     let mut updates = true;
     let mut snapshot_only = false;
+    let mut server_fsync = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -372,8 +382,13 @@ fn main() -> Result<()> {
             "--rows" => rows = val()?,
             "--no-updates" => updates = false,
             "--snapshot-only" => snapshot_only = true,
+            "--server-fsync" => server_fsync = true,
+            "--source" => {
+                let more = args.next().context("--source needs 'key = value, ...'")?;
+                let _ = SOURCE_EXTRA.set(more);
+            }
             other => bail!(
-                "unknown argument {other}; use --runs N --rows N --no-updates --snapshot-only"
+                "unknown argument {other}; use --runs N --rows N --no-updates --snapshot-only --server-fsync --source 'key = value, ...'"
             ),
         }
     }
@@ -391,7 +406,11 @@ fn main() -> Result<()> {
     let base = tempfile::Builder::new()
         .prefix("ferry-pg-bench")
         .tempdir_in(std::env::var("FERRY_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
-    let server = PgServer::start();
+    let server = if server_fsync {
+        PgServer::start_durable()
+    } else {
+        PgServer::start()
+    };
     server.psql("postgres", &format!("CREATE DATABASE {DB}"));
     let version = server.psql(DB, "SHOW server_version");
 
@@ -466,7 +485,8 @@ fn main() -> Result<()> {
     let buffered = each(&|r| rows as f64 / r.snapshot.buffered_secs);
     let buffered_ratio = each(&|r| r.copy_secs / r.snapshot.buffered_secs);
     println!(
-        "PostgreSQL {version} (fsync = off), {changes} row changes per run: {rows} INSERTs{} in transactions of {}; {runs} runs",
+        "PostgreSQL {version} (fsync = {}), {changes} row changes per run: {rows} INSERTs{} in transactions of {}; {runs} runs",
+        if server_fsync { "on" } else { "off" },
         if updates {
             format!(" then {rows} UPDATEs")
         } else {
