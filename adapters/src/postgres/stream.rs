@@ -12,7 +12,8 @@
 //! subtransaction a streamed change belongs to, so when a streamed transaction
 //! rolls back to a savepoint the source reconnects without in-progress streaming
 //! (the server then sends that transaction whole at its commit) and stays so
-//! until the agent restarts.
+//! until the agent restarts; so it does when the spool cannot be written (the
+//! agent's disk full, say).
 
 use std::collections::HashMap;
 
@@ -269,12 +270,15 @@ impl Streamer<'_, '_> {
                         .spool_dir
                         .clone()
                         .unwrap_or_else(std::env::temp_dir);
-                    let spool = Spool::create(&dir).map_err(|e| {
-                        Fail::Fatal(format!(
+                    let spool = match Spool::create(&dir) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            return Err(self.stop_in_progress(format!(
                             "cannot create a spool file for a transaction in progress in {}: {e}",
                             dir.display()
-                        ))
-                    })?;
+                        )))
+                        }
+                    };
                     info!(
                         xid = transaction_id,
                         "receiving a transaction in progress (spooled until it commits)"
@@ -580,9 +584,15 @@ impl Streamer<'_, '_> {
             );
             return Ok(());
         };
-        spool
-            .push(rec)
-            .map_err(|e| Fail::Fatal(format!("cannot spool a transaction in progress: {e}")))
+        match spool.push(rec) {
+            Ok(()) => Ok(()),
+            // Out of local disk, say: the server keeps the transaction instead
+            // and sends it whole at its commit.
+            Err(e) => {
+                Err(self
+                    .stop_in_progress(format!("cannot spool transaction {xid} in progress: {e}")))
+            }
+        }
     }
 
     async fn change(

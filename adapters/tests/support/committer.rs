@@ -19,6 +19,8 @@ struct Durable {
     commits: u64,
     /// Answer this many more commits carrying records, then crash.
     crash_after: Option<u64>,
+    /// `SourceContext::spool_dir` of the sources started.
+    spool_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Default)]
@@ -37,6 +39,11 @@ impl Store {
         Store::default()
     }
 
+    /// Where sources started from now on spool transactions in progress.
+    pub fn spool_in(&self, dir: std::path::PathBuf) {
+        self.durable.lock().unwrap().spool_dir = Some(dir);
+    }
+
     /// Runs a postgres source with the stored position as its resume point.
     pub fn start(&self, cfg: &PostgresConfig) -> Running {
         self.start_source(Box::new(PostgresSource::new(cfg.clone())))
@@ -45,12 +52,18 @@ impl Store {
     pub fn start_source(&self, source: Box<dyn Source>) -> Running {
         let (tx, mut rx) = mpsc::channel::<CommitRequest>(4);
         let shutdown = CancellationToken::new();
-        let (resume, head) = {
+        let (resume, head, spool_dir) = {
             let d = self.durable.lock().unwrap();
-            (d.position.clone(), d.records.len() as u64)
+            (
+                d.position.clone(),
+                d.records.len() as u64,
+                d.spool_dir.clone(),
+            )
         };
         let (_acked_tx, acked) = watch::channel(0);
-        let ctx = SourceContext::new(0, "test".into(), resume, head, acked, shutdown.clone(), tx);
+        let mut ctx =
+            SourceContext::new(0, "test".into(), resume, head, acked, shutdown.clone(), tx);
+        ctx.spool_dir = spool_dir;
         let durable = Arc::clone(&self.durable);
         let stop = shutdown.clone();
         let committer = tokio::spawn(async move {
