@@ -101,6 +101,7 @@ mod sql;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use doctor::{doctor, DoctorCheck};
 
@@ -248,7 +249,8 @@ impl PostgresConfig {
 
     /// The password file or variable must be there on this host.
     pub fn check_environment(&self) -> Result<(), String> {
-        conn::read_password(self).map(|_| ())
+        conn::read_password(self)?;
+        conn::check_tls_files(&self.dsn)
     }
 }
 

@@ -409,6 +409,21 @@ async fn a_large_transaction_is_split_and_survives_a_crash_midway() {
     watch.check().await;
 }
 
+/// Every snapshot row and streamed change once; applied by key, the records equal
+/// `public.acct` now.
+async fn assert_snapshot_and_stream_converged(
+    db: &tokio_postgres::Client,
+    records: &[ferry_protocol::messages::Record],
+) {
+    model::assert_snapshot_rows_once(records, "public.acct", "id");
+    model::assert_streamed_once(records);
+    let m = Model::apply_all(records);
+    model::assert_same(
+        &m.table("public.acct"),
+        &model::table_state(db, "public.acct", &["id"]).await,
+    );
+}
+
 /// The records applied by key equal `public.acct` now, but for rows 1..=99, which
 /// predate the slot (snapshot = "never").
 async fn assert_acct_matches(
@@ -667,13 +682,7 @@ async fn a_snapshot_under_concurrent_writes_converges() {
     let records = store.records();
     assert!(rows(&records).iter().filter(|c| c.snapshot).count() >= 19_000);
     assert!(rows(&records).iter().filter(|c| !c.snapshot).count() as u64 >= txns);
-    model::assert_snapshot_rows_once(&records, "public.acct", "id");
-    model::assert_streamed_once(&records);
-    let m = Model::apply_all(&records);
-    model::assert_same(
-        &m.table("public.acct"),
-        &model::table_state(&db, "public.acct", &["id"]).await,
-    );
+    assert_snapshot_and_stream_converged(&db, &records).await;
     watch.check().await;
 }
 
@@ -729,13 +738,7 @@ async fn crashes_during_the_snapshot_converge() {
     support::catch_up(&db, &mut run, &store).await;
     run.stop().await.unwrap_err();
     let records = store.records();
-    model::assert_snapshot_rows_once(&records, "public.acct", "id");
-    model::assert_streamed_once(&records);
-    let m = Model::apply_all(&records);
-    model::assert_same(
-        &m.table("public.acct"),
-        &model::table_state(&db, "public.acct", &["id"]).await,
-    );
+    assert_snapshot_and_stream_converged(&db, &records).await;
     watch.check().await;
 }
 
@@ -960,4 +963,58 @@ async fn heartbeats_advance_the_slot_of_an_idle_database() {
     assert!(d.contains("slot retains"), "{d}");
     run.stop().await.unwrap_err();
     watch.check().await;
+}
+
+/// TLS to PostgreSQL: with `sslmode=verify-full` and the server's CA the snapshot
+/// and the stream work for a role that pg_hba lets in over TLS only (so both the
+/// SQL and the replication connection were encrypted); a certificate from another
+/// CA and a plain connection are refused at once, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_is_verified() {
+    let server = PgServer::start_tls();
+    let db = server.database("t16").await;
+    support::acct(&db, 50).await;
+    db.batch_execute(
+        "CREATE ROLE tlsuser LOGIN REPLICATION; GRANT SELECT ON ALL TABLES IN SCHEMA public TO tlsuser",
+    )
+    .await
+    .unwrap();
+    let dsn = |extra: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=tlsuser dbname=t16 {extra}",
+            server.port
+        )
+    };
+    let mut cfg = config(&server, "t16", &["public.acct"], "s16");
+
+    // Plain: refused by the server.
+    cfg.dsn = dsn("sslmode=disable");
+    let err = Store::new().start(&cfg).ended(30).await.unwrap_err();
+    assert!(err.to_string().contains("no encryption"), "{err}");
+
+    // Another CA: refused by the agent.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other.path(), PgServer::unrelated_ca_pem()).unwrap();
+    cfg.dsn = dsn(&format!(
+        "sslmode=verify-full sslrootcert={}",
+        other.path().display()
+    ));
+    let err = Store::new().start(&cfg).ended(30).await.unwrap_err();
+    assert!(err.to_string().contains("certificate was refused"), "{err}");
+
+    cfg.dsn = dsn(&format!(
+        "sslmode=verify-full sslrootcert='{}'",
+        server.tls_ca().display()
+    ));
+    let store = Store::new();
+    let mut run = store.start(&cfg);
+    run.wait_for("the snapshot", 60, || phase_is(&store, "streaming"))
+        .await;
+    db.batch_execute("UPDATE public.acct SET note = 'over TLS' WHERE id = 7")
+        .await
+        .unwrap();
+    support::catch_up(&db, &mut run, &store).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    assert_snapshot_and_stream_converged(&db, &records).await;
 }

@@ -18,6 +18,8 @@ pub struct PgServer {
     as_postgres: bool,
     /// `fsync` on the server (off unless started with [`PgServer::start_durable`]).
     fsync: bool,
+    /// TLS on (`ssl = on`, see [`PgServer::start_tls`]).
+    tls: bool,
     pub port: u16,
 }
 
@@ -48,15 +50,34 @@ fn free_port() -> u16 {
 
 impl PgServer {
     pub fn start() -> PgServer {
-        PgServer::start_with(false)
+        PgServer::start_with(false, false)
     }
 
     /// A server that makes its commits durable (`fsync = on`), as in production.
     pub fn start_durable() -> PgServer {
-        PgServer::start_with(true)
+        PgServer::start_with(true, false)
     }
 
-    fn start_with(fsync: bool) -> PgServer {
+    /// A server with TLS (`ssl = on`), its certificate issued for 127.0.0.1 by the
+    /// CA in [`PgServer::tls_ca`]. The role `tlsuser`, when created, may connect
+    /// only over TLS (pg_hba `hostnossl ... reject`).
+    pub fn start_tls() -> PgServer {
+        PgServer::start_with(false, true)
+    }
+
+    /// The PEM certificate of a CA unrelated to any server's.
+    pub fn unrelated_ca_pem() -> String {
+        ferry_transport::pki::create_ca("unrelated CA")
+            .unwrap()
+            .cert_pem
+    }
+
+    /// The PEM certificate of the CA of a [`PgServer::start_tls`] server.
+    pub fn tls_ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_with(fsync: bool, tls: bool) -> PgServer {
         let bin = find_bin();
         let dir = tempfile::Builder::new()
             .prefix("ferry-pg-")
@@ -78,6 +99,7 @@ impl PgServer {
             bin,
             as_postgres,
             fsync,
+            tls,
             port: free_port(),
         };
         s.run(
@@ -98,12 +120,36 @@ impl PgServer {
         std::fs::write(
             s.data().join("pg_hba.conf"),
             "local all all trust\n\
+             hostnossl all tlsuser 127.0.0.1/32 reject\n\
+             hostnossl replication tlsuser 127.0.0.1/32 reject\n\
              host all pwuser 127.0.0.1/32 scram-sha-256\n\
              host replication pwuser 127.0.0.1/32 scram-sha-256\n\
              host all all 127.0.0.1/32 trust\n\
              host replication all 127.0.0.1/32 trust\n",
         )
         .unwrap();
+        if tls {
+            let ca = ferry_transport::pki::create_ca("ferry test PostgreSQL CA").unwrap();
+            let server =
+                ferry_transport::pki::issue_server(&ca, &["127.0.0.1".to_string()]).unwrap();
+            std::fs::write(s.tls_ca(), &ca.cert_pem).unwrap();
+            let crt = s.data().join("server.crt");
+            let key = s.data().join("server.key");
+            std::fs::write(&crt, &server.cert_pem).unwrap();
+            std::fs::write(&key, &server.key_pem).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if s.as_postgres {
+                let ok = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&crt)
+                    .arg(&key)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown of the server certificate to postgres failed");
+            }
+        }
         s.pg_ctl_start();
         s
     }
@@ -141,10 +187,15 @@ impl PgServer {
         let opts = format!(
             "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
              -c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10 \
-             -c fsync={} -c timezone=Asia/Shanghai -c max_connections=50",
+             -c fsync={} -c timezone=Asia/Shanghai -c max_connections=50{}",
             self.port,
             self.dir.path().display(),
-            if self.fsync { "on" } else { "off" }
+            if self.fsync { "on" } else { "off" },
+            if self.tls {
+                " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+            } else {
+                ""
+            }
         );
         let log = self.dir.path().join("server.log");
         self.run(

@@ -529,6 +529,15 @@ impl Runner {
             .fold(now + self.rescan, Instant::min);
         let acked = *ctx.acked.borrow();
         let head = ctx.head_at_start;
+        // An ack that came after `finish_acked` looked: back to it now, not at the
+        // next rescan (its change may already be marked seen).
+        if self
+            .awaiting
+            .iter()
+            .any(|a| a.retry_at.is_none() && a.acked(acked, head))
+        {
+            return Ok(());
+        }
         let want_acks = !self.acks_closed
             && self
                 .awaiting

@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use pg_walstream::ReplicationError;
 use tokio_postgres::config::{Host, SslMode};
+
+use super::tls::{self, TlsMode};
 use tokio_postgres::error::SqlState;
 
 use super::PostgresConfig;
@@ -39,10 +41,147 @@ pub(crate) struct Target {
     /// `user@host:port/dbname`, for messages.
     pub desc: String,
     pub user: String,
+    /// TLS of the SQL connection; `None`: `sslmode=disable`.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 fn parse_dsn(dsn: &str) -> std::result::Result<tokio_postgres::Config, String> {
-    tokio_postgres::Config::from_str(dsn).map_err(|e| format!("source.dsn: cannot parse it: {e}"))
+    let (rest, _) = take_tls(dsn)?;
+    tokio_postgres::Config::from_str(&rest).map_err(|e| format!("source.dsn: cannot parse it: {e}"))
+}
+
+/// The DSN's TLS settings: `sslmode` (default `disable`) and `sslrootcert`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DsnTls {
+    pub mode: TlsMode,
+    pub root: Option<std::path::PathBuf>,
+}
+
+/// Splits `sslmode` and `sslrootcert` off a DSN (tokio-postgres knows neither
+/// `verify-*` nor `sslrootcert`); returns the rest for tokio-postgres.
+pub(crate) fn take_tls(dsn: &str) -> std::result::Result<(String, DsnTls), String> {
+    let mut tls = DsnTls {
+        mode: TlsMode::Disable,
+        root: None,
+    };
+    let mut take = |k: &str, v: &str| -> std::result::Result<bool, String> {
+        match k {
+            "sslmode" => tls.mode = TlsMode::parse(v)?,
+            "sslrootcert" => tls.root = Some(v.into()),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    let trimmed = dsn.trim();
+    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+        let Some((base, query)) = trimmed.split_once('?') else {
+            return Ok((trimmed.to_string(), tls));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(k, &percent_decode(v))? {
+                kept.push(pair);
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((rest, tls));
+    }
+    let mut kept = Vec::new();
+    for (k, v) in conninfo_pairs(trimmed)? {
+        if !take(&k, &v)? {
+            kept.push(format!("{k}={}", libpq_value(&v)));
+        }
+    }
+    Ok((kept.join(" "), tls))
+}
+
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() + 1 {
+            if let Some(x) = v
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(x);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `key = value` pairs of a libpq conninfo string (values optionally single-quoted,
+/// backslash escapes).
+fn conninfo_pairs(s: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut it = s.chars().peekable();
+    loop {
+        while it.peek().is_some_and(|c| c.is_whitespace()) {
+            it.next();
+        }
+        if it.peek().is_none() {
+            return Ok(out);
+        }
+        let mut key = String::new();
+        while let Some(&c) = it.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            it.next();
+        }
+        while it.peek().is_some_and(|c| c.is_whitespace()) {
+            it.next();
+        }
+        if it.next() != Some('=') {
+            return Err(format!(
+                "source.dsn: cannot parse it: {key:?} has no value (key=value)"
+            ));
+        }
+        while it.peek().is_some_and(|c| c.is_whitespace()) {
+            it.next();
+        }
+        let mut value = String::new();
+        if it.peek() == Some(&'\'') {
+            it.next();
+            loop {
+                match it.next() {
+                    None => {
+                        return Err(format!(
+                            "source.dsn: the value of {key} has no closing quote"
+                        ))
+                    }
+                    Some('\'') => break,
+                    Some('\\') => value.extend(it.next()),
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = it.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                it.next();
+                if c == '\\' {
+                    value.extend(it.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        out.push((key, value));
+    }
 }
 
 /// What `validate` checks of the DSN.
@@ -63,16 +202,23 @@ pub(crate) fn check_dsn(dsn: &str) -> std::result::Result<(), String> {
     if c.get_user().is_none() {
         return Err("source.dsn: give the user, e.g. user=ferry".into());
     }
-    if c.get_ssl_mode() == SslMode::Require {
-        return Err(
-            "source.dsn: sslmode=require is not supported yet (TLS to PostgreSQL); use sslmode=disable on a trusted network"
-                .into(),
-        );
+    let (_, tls) = take_tls(dsn)?;
+    if matches!(tls.mode, TlsMode::VerifyCa | TlsMode::VerifyFull) && tls.root.is_none() {
+        return Err(format!(
+            "source.dsn: sslmode={} needs sslrootcert=FILE, the PEM certificate of the CA that signed the server's certificate",
+            tls.mode.as_str()
+        ));
     }
     if c.get_options().is_some() {
         return Err("source.dsn: options=... is not supported: the replication connection cannot carry them, so the snapshot and the stream would render values differently".into());
     }
     Ok(())
+}
+
+/// The DSN's `sslrootcert` can be read here (a host check, like the password file).
+pub(crate) fn check_tls_files(dsn: &str) -> std::result::Result<(), String> {
+    let (_, tls) = take_tls(dsn)?;
+    tls::client_config(tls.mode, tls.root.as_deref()).map(|_| ())
 }
 
 /// The password from `password_file` (first line) or `password_env`; `None` when
@@ -99,8 +245,15 @@ pub(crate) fn read_password(cfg: &PostgresConfig) -> std::result::Result<Option<
 }
 
 /// A value for a libpq-style conninfo, quoted.
+/// A value for pg_walstream's conninfo parser, which folds `''` into a quote
+/// and knows no backslash escapes.
 fn conninfo_value(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
+}
+
+/// A value for tokio-postgres's conninfo parser (libpq's: backslash escapes).
+fn libpq_value(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 pub(crate) fn target(cfg: &PostgresConfig) -> std::result::Result<Target, String> {
@@ -120,12 +273,26 @@ pub(crate) fn target(cfg: &PostgresConfig) -> std::result::Result<Target, String
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = pg.get_user().unwrap_or_default().to_string();
     let dbname = pg.get_dbname().unwrap_or(&user).to_string();
+    let (_, dsn_tls) = take_tls(&cfg.dsn)?;
+    let tls = tls::client_config(dsn_tls.mode, dsn_tls.root.as_deref())?;
+    pg.ssl_mode(if tls.is_some() {
+        SslMode::Require
+    } else {
+        SslMode::Disable
+    });
     let mut repl = format!(
-        "host={} port={port} user={} dbname={} sslmode=disable replication=database connect_timeout=10",
+        "host={} port={port} user={} dbname={} sslmode={} replication=database connect_timeout=10",
         conninfo_value(&host),
         conninfo_value(&user),
-        conninfo_value(&dbname)
+        conninfo_value(&dbname),
+        dsn_tls.mode.as_str()
     );
+    if let Some(root) = &dsn_tls.root {
+        repl.push_str(&format!(
+            " sslrootcert={}",
+            conninfo_value(&root.to_string_lossy())
+        ));
+    }
     if let Some(pw) = pg.get_password() {
         repl.push_str(&format!(
             " password={}",
@@ -137,6 +304,7 @@ pub(crate) fn target(cfg: &PostgresConfig) -> std::result::Result<Target, String
         pg,
         repl,
         user,
+        tls,
     })
 }
 
@@ -153,6 +321,12 @@ pub(crate) fn classify_sql(target: &Target, what: &str, e: &tokio_postgres::Erro
         let detail = std::error::Error::source(e)
             .map(|s| format!(": {s}"))
             .unwrap_or_default();
+        if detail.contains("invalid peer certificate") {
+            return Fail::Fatal(format!(
+                "{what} ({}): the server's TLS certificate was refused{detail}. Check sslrootcert (the CA that signed the server's certificate) and, for sslmode=verify-full, that the certificate names the host in source.dsn",
+                target.desc
+            ));
+        }
         return Fail::Retry(format!("{what} ({}): {msg}{detail}", target.desc));
     };
     let code = db.code();

@@ -8,6 +8,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::conn::{classify_sql, Fail, Result, Target};
 use super::position::parse_lsn;
+use super::tls::MakeRustls;
 
 /// `"name"` with embedded quotes doubled.
 pub(crate) fn quote_ident(s: &str) -> String {
@@ -102,16 +103,31 @@ pub(crate) struct PubTable {
 
 impl Sql {
     pub(crate) async fn connect(target: &Target) -> Result<Sql> {
-        let (client, connection) = target
-            .pg
-            .connect(NoTls)
-            .await
-            .map_err(|e| classify_sql(target, "cannot connect to PostgreSQL", &e))?;
-        let task = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "PostgreSQL SQL connection ended");
+        let fail =
+            |e: tokio_postgres::Error| classify_sql(target, "cannot connect to PostgreSQL", &e);
+        let ended = |e: tokio_postgres::Error| {
+            tracing::debug!(error = %e, "PostgreSQL SQL connection ended");
+        };
+        let (client, task) = match &target.tls {
+            Some(config) => {
+                let (client, connection) = target
+                    .pg
+                    .connect(MakeRustls(config.clone()))
+                    .await
+                    .map_err(fail)?;
+                (
+                    client,
+                    tokio::spawn(async move { connection.await.unwrap_or_else(ended) }),
+                )
             }
-        });
+            None => {
+                let (client, connection) = target.pg.connect(NoTls).await.map_err(fail)?;
+                (
+                    client,
+                    tokio::spawn(async move { connection.await.unwrap_or_else(ended) }),
+                )
+            }
+        };
         Ok(Sql {
             client,
             target: target.clone(),

@@ -85,7 +85,15 @@ fn validation_names_the_key() {
     assert!(bad(&|c| c.slot = "Bad-Slot".into()).starts_with("source.slot"));
     assert!(bad(&|c| c.dsn = "host=/var/run/postgresql user=u".into()).contains("Unix-socket"));
     assert!(bad(&|c| c.dsn = "host=db".into()).contains("user"));
-    assert!(bad(&|c| c.dsn = "host=db user=u sslmode=require".into()).contains("sslmode"));
+    assert!(bad(&|c| c.dsn = "host=db user=u sslmode=prefer".into()).contains("sslmode=require"));
+    assert!(bad(&|c| c.dsn = "host=db user=u sslmode=verify-full".into()).contains("sslrootcert"));
+    let mut missing_ca = base.clone();
+    missing_ca.dsn = "host=db user=u sslmode=verify-ca sslrootcert=/nonexistent".into();
+    missing_ca.validate().unwrap();
+    assert!(missing_ca
+        .check_environment()
+        .unwrap_err()
+        .contains("/nonexistent"));
     assert!(bad(&|c| c.dsn = "host=db user=u options='-c x=y'".into()).contains("options"));
     assert!(bad(&|c| c.dsn = "host='unterminated".into()).starts_with("source.dsn"));
     assert!(bad(&|c| c.snapshot_chunk_rows = 0).starts_with("source.snapshot_chunk_rows"));
@@ -141,4 +149,34 @@ fn literals_are_quoted() {
     assert_eq!(sql::quote_literal("it's"), "'it''s'");
     assert_eq!(sql::quote_literal(r"a\b"), r"E'a\\b'");
     assert_eq!(sql::quote_ident(r#"we"ird"#), r#""we""ird""#);
+}
+
+#[test]
+fn tls_settings_are_taken_from_either_dsn_form() {
+    use super::conn::take_tls;
+    use super::tls::TlsMode;
+    let (rest, tls) = take_tls(
+        "host=db port=5433 user=u sslmode=verify-full sslrootcert='/etc/ferry/pg ca.pem' dbname=x",
+    )
+    .unwrap();
+    assert_eq!(rest, "host='db' port='5433' user='u' dbname='x'");
+    assert_eq!(tls.mode, TlsMode::VerifyFull);
+    assert_eq!(
+        tls.root.as_deref(),
+        Some(std::path::Path::new("/etc/ferry/pg ca.pem"))
+    );
+    let (rest, tls) = take_tls("host = db user=it\\'s").unwrap();
+    assert_eq!(rest, "host='db' user='it\\'s'");
+    assert_eq!(tls.mode, TlsMode::Disable);
+    let (rest, tls) = take_tls(
+        "postgresql://u@db:5433/x?sslmode=require&application_name=a&sslrootcert=%2Fca.pem",
+    )
+    .unwrap();
+    assert_eq!(rest, "postgresql://u@db:5433/x?application_name=a");
+    assert_eq!(tls.mode, TlsMode::Require);
+    assert_eq!(tls.root.as_deref(), Some(std::path::Path::new("/ca.pem")));
+    assert!(take_tls("host=db sslmode=bogus")
+        .unwrap_err()
+        .contains("bogus"));
+    assert!(take_tls("host='db").unwrap_err().contains("quote"));
 }
