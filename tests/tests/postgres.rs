@@ -490,6 +490,42 @@ fn assert_same_table(got: &BTreeMap<i64, Row>, want: &BTreeMap<i64, Row>) {
 // The test
 // ---------------------------------------------------------------------------------
 
+/// A PostgreSQL server with `public.person`, an exchange, and an enrolled agent
+/// (not started) with the `person` stream and `extra` source keys.
+fn start_all(name: &str, extra: &str) -> (TestDir, Arc<PgServer>, Exchange, Agent) {
+    let t = TestDir::new(name);
+    let server = Arc::new(PgServer::start());
+    setup_database(&server);
+    let ex = Exchange::start_new(&t.mkdir("exchange"));
+    let agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    agent.add_stream(&postgres_stream(
+        STREAM,
+        "210100-GA-0003",
+        &server.dsn(DB),
+        &["public.person"],
+        SLOT,
+        "ferry_pub",
+        extra,
+    ));
+    (t, server, ex, agent)
+}
+
+/// Waits until the agent's durable position is past `lsn` and the exchange has
+/// acknowledged everything buffered.
+fn wait_caught_up(agent: &mut Agent, lsn: u64) {
+    wait_until(
+        LONG,
+        "the agent to catch up and the exchange to acknowledge",
+        || {
+            let s = agent.stream_status(STREAM);
+            let pos = s["position"].as_str().unwrap_or_default();
+            pos.starts_with("streaming")
+                && pg_position_lsn(pos).is_some_and(|l| l >= lsn)
+                && s["acked_seq"] == s["head_seq"]
+        },
+    );
+}
+
 /// `public.person` with 20,000 rows is captured with `snapshot = "initial"` in
 /// chunks of 500 rows while a writer keeps inserting, updating and deleting (some
 /// transactions rolled back, two of every row). The agent is killed with
@@ -503,21 +539,11 @@ fn assert_same_table(got: &BTreeMap<i64, Row>, want: &BTreeMap<i64, Row>) {
 #[test]
 fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
     let started = Instant::now();
-    let t = TestDir::new("pg-crash");
-    let server = Arc::new(PgServer::start());
-    setup_database(&server);
-    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
-    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
-    agent.add_stream(&postgres_stream(
-        STREAM,
-        "210100-GA-0003",
-        &server.dsn(DB),
-        &["public.person"],
-        SLOT,
-        "ferry_pub",
-        // Rate-limited so that the copy spans several kills.
+    // Rate-limited so that the copy spans several kills.
+    let (_t, server, mut ex, mut agent) = start_all(
+        "pg-crash",
         "snapshot = \"initial\", snapshot_chunk_rows = 500, snapshot_rows_per_second = 4000, heartbeat_interval = \"1s\"",
-    ));
+    );
     let seed: u64 = rand::rng().random();
     note(format!("writer seed {seed}"));
     let writer = Writer::start(server.dsn(DB), seed);
@@ -654,17 +680,7 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
     // Caught up: the durable position is past everything the writer committed
     // (the 1 s heartbeat moves it past the last transaction) and the exchange
     // acknowledged everything buffered.
-    wait_until(
-        LONG,
-        "the agent to catch up and the exchange to acknowledge",
-        || {
-            let s = agent.stream_status(STREAM);
-            let pos = s["position"].as_str().unwrap_or_default();
-            pos.starts_with("streaming")
-                && pg_position_lsn(pos).is_some_and(|l| l >= stop_lsn)
-                && s["acked_seq"] == s["head_seq"]
-        },
-    );
+    wait_caught_up(&mut agent, stop_lsn);
     let (compared, violations) = watch.finish();
     note(format!("slot/durable position compared {compared} times"));
     assert!(
@@ -719,20 +735,10 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
 #[test]
 fn a_200_mb_transaction_arrives_whole_and_the_agent_stays_small() {
     const BIG: i64 = 100_000;
-    let t = TestDir::new("pg-200mb");
-    let server = Arc::new(PgServer::start());
-    setup_database(&server);
-    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
-    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
-    agent.add_stream(&postgres_stream(
-        STREAM,
-        "210100-GA-0003",
-        &server.dsn(DB),
-        &["public.person"],
-        SLOT,
-        "ferry_pub",
+    let (_t, server, mut ex, mut agent) = start_all(
+        "pg-200mb",
         "snapshot = \"never\", heartbeat_interval = \"1s\"",
-    ));
+    );
     agent.start();
     wait_until(SHORT, "the agent to stream", || {
         position(&agent).is_some_and(|p| p.starts_with("streaming"))
@@ -760,20 +766,9 @@ fn a_200_mb_transaction_arrives_whole_and_the_agent_stays_small() {
     agent.start();
     rt.block_on(client.batch_execute("COMMIT")).unwrap();
     let stop_lsn = server.current_wal_lsn();
-    wait_until(LONG, "the exchange to acknowledge the transaction", || {
-        let s = agent.stream_status(STREAM);
-        let pos = s["position"].as_str().unwrap_or_default();
-        pos.starts_with("streaming")
-            && pg_position_lsn(pos).is_some_and(|l| l >= stop_lsn)
-            && s["acked_seq"] == s["head_seq"]
-    });
+    wait_caught_up(&mut agent, stop_lsn);
     let pid = agent.pid().expect("the agent runs");
-    let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let hwm_kib = ferry_tests::bench::rss_kib(pid as u32, "VmHWM");
     let streamed = server
         .try_psql(
             DB,

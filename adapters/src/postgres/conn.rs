@@ -80,7 +80,10 @@ pub(crate) fn take_tls(dsn: &str) -> std::result::Result<(String, DsnTls), Strin
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if !take(k, &percent_decode(v))? {
+            if !take(
+                k,
+                &percent_encoding::percent_decode_str(v).decode_utf8_lossy(),
+            )? {
                 kept.push(pair);
             }
         }
@@ -98,27 +101,6 @@ pub(crate) fn take_tls(dsn: &str) -> std::result::Result<(String, DsnTls), Strin
         }
     }
     Ok((kept.join(" "), tls))
-}
-
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() + 1 {
-            if let Some(x) = v
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(x);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `key = value` pairs of a libpq conninfo string (values optionally single-quoted,

@@ -18,7 +18,6 @@ use prost::Message;
 pub(crate) struct Spool {
     file: BufWriter<File>,
     pub records: u64,
-    pub bytes: u64,
     /// Fingerprints of the table shapes spooled so far, by `schema.table`.
     pub schemas: std::collections::HashMap<String, String>,
     /// Relation of the last change spooled, whose shape is known to precede it.
@@ -31,7 +30,6 @@ impl Spool {
         Ok(Spool {
             file: BufWriter::with_capacity(256 << 10, tempfile::tempfile_in(dir)?),
             records: 0,
-            bytes: 0,
             schemas: Default::default(),
             checked: None,
         })
@@ -45,7 +43,6 @@ impl Spool {
         let _ = r.encode(&mut buf);
         self.file.write_all(&buf)?;
         self.records += 1;
-        self.bytes += buf.len() as u64;
         Ok(())
     }
 

@@ -622,38 +622,27 @@ impl Streamer<'_, '_> {
         // it, which may have been in another transaction: each transaction makes
         // sure, in commit order, that its table's shape went before its rows.
         // `checked`: the table of the last change, whose shape was seen to.
-        if let Some(xid) = self.streaming_xid {
-            too_large(&rec, size_of(&rec), "in progress")?;
-            if let Some(sp) = self.spools.get_mut(&xid) {
-                if sp.checked == Some(rel_oid) {
-                    self.spool(xid, &rec)?;
-                    return Ok(None);
-                }
-                sp.checked = Some(rel_oid);
-            }
-        } else if let Some(t) = self.txn.as_mut() {
-            if t.checked == Some(rel_oid) {
-                return self.txn_push(rec).await;
-            }
-            t.checked = Some(rel_oid);
-        }
+        let checked = match self.streaming_xid {
+            Some(xid) => self.spools.get_mut(&xid).map(|sp| &mut sp.checked),
+            None => self.txn.as_mut().map(|t| &mut t.checked),
+        };
+        let fresh = checked.is_some_and(|c| c.replace(rel_oid) != Some(rel_oid));
         let name = rel.name();
         let fp = self.fps.get(&rel_oid).cloned().unwrap_or_default();
         if let Some(xid) = self.streaming_xid {
-            if let Some(sp) = self.spools.get(&xid) {
-                if sp.schemas.get(&name) != Some(&fp) {
-                    let mut schema = rel.schema_record(0);
-                    schema.position = fp.clone();
-                    self.spool(xid, &schema)?;
-                    if let Some(sp) = self.spools.get_mut(&xid) {
-                        sp.schemas.insert(name, fp);
-                    }
+            too_large(&rec, size_of(&rec), "in progress")?;
+            let spooled = self.spools.get(&xid).and_then(|sp| sp.schemas.get(&name));
+            if fresh && spooled != Some(&fp) {
+                let mut schema = rel.schema_record(0);
+                schema.position = fp.clone();
+                self.spool(xid, &schema)?;
+                if let Some(sp) = self.spools.get_mut(&xid) {
+                    sp.schemas.insert(name, fp);
                 }
             }
-            self.spool(xid, &rec)?;
-            return Ok(None);
+            return self.spool(xid, &rec).map(|()| None);
         }
-        if self.txn.is_some() && self.schemas.get(&name) != Some(&fp) {
+        if fresh && self.schemas.get(&name) != Some(&fp) {
             let schema = rel.schema_record(0);
             self.schemas.insert(name, fp);
             self.txn_push(schema).await?;
