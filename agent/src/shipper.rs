@@ -242,6 +242,7 @@ impl Shipper {
                 _ = self.durable.notified() => {}
                 // 4. Heartbeat.
                 _ = heartbeat.tick() => {
+                    ferry_protocol::record_buf::trim_spares();
                     control.send(Msg::Status(self.heartbeat())).await?;
                 }
                 e = conn.closed() => bail!("connection lost: {e}"),

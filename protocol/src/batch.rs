@@ -5,6 +5,8 @@
 //! decompressing, and the decompressor may not produce more than `raw_len` bytes,
 //! so a hostile payload cannot balloon in memory.
 
+use std::cell::RefCell;
+
 use prost::Message;
 
 use crate::check::{check_list, Checked};
@@ -77,13 +79,44 @@ fn compress(raw: &[u8], count: usize) -> Result<EncodedRecords, BatchError> {
             limit: MAX_RAW_BATCH,
         });
     }
-    let payload = zstd::bulk::compress(raw, ZSTD_LEVEL)
-        .map_err(|e| BatchError::Decompress(format!("compressing: {e}")))?;
+    let payload =
+        zstd_compress(raw).map_err(|e| BatchError::Decompress(format!("compressing: {e}")))?;
     Ok(EncodedRecords {
         record_count: count as u32,
         compression: Compression::Zstd,
         raw_len: raw.len() as u32,
         payload,
+    })
+}
+
+thread_local! {
+    // One zstd context per thread, kept: a fresh one per batch is an allocation of
+    // half a megabyte, cleared, for each batch.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+fn zstd_compress(raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let z = match &mut *c {
+            Some(z) => z,
+            None => c.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        };
+        z.compress(raw)
+    })
+}
+
+fn zstd_decompress(payload: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        let z = match &mut *d {
+            Some(z) => z,
+            None => d.insert(zstd::bulk::Decompressor::new()?),
+        };
+        z.decompress(payload, raw_len)
     })
 }
 
@@ -98,8 +131,9 @@ fn decompress(compression: i32, raw_len: u32, payload: &[u8]) -> Result<Vec<u8>,
     }
     let raw = match Compression::try_from(compression) {
         Ok(Compression::None) => payload.to_vec(),
-        Ok(Compression::Zstd) => zstd::bulk::decompress(payload, raw_len)
-            .map_err(|e| BatchError::Decompress(e.to_string()))?,
+        Ok(Compression::Zstd) => {
+            zstd_decompress(payload, raw_len).map_err(|e| BatchError::Decompress(e.to_string()))?
+        }
         Err(_) => return Err(BatchError::UnknownCompression(compression)),
     };
     if raw.len() != raw_len {

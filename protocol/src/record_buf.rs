@@ -52,10 +52,62 @@ pub struct RowHead<'a> {
 }
 
 /// The encoded records of one batch, in order.
+///
+/// A large buffer (a snapshot or transaction piece of megabytes) goes back to a
+/// small pool when dropped and is handed out again by [`RecordBuf::with_capacity`]:
+/// a fresh one would be new pages (the agent's allocator returns blocks this large
+/// to the kernel) and writing a piece into new pages costs about as much as
+/// encoding it. The pool holds a few buffers and lets them go after
+/// [`SPARE_IDLE`] unused ([`trim_spares`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RecordBuf {
     raw: Vec<u8>,
     count: u32,
+}
+
+/// Buffers at least this large are kept for reuse.
+const SPARE_MIN: usize = 1 << 20;
+/// At most this many are kept.
+const SPARE_COUNT: usize = 3;
+/// A spare unused this long is freed.
+pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+static SPARES: std::sync::Mutex<Vec<(std::time::Instant, Vec<u8>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn spares() -> std::sync::MutexGuard<'static, Vec<(std::time::Instant, Vec<u8>)>> {
+    // The pool holds plain buffers; one poisoned by a panic elsewhere is still sound.
+    SPARES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Frees the spare buffers unused for [`SPARE_IDLE`].
+pub fn trim_spares() {
+    let now = std::time::Instant::now();
+    let old: Vec<_> = {
+        let mut s = spares();
+        let (keep, old) = s
+            .drain(..)
+            .partition(|(at, _)| now.duration_since(*at) < SPARE_IDLE);
+        *s = keep;
+        old
+    };
+    drop(old);
+}
+
+impl Drop for RecordBuf {
+    fn drop(&mut self) {
+        if self.raw.capacity() < SPARE_MIN {
+            return;
+        }
+        let mut raw = std::mem::take(&mut self.raw);
+        raw.clear();
+        let mut s = spares();
+        if s.len() < SPARE_COUNT {
+            s.push((std::time::Instant::now(), raw));
+        }
+    }
 }
 
 /// Appends a varint as prost writes it, reserving once instead of per byte.
@@ -117,10 +169,19 @@ impl RecordBuf {
     }
 
     pub fn with_capacity(bytes: usize) -> RecordBuf {
-        RecordBuf {
-            raw: Vec::with_capacity(bytes),
-            count: 0,
-        }
+        let spare = if bytes >= SPARE_MIN {
+            spares().pop().map(|(_, v)| v)
+        } else {
+            None
+        };
+        let raw = match spare {
+            Some(mut v) => {
+                v.reserve(bytes);
+                v
+            }
+            None => Vec::with_capacity(bytes),
+        };
+        RecordBuf { raw, count: 0 }
     }
 
     /// Records written so far.
@@ -258,8 +319,8 @@ impl RecordBuf {
         std::mem::take(self)
     }
 
-    pub fn into_raw(self) -> (Vec<u8>, u32) {
-        (self.raw, self.count)
+    pub fn into_raw(mut self) -> (Vec<u8>, u32) {
+        (std::mem::take(&mut self.raw), self.count)
     }
 }
 
@@ -313,6 +374,30 @@ mod tests {
             2 => ValueRef::UnchangedToast,
             _ => ValueRef::Bytes(&v.2),
         }
+    }
+
+    /// A large buffer dropped goes back to the pool; whoever gets it next starts
+    /// from an empty buffer and writes the same bytes as into a fresh one.
+    #[test]
+    fn a_reused_buffer_starts_empty() {
+        let line = vec![b'x'; 4096];
+        let fill = |buf: &mut RecordBuf| {
+            for i in 0..600 {
+                buf.push_line(i, "p", &line);
+            }
+        };
+        let mut first = RecordBuf::with_capacity(3 << 20);
+        fill(&mut first);
+        let want = first.as_bytes().to_vec();
+        drop(first);
+        let mut again = RecordBuf::with_capacity(3 << 20);
+        assert_eq!((again.len(), again.count()), (0, 0));
+        assert!(again.raw.capacity() >= 3 << 20);
+        fill(&mut again);
+        assert_eq!(again.as_bytes(), want.as_slice());
+        let (raw, count) = again.into_raw();
+        assert_eq!((raw.len(), count), (want.len(), 600));
+        trim_spares();
     }
 
     proptest! {
