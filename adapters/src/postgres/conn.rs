@@ -68,6 +68,11 @@ pub(crate) fn take_tls(dsn: &str) -> std::result::Result<(String, DsnTls), Strin
         match k {
             "sslmode" => tls.mode = TlsMode::parse(v)?,
             "sslrootcert" => tls.root = Some(v.into()),
+            "sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir" => {
+                return Err(format!(
+                    "source.dsn: {k} is not supported: the replication connection cannot present a client certificate or check a revocation list; authenticate the role with a password (password_file, SCRAM) over sslmode=verify-full"
+                ))
+            }
             _ => return Ok(false),
         }
         Ok(true)

@@ -179,4 +179,17 @@ fn tls_settings_are_taken_from_either_dsn_form() {
         .unwrap_err()
         .contains("bogus"));
     assert!(take_tls("host='db").unwrap_err().contains("quote"));
+    // Client certificates would be dropped on the replication connection: refused
+    // by name, in either form, rather than failing at the server.
+    for dsn in [
+        "host=db user=u sslmode=verify-full sslrootcert=/ca.pem sslcert=/c.pem sslkey=/k.pem",
+        "postgresql://u@db/x?sslmode=verify-full&sslkey=%2Fk.pem",
+        "host=db user=u sslcrl=/crl.pem",
+    ] {
+        let e = take_tls(dsn).unwrap_err();
+        assert!(
+            e.starts_with("source.dsn: ssl") && e.contains("not supported"),
+            "{e}"
+        );
+    }
 }
