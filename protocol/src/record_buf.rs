@@ -57,8 +57,8 @@ pub struct RowHead<'a> {
 /// small pool when dropped and is handed out again by [`RecordBuf::with_capacity`]:
 /// a fresh one would be new pages (the agent's allocator returns blocks this large
 /// to the kernel) and writing a piece into new pages costs about as much as
-/// encoding it. The pool holds a few buffers and lets them go after
-/// [`SPARE_IDLE`] unused ([`trim_spares`]).
+/// encoding it. The pool holds a few buffers and lets them go once unused for
+/// [`SPARE_IDLE`] (checked whenever it is used, and by [`trim_spares`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RecordBuf {
     raw: Vec<u8>,
@@ -75,25 +75,20 @@ pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 static SPARES: std::sync::Mutex<Vec<(std::time::Instant, Vec<u8>)>> =
     std::sync::Mutex::new(Vec::new());
 
+/// The pool, without the spares unused for [`SPARE_IDLE`].
 fn spares() -> std::sync::MutexGuard<'static, Vec<(std::time::Instant, Vec<u8>)>> {
     // The pool holds plain buffers; one poisoned by a panic elsewhere is still sound.
-    SPARES
+    let mut s = SPARES
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    s.retain(|(at, _)| at.elapsed() < SPARE_IDLE);
+    s
 }
 
-/// Frees the spare buffers unused for [`SPARE_IDLE`].
+/// Frees the spare buffers unused for [`SPARE_IDLE`] (the pool does so itself
+/// whenever it is used; this is for a process that stopped using it).
 pub fn trim_spares() {
-    let now = std::time::Instant::now();
-    let old: Vec<_> = {
-        let mut s = spares();
-        let (keep, old) = s
-            .drain(..)
-            .partition(|(at, _)| now.duration_since(*at) < SPARE_IDLE);
-        *s = keep;
-        old
-    };
-    drop(old);
+    drop(spares());
 }
 
 impl Drop for RecordBuf {

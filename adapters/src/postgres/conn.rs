@@ -5,10 +5,9 @@ use std::str::FromStr;
 
 use pg_walstream::ReplicationError;
 use tokio_postgres::config::{Host, SslMode};
-
-use super::tls::{self, TlsMode};
 use tokio_postgres::error::SqlState;
 
+use super::tls::{self, TlsMode};
 use super::PostgresConfig;
 use crate::SourceError;
 
@@ -43,11 +42,6 @@ pub(crate) struct Target {
     pub user: String,
     /// TLS of the SQL connection; `None`: `sslmode=disable`.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-}
-
-fn parse_dsn(dsn: &str) -> std::result::Result<tokio_postgres::Config, String> {
-    let (rest, _) = take_tls(dsn)?;
-    tokio_postgres::Config::from_str(&rest).map_err(|e| format!("source.dsn: cannot parse it: {e}"))
 }
 
 /// The DSN's TLS settings: `sslmode` (default `disable`) and `sslrootcert`.
@@ -171,9 +165,14 @@ fn conninfo_pairs(s: &str) -> std::result::Result<Vec<(String, String)>, String>
     }
 }
 
-/// What `validate` checks of the DSN.
-pub(crate) fn check_dsn(dsn: &str) -> std::result::Result<(), String> {
-    let c = parse_dsn(dsn)?;
+/// What `validate` checks of the DSN; returns it parsed: the rest for
+/// tokio-postgres, and the TLS settings.
+pub(crate) fn check_dsn(
+    dsn: &str,
+) -> std::result::Result<(tokio_postgres::Config, DsnTls), String> {
+    let (rest, tls) = take_tls(dsn)?;
+    let c = tokio_postgres::Config::from_str(&rest)
+        .map_err(|e| format!("source.dsn: cannot parse it: {e}"))?;
     match c.get_hosts() {
         [Host::Tcp(_)] => {}
         [] => return Err("source.dsn: give the server's address, e.g. host=127.0.0.1".into()),
@@ -189,17 +188,13 @@ pub(crate) fn check_dsn(dsn: &str) -> std::result::Result<(), String> {
     if c.get_user().is_none() {
         return Err("source.dsn: give the user, e.g. user=ferry".into());
     }
-    let (_, tls) = take_tls(dsn)?;
     if matches!(tls.mode, TlsMode::VerifyCa | TlsMode::VerifyFull) && tls.root.is_none() {
-        return Err(format!(
-            "source.dsn: sslmode={} needs sslrootcert=FILE, the PEM certificate of the CA that signed the server's certificate",
-            tls.mode.as_str()
-        ));
+        return Err(tls::needs_root(tls.mode));
     }
     if c.get_options().is_some() {
         return Err("source.dsn: options=... is not supported: the replication connection cannot carry them, so the snapshot and the stream would render values differently".into());
     }
-    Ok(())
+    Ok((c, tls))
 }
 
 /// The DSN's `sslrootcert` can be read here (a host check, like the password file).
@@ -244,8 +239,7 @@ fn libpq_value(v: &str) -> String {
 }
 
 pub(crate) fn target(cfg: &PostgresConfig) -> std::result::Result<Target, String> {
-    check_dsn(&cfg.dsn)?;
-    let mut pg = parse_dsn(&cfg.dsn)?;
+    let (mut pg, dsn_tls) = check_dsn(&cfg.dsn)?;
     if let Some(pw) = read_password(cfg)? {
         pg.password(pw);
     }
@@ -260,7 +254,6 @@ pub(crate) fn target(cfg: &PostgresConfig) -> std::result::Result<Target, String
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let user = pg.get_user().unwrap_or_default().to_string();
     let dbname = pg.get_dbname().unwrap_or(&user).to_string();
-    let (_, dsn_tls) = take_tls(&cfg.dsn)?;
     let tls = tls::client_config(dsn_tls.mode, dsn_tls.root.as_deref())?;
     pg.ssl_mode(if tls.is_some() {
         SslMode::Require
@@ -308,7 +301,7 @@ pub(crate) fn classify_sql(target: &Target, what: &str, e: &tokio_postgres::Erro
         let detail = std::error::Error::source(e)
             .map(|s| format!(": {s}"))
             .unwrap_or_default();
-        if detail.contains("invalid peer certificate") {
+        if tls::refused_certificate(e) {
             return Fail::Fatal(format!(
                 "{what} ({}): the server's TLS certificate was refused{detail}. Check sslrootcert (the CA that signed the server's certificate) and, for sslmode=verify-full, that the certificate names the host in source.dsn",
                 target.desc

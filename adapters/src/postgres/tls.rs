@@ -61,6 +61,34 @@ impl TlsMode {
     }
 }
 
+/// The error for `verify-ca` / `verify-full` without `sslrootcert`.
+pub(crate) fn needs_root(mode: TlsMode) -> String {
+    format!(
+        "source.dsn: sslmode={} needs sslrootcert=FILE, the PEM certificate of the CA that signed the server's certificate",
+        mode.as_str()
+    )
+}
+
+/// Whether `e` is the SQL connection's TLS handshake refusing the server's
+/// certificate (rustls's error, inside the I/O error of [`RustlsConnect`]).
+pub(crate) fn refused_certificate(e: &tokio_postgres::Error) -> bool {
+    let mut next = std::error::Error::source(e);
+    while let Some(err) = next {
+        let inner = err
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::get_ref)
+            .map_or(err, |i| i as &(dyn std::error::Error + 'static));
+        if matches!(
+            inner.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        ) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -78,14 +106,11 @@ pub(crate) fn client_config(
     let provider = provider();
     let chain = match (mode, root) {
         (TlsMode::Require, _) => None,
-        (_, None) => {
-            return Err(format!(
-                "source.dsn: sslmode={} needs sslrootcert=FILE, the PEM certificate of the CA that signed the server's certificate",
-                mode.as_str()
-            ))
-        }
+        (_, None) => return Err(needs_root(mode)),
         (_, Some(path)) => {
-            let bad = |e: &dyn std::fmt::Display| format!("source.dsn: sslrootcert {}: {e}", path.display());
+            let bad = |e: &dyn std::fmt::Display| {
+                format!("source.dsn: sslrootcert {}: {e}", path.display())
+            };
             let mut roots = RootCertStore::empty();
             for c in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
                 roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
