@@ -16,7 +16,12 @@
 //! * [`SchemaChange`](ferry_protocol::messages::SchemaChange) before the first row
 //!   of each table and whenever its columns (names, types, key flags, replica
 //!   identity) change, right before the first row with the new shape.
-//! * Initial-snapshot rows are `RowChange`s with `snapshot = true`, `op = INSERT`.
+//! * Initial-snapshot rows travel in [`RowBlock`](ferry_protocol::messages::RowBlock)s:
+//!   up to `snapshot_chunk_rows` rows (or 4 MiB) of one table per record, in the
+//!   COPY text format the server wrote them in. Each row stands for the
+//!   `RowChange` with `snapshot = true`, `op = INSERT` and its values
+//!   (`ferry_protocol::copy_text::block_rows`); `ferry-exchange records` prints it
+//!   as one.
 //!
 //! # Position
 //!
@@ -54,8 +59,9 @@
 //! With `snapshot = "initial"` and no stored position, the slot is created with an
 //! exported snapshot at LSN `L0` (and a first position committed at once, so any
 //! later failure resumes as below); every table is copied under that snapshot in key
-//! order (primary key, else replica-identity index, else `ctid`), in chunks of
-//! `snapshot_chunk_rows` by keyset pagination, each chunk one commit whose position
+//! order (primary key, else replica-identity index, else `ctid`) by one streamed
+//! `COPY (SELECT ... ORDER BY key) TO STDOUT` per table, committed in pieces of
+//! `snapshot_chunk_rows` rows or 4 MiB, each piece one commit whose position
 //! records the table and last key. Then streaming starts at `L0`: the copy and the
 //! stream meet exactly, nothing missing, nothing twice.
 //!
@@ -90,7 +96,6 @@ use tracing::Instrument;
 use crate::{Duration, Size, Source, SourceContext, SourceFuture};
 
 mod conn;
-mod copy_text;
 mod doctor;
 mod position;
 mod records;

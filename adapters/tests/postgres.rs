@@ -328,6 +328,17 @@ async fn ddl_mid_stream_emits_schema_changes() {
                     c.columns
                 );
             }
+            Some(ferry_protocol::messages::record::Body::RowBlock(b)) => {
+                let cols: Vec<String> = b
+                    .columns
+                    .iter()
+                    .map(|c| format!("{} {}", c.name, c.type_name))
+                    .collect();
+                assert_eq!(
+                    cols, shape,
+                    "a snapshot block does not have the announced shape"
+                );
+            }
             _ => {}
         }
     }

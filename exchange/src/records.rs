@@ -7,6 +7,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
+use ferry_protocol::copy_text::block_rows;
 use ferry_protocol::messages::record::Body;
 use ferry_protocol::messages::{column, Column, RowChange, RowOp, SchemaChange};
 use serde_json::{json, Value};
@@ -20,7 +21,9 @@ fn rfc3339(ms: u64) -> String {
 
 /// Writes a stream's records from `from` on as JSON lines: a line of a tailed file
 /// is one record (its text, or base64 when it is not UTF-8); a file is one record
-/// (path, size, sha256, status), at the seq of its last chunk.
+/// (path, size, sha256, status), at the seq of its last chunk; a row change or a
+/// table's schema is one record; a block of snapshot rows is one record written
+/// as one line per row, each with the block's `seq` and its `item` within it.
 pub fn write_records(
     store: &Store,
     agent: &str,
@@ -31,12 +34,29 @@ pub fn write_records(
     let mut n = 0u64;
     let mut failure = None;
     store.records(agent, stream, from, |r, stored_ms| {
-        let mut line = json!({
-            "seq": r.seq,
-            "time": rfc3339(r.record.time_unix_ms),
-            "stored": rfc3339(stored_ms),
-            "position": r.record.position,
-        });
+        let head = |position: &str| {
+            json!({
+                "seq": r.seq,
+                "time": rfc3339(r.record.time_unix_ms),
+                "stored": rfc3339(stored_ms),
+                "position": position,
+            })
+        };
+        let mut emit = |mut line: Value, k: &str, v: Value| {
+            if let Some(obj) = line.as_object_mut() {
+                obj.insert(k.to_string(), v);
+            }
+            match writeln!(out, "{line}") {
+                Ok(()) => {
+                    n += 1;
+                    true
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        };
         let body: Option<(&str, Value)> = match &r.record.body {
             Some(Body::Line(bytes)) => Some(match std::str::from_utf8(bytes) {
                 Ok(s) => ("text", json!(s)),
@@ -61,19 +81,29 @@ pub fn write_records(
             }
             Some(Body::RowChange(c)) => Some(("row", row_json(c))),
             Some(Body::SchemaChange(c)) => Some(("schema", schema_json(c))),
+            Some(Body::RowBlock(b)) => {
+                // One line per row, each as the row change it stands for; `item`
+                // numbers the rows of the record.
+                return match block_rows(b) {
+                    Ok(rows) => rows.iter().enumerate().all(|(i, c)| {
+                        let mut line = head(&format!(
+                            "snapshot {}.{} #{}",
+                            b.schema, b.table, c.change_index
+                        ));
+                        if let Some(obj) = line.as_object_mut() {
+                            obj.insert("item".into(), json!(i));
+                        }
+                        emit(line, "row", row_json(c))
+                    }),
+                    // Checked on arrival; a store damaged since says so here.
+                    Err(e) => emit(head(&r.record.position), "error", json!(e)),
+                };
+            }
             // Intermediate chunks and aborted transfers are not records of their own.
             _ => None,
         };
         let Some((k, v)) = body else { return true };
-        if let Some(obj) = line.as_object_mut() {
-            obj.insert(k.to_string(), v);
-        }
-        if let Err(e) = writeln!(out, "{line}") {
-            failure = Some(e);
-            return false;
-        }
-        n += 1;
-        true
+        emit(head(&r.record.position), k, v)
     })?;
     if let Some(e) = failure {
         // A closed pipe (`| head`) is how a reader says it has seen enough.

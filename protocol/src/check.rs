@@ -20,9 +20,11 @@ enum Kind {
     Str,
     Bytes,
     Msg(&'static [(u32, Kind)]),
+    /// A `RowBlock`: walked as a message, then its COPY text checked.
+    Block,
 }
 
-use Kind::{Bytes, Msg, Str, Varint};
+use Kind::{Block, Bytes, Msg, Str, Varint};
 
 const FILE_END: &[(u32, Kind)] = &[(1, Varint), (2, Bytes)];
 const FILE_CHUNK: &[(u32, Kind)] = &[
@@ -65,6 +67,15 @@ const SCHEMA_CHANGE: &[(u32, Kind)] = &[
     (4, Str),
     (5, Varint),
 ];
+const ROW_BLOCK: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Msg(SCHEMA_COLUMN)),
+    (4, Varint),
+    (5, Varint),
+    (6, Varint),
+    (7, Str),
+];
 const RECORD: &[(u32, Kind)] = &[
     (1, Varint),
     (2, Str),
@@ -73,6 +84,7 @@ const RECORD: &[(u32, Kind)] = &[
     (5, Msg(FILE_ABORT)),
     (6, Msg(ROW_CHANGE)),
     (7, Msg(SCHEMA_CHANGE)),
+    (8, Block),
 ];
 /// `Record` body tags of file records.
 const FILE_TAGS: u64 = (1 << 4) | (1 << 5);
@@ -208,16 +220,45 @@ fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
                 let m = take_len(&mut buf)?;
                 walk(m, inner).map_err(|e| format!("field {tag}: {e}"))?;
             }
+            Block => {
+                let m = take_len(&mut buf)?;
+                walk(m, ROW_BLOCK).map_err(|e| format!("field {tag}: {e}"))?;
+                row_block(m).map_err(|e| format!("field {tag}: {e}"))?;
+            }
         }
     }
     Ok(seen)
+}
+
+/// The COPY text of a `RowBlock` that [`walk`] found well formed: one line per
+/// declared row, one field per declared column (as prost would read it: the
+/// last occurrence of a scalar field wins).
+fn row_block(mut buf: &[u8]) -> Result<(), String> {
+    let (mut columns, mut rows, mut text) = (0usize, 0u64, "");
+    while !buf.is_empty() {
+        let (tag, wire) = key(&mut buf)?;
+        match (tag, wire) {
+            (3, 2) => {
+                take_len(&mut buf)?;
+                columns += 1;
+            }
+            (6, 0) => rows = varint(&mut buf)? & u64::from(u32::MAX),
+            (7, 2) => {
+                // UTF-8, checked by the walk.
+                text = std::str::from_utf8(take_len(&mut buf)?).map_err(|e| e.to_string())?;
+            }
+            _ => skip(&mut buf, wire)?,
+        }
+    }
+    crate::copy_text::check_block(text, columns, rows)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::messages::{
-        column, record::Body, Column, FileChunk, FileEnd, Record, RecordList, RowChange,
+        column, record::Body, Column, FileChunk, FileEnd, Record, RecordList, RowBlock, RowChange,
+        SchemaColumn,
     };
     use proptest::prelude::*;
     use prost::Message;
@@ -290,6 +331,47 @@ mod tests {
         );
     }
 
+    fn block(text: &str, rows: u32) -> Record {
+        Record {
+            time_unix_ms: 3,
+            position: "snapshot public.t #0-1".into(),
+            body: Some(Body::RowBlock(RowBlock {
+                schema: "public".into(),
+                table: "t".into(),
+                columns: ["id", "note"]
+                    .iter()
+                    .map(|n| SchemaColumn {
+                        name: n.to_string(),
+                        type_name: "text".into(),
+                        type_oid: 25,
+                        key: *n == "id",
+                    })
+                    .collect(),
+                commit_lsn: 9,
+                first_index: 0,
+                row_count: rows,
+                copy_text: text.into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn row_blocks_are_held_to_their_rows_and_columns() {
+        let mut list = sample();
+        list.records.push(block("1\tone\n2\t\\N\n", 2));
+        assert_eq!(check_list(&list.encode_to_vec()).unwrap().records, 3);
+        for (text, rows, why) in [
+            ("1\tone\n", 2, "declares 2 rows"),
+            ("1\tone\n2\n", 2, "row 1 of the block has 1 fields"),
+            ("1\tone\tx\n", 1, "has 3 fields"),
+        ] {
+            let mut list = sample();
+            list.records.push(block(text, rows));
+            let e = check_list(&list.encode_to_vec()).unwrap_err();
+            assert!(e.contains("record 2") && e.contains(why), "{e}");
+        }
+    }
+
     #[test]
     fn bad_utf8_in_a_nested_string_is_refused() {
         let mut list = sample();
@@ -321,6 +403,7 @@ mod tests {
         fn damaged_batches_are_never_passed_that_prost_refuses(at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<bool>()) {
             let mut list = sample();
             list.records.push(file());
+            list.records.push(block("1\tone\n2\t\\N\n", 2));
             let mut raw = list.encode_to_vec();
             let i = at.index(raw.len());
             if cut { raw.truncate(i) } else { raw[i] = byte }

@@ -3,6 +3,7 @@
 //! * [`messages`]: the protobuf messages (prost).
 //! * [`entry`]: a batch at rest (checksummed), in the agent's buffer and the exchange's store.
 //! * [`frame`]: length-prefixed framing with a hard size limit.
+//! * [`copy_text`]: PostgreSQL's COPY text format, in which snapshot rows travel.
 //! * [`batch`]: encoding of a batch's records (protobuf, then zstd) as it is stored and sent.
 //! * [`session`]: the sans-IO state machines of the agent end and the exchange end.
 //!
@@ -12,6 +13,7 @@
 
 pub mod batch;
 pub mod check;
+pub mod copy_text;
 pub mod entry;
 pub mod frame;
 pub mod messages;

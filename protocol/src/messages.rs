@@ -199,7 +199,7 @@ pub struct Record {
     /// The source position of this record, human readable (e.g. `ino=12 off=4096`).
     #[prost(string, tag = "2")]
     pub position: String,
-    #[prost(oneof = "record::Body", tags = "3, 4, 5, 6, 7")]
+    #[prost(oneof = "record::Body", tags = "3, 4, 5, 6, 7, 8")]
     pub body: Option<record::Body>,
 }
 
@@ -220,6 +220,10 @@ pub mod record {
         /// The column set of a captured table, sent before the first row that has it.
         #[prost(message, tag = "7")]
         SchemaChange(super::SchemaChange),
+        /// Many rows of one table from an initial snapshot, as the database's COPY
+        /// wrote them.
+        #[prost(message, tag = "8")]
+        RowBlock(super::RowBlock),
     }
 }
 
@@ -377,6 +381,42 @@ pub struct SchemaChange {
     /// LSN the snapshot is consistent with).
     #[prost(uint64, tag = "5")]
     pub commit_lsn: u64,
+}
+
+/// Rows of one table read by an initial snapshot, carried as PostgreSQL's COPY
+/// text format writes them (`COPY ... TO STDOUT`): one row per line, each line
+/// ending in `\n`; fields separated by tabs, in `columns` order; `\N` for NULL;
+/// a backslash escapes tab, newline, carriage return, backslash and the other
+/// control characters (see [`crate::copy_text`]). A field's text, unescaped, is
+/// the type's text output, exactly as a [`Column`]'s `Text` carries it.
+///
+/// Row `i` of the block stands for the [`RowChange`] with `op = INSERT`,
+/// `snapshot = true`, `xid = 0`, this `commit_lsn`, `change_index = first_index + i`,
+/// `last_in_txn = true` and these columns (a `bytea` value as its bytes):
+/// [`crate::copy_text::block_rows`] gives exactly those. One record carries
+/// thousands of rows, so snapshot rows travel, are checked and are stored as the
+/// database wrote them instead of one message each. The exchange refuses a block
+/// whose line count is not `row_count` or whose lines do not have one field per
+/// column.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RowBlock {
+    #[prost(string, tag = "1")]
+    pub schema: String,
+    #[prost(string, tag = "2")]
+    pub table: String,
+    /// The fields of every line, in order.
+    #[prost(message, repeated, tag = "3")]
+    pub columns: Vec<SchemaColumn>,
+    /// The WAL position of the view the rows were read under (see [`RowChange`]).
+    #[prost(uint64, tag = "4")]
+    pub commit_lsn: u64,
+    /// The table-copy row number of the first line.
+    #[prost(uint64, tag = "5")]
+    pub first_index: u64,
+    #[prost(uint32, tag = "6")]
+    pub row_count: u32,
+    #[prost(string, tag = "7")]
+    pub copy_text: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

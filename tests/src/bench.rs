@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// A binary next to the running benchmark (both live in `target/release`).
 pub fn bin(name: &str) -> PathBuf {
@@ -79,6 +79,12 @@ impl Drop for Proc {
     }
 }
 
+/// The daemons' log level: `FERRY_BENCH_LOG`, else `warn` (their logs are kept
+/// beside each run's data while it lasts).
+fn log_level() -> String {
+    std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 /// A fresh exchange and one enrolled agent whose config gets `stream` appended.
 pub struct Pair {
     pub dir: PathBuf,
@@ -115,7 +121,7 @@ impl Pair {
             Command::new(bin("ferry-exchange"))
                 .args(["serve", "--config"])
                 .arg(ex.join("exchange.toml"))
-                .env("FERRY_LOG", "warn")
+                .env("FERRY_LOG", log_level())
                 .stderr(File::create(dir.join("exchange.log"))?)
                 .spawn()?,
         );
@@ -139,7 +145,7 @@ impl Pair {
         let child = Command::new(bin("ferry-agent"))
             .args(["run", "--config"])
             .arg(self.dir.join("ag/agent.toml"))
-            .env("FERRY_LOG", "warn")
+            .env("FERRY_LOG", log_level())
             .stderr(File::create(self.dir.join("agent.log"))?)
             .spawn()?;
         let pid = child.id();
@@ -194,5 +200,29 @@ impl Pair {
 
     pub fn stop_agent(&mut self) {
         self.agent = None;
+    }
+
+    /// Distinct snapshot rows (`item`s of blocks, by seq) the exchange holds,
+    /// read through `ferry-exchange records`.
+    pub fn snapshot_rows(&self, stream: &str) -> Result<u64> {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("ferry-exchange"))
+            .args(["records", "--config"])
+            .arg(self.dir.join("ex/exchange.toml"))
+            .args(["--agent", "bench", "--stream", stream])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let out = child.stdout.take().context("records stdout")?;
+        let mut seen = std::collections::HashSet::new();
+        for line in std::io::BufReader::new(out).lines() {
+            let v: serde_json::Value = serde_json::from_str(&line?)?;
+            if v["row"]["snapshot"] == true {
+                seen.insert((v["seq"].as_u64(), v["item"].as_u64()));
+            }
+        }
+        if !child.wait()?.success() {
+            bail!("ferry-exchange records failed");
+        }
+        Ok(seen.len() as u64)
     }
 }

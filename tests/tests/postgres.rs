@@ -320,11 +320,20 @@ fn apply_records(records: &[Value]) -> (BTreeMap<i64, Row>, usize, usize) {
     // (commit_lsn, change, last_in_txn) of the previous streamed change.
     let mut prev: Option<(u64, u64, bool)> = None;
     let (mut snapshot_rows, mut streamed, mut schemas) = (0, 0, 0);
-    let mut last_seq = 0;
+    // (seq, item): the rows of a snapshot block share their record's seq.
+    let mut last: Option<(u64, u64)> = None;
     for r in records {
         let seq = r["seq"].as_u64().expect("seq");
-        assert!(seq > last_seq, "records out of seq order at {r}");
-        last_seq = seq;
+        let at = (seq, r["item"].as_u64().unwrap_or(0));
+        assert!(
+            last.is_none_or(|l| at > l),
+            "records out of seq order at {r}"
+        );
+        assert!(
+            r.get("item").is_none() || r["row"]["snapshot"] == true,
+            "only snapshot rows share a seq: {r}"
+        );
+        last = Some(at);
         if r.get("schema").is_some() {
             schemas += 1;
             continue;

@@ -11,7 +11,7 @@ use super::sql::{replident_name, ColInfo, TableInfo};
 use crate::now_unix_ms;
 
 /// `bytea`.
-const BYTEA_OID: u32 = 17;
+use ferry_protocol::copy_text::BYTEA_OID;
 
 /// A captured table's shape, from a Relation message or the catalog.
 #[derive(Debug, Clone)]
@@ -51,6 +51,18 @@ impl Rel {
         hex::encode(&h.finalize()[..8])
     }
 
+    pub(crate) fn schema_columns(&self) -> Vec<SchemaColumn> {
+        self.cols
+            .iter()
+            .map(|c| SchemaColumn {
+                name: c.name.clone(),
+                type_name: c.type_name.clone(),
+                type_oid: c.type_oid,
+                key: c.key,
+            })
+            .collect()
+    }
+
     pub(crate) fn schema_record(&self, lsn: u64) -> Record {
         Record {
             time_unix_ms: now_unix_ms(),
@@ -58,31 +70,12 @@ impl Rel {
             body: Some(record::Body::SchemaChange(SchemaChange {
                 schema: self.schema.clone(),
                 table: self.table.clone(),
-                columns: self
-                    .cols
-                    .iter()
-                    .map(|c| SchemaColumn {
-                        name: c.name.clone(),
-                        type_name: c.type_name.clone(),
-                        type_oid: c.type_oid,
-                        key: c.key,
-                    })
-                    .collect(),
+                columns: self.schema_columns(),
                 replica_identity: self.replica_identity.to_string(),
                 commit_lsn: lsn,
             })),
         }
     }
-}
-
-/// The hex digits of a `bytea` column's text output (`\x...`), if `c` is one.
-pub(crate) fn bytea_hex<'a>(c: &ColInfo, text: &'a str) -> Option<&'a [u8]> {
-    if c.type_oid != BYTEA_OID {
-        return None;
-    }
-    text.strip_prefix("\\x")
-        .filter(|h| h.len() % 2 == 0)
-        .map(str::as_bytes)
 }
 
 /// A value from its text output; `bytea` (`\x` hex) travels as bytes.

@@ -6,18 +6,17 @@
 
 use std::collections::BTreeMap;
 
-use std::fmt::Write as _;
-
-use ferry_protocol::messages::RowOp;
-use ferry_protocol::record_buf::{ColumnRef, RecordBuf, RowHead, ValueRef};
+use ferry_protocol::copy_text::{check_block, Fields, Lines};
+use ferry_protocol::messages::{record, Record, RowBlock, SchemaColumn};
+use ferry_protocol::record_buf::RecordBuf;
 use futures_util::StreamExt;
 use pg_walstream::{PgReplicationConnection, ReplicationSlotOptions, SlotType};
+use prost::Message as _;
 use tracing::{info, warn};
 
 use super::conn::{classify_repl, Fail, Result, Target};
-use super::copy_text::{Fields, Lines};
 use super::position::{fmt_lsn, parse_lsn, PgPosition, SnapshotPos, StreamPos};
-use super::records::{bytea_hex, Rel};
+use super::records::Rel;
 use super::run::Session;
 use super::sql::{qualified, quote_ident, quote_literal, TableInfo};
 use super::stream::{MAX_RECORD_BYTES, MAX_TXN_BYTES};
@@ -144,6 +143,12 @@ async fn copy_pipelined(
 ) -> Result<()> {
     let started = tokio::time::Instant::now();
     let mut copied: u64 = 0;
+    // Waited on only while the server has nothing ready (one registration for
+    // the whole copy, none per COPY message), and checked between pieces.
+    let shutdown = s.ctx.shutdown.clone();
+    let cancelled = shutdown.cancelled();
+    let mut cancelled = std::pin::pin!(cancelled);
+    let stop = || Err(Fail::Source(crate::SourceError::Shutdown));
     while pos.table < pos.tables.len() {
         let name = pos.tables[pos.table].clone();
         let Some(info) = s
@@ -166,49 +171,47 @@ async fn copy_pipelined(
             pending.push(&rel.schema_record(pos.view_lsn));
             pos.schemas.insert(name.clone(), fp);
         }
-        let table = TableCopy {
-            rel: &rel,
-            name: &name,
-            nkey: info.page_key.len().max(1),
-            max_rows: s.cfg.snapshot_chunk_rows,
-        };
-        let stream = s
-            .sql
-            .copy_out(&copy_sql(&info, pos.last_key.as_deref()))
-            .await?;
+        let (sql, key_at) = copy_sql(&info, pos.last_key.as_deref());
+        let stream = s.sql.copy_out(&sql).await?;
         let mut stream = std::pin::pin!(stream);
         let mut lines = Lines::default();
-        let mut row = RowEncoder::new(&table, pos.view_lsn);
-        // Rows in `pending`, and the key of the last of them once a piece is full.
-        let mut piece_rows = 0usize;
-        let mut cut: Option<Vec<String>> = None;
+        let mut block = BlockEncoder::new(&rel, &name, key_at, pos.view_lsn);
+        let max_rows = s.cfg.snapshot_chunk_rows;
+        // Pieces completed by the lines of one COPY message: (piece, key of its
+        // last row, rows done at its end).
+        let mut ready: Vec<(RecordBuf, Vec<String>, u64)> = Vec::new();
+        let mut rows_done = pos.rows_done;
         loop {
             let chunk = tokio::select! {
-                _ = s.ctx.shutdown.cancelled() => {
-                    return Err(Fail::Source(crate::SourceError::Shutdown));
-                }
+                biased;
                 c = stream.next() => c,
+                _ = &mut cancelled => return stop(),
             };
             let Some(chunk) = chunk else { break };
             let chunk = chunk.map_err(|e| s.sql.fail("the snapshot's COPY failed", &e))?;
             lines.feed(&chunk, |line| {
-                row.push(&mut pending, line, pos.rows_done)?;
-                pos.rows_done += 1;
-                piece_rows += 1;
-                if pending.len() >= MAX_TXN_BYTES || piece_rows >= table.max_rows {
-                    cut = Some(row.key(line));
+                let row = block.row_of(line)?;
+                if block.would_overflow(line.len() - row) {
+                    // A large row: what the block holds goes first.
+                    let key = block.last_key()?;
+                    ready.push((block.finish(&mut pending)?, key, rows_done));
+                }
+                block.push(line, row, rows_done);
+                rows_done += 1;
+                if block.bytes() >= MAX_TXN_BYTES || block.rows() >= max_rows {
+                    let key = block.last_key()?;
+                    ready.push((block.finish(&mut pending)?, key, rows_done));
                 }
                 Ok::<(), Fail>(())
             })?;
-            if let Some(key) = cut.take() {
+            for (piece, key, done) in ready.drain(..) {
+                if shutdown.is_cancelled() {
+                    return stop();
+                }
+                copied += done - pos.rows_done;
                 pos.last_key = Some(key);
+                pos.rows_done = done;
                 pos.retained_wal = s.retained();
-                copied += piece_rows as u64;
-                piece_rows = 0;
-                // The next piece is about as large: allocate it whole once, not by
-                // doubling (each doubling a copy and fresh pages).
-                let size = pending.len() + pending.len() / 8;
-                let piece = std::mem::replace(&mut pending, RecordBuf::with_capacity(size));
                 s.submit(inflight, piece, &PgPosition::Snapshot(pos.clone()))
                     .await?;
                 throttle(s, started, copied).await?;
@@ -219,10 +222,12 @@ async fn copy_pipelined(
                 "the snapshot's COPY of {name} ended inside a row"
             )));
         }
-        copied += piece_rows as u64;
+        let piece = block.finish(&mut pending)?;
+        copied += rows_done - pos.rows_done;
+        pos.rows_done = rows_done;
         next_table(s, &mut pos);
         pos.retained_wal = s.retained();
-        s.submit(inflight, pending.take(), &PgPosition::Snapshot(pos.clone()))
+        s.submit(inflight, piece, &PgPosition::Snapshot(pos.clone()))
             .await?;
         info!(table = %name, "table copied");
     }
@@ -240,124 +245,163 @@ async fn copy_pipelined(
     Ok(())
 }
 
-/// A table being copied.
-struct TableCopy<'a> {
+/// Gathers a table's COPY rows into [`RowBlock`] records, as the server wrote
+/// them (less any leading key fields): appending a row is a copy of its bytes.
+/// Its buffers are reused from block to block.
+struct BlockEncoder<'a> {
     rel: &'a Rel,
     name: &'a str,
-    /// Leading key columns in each COPY row, before the published columns.
-    nkey: usize,
-    /// Rows per commit at most (`snapshot_chunk_rows`).
-    max_rows: usize,
-}
-
-/// Encodes COPY rows as INSERT records; its buffers are reused from row to row.
-struct RowEncoder<'a> {
-    table: &'a TableCopy<'a>,
+    key_at: KeyAt,
     view_lsn: u64,
-    now: u64,
+    columns: Vec<SchemaColumn>,
+    /// Largest text a block may hold: a record, with its columns, must fit in
+    /// [`MAX_RECORD_BYTES`].
+    max_text: usize,
+    text: Vec<u8>,
+    rows: usize,
+    first: u64,
+    /// Where the last row pushed starts in `text`.
+    last: usize,
+    /// With [`KeyAt::Lead`]: the leading key fields of the last row pushed.
+    lead: Vec<u8>,
     fields: Fields,
-    position: String,
-    /// Decoded `bytea` values of the current row.
-    hex: Vec<u8>,
 }
 
-impl<'a> RowEncoder<'a> {
-    fn new(table: &'a TableCopy<'a>, view_lsn: u64) -> Self {
-        RowEncoder {
-            table,
+impl<'a> BlockEncoder<'a> {
+    fn new(rel: &'a Rel, name: &'a str, key_at: KeyAt, view_lsn: u64) -> Self {
+        let columns = rel.schema_columns();
+        let head: usize = columns.iter().map(|c| c.encoded_len() + 8).sum();
+        BlockEncoder {
+            rel,
+            name,
+            key_at,
             view_lsn,
-            now: now_unix_ms(),
+            columns,
+            max_text: MAX_RECORD_BYTES.saturating_sub(head + 4096),
+            text: Vec::new(),
+            rows: 0,
+            first: 0,
+            last: 0,
+            lead: Vec::new(),
             fields: Fields::default(),
-            position: String::with_capacity(64),
-            hex: Vec::new(),
         }
     }
 
-    /// Appends one COPY line (key columns, then every published column) to `buf`
-    /// as the table's row number `index`.
-    fn push(&mut self, buf: &mut RecordBuf, line: &[u8], index: u64) -> Result<()> {
-        let t = self.table;
-        let rel = t.rel;
-        let line = self
-            .fields
-            .split(line, t.nkey + rel.cols.len())
-            .map_err(|e| Fail::Fatal(format!("the snapshot's COPY of {}: {e}", t.name)))?;
-        let index = u32::try_from(index).unwrap_or(u32::MAX);
-        self.position.clear();
-        // Writing to a String cannot fail.
-        let _ = write!(self.position, "snapshot {} #{index}", t.name);
-        let head = RowHead {
-            schema: &rel.schema,
-            table: &rel.table,
-            op: RowOp::Insert,
-            xid: 0,
-            commit_lsn: self.view_lsn,
-            commit_time_unix_us: 0,
-            change_index: index,
-            last_in_txn: true,
-            snapshot: true,
-        };
-        let fields = &self.fields;
-        let value = |i: usize| fields.get(line, t.nkey + i);
-        // bytea text output (`\x` + hex) travels as its bytes: decode those first,
-        // into one scratch buffer, so the columns can borrow from it.
-        let hex = &mut self.hex;
-        hex.clear();
-        let mut spans: Vec<(usize, usize)> = Vec::new();
-        for (i, c) in rel.cols.iter().enumerate() {
-            if let Some(b) = value(i).and_then(|v| bytea_hex(c, v)) {
-                let at = hex.len();
-                hex.resize(at + b.len() / 2, 0);
-                if hex::decode_to_slice(b, &mut hex[at..]).is_ok() {
-                    spans.push((i, at));
-                } else {
-                    hex.truncate(at);
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn bytes(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Where the published columns of `line` start, after any leading key fields.
+    fn row_of(&self, line: &[u8]) -> Result<usize> {
+        let mut at = 0;
+        if let KeyAt::Lead(n) = self.key_at {
+            for _ in 0..n {
+                match memchr::memchr(b'\t', &line[at..]) {
+                    Some(i) => at += i + 1,
+                    None => {
+                        return Err(Fail::Fatal(format!(
+                            "the snapshot's COPY of {}: a row without its key and columns",
+                            self.name
+                        )))
+                    }
                 }
             }
         }
-        let hex = &self.hex;
-        let cols: Vec<ColumnRef<'_>> = rel
-            .cols
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let value = match value(i) {
-                    None => ValueRef::Null,
-                    Some(v) => match spans.iter().find(|(j, _)| *j == i) {
-                        Some(&(_, at)) => {
-                            let len = (v.len() - 2) / 2;
-                            ValueRef::Bytes(hex.get(at..at + len).unwrap_or_default())
-                        }
-                        None => ValueRef::Text(v),
-                    },
-                };
-                ColumnRef {
-                    name: &c.name,
-                    type_name: &c.type_name,
-                    type_oid: c.type_oid,
-                    value,
-                }
-            })
-            .collect();
-        let before = buf.len();
-        buf.push_row(self.now, &self.position, &head, &cols, &[]);
-        let size = buf.len() - before;
-        if size > MAX_RECORD_BYTES {
+        let size = line.len() - at;
+        if size > self.max_text {
             return Err(Fail::Fatal(format!(
-                "a row of {} (key {:?}) is {size} bytes; Ferry ships rows of up to {MAX_RECORD_BYTES} bytes",
-                t.name,
-                self.key(line.as_bytes())
+                "a row of {} is {size} bytes; Ferry ships rows of up to {} bytes",
+                self.name, self.max_text
             )));
         }
-        Ok(())
+        Ok(at)
     }
 
-    /// The text of the paging key of `line`, the line last pushed.
-    fn key(&self, line: &[u8]) -> Vec<String> {
-        let line = std::str::from_utf8(line).unwrap_or_default();
-        (0..self.table.nkey)
-            .map(|i| self.fields.get(line, i).unwrap_or_default().to_string())
-            .collect()
+    /// Whether a row of `size` bytes would not fit in the block.
+    fn would_overflow(&self, size: usize) -> bool {
+        self.rows > 0 && self.text.len() + size + 1 > self.max_text
+    }
+
+    /// Appends the row of `line` (starting at `at`), the table's row `index`.
+    fn push(&mut self, line: &[u8], at: usize, index: u64) {
+        if self.rows == 0 {
+            self.first = index;
+        }
+        self.last = self.text.len();
+        self.text.extend_from_slice(&line[at..]);
+        self.text.push(b'\n');
+        self.rows += 1;
+        if at > 0 {
+            self.lead.clear();
+            self.lead.extend_from_slice(&line[..at - 1]);
+        }
+    }
+
+    /// The text of the paging key of the last row pushed.
+    fn last_key(&mut self) -> Result<Vec<String>> {
+        let fail = |e| Fail::Fatal(format!("the snapshot's COPY of {}: key: {e}", self.name));
+        match &self.key_at {
+            KeyAt::Lead(n) => {
+                let text = self.fields.split(&self.lead, *n).map_err(fail)?;
+                Ok((0..*n)
+                    .map(|i| self.fields.get(text, i).unwrap_or_default().to_string())
+                    .collect())
+            }
+            KeyAt::Columns(idx) => {
+                let end = self.text.len().saturating_sub(1);
+                let row = self.text.get(self.last..end).unwrap_or_default();
+                let text = self.fields.split(row, self.columns.len()).map_err(fail)?;
+                Ok(idx
+                    .iter()
+                    .map(|&i| self.fields.get(text, i).unwrap_or_default().to_string())
+                    .collect())
+            }
+        }
+    }
+
+    /// Appends the block (if it holds rows) to `pending`, and returns `pending`
+    /// as the piece to commit.
+    fn finish(&mut self, pending: &mut RecordBuf) -> Result<RecordBuf> {
+        if self.rows > 0 {
+            let text = String::from_utf8(std::mem::take(&mut self.text)).map_err(|e| {
+                Fail::Fatal(format!(
+                    "the snapshot's COPY of {} sent text that is not UTF-8: {e}",
+                    self.name
+                ))
+            })?;
+            let rows = u32::try_from(self.rows).unwrap_or(u32::MAX);
+            check_block(&text, self.columns.len(), u64::from(rows))
+                .map_err(|e| Fail::Fatal(format!("the snapshot's COPY of {}: {e}", self.name)))?;
+            let last = self.first + u64::from(rows) - 1;
+            let record = Record {
+                time_unix_ms: now_unix_ms(),
+                position: format!("snapshot {} #{}-{last}", self.name, self.first),
+                body: Some(record::Body::RowBlock(RowBlock {
+                    schema: self.rel.schema.clone(),
+                    table: self.rel.table.clone(),
+                    columns: std::mem::take(&mut self.columns),
+                    commit_lsn: self.view_lsn,
+                    first_index: self.first,
+                    row_count: rows,
+                    copy_text: text,
+                })),
+            };
+            pending.push(&record);
+            if let Some(record::Body::RowBlock(b)) = record.body {
+                self.columns = b.columns;
+                self.text = b.copy_text.into_bytes();
+                self.text.clear();
+            }
+            self.rows = 0;
+        }
+        // The next piece is about as large: allocate it whole once, not by
+        // doubling (each doubling a copy and fresh pages).
+        let size = pending.len() + pending.len() / 8;
+        Ok(std::mem::replace(pending, RecordBuf::with_capacity(size)))
     }
 }
 
@@ -380,9 +424,19 @@ async fn throttle(s: &Session<'_>, started: tokio::time::Instant, copied: u64) -
     }
 }
 
-/// The rest of a table in key order, from after `after`: key columns first, then
-/// every published column.
-fn copy_sql(t: &TableInfo, after: Option<&[String]>) -> String {
+/// Where a COPY row's paging key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyAt {
+    /// These published columns (the primary key or replica-identity index).
+    Columns(Vec<usize>),
+    /// This many leading fields, before the published columns (`ctid`, or a key
+    /// the publication does not publish); they are not shipped.
+    Lead(usize),
+}
+
+/// The rest of a table in key order, from after `after`, and where each row's
+/// key is in it.
+fn copy_sql(t: &TableInfo, after: Option<&[String]>) -> (String, KeyAt) {
     let (keys, casts): (Vec<String>, Vec<String>) = if t.page_key.is_empty() {
         (vec!["ctid".to_string()], vec!["tid".to_string()])
     } else {
@@ -397,6 +451,14 @@ fn copy_sql(t: &TableInfo, after: Option<&[String]>) -> String {
                 (quote_ident(k), base)
             })
             .unzip()
+    };
+    let published: Option<Vec<usize>> = if t.page_key.is_empty() {
+        None
+    } else {
+        t.page_key
+            .iter()
+            .map(|k| t.cols.iter().position(|c| &c.name == k))
+            .collect()
     };
     let cols: Vec<String> = t.cols.iter().map(|c| quote_ident(&c.name)).collect();
     let mut conds = Vec::new();
@@ -416,13 +478,20 @@ fn copy_sql(t: &TableInfo, after: Option<&[String]>) -> String {
     } else {
         format!(" WHERE {}", conds.join(" AND "))
     };
-    let select: Vec<String> = keys.iter().cloned().chain(cols).collect();
-    format!(
+    let (select, at): (Vec<String>, KeyAt) = match published {
+        Some(idx) => (cols, KeyAt::Columns(idx)),
+        None => (
+            keys.iter().cloned().chain(cols).collect(),
+            KeyAt::Lead(keys.len()),
+        ),
+    };
+    let sql = format!(
         "COPY (SELECT {} FROM {}{filter} ORDER BY {}) TO STDOUT",
         select.join(", "),
         qualified(&t.schema, &t.table),
         keys.join(", ")
-    )
+    );
+    (sql, at)
 }
 
 #[cfg(test)]
@@ -450,22 +519,40 @@ mod tests {
             reltuples: 0.0,
             has_pk: true,
             cols: vec![col("a", "integer"), col("b", "text"), col("c", "text")],
-            page_key: vec!["a".into(), "b".into()],
+            page_key: vec!["b".into(), "a".into()],
             row_filter: None,
         };
         assert_eq!(
             copy_sql(&t, None),
-            r#"COPY (SELECT "a", "b", "a", "b", "c" FROM "public"."Person" ORDER BY "a", "b") TO STDOUT"#
+            (
+                r#"COPY (SELECT "a", "b", "c" FROM "public"."Person" ORDER BY "b", "a") TO STDOUT"#
+                    .to_string(),
+                KeyAt::Columns(vec![1, 0])
+            )
         );
         assert_eq!(
-            copy_sql(&t, Some(&["1".into(), "it's".into()])),
-            r#"COPY (SELECT "a", "b", "a", "b", "c" FROM "public"."Person" WHERE ("a", "b") > ('1'::integer, 'it''s'::text) ORDER BY "a", "b") TO STDOUT"#
+            copy_sql(&t, Some(&["it's".into(), "1".into()])).0,
+            r#"COPY (SELECT "a", "b", "c" FROM "public"."Person" WHERE ("b", "a") > ('it''s'::text, '1'::integer) ORDER BY "b", "a") TO STDOUT"#
+        );
+        // A key the publication does not publish is read ahead of the columns.
+        t.page_key = vec!["k".into()];
+        assert_eq!(
+            copy_sql(&t, None),
+            (
+                r#"COPY (SELECT "k", "a", "b", "c" FROM "public"."Person" ORDER BY "k") TO STDOUT"#
+                    .to_string(),
+                KeyAt::Lead(1)
+            )
         );
         t.page_key.clear();
         t.row_filter = Some("a > 5".into());
         assert_eq!(
             copy_sql(&t, Some(&["(0,3)".into()])),
-            r#"COPY (SELECT ctid, "a", "b", "c" FROM "public"."Person" WHERE (a > 5) AND (ctid) > ('(0,3)'::tid) ORDER BY ctid) TO STDOUT"#
+            (
+                r#"COPY (SELECT ctid, "a", "b", "c" FROM "public"."Person" WHERE (a > 5) AND (ctid) > ('(0,3)'::tid) ORDER BY ctid) TO STDOUT"#
+                    .to_string(),
+                KeyAt::Lead(1)
+            )
         );
     }
 }

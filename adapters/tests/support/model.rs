@@ -17,14 +17,19 @@ pub fn text(c: &Column) -> Option<String> {
     }
 }
 
+/// Every row change, the rows of snapshot blocks each as the change it stands for.
 pub fn rows(records: &[Record]) -> Vec<RowChange> {
-    records
-        .iter()
-        .filter_map(|r| match &r.body {
-            Some(record::Body::RowChange(c)) => Some(c.clone()),
-            _ => None,
-        })
-        .collect()
+    records.iter().flat_map(record_rows).collect()
+}
+
+pub fn record_rows(r: &Record) -> Vec<RowChange> {
+    match &r.body {
+        Some(record::Body::RowChange(c)) => vec![c.clone()],
+        Some(record::Body::RowBlock(b)) => {
+            ferry_protocol::copy_text::block_rows(b).expect("a well-formed row block")
+        }
+        _ => Vec::new(),
+    }
 }
 
 pub fn schemas(records: &[Record]) -> Vec<SchemaChange> {
@@ -65,8 +70,11 @@ impl Model {
                     .collect();
                 self.keys.insert(name, keys);
             }
-            Some(record::Body::RowChange(c)) => self.apply_row(c),
-            _ => {}
+            _ => {
+                for c in record_rows(r) {
+                    self.apply_row(&c);
+                }
+            }
         }
     }
 

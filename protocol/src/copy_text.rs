@@ -2,23 +2,32 @@
 //! line, fields separated by tabs, `\N` for NULL, backslash escapes for the
 //! delimiter, newlines and backslashes. A field's text, once unescaped, is what
 //! the type's output function wrote: the same text a simple query returns.
+//!
+//! The agent reads snapshot rows in this format and ships them in
+//! [`RowBlock`]s as they came; [`check_block`] is what the exchange holds a block
+//! to, and [`block_rows`] turns one back into the [`RowChange`]s it stands for.
 
 use std::ops::Range;
 
-use memchr::memchr;
+use memchr::{memchr, memchr_iter};
+
+use crate::messages::{column, Column, RowBlock, RowChange, RowOp};
+
+/// PostgreSQL's `bytea` type: its text output (`\x` + hex) travels as bytes.
+pub const BYTEA_OID: u32 = 17;
 
 /// Joins COPY data messages into complete lines. The server sends one row per
 /// message, but the protocol does not promise it; rows split across messages
 /// are carried over.
 #[derive(Default)]
-pub(crate) struct Lines {
+pub struct Lines {
     carry: Vec<u8>,
 }
 
 impl Lines {
     /// Calls `f` with every complete line (without its newline) of `chunk`, after
     /// whatever an earlier chunk left unfinished.
-    pub(crate) fn feed<E>(
+    pub fn feed<E>(
         &mut self,
         chunk: &[u8],
         mut f: impl FnMut(&[u8]) -> Result<(), E>,
@@ -45,7 +54,7 @@ impl Lines {
     }
 
     /// Bytes of an unfinished line, if the data ended inside one.
-    pub(crate) fn unfinished(&self) -> usize {
+    pub fn unfinished(&self) -> usize {
         self.carry.len()
     }
 }
@@ -60,7 +69,7 @@ enum Span {
 
 /// A malformed COPY line.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum CopyError {
+pub enum CopyError {
     /// The line had this many fields, not the number asked for.
     Fields(usize),
     /// A field's text is not UTF-8 (field number, from 0).
@@ -78,7 +87,7 @@ impl std::fmt::Display for CopyError {
 
 /// The fields of one line; reused from line to line.
 #[derive(Default)]
-pub(crate) struct Fields {
+pub struct Fields {
     spans: Vec<Span>,
     scratch: Vec<u8>,
 }
@@ -88,7 +97,7 @@ impl Fields {
     /// checking that every one is UTF-8; returns the line as text, for [`get`].
     ///
     /// [`get`]: Fields::get
-    pub(crate) fn split<'l>(&mut self, line: &'l [u8], n: usize) -> Result<&'l str, CopyError> {
+    pub fn split<'l>(&mut self, line: &'l [u8], n: usize) -> Result<&'l str, CopyError> {
         // Escapes are ASCII, so the raw line is UTF-8 exactly when every field
         // written unescaped is; what an escape stands for is checked below.
         let text = std::str::from_utf8(line).map_err(|e| {
@@ -127,7 +136,7 @@ impl Fields {
 
     /// Field `i` of the line last split (`line`, as `split` returned it): `None`
     /// for NULL.
-    pub(crate) fn get<'a>(&'a self, line: &'a str, i: usize) -> Option<&'a str> {
+    pub fn get<'a>(&'a self, line: &'a str, i: usize) -> Option<&'a str> {
         match self.spans.get(i)? {
             Span::Null => None,
             Span::Line(r) => line.get(r.clone()),
@@ -192,6 +201,115 @@ fn unescape(raw: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Checks the text of a [`RowBlock`]: exactly `rows` lines, each ending in `\n`
+/// and holding `ncols` fields, every field UTF-8 once unescaped.
+pub fn check_block(text: &str, ncols: usize, rows: u64) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    if !bytes.is_empty() && bytes[bytes.len() - 1] != b'\n' {
+        return Err("the last row does not end in a newline".into());
+    }
+    let mut fields = Fields::default();
+    let mut n: u64 = 0;
+    let mut start = 0;
+    for end in memchr_iter(b'\n', bytes) {
+        let line = &bytes[start..end];
+        start = end + 1;
+        let ok = if ncols == 0 {
+            line.is_empty()
+        } else if memchr(b'\\', line).is_none() {
+            // Nothing escaped: the text is UTF-8 already; count the fields.
+            memchr_iter(b'\t', line).count() + 1 == ncols
+        } else {
+            fields
+                .split(line, ncols)
+                .map_err(|e| format!("row {n} of the block: {e}"))?;
+            true
+        };
+        if !ok {
+            let got = if line.is_empty() {
+                0
+            } else {
+                memchr_iter(b'\t', line).count() + 1
+            };
+            return Err(format!(
+                "row {n} of the block has {got} fields, the block declares {ncols} columns"
+            ));
+        }
+        n += 1;
+    }
+    if n != rows {
+        return Err(format!("the block declares {rows} rows and holds {n}"));
+    }
+    Ok(())
+}
+
+/// The row changes a [`RowBlock`] stands for, in order (see its documentation).
+pub fn block_rows(b: &RowBlock) -> Result<Vec<RowChange>, String> {
+    let ncols = b.columns.len();
+    check_block(&b.copy_text, ncols, u64::from(b.row_count))?;
+    let mut out = Vec::with_capacity(b.row_count as usize);
+    let mut fields = Fields::default();
+    for (i, line) in b.copy_text.split_terminator('\n').enumerate() {
+        let columns = if ncols == 0 {
+            Vec::new()
+        } else {
+            let line = fields
+                .split(line.as_bytes(), ncols)
+                .map_err(|e| format!("row {i} of the block: {e}"))?;
+            b.columns
+                .iter()
+                .enumerate()
+                .map(|(j, c)| Column {
+                    name: c.name.clone(),
+                    type_name: c.type_name.clone(),
+                    type_oid: c.type_oid,
+                    value: Some(match fields.get(line, j) {
+                        None => column::Value::Null(true),
+                        Some(v) => field_value(c.type_oid, v),
+                    }),
+                })
+                .collect()
+        };
+        let index = b.first_index.saturating_add(i as u64);
+        out.push(RowChange {
+            schema: b.schema.clone(),
+            table: b.table.clone(),
+            op: RowOp::Insert as i32,
+            xid: 0,
+            commit_lsn: b.commit_lsn,
+            commit_time_unix_us: 0,
+            change_index: u32::try_from(index).unwrap_or(u32::MAX),
+            last_in_txn: true,
+            snapshot: true,
+            columns,
+            ..Default::default()
+        });
+    }
+    Ok(out)
+}
+
+/// A field's value: `bytea` text output (`\x` + an even number of hex digits) as
+/// its bytes, everything else as text.
+fn field_value(type_oid: u32, v: &str) -> column::Value {
+    if type_oid == BYTEA_OID {
+        if let Some(b) = v.strip_prefix("\\x").and_then(unhex) {
+            return column::Value::Bytes(b);
+        }
+    }
+    column::Value::Text(v.to_string())
+}
+
+fn unhex(h: &str) -> Option<Vec<u8>> {
+    let h = h.as_bytes();
+    if !h.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    h.chunks_exact(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +357,76 @@ mod tests {
         assert_eq!(f.split(b"1\t2\t3\t4", 3).err(), Some(CopyError::Fields(4)));
         assert_eq!(f.split(b"1\t\xff", 2).err(), Some(CopyError::Utf8(1)));
         assert_eq!(f.split(b"1\t2\t\\377", 3).err(), Some(CopyError::Utf8(2)));
+    }
+
+    fn col(name: &str, oid: u32) -> crate::messages::SchemaColumn {
+        crate::messages::SchemaColumn {
+            name: name.into(),
+            type_name: if oid == BYTEA_OID { "bytea" } else { "text" }.into(),
+            type_oid: oid,
+            key: false,
+        }
+    }
+
+    fn block(text: &str, rows: u32) -> RowBlock {
+        RowBlock {
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![col("id", 20), col("b", BYTEA_OID), col("note", 25)],
+            commit_lsn: 7,
+            first_index: 40,
+            row_count: rows,
+            copy_text: text.into(),
+        }
+    }
+
+    #[test]
+    fn a_block_stands_for_its_row_changes() {
+        let b = block("1\t\\\\x00ff\ta\\tb\n2\t\\\\N\t\\N\n3\t\\\\xzz\t\n", 3);
+        let rows = block_rows(&b).unwrap();
+        assert_eq!(rows.len(), 3);
+        let values: Vec<Vec<Option<column::Value>>> = rows
+            .iter()
+            .map(|r| r.columns.iter().map(|c| c.value.clone()).collect())
+            .collect();
+        let text = |s: &str| Some(column::Value::Text(s.into()));
+        let null = Some(column::Value::Null(true));
+        assert_eq!(
+            values,
+            vec![
+                vec![
+                    text("1"),
+                    Some(column::Value::Bytes(vec![0, 255])),
+                    text("a\tb")
+                ],
+                vec![text("2"), text("\\N"), null],
+                // Not bytea hex: kept as the text it is.
+                vec![text("3"), text("\\xzz"), text("")],
+            ]
+        );
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(
+                (r.op, r.snapshot, r.last_in_txn, r.xid, r.commit_lsn),
+                (RowOp::Insert as i32, true, true, 0, 7)
+            );
+            assert_eq!(r.change_index, 40 + i as u32);
+            assert_eq!((r.schema.as_str(), r.table.as_str()), ("public", "t"));
+            assert_eq!(r.columns[2].name, "note");
+        }
+    }
+
+    #[test]
+    fn malformed_blocks_are_refused_with_the_row() {
+        let refused = |text: &str, rows: u32| check_block(text, 3, u64::from(rows)).unwrap_err();
+        assert!(refused("1\ta\tb\n", 2).contains("declares 2 rows and holds 1"));
+        assert!(refused("1\ta\tb\n2\ta\n", 2).contains("row 1 of the block has 2 fields"));
+        assert!(refused("1\ta\tb\tc\n", 1).contains("row 0 of the block has 4 fields"));
+        assert!(refused("1\ta\tb", 1).contains("newline"));
+        // An escape that stands for a byte that is not UTF-8.
+        assert!(refused("1\ta\t\\377\n", 1).contains("not UTF-8"));
+        assert!(check_block("", 3, 0).is_ok());
+        assert!(check_block("\n\n", 0, 2).is_ok());
+        assert!(block_rows(&block("1\ta\n", 1)).is_err());
     }
 
     #[test]
