@@ -86,6 +86,14 @@ impl Store {
                 }
                 let first = d.records.len() as u64 + 1;
                 let records = req.records.into_list().unwrap();
+                // What the agent's buffer could not take, the test refuses too.
+                let raw = prost::Message::encoded_len(&ferry_protocol::messages::RecordList {
+                    records: records.clone(),
+                });
+                assert!(
+                    raw <= ferry_protocol::batch::MAX_RAW_BATCH,
+                    "a commit of {raw} bytes, over the batch limit"
+                );
                 let n = records.len() as u64;
                 d.records.extend(records);
                 d.position = Some(req.position);
