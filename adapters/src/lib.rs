@@ -445,6 +445,40 @@ impl SourceConfig {
     }
 }
 
+/// Figures a source's position holds, for metrics: `(name, value)`, the name
+/// one of [`GAUGES`].
+pub type Gauges = Vec<(&'static str, u64)>;
+
+/// Every gauge a source can report, with its help text.
+pub const GAUGES: &[(&str, &str)] = &[
+    (
+        "postgres_retained_wal_bytes",
+        "WAL the stream's replication slot keeps on the database server, bytes",
+    ),
+    (
+        "postgres_durable_lsn",
+        "WAL position up to which every change is durable in the buffer (and confirmed to the slot)",
+    ),
+    (
+        "postgres_snapshot_rows_done",
+        "Rows of the table being copied by the initial snapshot that are durable",
+    ),
+    (
+        "postgres_snapshot_rows_estimate",
+        "Estimated rows of the table being copied by the initial snapshot",
+    ),
+];
+
+impl SourceConfig {
+    /// The figures of a stored position, for metrics.
+    pub fn position_gauges(&self, position: &[u8]) -> Gauges {
+        match self {
+            SourceConfig::Postgres(_) => postgres::position_gauges(position),
+            SourceConfig::Directory(_) | SourceConfig::Tail(_) => Vec::new(),
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, for `Record::time_unix_ms`.
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()

@@ -293,3 +293,8 @@ impl Source for PostgresSource {
 pub fn describe_position(position: &[u8]) -> String {
     position::describe(position)
 }
+
+/// The figures of a stored position, for metrics (see [`crate::GAUGES`]).
+pub fn position_gauges(position: &[u8]) -> crate::Gauges {
+    position::gauges(position)
+}

@@ -17,8 +17,17 @@ pub struct AgentConfig {
     pub exchange: ExchangeSection,
     #[serde(default)]
     pub buffer: BufferSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     #[serde(default, rename = "stream")]
     pub streams: Vec<StreamConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `address:port` to serve Prometheus metrics on (`GET /metrics`); off when unset.
+    pub listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +200,18 @@ pub fn load(path: &Path, host: Host) -> Result<Loaded, ConfigError> {
     resolve(&mut config.exchange.cert);
     resolve(&mut config.exchange.key);
 
+    if let Some(l) = &config.metrics.listen {
+        if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
+            return Err(err_at(
+                &text,
+                l.span().start,
+                format!(
+                    "metrics.listen {:?} is not an address with a port, e.g. \"127.0.0.1:9464\"",
+                    l.get_ref()
+                ),
+            ));
+        }
+    }
     if config.agent.id.is_empty() {
         return Err(err_at(&text, key_offset("id"), "agent.id is empty".into()));
     }
@@ -360,6 +381,11 @@ impl AgentConfig {
             .to_string()
     }
 
+    /// Where to serve metrics, if anywhere (checked by [`load`]).
+    pub fn metrics_listen(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.listen.as_ref()?.get_ref().parse().ok()
+    }
+
     pub fn admin_socket(&self) -> PathBuf {
         self.agent.data_dir.join("agent.sock")
     }
@@ -423,6 +449,21 @@ mod tests {
         let e = check(&example().replace("max_size = \"2GiB\"", "max_size = \"2 parsecs\""))
             .unwrap_err();
         assert!(e.message.contains("unknown unit"), "{e}");
+
+        let on = example().replace(
+            "# listen = \"127.0.0.1:9464\"",
+            "listen = \"127.0.0.1:9464\"",
+        );
+        let loaded = check(&on).unwrap();
+        assert_eq!(
+            loaded.config.metrics_listen(),
+            Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        let bad = on.replace("\"127.0.0.1:9464\"", "\"localhost\"");
+        let e = check(&bad).unwrap_err();
+        let line = bad.lines().position(|l| l.starts_with("listen")).unwrap() + 1;
+        assert_eq!((e.line, e.column), (line, 10), "{e}");
+        assert!(e.message.contains("metrics.listen \"localhost\""), "{e}");
     }
 
     #[test]

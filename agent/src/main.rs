@@ -4,6 +4,7 @@ mod admin;
 mod buffer;
 mod committer;
 mod config;
+mod metrics;
 mod run;
 mod shipper;
 mod status;

@@ -17,7 +17,7 @@ use crate::committer::Committer;
 use crate::config::Loaded;
 use crate::shipper::Shipper;
 use crate::status::{AgentStatus, Board, BufferStatus, StreamView};
-use crate::{admin, status};
+use crate::{admin, metrics, status};
 
 /// Bounded hand-over from sources to the committer: small, so a full buffer stops
 /// sources almost at once.
@@ -29,6 +29,10 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
     let listener = admin::bind(&cfg.admin_socket())?;
+    let metrics_listener = match cfg.metrics_listen() {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
 
     let buffer_dir = cfg.buffer_dir();
     let cache = cfg.buffer.cache_size.0;
@@ -208,7 +212,14 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                 v.buffered_batches = st.batches;
                 v.buffered_bytes = st.bytes;
                 v.position = match buffer.position(&v.name) {
-                    Ok(Some(p)) => sc.describe_position(&p),
+                    Ok(Some(p)) => {
+                        v.gauges = sc
+                            .position_gauges(&p)
+                            .into_iter()
+                            .map(|(k, n)| (k.to_string(), n))
+                            .collect();
+                        sc.describe_position(&p)
+                    }
                     Ok(None) => "not started".into(),
                     Err(e) => format!("unreadable: {e}"),
                 };
@@ -217,6 +228,8 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             r
         }) as admin::Reporter
     };
+    let metrics_task = metrics_listener
+        .map(|l| tokio::spawn(metrics::serve(l, reporter.clone(), shutdown.clone())));
     let admin_task = tokio::spawn(admin::serve(listener, reporter, shutdown.clone()));
 
     notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -243,6 +256,9 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
     }
     let _ = shipper.await;
     let _ = admin_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     let _ = std::fs::remove_file(cfg.admin_socket());
     tokio::task::spawn_blocking(move || buffer.close()).await??;
     info!("stopped");

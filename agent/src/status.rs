@@ -59,6 +59,9 @@ pub struct StreamView {
     /// yet acknowledged past.
     #[serde(default)]
     pub lost: Vec<[u64; 2]>,
+    /// Figures of the source's durable position (`ferry_adapters::GAUGES`).
+    #[serde(default)]
+    pub gauges: std::collections::BTreeMap<String, u64>,
 }
 
 /// The mutable parts, updated by the tasks that know them.

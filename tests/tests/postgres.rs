@@ -558,6 +558,8 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
     let writer = Writer::start(server.dsn(DB), seed);
     let watch = FlushWatch::start(server.clone(), agent.config.clone());
     let mut rng = rand::rng();
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    agent.edit(|t| format!("{t}\n[metrics]\nlisten = \"{metrics}\"\n"));
 
     // The first start must not be killed before its first position is durable:
     // a slot without a stored position is refused (by design, see the source's
@@ -566,6 +568,18 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
     wait_until(SHORT, "the snapshot to begin", || {
         agent.assert_alive();
         position(&agent).is_some_and(|p| p.starts_with("snapshot"))
+    });
+    // The snapshot's progress and the slot's retained WAL, for Prometheus.
+    let labels = format!("{{stream=\"{STREAM}\",kind=\"postgres\"}}");
+    wait_until(SHORT, "the snapshot's progress in the metrics", || {
+        http_get(&metrics, "/metrics").is_some_and(|m| {
+            [
+                "postgres_snapshot_rows_done",
+                "postgres_snapshot_rows_estimate",
+            ]
+            .iter()
+            .all(|g| m.contains(&format!("ferry_{g}{labels} ")))
+        })
     });
 
     const KILLS: usize = 22;
@@ -709,6 +723,19 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
         ex.gaps(AGENT, STREAM).is_empty(),
         "the exchange reports gaps"
     );
+    // The metrics say what status says.
+    let m = http_get(&metrics, "/metrics").expect("metrics answer");
+    for want in [
+        format!("ferry_stream_acked_seq{labels} {}", s["acked_seq"]),
+        format!("ferry_stream_head_seq{labels} {}", s["head_seq"]),
+        format!("ferry_stream_source_failing{labels} 0"),
+        "ferry_exchange_connected 1".to_string(),
+    ] {
+        assert!(m.contains(&want), "{want:?} not in the metrics:\n{m}");
+    }
+    for g in ["postgres_retained_wal_bytes", "postgres_durable_lsn"] {
+        assert!(m.contains(&format!("ferry_{g}{labels} ")), "no {g}:\n{m}");
+    }
 
     let records = ex.records(AGENT, STREAM);
     let (applied, snapshot_rows, streamed) = apply_records(&records);

@@ -123,6 +123,28 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+pub(crate) fn gauges(bytes: &[u8]) -> crate::Gauges {
+    let Ok(p) = PgPosition::decode(bytes) else {
+        return Vec::new();
+    };
+    let mut g = Vec::new();
+    let retained = match &p {
+        PgPosition::Snapshot(s) => {
+            g.push(("postgres_snapshot_rows_done", s.rows_done));
+            g.push(("postgres_snapshot_rows_estimate", s.rows_estimate));
+            s.retained_wal
+        }
+        PgPosition::Streaming(s) => {
+            g.push(("postgres_durable_lsn", s.lsn));
+            s.retained_wal
+        }
+    };
+    if let Some(r) = retained {
+        g.push(("postgres_retained_wal_bytes", r));
+    }
+    g
+}
+
 pub(crate) fn describe(bytes: &[u8]) -> String {
     let p = match PgPosition::decode(bytes) {
         Ok(p) => p,
