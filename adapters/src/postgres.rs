@@ -167,8 +167,11 @@ fn default_max_retained_wal() -> Size {
 fn default_heartbeat_interval() -> Duration {
     Duration(std::time::Duration::from_secs(60))
 }
+/// Rows per snapshot piece: with the 4 MiB cap, pieces of a few megabytes, so a
+/// table of small rows is not committed (and synced on both ends) every few
+/// hundred kilobytes.
 fn default_snapshot_chunk_rows() -> usize {
-    10_000
+    50_000
 }
 
 impl PostgresConfig {

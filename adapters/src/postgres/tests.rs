@@ -48,7 +48,7 @@ fn defaults() {
     assert_eq!(c.snapshot, SnapshotMode::Initial);
     assert_eq!(c.max_retained_wal, Size(1 << 30));
     assert_eq!(c.heartbeat_interval.0, std::time::Duration::from_secs(60));
-    assert_eq!(c.snapshot_chunk_rows, 10_000);
+    assert_eq!(c.snapshot_chunk_rows, 50_000);
     c.validate().unwrap();
 }
 
