@@ -762,6 +762,137 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
     drop(server);
 }
 
+/// The link between agent and exchange misbehaves all through the snapshot and
+/// the stream, under a concurrent writer: 5 % of datagrams lost, 20 ms (± 5 ms) of
+/// delay, 3 % reordered and 1 % duplicated, both ways; the link is cut for 8 s
+/// while the snapshot copies and again while changes stream (a transaction larger
+/// than one buffer piece among them), and the exchange is killed with SIGKILL once.
+/// The agent buffers through all of it; afterwards the records at the exchange,
+/// applied by primary key, equal the table row by row, every streamed change is
+/// there once and in commit order, the exchange shows no gap, and the slot was
+/// never confirmed past the agent's durable position.
+#[test]
+fn a_bad_link_and_a_killed_exchange_lose_and_repeat_no_row() {
+    use ferry_tests::faults::{Faults, UdpProxy};
+    let started = Instant::now();
+    let t = TestDir::new("pg-faults");
+    let server = Arc::new(PgServer::start());
+    setup_database(&server);
+    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
+    let proxy = UdpProxy::start(ex.address().parse().unwrap());
+    proxy.set(Faults {
+        drop: 0.05,
+        duplicate: 0.01,
+        delay: Duration::from_millis(20),
+        jitter: Duration::from_millis(5),
+        reorder: 0.03,
+        cut: false,
+    });
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    agent.set("address", &format!("\"{}\"", proxy.address()));
+    agent.add_stream(&postgres_stream(
+        STREAM,
+        "210100-GA-0003",
+        &server.dsn(DB),
+        &["public.person"],
+        SLOT,
+        "ferry_pub",
+        "snapshot = \"initial\", snapshot_chunk_rows = 1000, snapshot_rows_per_second = 2000, heartbeat_interval = \"1s\"",
+    ));
+    let seed: u64 = rand::rng().random();
+    note(format!("writer seed {seed}"));
+    let writer = Writer::start(server.dsn(DB), seed);
+    let watch = FlushWatch::start(server.clone(), agent.config.clone());
+    agent.start();
+    wait_until(SHORT, "the snapshot to begin", || {
+        agent.assert_alive();
+        position(&agent).is_some_and(|p| p.starts_with("snapshot"))
+    });
+
+    // Cut while the snapshot copies: it goes on into the buffer.
+    let before = position(&agent)
+        .and_then(|p| snapshot_rows(&p))
+        .unwrap_or(0);
+    proxy.cut(true);
+    std::thread::sleep(Duration::from_secs(8));
+    let s = agent.stream_status(STREAM);
+    let during = s["position"].as_str().and_then(snapshot_rows);
+    assert!(
+        during.is_some_and(|n| n > before)
+            || s["position"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("streaming")),
+        "the snapshot went on while the link was cut: {s}"
+    );
+    assert!(
+        s["head_seq"].as_u64() > s["acked_seq"].as_u64(),
+        "nothing buffered during the cut: {s}"
+    );
+    proxy.cut(false);
+    note(format!("link back after a cut during the snapshot: {s}"));
+
+    ex.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    ex.start();
+    wait_until(LONG, "the snapshot to complete", || {
+        agent.assert_alive();
+        position(&agent).is_some_and(|p| p.starts_with("streaming"))
+    });
+
+    // Cut while streaming, with a transaction larger than one piece in it.
+    writer.big_transaction();
+    proxy.cut(true);
+    std::thread::sleep(Duration::from_secs(8));
+    proxy.cut(false);
+    std::thread::sleep(Duration::from_secs(2));
+    let written = writer.finish();
+    let stop_lsn = server.current_wal_lsn();
+    note(format!(
+        "writer stopped at {}: {written:?}",
+        lsn_text(stop_lsn)
+    ));
+    assert!(
+        written.committed > 50,
+        "the writer committed only {written:?}"
+    );
+
+    wait_caught_up(&mut agent, stop_lsn);
+    let (compared, violations) = watch.finish();
+    assert!(
+        violations.is_empty(),
+        "the slot ran ahead of the agent's durable position ({} times), e.g. {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+    let s = agent.stream_status(STREAM);
+    assert!(s["source_error"].is_null(), "source error: {s}");
+    assert!(s["ship_error"].is_null(), "shipping alarm: {s}");
+    assert!(
+        ex.gaps(AGENT, STREAM).is_empty(),
+        "the exchange reports gaps"
+    );
+    let records = ex.records(AGENT, STREAM);
+    let (applied, snapshot_rows, streamed) = apply_records(&records);
+    assert!(
+        snapshot_rows as i64 >= ROWS * 9 / 10,
+        "only {snapshot_rows} snapshot rows"
+    );
+    let table = table_rows(&server);
+    assert_same_table(&applied, &table);
+    let st = proxy.stats();
+    note(format!(
+        "{} rows equal row by row ({snapshot_rows} snapshot rows, {streamed} streamed changes; slot compared {compared} times); proxy dropped {}, duplicated {}, reordered {} datagrams; {:.0} s in all",
+        table.len(),
+        st.dropped.load(Ordering::Relaxed),
+        st.duplicated.load(Ordering::Relaxed),
+        st.reordered.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    ));
+    agent.stop();
+    ex.stop();
+    drop(server);
+}
+
 /// One transaction of about 200 MB (100,000 rows of 2 kB that do not compress),
 /// larger than the server's `logical_decoding_work_mem` (64 MB by default), so the
 /// server streams it while it is in progress. The agent is killed with SIGKILL while the
