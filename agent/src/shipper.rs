@@ -81,6 +81,12 @@ impl Shipper {
             }
             let (msg, extra) = match result {
                 Ok(()) => ("connection closed".to_string(), Duration::ZERO),
+                Err(e) if ferry_transport::tls::is_revoked(&e) => (
+                    format!(
+                        "ALARM: the exchange revoked this agent's certificate; data stays in the buffer until the exchange operator enrols the agent again and its new agent.pem and agent.key are in place (then restart the agent) ({e:#})"
+                    ),
+                    Duration::from_secs(30),
+                ),
                 Err(e) => {
                     let msg = format!("{e:#}");
                     // Refusals do not heal by retrying quickly.
@@ -245,7 +251,7 @@ impl Shipper {
                     ferry_protocol::record_buf::trim_spares();
                     control.send(Msg::Status(self.heartbeat())).await?;
                 }
-                e = conn.closed() => bail!("connection lost: {e}"),
+                e = conn.closed() => return Err(anyhow::Error::new(e).context("connection lost")),
             }
         }
     }

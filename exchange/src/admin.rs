@@ -38,7 +38,14 @@ pub enum Request {
         agent: String,
         stream: String,
     },
+    /// Take the revocation list anew and close revoked agents' connections
+    /// (`revoke` asks this of a running exchange).
+    Reload,
 }
+
+/// What the server does for a [`Request::Reload`]: the number of connections it
+/// closed, or why it could not.
+pub type Reloads = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<usize, String>>>;
 
 pub fn bind(path: &Path) -> Result<UnixListener> {
     if path.exists() {
@@ -78,10 +85,17 @@ pub fn execute(store: &Store, req: &Request, out: &mut dyn Write) -> Result<u64>
             }
             Ok(gaps.len() as u64)
         }
+        // No exchange is serving: it reads the list when it starts.
+        Request::Reload => Ok(0),
     }
 }
 
-pub async fn serve(listener: UnixListener, store: Arc<Store>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    store: Arc<Store>,
+    reloads: Reloads,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -91,10 +105,27 @@ pub async fn serve(listener: UnixListener, store: Arc<Store>, shutdown: Cancella
             },
         };
         let store = store.clone();
+        let reloads = reloads.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
             if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            if let Ok(Request::Reload) = serde_json::from_str::<Request>(&line) {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let answer = match reloads.send(tx).await {
+                    Ok(()) => rx
+                        .await
+                        .unwrap_or_else(|_| Err("the exchange is stopping".into())),
+                    Err(_) => Err("the exchange is stopping".into()),
+                };
+                let tail = match answer {
+                    Ok(n) => serde_json::json!({ "done": n }),
+                    Err(e) => serde_json::json!({ "error": e }),
+                };
+                let _ = w.write_all(format!("{tail}\n").as_bytes()).await;
+                let _ = w.shutdown().await;
                 return;
             }
             // Replies stream out in chunks, so a long `records` never sits in memory.

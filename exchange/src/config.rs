@@ -32,6 +32,14 @@ pub struct TlsSection {
     pub ca_key: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Issued agent certificates, revocations and the revocation list the
+    /// endpoint checks (see `trust.rs`).
+    #[serde(default = "default_trust_dir")]
+    pub trust_dir: PathBuf,
+}
+
+fn default_trust_dir() -> PathBuf {
+    "trust".into()
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -70,6 +78,7 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
         &mut cfg.tls.ca_key,
         &mut cfg.tls.cert,
         &mut cfg.tls.key,
+        &mut cfg.tls.trust_dir,
         &mut cfg.store.dir,
     ] {
         if p.is_relative() {

@@ -66,6 +66,7 @@ pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
             ca_key: "ca.key".into(),
             cert: "exchange.pem".into(),
             key: "exchange.key".into(),
+            trust_dir: "trust".into(),
         },
         store: StoreSection {
             dir: "store".into(),
@@ -126,6 +127,8 @@ pub fn enroll(
             agent_toml.display()
         );
     }
+    // On record before it leaves: what is not on record cannot be revoked by id.
+    let serial = crate::trust::record_issued(&cfg, agent_id, &agent.cert_pem)?;
     write_new(&out.join("ca.pem"), &ca.cert_pem, 0o644)?;
     write_new(&out.join("agent.pem"), &agent.cert_pem, 0o644)?;
     write_new(&out.join("agent.key"), &agent.key_pem, 0o600)?;
@@ -179,7 +182,10 @@ max_size = "2GiB"
     );
     write_new(&agent_toml, &text, 0o644)?;
     println!("enrolled agent {agent_id} (department {department})");
-    println!("  certificate: {}", out.join("agent.pem").display());
+    println!(
+        "  certificate: {} (serial {serial})",
+        out.join("agent.pem").display()
+    );
     println!(
         "  key:         {} (mode 0600; copy it to the agent host securely)",
         out.join("agent.key").display()

@@ -6,6 +6,7 @@ mod enroll;
 mod records;
 mod server;
 mod store;
+mod trust;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -55,6 +56,22 @@ enum Command {
         /// The agent's data_dir (default: OUT/data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+    /// Revoke an agent's certificates: the exchange refuses them from now on and
+    /// closes their open connections. Prints one JSON line per certificate revoked.
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        /// Revoke every certificate issued to this agent.
+        #[arg(long)]
+        agent_id: Option<String>,
+        /// Revoke this certificate file (e.g. one issued before certificates were
+        /// kept on record).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// key-compromise | superseded | cessation-of-operation | unspecified
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
     },
     /// Print stored records of a stream in seq order, one JSON line each.
     Records {
@@ -133,6 +150,12 @@ fn main() -> ExitCode {
             query(&config, admin::Request::Export { agent, stream, to })
         }
         Command::Agents { config } => query(&config, admin::Request::Agents),
+        Command::Revoke {
+            config,
+            agent_id,
+            cert,
+            reason,
+        } => revoke(&config, agent_id.as_deref(), cert.as_deref(), &reason),
         Command::Gaps {
             config,
             agent,
@@ -178,6 +201,39 @@ fn serve(path: &Path) -> Result<()> {
         });
         server::serve(cfg, shutdown).await
     })
+}
+
+fn revoke(path: &Path, agent_id: Option<&str>, cert: Option<&Path>, reason: &str) -> Result<()> {
+    if agent_id.is_none() && cert.is_none() {
+        anyhow::bail!("name what to revoke: --agent-id ID and/or --cert FILE");
+    }
+    let reason = ferry_transport::pki::Reason::parse(reason).with_context(|| {
+        format!("--reason {reason:?}: key-compromise, superseded, cessation-of-operation or unspecified")
+    })?;
+    let cfg = config::load(path)?;
+    let revoked = trust::revoke(&cfg, agent_id, cert, reason)?;
+    for r in &revoked {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    if revoked.is_empty() {
+        eprintln!("nothing new to revoke: those certificates were revoked already");
+    }
+    // A running exchange takes the new list at once.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut sink = Vec::new();
+    match rt.block_on(admin::ask(
+        &cfg.admin_socket(),
+        &admin::Request::Reload,
+        &mut sink,
+    ))? {
+        Some(closed) => {
+            eprintln!("the running exchange refuses them now; {closed} open connection(s) closed")
+        }
+        None => eprintln!("the exchange is not running; it refuses them when it starts"),
+    }
+    Ok(())
 }
 
 /// Asks the running exchange; when none runs, opens the store directly.

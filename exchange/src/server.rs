@@ -76,11 +76,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
         .with_context(|| format!("creating the store directory {}", store_dir.display()))?;
     let store =
         Arc::new(tokio::task::spawn_blocking(move || Store::open(&store_dir, cache)).await??);
-    let quic = server_config(&TlsFiles {
-        ca: &cfg.tls.ca,
-        cert: &cfg.tls.cert,
-        key: &cfg.tls.key,
-    })?;
+    let quic = quic_config(&cfg)?;
     let listen: SocketAddr = cfg.exchange.listen.parse().with_context(|| {
         format!(
             "exchange.listen {:?} is not an address:port",
@@ -100,7 +96,14 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     .with_context(|| format!("listening on {listen}"))?;
     let (commits, committer) = spawn_committer(store.clone());
     let admin = crate::admin::bind(&cfg.admin_socket())?;
-    let admin_task = tokio::spawn(crate::admin::serve(admin, store.clone(), shutdown.clone()));
+    let (reloads, mut reload_requests) = mpsc::channel(4);
+    let admin_task = tokio::spawn(crate::admin::serve(
+        admin,
+        store.clone(),
+        reloads,
+        shutdown.clone(),
+    ));
+    let live = Live::default();
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(listen = %endpoint.local_addr().unwrap_or(listen), store = %cfg.store.dir.display(), "exchange serving");
@@ -108,14 +111,22 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            Some(answer) = reload_requests.recv() => {
+                let r = reload_trust(&cfg, &endpoint, &live).map_err(|e| format!("{e:#}"));
+                if let Err(e) = &r {
+                    warn!(error = %e, "the revocation list could not be taken");
+                }
+                let _ = answer.send(r);
+            }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let store = store.clone();
                 let commits = commits.clone();
+                let live = live.clone();
                 let remote = incoming.remote_address();
                 tokio::spawn(
                     async move {
-                        if let Err(e) = connection(incoming, store, commits).await {
+                        if let Err(e) = connection(incoming, store, commits, live).await {
                             info!(error = %format!("{e:#}"), "connection ended");
                         }
                     }
@@ -135,6 +146,75 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     Ok(())
 }
 
+/// The endpoint's TLS setup, with the revocation list if there is one.
+fn quic_config(cfg: &ExchangeConfig) -> Result<quinn::ServerConfig> {
+    let crl = crate::trust::crl_path(cfg);
+    server_config(
+        &TlsFiles {
+            ca: &cfg.tls.ca,
+            cert: &cfg.tls.cert,
+            key: &cfg.tls.key,
+        },
+        crl.as_deref(),
+    )
+}
+
+/// Open agent connections by certificate serial, so a revocation can end them.
+#[derive(Clone, Default)]
+struct Live(Arc<std::sync::Mutex<std::collections::HashMap<usize, (String, quinn::Connection)>>>);
+
+impl Live {
+    fn add(&self, serial: &str, conn: &quinn::Connection) -> LiveGuard {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(conn.stable_id(), (serial.to_string(), conn.clone()));
+        }
+        LiveGuard {
+            live: self.clone(),
+            id: conn.stable_id(),
+        }
+    }
+}
+
+struct LiveGuard {
+    live: Live,
+    id: usize,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.live.0.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
+/// Takes the revocation list anew for new handshakes and closes the open
+/// connections of revoked certificates; returns how many it closed.
+fn reload_trust(cfg: &ExchangeConfig, endpoint: &quinn::Endpoint, live: &Live) -> Result<usize> {
+    endpoint.set_server_config(Some(quic_config(cfg)?));
+    let revoked: std::collections::HashSet<String> = crate::trust::revoked(cfg)?
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    let mut closed = 0;
+    if let Ok(m) = live.0.lock() {
+        for (serial, conn) in m.values() {
+            if revoked.contains(serial) {
+                conn.close(
+                    (ErrorCode::Forbidden as u32).into(),
+                    ferry_transport::tls::REVOKED_REASON,
+                );
+                closed += 1;
+            }
+        }
+    }
+    info!(
+        revoked = revoked.len(),
+        closed, "revocation list taken; revoked agents' connections closed"
+    );
+    Ok(closed)
+}
+
 fn wire_error(code: ErrorCode, message: impl Into<String>, stream: &str) -> Msg {
     Msg::Error(WireError {
         code: code as i32,
@@ -147,10 +227,12 @@ async fn connection(
     incoming: quinn::Incoming,
     store: Arc<Store>,
     commits: mpsc::Sender<StoreRequest>,
+    live: Live,
 ) -> Result<()> {
     let remote = incoming.remote_address();
     let conn = incoming.await.context("TLS handshake refused")?;
     let id = peer_identity(&conn)?;
+    let _live = live.add(&id.serial, &conn);
     if !valid_stream_name(&id.agent_id) {
         conn.close(2u32.into(), b"agent id not acceptable");
         return Err(anyhow!(

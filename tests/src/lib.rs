@@ -446,6 +446,11 @@ impl Exchange {
         self.start();
     }
 
+    /// `ferry-exchange revoke` with `args`: its output, whether it succeeded or not.
+    pub fn revoke(&self, args: &[&str]) -> Output {
+        run_output(self.cli("revoke").args(args))
+    }
+
     fn cli(&self, sub: &str) -> Command {
         let mut cmd = Command::new(bin("ferry-exchange"));
         cmd.arg(sub).arg("--config").arg(&self.config);

@@ -7,8 +7,9 @@
 
 use anyhow::{anyhow, Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use time::{Duration, OffsetDateTime};
@@ -103,6 +104,86 @@ pub struct CertIdentity {
     pub agent_id: String,
     pub department: String,
     pub not_after_unix: i64,
+    /// The certificate's serial number, hex (what a revocation names).
+    pub serial: String,
+}
+
+/// Why a certificate was revoked (RFC 5280 reason codes, as the CRL carries them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Unspecified,
+    KeyCompromise,
+    Superseded,
+    CessationOfOperation,
+}
+
+impl Reason {
+    pub fn parse(s: &str) -> Option<Reason> {
+        Some(match s {
+            "unspecified" => Reason::Unspecified,
+            "key-compromise" => Reason::KeyCompromise,
+            "superseded" => Reason::Superseded,
+            "cessation-of-operation" => Reason::CessationOfOperation,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unspecified => "unspecified",
+            Reason::KeyCompromise => "key-compromise",
+            Reason::Superseded => "superseded",
+            Reason::CessationOfOperation => "cessation-of-operation",
+        }
+    }
+
+    fn rcgen(self) -> RevocationReason {
+        match self {
+            Reason::Unspecified => RevocationReason::Unspecified,
+            Reason::KeyCompromise => RevocationReason::KeyCompromise,
+            Reason::Superseded => RevocationReason::Superseded,
+            Reason::CessationOfOperation => RevocationReason::CessationOfOperation,
+        }
+    }
+}
+
+/// One revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Serial number, hex.
+    pub serial: String,
+    pub revoked_unix: i64,
+    pub reason: Reason,
+}
+
+/// A certificate revocation list signed by the CA, listing `revoked`; PEM. `number`
+/// must grow from one list to the next. Valid for ten years: the exchange is its
+/// only reader and replaces it whenever the list changes.
+pub fn crl(ca: &PemPair, revoked: &[Revocation], number: u64) -> Result<String> {
+    let now = OffsetDateTime::now_utc();
+    let revoked_certs = revoked
+        .iter()
+        .map(|r| {
+            Ok(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(
+                    &hex::decode(&r.serial)
+                        .with_context(|| format!("serial {:?} is not hex", r.serial))?,
+                ),
+                revocation_time: OffsetDateTime::from_unix_timestamp(r.revoked_unix).unwrap_or(now),
+                reason_code: Some(r.reason.rcgen()),
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let params = CertificateRevocationListParams {
+        this_update: now - Duration::days(2),
+        next_update: now + Duration::days(CA_DAYS),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer(ca)?)?.pem()?)
 }
 
 /// Reads agent id and department from a certificate's subject.
@@ -120,6 +201,7 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<CertIdentity> {
         agent_id,
         department,
         not_after_unix: x.validity().not_after.timestamp(),
+        serial: hex::encode(x.raw_serial()),
     })
 }
 
@@ -137,5 +219,39 @@ mod tests {
         assert_eq!(id.agent_id, "hp-mz-01");
         assert_eq!(id.department, "210102-MZ");
         assert!(id.not_after_unix > OffsetDateTime::now_utc().unix_timestamp());
+        assert!(!id.serial.is_empty());
+        let other = issue_agent(&ca, "hp-mz-01", "210102-MZ").unwrap();
+        let other = CertificateDer::from_pem_slice(other.cert_pem.as_bytes()).unwrap();
+        assert_ne!(identity_of(&other).unwrap().serial, id.serial);
+    }
+
+    #[test]
+    fn a_crl_lists_what_it_revokes() {
+        use x509_parser::prelude::FromDer;
+        let ca = create_ca("test CA").unwrap();
+        let agent = issue_agent(&ca, "hp-mz-01", "210102-MZ").unwrap();
+        let der = CertificateDer::from_pem_slice(agent.cert_pem.as_bytes()).unwrap();
+        let serial = identity_of(&der).unwrap().serial;
+        let pem = crl(
+            &ca,
+            &[Revocation {
+                serial: serial.clone(),
+                revoked_unix: 1_700_000_000,
+                reason: Reason::KeyCompromise,
+            }],
+            7,
+        )
+        .unwrap();
+        let der =
+            rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, list) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+                .unwrap();
+        let serials: Vec<String> = list
+            .iter_revoked_certificates()
+            .map(|r| hex::encode(r.raw_serial()))
+            .collect();
+        assert_eq!(serials, vec![serial]);
+        assert!(crl(&ca, &[], 8).is_ok());
     }
 }

@@ -10,7 +10,7 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::pki::{identity_of, CertIdentity};
 
@@ -69,8 +69,17 @@ fn transport() -> Result<Arc<TransportConfig>> {
 
 /// The exchange's QUIC server config: TLS 1.3 only, client certificates required
 /// and verified against the CA, ALPN `ferry/1`, no 0-RTT.
-pub fn server_config(files: &TlsFiles<'_>) -> Result<quinn::ServerConfig> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(files.ca)?, provider())
+///
+/// With `crl` (a PEM file the CA signed, see `pki::crl`), certificates it lists
+/// are refused in the handshake (TLS alert `certificate_revoked`).
+pub fn server_config(files: &TlsFiles<'_>, crl: Option<&Path>) -> Result<quinn::ServerConfig> {
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots(files.ca)?, provider());
+    if let Some(path) = crl {
+        let list = CertificateRevocationListDer::from_pem_file(path)
+            .with_context(|| format!("reading the revocation list {}", path.display()))?;
+        builder = builder.with_crls([list]).only_check_end_entity_revocation();
+    }
+    let verifier = builder
         .build()
         .context("building the client certificate verifier")?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -159,4 +168,29 @@ pub fn identity_in_file(path: &Path) -> Result<CertIdentity> {
         .first()
         .ok_or_else(|| anyhow!("{} holds no certificate", path.display()))?;
     identity_of(leaf)
+}
+
+/// The close reason the exchange gives an agent whose certificate it revoked
+/// while it was connected.
+pub const REVOKED_REASON: &[u8] = b"the agent's certificate was revoked";
+
+/// Whether a connection failed because the exchange revoked this agent's
+/// certificate: refused in the handshake (TLS alert `certificate_revoked`, 44) or
+/// closed with [`REVOKED_REASON`].
+pub fn is_revoked(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let conn = c.downcast_ref::<quinn::ConnectionError>().or_else(|| {
+            match c.downcast_ref::<quinn::WriteError>() {
+                Some(quinn::WriteError::ConnectionLost(e)) => Some(e),
+                _ => None,
+            }
+        });
+        match conn {
+            Some(quinn::ConnectionError::ConnectionClosed(c)) => {
+                c.error_code == quinn::TransportErrorCode::crypto(44)
+            }
+            Some(quinn::ConnectionError::ApplicationClosed(a)) => a.reason == REVOKED_REASON,
+            _ => false,
+        }
+    })
 }

@@ -523,11 +523,14 @@ mod ceiling {
             std::fs::write(dir.path().join(n), v)?;
         }
         let p = |n: &str| dir.path().join(n);
-        let scfg = server_config(&TlsFiles {
-            ca: &p("ca.pem"),
-            cert: &p("s.pem"),
-            key: &p("s.key"),
-        })?;
+        let scfg = server_config(
+            &TlsFiles {
+                ca: &p("ca.pem"),
+                cert: &p("s.pem"),
+                key: &p("s.key"),
+            },
+            None,
+        )?;
         let ccfg = client_config(&TlsFiles {
             ca: &p("ca.pem"),
             cert: &p("a.pem"),
