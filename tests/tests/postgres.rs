@@ -506,6 +506,13 @@ fn start_all(name: &str, extra: &str) -> (TestDir, Arc<PgServer>, Exchange, Agen
     let server = Arc::new(PgServer::start());
     setup_database(&server);
     let ex = Exchange::start_new(&t.mkdir("exchange"));
+    let agent = person_agent(&ex, &t, &server, extra);
+    (t, server, ex, agent)
+}
+
+/// An agent enrolled at `ex` with one postgres stream of `public.person`;
+/// `extra` adds source keys.
+fn person_agent(ex: &Exchange, t: &TestDir, server: &PgServer, extra: &str) -> Agent {
     let agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
     agent.add_stream(&postgres_stream(
         STREAM,
@@ -516,7 +523,7 @@ fn start_all(name: &str, extra: &str) -> (TestDir, Arc<PgServer>, Exchange, Agen
         "ferry_pub",
         extra,
     ));
-    (t, server, ex, agent)
+    agent
 }
 
 /// Waits until the agent's durable position is past `lsn` and the exchange has
@@ -533,6 +540,72 @@ fn wait_caught_up(agent: &mut Agent, lsn: u64) {
                 && s["acked_seq"] == s["head_seq"]
         },
     );
+}
+
+/// How a run ended (see [`stop_writer_and_converge`]).
+struct Converged {
+    written: Written,
+    /// The stream's status once caught up.
+    status: Value,
+    /// Times the flush watch compared the slot with the durable position.
+    compared: u64,
+}
+
+/// Stops the writer, waits until the agent's durable position is past its last
+/// commit and the exchange acknowledged everything, then checks the end state:
+/// the slot was never confirmed past the agent's durable position, no source error
+/// or shipping alarm, no gap at the exchange, and the records, applied by primary
+/// key, equal the table row by row (every streamed change once, in commit order:
+/// [`apply_records`]).
+fn stop_writer_and_converge(
+    writer: Writer,
+    agent: &mut Agent,
+    ex: &Exchange,
+    server: &PgServer,
+    watch: FlushWatch,
+) -> Converged {
+    let written = writer.finish();
+    let stop_lsn = server.current_wal_lsn();
+    note(format!(
+        "writer stopped at {}: {written:?}",
+        lsn_text(stop_lsn)
+    ));
+    // The 1 s heartbeat moves the durable position past the last transaction.
+    wait_caught_up(agent, stop_lsn);
+    let (compared, violations) = watch.finish();
+    note(format!("slot/durable position compared {compared} times"));
+    assert!(
+        violations.is_empty(),
+        "the slot ran ahead of the agent's durable position ({} times), e.g. {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+    let status = agent.stream_status(STREAM);
+    assert!(status["source_error"].is_null(), "source error: {status}");
+    assert!(status["ship_error"].is_null(), "shipping alarm: {status}");
+    assert!(
+        ex.gaps(AGENT, STREAM).is_empty(),
+        "the exchange reports gaps"
+    );
+    let records = ex.records(AGENT, STREAM);
+    let (applied, snapshot_rows, streamed) = apply_records(&records);
+    // Rows deleted before a resumed copy reached them are not copied, rows
+    // inserted meanwhile are: about ROWS in all.
+    assert!(
+        snapshot_rows as i64 >= ROWS * 9 / 10,
+        "only {snapshot_rows} snapshot rows"
+    );
+    let table = table_rows(server);
+    assert_same_table(&applied, &table);
+    note(format!(
+        "{} rows equal row by row ({snapshot_rows} snapshot rows, {streamed} streamed changes)",
+        table.len()
+    ));
+    Converged {
+        written,
+        status,
+        compared,
+    }
 }
 
 /// `public.person` with 20,000 rows is captured with `snapshot = "initial"` in
@@ -681,12 +754,8 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
         "only {snapshot_kills} kills landed during the snapshot"
     );
 
-    let written = writer.finish();
-    let stop_lsn = server.current_wal_lsn();
-    note(format!(
-        "writer stopped at {}: {written:?}",
-        lsn_text(stop_lsn)
-    ));
+    let end = stop_writer_and_converge(writer, &mut agent, &ex, &server, watch);
+    let written = &end.written;
     assert!(
         written.committed > 100,
         "the writer committed only {written:?}"
@@ -699,31 +768,13 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
         written.big >= 1,
         "no big transaction committed: {written:?}"
     );
-
-    // Caught up: the durable position is past everything the writer committed
-    // (the 1 s heartbeat moves it past the last transaction) and the exchange
-    // acknowledged everything buffered.
-    wait_caught_up(&mut agent, stop_lsn);
-    let (compared, violations) = watch.finish();
-    note(format!("slot/durable position compared {compared} times"));
     assert!(
-        violations.is_empty(),
-        "the slot ran ahead of the agent's durable position ({} times), e.g. {:?}",
-        violations.len(),
-        &violations[..violations.len().min(5)]
-    );
-    assert!(
-        compared >= 10,
-        "the flush watch compared only {compared} samples"
-    );
-    let s = agent.stream_status(STREAM);
-    assert!(s["source_error"].is_null(), "source error: {s}");
-    assert!(s["ship_error"].is_null(), "shipping alarm: {s}");
-    assert!(
-        ex.gaps(AGENT, STREAM).is_empty(),
-        "the exchange reports gaps"
+        end.compared >= 10,
+        "the flush watch compared only {} samples",
+        end.compared
     );
     // The metrics say what status says.
+    let s = &end.status;
     let m = http_get(&metrics, "/metrics").expect("metrics answer");
     for want in [
         format!("ferry_stream_acked_seq{labels} {}", s["acked_seq"]),
@@ -736,26 +787,7 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
     for g in ["postgres_retained_wal_bytes", "postgres_durable_lsn"] {
         assert!(m.contains(&format!("ferry_{g}{labels} ")), "no {g}:\n{m}");
     }
-
-    let records = ex.records(AGENT, STREAM);
-    let (applied, snapshot_rows, streamed) = apply_records(&records);
-    note(format!(
-        "{} records: {snapshot_rows} snapshot rows, {streamed} streamed changes",
-        records.len()
-    ));
-    // Rows deleted before a resumed copy reached them are not copied, rows
-    // inserted meanwhile are: about ROWS in all.
-    assert!(
-        snapshot_rows as i64 >= ROWS * 9 / 10,
-        "only {snapshot_rows} snapshot rows"
-    );
-    let table = table_rows(&server);
-    assert_same_table(&applied, &table);
-    note(format!(
-        "{} rows equal row by row; {:.0} s in all",
-        table.len(),
-        started.elapsed().as_secs_f64()
-    ));
+    note(format!("{:.0} s in all", started.elapsed().as_secs_f64()));
     agent.stop();
     ex.stop();
     // Stops the server (the Drop of the last reference).
@@ -788,17 +820,13 @@ fn a_bad_link_and_a_killed_exchange_lose_and_repeat_no_row() {
         reorder: 0.03,
         cut: false,
     });
-    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
-    agent.set("address", &format!("\"{}\"", proxy.address()));
-    agent.add_stream(&postgres_stream(
-        STREAM,
-        "210100-GA-0003",
-        &server.dsn(DB),
-        &["public.person"],
-        SLOT,
-        "ferry_pub",
+    let mut agent = person_agent(
+        &ex,
+        &t,
+        &server,
         "snapshot = \"initial\", snapshot_chunk_rows = 1000, snapshot_rows_per_second = 2000, heartbeat_interval = \"1s\"",
-    ));
+    );
+    agent.set("address", &format!("\"{}\"", proxy.address()));
     let seed: u64 = rand::rng().random();
     note(format!("writer seed {seed}"));
     let writer = Writer::start(server.dsn(DB), seed);
@@ -845,44 +873,15 @@ fn a_bad_link_and_a_killed_exchange_lose_and_repeat_no_row() {
     std::thread::sleep(Duration::from_secs(8));
     proxy.cut(false);
     std::thread::sleep(Duration::from_secs(2));
-    let written = writer.finish();
-    let stop_lsn = server.current_wal_lsn();
-    note(format!(
-        "writer stopped at {}: {written:?}",
-        lsn_text(stop_lsn)
-    ));
+    let end = stop_writer_and_converge(writer, &mut agent, &ex, &server, watch);
     assert!(
-        written.committed > 50,
-        "the writer committed only {written:?}"
+        end.written.committed > 50,
+        "the writer committed only {:?}",
+        end.written
     );
-
-    wait_caught_up(&mut agent, stop_lsn);
-    let (compared, violations) = watch.finish();
-    assert!(
-        violations.is_empty(),
-        "the slot ran ahead of the agent's durable position ({} times), e.g. {:?}",
-        violations.len(),
-        &violations[..violations.len().min(5)]
-    );
-    let s = agent.stream_status(STREAM);
-    assert!(s["source_error"].is_null(), "source error: {s}");
-    assert!(s["ship_error"].is_null(), "shipping alarm: {s}");
-    assert!(
-        ex.gaps(AGENT, STREAM).is_empty(),
-        "the exchange reports gaps"
-    );
-    let records = ex.records(AGENT, STREAM);
-    let (applied, snapshot_rows, streamed) = apply_records(&records);
-    assert!(
-        snapshot_rows as i64 >= ROWS * 9 / 10,
-        "only {snapshot_rows} snapshot rows"
-    );
-    let table = table_rows(&server);
-    assert_same_table(&applied, &table);
     let st = proxy.stats();
     note(format!(
-        "{} rows equal row by row ({snapshot_rows} snapshot rows, {streamed} streamed changes; slot compared {compared} times); proxy dropped {}, duplicated {}, reordered {} datagrams; {:.0} s in all",
-        table.len(),
+        "proxy dropped {}, duplicated {}, reordered {} datagrams; {:.0} s in all",
         st.dropped.load(Ordering::Relaxed),
         st.duplicated.load(Ordering::Relaxed),
         st.reordered.load(Ordering::Relaxed),
