@@ -23,5 +23,12 @@ pub mod session;
 /// The ALPN protocol id both ends require.
 pub const ALPN: &[u8] = b"ferry/1";
 
-/// Wire protocol version carried in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Wire protocol version carried in `Hello` and `Welcome`: the version this end
+/// speaks. Version 2 added `RowBlock` records (snapshot rows in blocks).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest agent version the exchange still serves. An exchange answers in the
+/// agent's version; one that only speaks an older version refuses a newer agent
+/// (`Version`), so records it could not read never reach it: upgrade the exchange
+/// first.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;

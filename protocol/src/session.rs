@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::messages::{Ack, Batch, ErrorCode, Hello, Sharing, Welcome};
-use crate::PROTOCOL_VERSION;
+use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Default number of unacknowledged batches per stream.
 pub const DEFAULT_WINDOW: u32 = 16;
@@ -367,7 +367,7 @@ impl ExchangeSession {
         if self.streams.is_some() {
             return Err(protocol("second Hello on one connection"));
         }
-        if hello.version != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
             return Err(SessionError::Version {
                 peer: hello.version,
                 ours: PROTOCOL_VERSION,
@@ -416,7 +416,8 @@ impl ExchangeSession {
             }
         }
         let welcome = Welcome {
-            version: PROTOCOL_VERSION,
+            // Answered in the agent's version.
+            version: hello.version,
             streams: names
                 .iter()
                 .map(|n| crate::messages::StreamWelcome {

@@ -263,6 +263,39 @@ fn hello_must_match_certificate_and_sharing() {
     assert_eq!(err.code(), ErrorCode::Forbidden);
 }
 
+/// The exchange serves agents of every version it knows, in their version; an
+/// agent newer than the exchange is refused, so it never sends records the
+/// exchange could not read.
+#[test]
+fn versions_are_answered_in_kind_and_newer_agents_refused() {
+    for v in crate::MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
+        let mut h = hello("a1");
+        h.version = v;
+        let w = ExchangeSession::new(peer("a1"))
+            .handle_hello(&h, |_| 1, 1)
+            .unwrap();
+        assert_eq!(w.version, v);
+    }
+    for v in [0, PROTOCOL_VERSION + 1] {
+        let mut h = hello("a1");
+        h.version = v;
+        let e = ExchangeSession::new(peer("a1"))
+            .handle_hello(&h, |_| 1, 1)
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Version, "{e}");
+    }
+    // A Welcome in another version than the agent speaks stops the agent.
+    let mut a = AgentSession::new(hello("a1"), &BTreeMap::new());
+    let old = Welcome {
+        version: PROTOCOL_VERSION - 1,
+        ..Default::default()
+    };
+    assert_eq!(
+        a.handle_welcome(&old).unwrap_err().code(),
+        ErrorCode::Version
+    );
+}
+
 #[test]
 fn batches_for_undeclared_streams_are_forbidden() {
     let mut ex = ExchangeSession::new(peer("a1"));
