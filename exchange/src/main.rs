@@ -8,6 +8,7 @@ mod server;
 mod store;
 mod trust;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -149,7 +150,7 @@ fn main() -> ExitCode {
             };
             query(&config, admin::Request::Export { agent, stream, to })
         }
-        Command::Agents { config } => query(&config, admin::Request::Agents),
+        Command::Agents { config } => agents(&config),
         Command::Revoke {
             config,
             agent_id,
@@ -236,22 +237,57 @@ fn revoke(path: &Path, agent_id: Option<&str>, cert: Option<&Path>, reason: &str
     Ok(())
 }
 
+/// The fleet, each agent with `revoked`: whether the certificate it last
+/// connected with is revoked.
+fn agents(path: &Path) -> Result<()> {
+    let cfg = config::load(path)?;
+    let revoked: std::collections::HashSet<String> = trust::revoked(&cfg)?
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    let mut lines = Vec::new();
+    ask_or_open(&cfg, &admin::Request::Agents, &mut lines)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for line in String::from_utf8_lossy(&lines).lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("an agent record that is not JSON: {line}"))?;
+        let serial = v["cert_serial"].as_str().unwrap_or_default().to_string();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert(
+                "revoked".into(),
+                serde_json::json!(revoked.contains(&serial)),
+            );
+        }
+        writeln!(out, "{v}")?;
+    }
+    Ok(())
+}
+
 /// Asks the running exchange; when none runs, opens the store directly.
 fn query(path: &Path, req: admin::Request) -> Result<()> {
     let cfg = config::load(path)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    ask_or_open(&cfg, &req, &mut out)
+}
+
+fn ask_or_open(
+    cfg: &config::ExchangeConfig,
+    req: &admin::Request,
+    out: &mut dyn Write,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
     if rt
-        .block_on(admin::ask(&cfg.admin_socket(), &req, &mut out))?
+        .block_on(admin::ask(&cfg.admin_socket(), req, out))?
         .is_some()
     {
         return Ok(());
     }
     let store = store::Store::open(&cfg.store.dir, cfg.store.cache_size)
         .with_context(|| format!("opening the store in {}", cfg.store.dir.display()))?;
-    admin::execute(&store, &req, &mut out)?;
+    admin::execute(&store, req, out)?;
     Ok(())
 }

@@ -278,6 +278,7 @@ async fn connection(
         let mut record = store.agent(&id.agent_id)?.unwrap_or_default();
         record.agent_id = id.agent_id.clone();
         record.department = id.department.clone();
+        record.cert_serial = id.serial.clone();
         record.last_seen_unix_ms = now_unix_ms();
         record.remote = remote.to_string();
         record.software = hello.software.clone();

@@ -89,6 +89,15 @@ fn a_revoked_agent_is_cut_off_at_once_and_loses_nothing() {
         s["head_seq"].as_u64() > s["acked_seq"].as_u64()
     });
 
+    let revoked = |ex: &Exchange, id: &str| {
+        ex.agents()
+            .into_iter()
+            .find(|a| a["agent_id"] == id)
+            .map(|a| a["revoked"].clone())
+    };
+    assert_eq!(revoked(&ex, "hp-mz-01"), Some(serde_json::json!(true)));
+    assert_eq!(revoked(&ex, "hp-mz-02"), Some(serde_json::json!(false)));
+
     // The list survives the exchange.
     ex.kill9();
     ex.start();
@@ -113,6 +122,7 @@ fn a_revoked_agent_is_cut_off_at_once_and_loses_nothing() {
     assert_eq!(ex.lines("hp-mz-01", STREAM), lines("a", 0, 220));
     assert_eq!(ex.lines("hp-mz-02", STREAM), lines("b", 0, 250));
     assert!(ex.gaps("hp-mz-01", STREAM).is_empty());
+    assert_eq!(revoked(&ex, "hp-mz-01"), Some(serde_json::json!(false)));
 
     // What cannot be revoked says why.
     let none = ex.revoke(&["--agent-id", "nobody"]);

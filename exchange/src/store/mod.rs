@@ -89,6 +89,9 @@ pub struct AgentRecord {
     pub streams: Vec<String>,
     /// The last heartbeat, as JSON.
     pub status: Option<serde_json::Value>,
+    /// Serial (hex) of the certificate the agent last connected with.
+    #[serde(default)]
+    pub cert_serial: String,
 }
 
 /// A batch received from `agent`, to be stored.
