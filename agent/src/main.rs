@@ -420,6 +420,9 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
             .map(|e| format!("  ALARM: write failing: {e}"))
             .unwrap_or_default()
     );
+    if let Some(alarm) = status::cert_alarm(report.cert_not_after_unix, status::now_unix()) {
+        println!("certificate: {alarm}");
+    }
     for s in &report.streams {
         println!(
             "stream {} ({}, {}, catalog {}): head {} acked {} buffered {} batches / {}; position: {}",

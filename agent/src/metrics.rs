@@ -100,6 +100,11 @@ pub fn render(s: &AgentStatus) -> String {
         s.started_unix,
     );
     f.one(
+        "agent_certificate_not_after_seconds",
+        "When the agent's certificate expires, Unix seconds",
+        s.cert_not_after_unix,
+    );
+    f.one(
         "exchange_connected",
         "1 while the agent is connected to the exchange",
         u64::from(s.connection.state == "connected"),
@@ -226,6 +231,7 @@ mod tests {
         let s = AgentStatus {
             agent_id: "hp-mz-01".into(),
             version: "0.1.0".into(),
+            cert_not_after_unix: 1_900_000_000,
             connection: Connection {
                 state: "connected".into(),
                 ..Default::default()
@@ -250,6 +256,7 @@ mod tests {
         for want in [
             "ferry_agent_info{agent=\"hp-mz-01\",version=\"0.1.0\"} 1\n",
             "ferry_exchange_connected 1\n",
+            "ferry_agent_certificate_not_after_seconds 1900000000\n",
             "ferry_buffer_max_bytes 1073741824\n",
             "ferry_stream_head_seq{stream=\"household\",kind=\"postgres\"} 12\n",
             "ferry_stream_acked_seq{stream=\"household\",kind=\"postgres\"} 10\n",

@@ -87,6 +87,11 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             .collect(),
         software: env!("CARGO_PKG_VERSION").to_string(),
     };
+    let cert_not_after_unix = ferry_transport::tls::identity_in_file(&cfg.exchange.cert)
+        .map_or(0, |id| id.not_after_unix.max(0) as u64);
+    if let Some(alarm) = status::cert_alarm(cert_not_after_unix, status::now_unix()) {
+        warn!("{alarm}");
+    }
     let shipper = tokio::spawn(
         Shipper {
             address: cfg.exchange.address.clone(),
@@ -99,8 +104,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             durable,
             space,
             board: board.clone(),
-            cert_not_after_unix: ferry_transport::tls::identity_in_file(&cfg.exchange.cert)
-                .map_or(0, |id| id.not_after_unix.max(0) as u64),
+            cert_not_after_unix,
         }
         .run(shutdown.clone())
         .instrument(info_span!("shipper", exchange = %cfg.exchange.address)),
@@ -192,6 +196,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 started_unix: started,
+                cert_not_after_unix,
                 buffer: BufferStatus {
                     bytes: buffer.total_bytes(),
                     max_bytes,

@@ -14,6 +14,40 @@ pub struct AgentStatus {
     pub connection: Connection,
     pub buffer: BufferStatus,
     pub streams: Vec<StreamView>,
+    /// When the agent's certificate expires, Unix seconds (0 when unreadable).
+    #[serde(default)]
+    pub cert_not_after_unix: u64,
+}
+
+/// Warn this long before the agent's certificate expires: re-enrolling takes the
+/// exchange operator and the department's IT staff.
+pub const CERT_WARN_SECS: u64 = 30 * 24 * 3600;
+
+/// An alarm when the certificate expires within [`CERT_WARN_SECS`] of `now` or
+/// has expired.
+pub fn cert_alarm(not_after_unix: u64, now_unix: u64) -> Option<String> {
+    if not_after_unix == 0 {
+        return None;
+    }
+    let when = humantime_days(not_after_unix.saturating_sub(now_unix));
+    if not_after_unix <= now_unix {
+        Some("ALARM: the agent's certificate has expired; the exchange refuses it until the agent is enrolled again".into())
+    } else if not_after_unix - now_unix <= CERT_WARN_SECS {
+        Some(format!(
+            "ALARM: the agent's certificate expires in {when}; ask the exchange operator to enrol it again"
+        ))
+    } else {
+        None
+    }
+}
+
+fn humantime_days(secs: u64) -> String {
+    let days = secs / 86_400;
+    if days >= 1 {
+        format!("{days} day{}", if days == 1 { "" } else { "s" })
+    } else {
+        format!("{} hours", secs / 3600)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -176,5 +210,23 @@ impl Board {
                 s.ship_error = i.ship_errors.get(&s.name).cloned();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_near_its_end_raises_an_alarm() {
+        let now = 1_800_000_000;
+        assert_eq!(cert_alarm(0, now), None);
+        assert_eq!(cert_alarm(now + 31 * 86_400, now), None);
+        let soon = cert_alarm(now + 12 * 86_400, now).unwrap();
+        assert!(soon.contains("expires in 12 days"), "{soon}");
+        let hours = cert_alarm(now + 5 * 3600, now).unwrap();
+        assert!(hours.contains("expires in 5 hours"), "{hours}");
+        let gone = cert_alarm(now - 1, now).unwrap();
+        assert!(gone.contains("has expired"), "{gone}");
     }
 }

@@ -307,6 +307,7 @@ async fn connection(
                         record.last_seen_unix_ms = now_unix_ms();
                         record.status = Some(serde_json::json!({
                             "buffer_full": status.buffer_full,
+                            "cert_not_after_unix": status.cert_not_after_unix,
                             "streams": status.streams.iter().map(|s| serde_json::json!({
                                 "name": s.name, "head_seq": s.head_seq, "acked_seq": s.acked_seq,
                                 "buffered_batches": s.buffered_batches, "buffered_bytes": s.buffered_bytes,

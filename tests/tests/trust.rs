@@ -97,6 +97,19 @@ fn a_revoked_agent_is_cut_off_at_once_and_loses_nothing() {
     };
     assert_eq!(revoked(&ex, "hp-mz-01"), Some(serde_json::json!(true)));
     assert_eq!(revoked(&ex, "hp-mz-02"), Some(serde_json::json!(false)));
+    // Both ends know when a certificate runs out (enrolment issues 825 days).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let in_800_days = now + 800 * 86_400;
+    assert!(b.status()["cert_not_after_unix"].as_u64() > Some(in_800_days));
+    wait_until(SHORT, "the exchange to hear the certificate's end", || {
+        ex.agents().iter().any(|a| {
+            a["agent_id"] == "hp-mz-02"
+                && a["status"]["cert_not_after_unix"].as_u64() > Some(in_800_days)
+        })
+    });
 
     // The list survives the exchange.
     ex.kill9();
