@@ -265,7 +265,7 @@ pub fn block_rows(b: &RowBlock) -> Result<Vec<RowChange>, String> {
                     type_oid: c.type_oid,
                     value: Some(match fields.get(line, j) {
                         None => column::Value::Null(true),
-                        Some(v) => field_value(c.type_oid, v),
+                        Some(v) => text_value(c.type_oid, v),
                     }),
                 })
                 .collect()
@@ -288,26 +288,16 @@ pub fn block_rows(b: &RowBlock) -> Result<Vec<RowChange>, String> {
     Ok(out)
 }
 
-/// A field's value: `bytea` text output (`\x` + an even number of hex digits) as
-/// its bytes, everything else as text.
-fn field_value(type_oid: u32, v: &str) -> column::Value {
+/// A value from its text output, as both snapshot and streamed rows carry it:
+/// `bytea` text output (`\x` + an even number of hex digits) as its bytes,
+/// everything else as text.
+pub fn text_value(type_oid: u32, v: &str) -> column::Value {
     if type_oid == BYTEA_OID {
-        if let Some(b) = v.strip_prefix("\\x").and_then(unhex) {
+        if let Some(Ok(b)) = v.strip_prefix("\\x").map(hex::decode) {
             return column::Value::Bytes(b);
         }
     }
     column::Value::Text(v.to_string())
-}
-
-fn unhex(h: &str) -> Option<Vec<u8>> {
-    let h = h.as_bytes();
-    if !h.len().is_multiple_of(2) {
-        return None;
-    }
-    let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    h.chunks_exact(2)
-        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
-        .collect()
 }
 
 #[cfg(test)]

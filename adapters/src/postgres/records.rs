@@ -11,7 +11,7 @@ use super::sql::{replident_name, ColInfo, TableInfo};
 use crate::now_unix_ms;
 
 /// `bytea`.
-use ferry_protocol::copy_text::BYTEA_OID;
+use ferry_protocol::copy_text::text_value;
 
 /// A captured table's shape, from a Relation message or the catalog.
 #[derive(Debug, Clone)]
@@ -78,18 +78,6 @@ impl Rel {
     }
 }
 
-/// A value from its text output; `bytea` (`\x` hex) travels as bytes.
-pub(crate) fn text_value(type_oid: u32, text: String) -> column::Value {
-    if type_oid == BYTEA_OID {
-        if let Some(h) = text.strip_prefix("\\x") {
-            if let Ok(b) = hex::decode(h) {
-                return column::Value::Bytes(b);
-            }
-        }
-    }
-    column::Value::Text(text)
-}
-
 fn column(c: &ColInfo, value: column::Value) -> Column {
     Column {
         name: c.name.clone(),
@@ -103,9 +91,7 @@ fn decoded(c: &ColInfo, v: Option<&ColumnValue>) -> column::Value {
     match v {
         None => column::Value::UnchangedToast(true),
         Some(ColumnValue::Null) => column::Value::Null(true),
-        Some(ColumnValue::Text(b)) => {
-            text_value(c.type_oid, String::from_utf8_lossy(b).into_owned())
-        }
+        Some(ColumnValue::Text(b)) => text_value(c.type_oid, &String::from_utf8_lossy(b)),
         Some(ColumnValue::Binary(b)) => column::Value::Bytes(b.to_vec()),
     }
 }
