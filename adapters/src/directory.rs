@@ -12,6 +12,18 @@
 //! or vanished) ends with a `FileAbort { file_id, path, reason }` record; the file is
 //! then sent again, whole, under a new id once it is complete again.
 //!
+//! # What is taken
+//!
+//! Only regular files. An entry whose name matches but that is a symlink, a FIFO, a
+//! socket, a device or a directory is refused: a symlink would let anyone who can
+//! write the outbox ship any file the agent can read (its private key), a FIFO would
+//! block the read. The scan judges entries without following links (lstat), and the
+//! file is opened with `O_NOFOLLOW | O_NONBLOCK` and checked again on the open
+//! descriptor (fstat), so an entry swapped between scan and open is refused too.
+//! A refused entry is left where it is, never moved or deleted, and logged once
+//! (again only if it goes away and comes back). The sent dir inside the outbox is
+//! skipped silently.
+//!
 //! # Position
 //!
 //! The committed position is JSON:
@@ -20,15 +32,35 @@
 //! {
 //!   "current": { "file_id": "1a2b3c4d5e6f7081", "name": "report.xml",
 //!                "dev": 2049, "ino": 131, "size": 10485760,
-//!                "mtime_ns": 1767225600123456789, "offset": 3145728 },
+//!                "mtime_ns": 1767225600123456789, "offset": 3145728, "seq": 4711 },
 //!   "awaiting": [ { "file_id": "…", "name": "…", "dev": 2049, "ino": 130,
-//!                   "size": 42, "mtime_ns": 1767225599000000000 } ]
+//!                   "size": 42, "mtime_ns": 1767225599000000000, "seq": 4707 } ]
 //! }
 //! ```
 //!
 //! `current` is the file being sent (`null` when idle): every byte below `offset` is
-//! durable in the buffer as chunks of `file_id`. `awaiting` lists files whose last
-//! chunk is durable but not yet acknowledged by the exchange.
+//! durable in the buffer as chunks of `file_id`, the last of them at `seq`.
+//! `awaiting` lists files whose last chunk is durable but not yet acknowledged by
+//! the exchange, each with the seq of that last chunk (the one carrying `FileEnd`).
+//! Positions of versions that did not record seqs have no `seq` fields and are still
+//! read (see invariant 4).
+//!
+//! # Seqs in the position
+//!
+//! `SourceContext::commit` tells the seqs of a commit only once it is durable, that
+//! is after the position that goes with it was written. Writing a file's last seq
+//! into the *next* position would leave, after a crash between the two, a listed file
+//! whose seq is unknown, and guessing it from `head_at_start` is exactly what goes
+//! wrong when a buffer's sync fails: the sled write holding the records and position
+//! may be applied while the agent's head stays at the last synced seq, so a restarted
+//! source reads a position naming a file whose `FileEnd` is above the head it was
+//! given, and an acked watermark at that head would let the file go although its end
+//! was never durable (nor shipped). So the source predicts the seqs instead: it is
+//! its stream's only writer, seqs are dense per stream, and commits become durable
+//! in submission order, so the k-th record it submits gets `head_at_start + k`. The
+//! prediction goes into the position of the very commit it is about, and every
+//! answer is checked against it: a mismatch fails the source (after putting the real
+//! seq of a last chunk on record), whose restart counts again from the buffer's head.
 //!
 //! # Invariants
 //!
@@ -36,16 +68,28 @@
 //!    that justify them, so a crash resumes at the next chunk: no chunk is sent twice
 //!    under one id and none is skipped.
 //! 2. A resumed transfer continues only if the file still has the recorded dev, ino,
-//!    size and mtime; its SHA-256 state is rebuilt by re-reading `[0, offset)`.
-//!    Otherwise it is aborted (`FileAbort`) and restarted under a new id.
+//!    size and mtime, is still a regular file, and its last chunk (`current.seq`) is
+//!    not above the buffer's head; its SHA-256 state is rebuilt by re-reading
+//!    `[0, offset)`. Otherwise it is aborted (`FileAbort`) and restarted under a new
+//!    id.
 //! 3. Before every chunk and after reading the last one the file is stat'ed; any
 //!    change of size, mtime or inode aborts the transfer: a torn file is never shipped
 //!    as complete.
-//! 4. A listed (`awaiting`) file is never taken again while listed. It is moved or
-//!    deleted only after the seq of its last chunk is acknowledged; entries resumed
-//!    from a position have unknown seqs and count as acknowledged once everything
-//!    durable at start (`head_at_start`) is. An entry whose file is gone or is no
-//!    longer the same file is dropped from the list without touching the file.
+//! 4. A listed (`awaiting`) file is never taken again while listed. It leaves the
+//!    outbox (moved or deleted) only once the exchange acknowledged the seq of its
+//!    own last chunk, known exactly. An entry resumed with a seq above the buffer's
+//!    head (`head_at_start`) never became durable: its transfer is aborted and the
+//!    file sent again whole under a new id. An entry without a seq (written by an
+//!    older version) is read only when the agent starts on that version's buffer,
+//!    whose head and position come from one write, so its last chunk is at most
+//!    `head_at_start`: that bound is used, and recorded, as its seq. An entry whose
+//!    file is gone or is no longer the same file is dropped from the list without
+//!    touching the file.
+//! 5. A file's move or deletion is durable before the position without it is
+//!    committed: after a rename into the sent dir both directories are fsync'd;
+//!    across filesystems the copy is fsync'd and its directory too before the source
+//!    is unlinked and the outbox fsync'd. A crash leaves the file in the outbox (sent
+//!    again: a duplicate, never a loss) or in the sent dir.
 
 use std::path::{Path, PathBuf};
 

@@ -43,6 +43,10 @@ const ENCODE_AHEAD: usize = 8;
 /// cost more than the work (small batches are the latency path).
 const INLINE_ENCODE_BYTES: usize = 16 * 1024;
 
+/// Exit status after a failed buffer write or sync (EX_IOERR), so the supervisor
+/// restarts the agent from what is on disk.
+pub const EXIT_BUFFER_FAILED: i32 = 74;
+
 pub struct Committer {
     pub buffer: Arc<Buffer>,
     pub names: Vec<String>,
@@ -367,8 +371,20 @@ impl Writer {
                 self.durable.notify_one();
             }
             Err(msg) => {
-                error!(error = %msg, "ALARM: buffer write failed; sources will retry from their last durable position");
                 self.board.set_write_error(Some(msg.clone()));
+                if self.buffer.poisoned() {
+                    // Nothing was confirmed to any source, and nothing more may be
+                    // written by this process (see the buffer's module doc): answer
+                    // the requests, then exit so the supervisor restarts the agent
+                    // from what is on disk.
+                    error!(error = %msg, "ALARM: a buffer write or sync failed; the agent stops capturing and exits so it restarts from what is on disk");
+                    for (answer, verdict) in answers {
+                        let _ = answer.send(Err(verdict.unwrap_or_else(|| msg.clone())));
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    std::process::exit(EXIT_BUFFER_FAILED);
+                }
+                error!(error = %msg, "ALARM: buffer write failed; sources will retry from their last durable position");
                 for (stream, epoch) in keys {
                     self.refuse(stream, epoch);
                 }

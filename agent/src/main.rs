@@ -98,6 +98,7 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    ferry_transport::failpoint::setup();
 }
 
 fn main() -> ExitCode {

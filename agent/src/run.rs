@@ -83,6 +83,8 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                 catalog_id: s.catalog_id.clone(),
                 sharing: s.sharing() as i32,
                 kind: s.source().kind().to_string(),
+                // Filled per connection by the shipper, from the buffer.
+                ..Default::default()
             })
             .collect(),
         software: env!("CARGO_PKG_VERSION").to_string(),

@@ -14,8 +14,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::batch::join_payloads;
 use ferry_protocol::entry::StoredBatch;
 use ferry_protocol::frame::MAX_FRAME;
-use ferry_protocol::messages::{frame::Msg, Batch, ErrorCode, Hello, Status, StreamStatus};
-use ferry_protocol::session::{AgentSession, LocalStream, ResumeVerdict};
+use ferry_protocol::messages::{frame::Msg, Batch, ErrorCode, Hello, Lost, Status, StreamStatus};
+use ferry_protocol::session::{AgentSession, LocalStream, Next, ResumeVerdict};
 use ferry_transport::{FrameReader, FrameWriter};
 use rand::Rng;
 use tokio::sync::{mpsc, watch, Notify};
@@ -151,21 +151,32 @@ impl Shipper {
         let mut control = FrameWriter::new(send);
         let mut control_in = FrameReader::new(recv, MAX_FRAME);
 
+        let lost = self.buffer.lost_ranges();
         let local: BTreeMap<String, LocalStream> = self
             .buffer
             .states()
             .into_iter()
             .map(|(n, s)| {
+                let lost = lost.get(&n).cloned().unwrap_or_default();
                 (
                     n,
                     LocalStream {
                         acked: s.acked,
                         head: s.head,
+                        lost,
                     },
                 )
             })
             .collect();
-        let mut session = AgentSession::new(self.hello.clone(), &local);
+        // The exchange judges each stream by this buffer's identity and heads.
+        let mut hello = self.hello.clone();
+        for d in &mut hello.streams {
+            let st = local.get(&d.name).cloned().unwrap_or_default();
+            d.incarnation = self.buffer.incarnation().to_string();
+            d.head_seq = st.head;
+            d.acked_seq = st.acked;
+        }
+        let mut session = AgentSession::new(hello, &local);
         control.send(Msg::Hello(session.hello())).await?;
         let welcome = match control_in.next().await? {
             Some(Msg::Welcome(w)) => w,
@@ -190,10 +201,17 @@ impl Shipper {
                     local_acked,
                 } => {
                     let msg = format!(
-                        "the exchange expects seq {exchange_next} but acknowledged up to {local_acked} before: its store lost data (seqs {exchange_next}..={local_acked} are no longer in this agent's buffer); shipping continues from {}",
+                        "the exchange expects seq {exchange_next} but acknowledged up to {local_acked} before: its store lost data (seqs {exchange_next}..={local_acked} are no longer in this agent's buffer; declared lost to the exchange); shipping continues from {}",
                         local_acked + 1
                     );
                     error!(stream = %name, exchange_next, local_acked, "ALARM: {msg}");
+                    self.board.set_ship_error(&name, Some(msg));
+                }
+                ResumeVerdict::Held { reason } => {
+                    let msg = format!(
+                        "ALARM: the exchange holds this stream until its operator decides (`ferry-exchange resolve`): {reason}; data stays in the buffer"
+                    );
+                    error!(stream = %name, %reason, "ALARM: stream held by the exchange");
                     self.board.set_ship_error(&name, Some(msg));
                 }
                 ResumeVerdict::AgentBehind {
@@ -265,30 +283,42 @@ impl Shipper {
         events: &mpsc::Sender<Event>,
     ) -> Result<()> {
         for (i, name) in self.names.iter().enumerate() {
-            session.on_durable(name, self.buffer.state(name).head);
-            while let Some(seq) = session.poll_send(name) {
-                let Some(batch) = self.buffer.batch_at(name, seq)? else {
-                    // Seqs lost to damage (recorded by `salvage`) are skipped: the
-                    // exchange sees the hole when the next batch arrives, records
-                    // it as a gap and acknowledges past it.
-                    if let Some(to) = self.buffer.lost_through(name, seq) {
-                        warn!(stream = %name, from = seq, to, "skipping seqs lost to buffer damage");
-                        session.on_sent(name, seq, to)?;
-                        continue;
+            // The session's head is the one coalescing reads up to: a fresher
+            // head read later would join batches the session has not seen.
+            let head = self.buffer.state(name).head;
+            session.on_durable(name, head);
+            while let Some(next) = session.poll_send(name) {
+                let msg = match next {
+                    // Seqs lost to damage (recorded by `salvage`) or lost by the
+                    // exchange after it acknowledged them: declared, never skipped
+                    // silently; the exchange records the gap and acks past it.
+                    Next::Lost { from, to, reason } => {
+                        warn!(stream = %name, from, to, %reason, "declaring seqs lost to the exchange");
+                        session.on_lost_sent(name, from, to)?;
+                        Msg::Lost(Lost {
+                            stream: name.clone(),
+                            from_seq: from,
+                            to_seq: to,
+                            reason,
+                        })
                     }
-                    bail!("stream {name}: seq {seq} is durable but not in the buffer");
+                    Next::Records(seq) => {
+                        let Some(batch) = self.buffer.batch_at(name, seq)? else {
+                            bail!("stream {name}: seq {seq} is durable but not in the buffer");
+                        };
+                        let batch = self.coalesce(name, batch, head)?;
+                        let last = batch.first_seq + u64::from(batch.record_count) - 1;
+                        session.on_sent(name, batch.first_seq, last)?;
+                        Msg::Batch(batch)
+                    }
                 };
-                let head = self.buffer.state(name).head;
-                let batch = self.coalesce(name, batch, head)?;
-                let last = batch.first_seq + u64::from(batch.record_count) - 1;
-                session.on_sent(name, batch.first_seq, last)?;
                 if writers[i].is_none() {
                     let (send, recv) = conn.open_bi().await.context("opening a data stream")?;
                     spawn_reader(FrameReader::new(recv, MAX_FRAME), events.clone());
                     writers[i] = Some(FrameWriter::new(send));
                 }
                 if let Some(w) = writers[i].as_mut() {
-                    w.send(Msg::Batch(batch)).await?;
+                    w.send(msg).await?;
                 }
             }
         }
@@ -348,6 +378,7 @@ impl Shipper {
     }
 
     fn on_acked(&self, stream: &str, up_to: u64) -> Result<()> {
+        ferry_transport::failpoint::hit("agent-after-ack-before-delete")?;
         self.buffer.ack(stream, up_to)?;
         if let Some(i) = self.names.iter().position(|n| n == stream) {
             self.acked[i].send_replace(self.buffer.state(stream).acked);
@@ -389,6 +420,8 @@ fn error_code(code: i32) -> &'static str {
         Ok(ErrorCode::TooLarge) => "a frame too large",
         Ok(ErrorCode::Internal) => "an internal error",
         Ok(ErrorCode::Version) => "a version mismatch",
+        Ok(ErrorCode::Resend) => "a batch it did not store (resending)",
+        Ok(ErrorCode::Held) => "a held stream",
         _ => "an unknown error",
     }
 }

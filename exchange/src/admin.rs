@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::records;
-use crate::store::Store;
+use crate::server::Live;
+use crate::store::{Decision, Store};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -41,6 +42,14 @@ pub enum Request {
     /// Take the revocation list anew and close revoked agents' connections
     /// (`revoke` asks this of a running exchange).
     Reload,
+    /// Decide on a held stream: accept it as a continuation, or refuse it.
+    Resolve {
+        agent: String,
+        stream: String,
+        accept: bool,
+        #[serde(default)]
+        reason: String,
+    },
 }
 
 /// What the server does for a [`Request::Reload`]: the number of connections it
@@ -73,10 +82,45 @@ pub fn execute(store: &Store, req: &Request, out: &mut dyn Write) -> Result<u64>
         Request::Export { agent, stream, to } => records::export(store, agent, stream, to, out),
         Request::Agents => {
             let agents = store.agents()?;
+            let holds = store.holds()?;
             for a in &agents {
-                writeln!(out, "{}", serde_json::to_string(a)?)?;
+                let mut v = serde_json::to_value(a)?;
+                let held: Vec<serde_json::Value> = holds
+                    .iter()
+                    .filter(|(agent, _, _)| *agent == a.agent_id)
+                    .map(|(_, stream, h)| {
+                        serde_json::json!({
+                            "stream": stream, "reason": h.reason, "since_unix_ms": h.since_unix_ms,
+                            "incarnation": h.incarnation, "head_seq": h.head_seq,
+                            "acked_seq": h.acked_seq, "refused": h.refused,
+                        })
+                    })
+                    .collect();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("held".into(), serde_json::Value::Array(held));
+                }
+                writeln!(out, "{v}")?;
             }
             Ok(agents.len() as u64)
+        }
+        Request::Resolve {
+            agent,
+            stream,
+            accept,
+            reason,
+        } => {
+            let decision = if *accept {
+                Decision::Accept
+            } else {
+                Decision::Refuse(if reason.is_empty() {
+                    "no reason given".into()
+                } else {
+                    reason.clone()
+                })
+            };
+            let meta = store.resolve(agent, stream, &decision)?;
+            writeln!(out, "{}", serde_json::to_string(&meta)?)?;
+            Ok(1)
         }
         Request::Gaps { agent, stream } => {
             let gaps = store.gaps(agent, stream)?;
@@ -94,6 +138,7 @@ pub async fn serve(
     listener: UnixListener,
     store: Arc<Store>,
     reloads: Reloads,
+    live: Live,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -106,6 +151,7 @@ pub async fn serve(
         };
         let store = store.clone();
         let reloads = reloads.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -137,7 +183,17 @@ pub async fn serve(
                 };
                 let tail = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => match execute(&store, &req, &mut out) {
-                        Ok(n) => serde_json::json!({ "done": n }),
+                        Ok(n) => {
+                            if let Request::Resolve { agent, .. } = &req {
+                                // The agent reconnects and is welcomed anew.
+                                live.close_agent(
+                                    agent,
+                                    None,
+                                    b"the exchange operator resolved a held stream",
+                                );
+                            }
+                            serde_json::json!({ "done": n })
+                        }
                         Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
                     },
                     Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),

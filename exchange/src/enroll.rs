@@ -72,6 +72,7 @@ pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
             dir: "store".into(),
             cache_size: 64 << 20,
         },
+        limits: Default::default(),
     };
     let text = format!(
         "# Ferry exchange configuration, written by `ferry-exchange init`.\n\
@@ -101,6 +102,7 @@ pub fn enroll(
     department: &str,
     out: &Path,
     data_dir: Option<&Path>,
+    replace: bool,
 ) -> Result<()> {
     if !valid_stream_name(agent_id) {
         bail!(
@@ -125,6 +127,13 @@ pub fn enroll(
         bail!(
             "{} already exists; refusing to overwrite an enrolled agent",
             agent_toml.display()
+        );
+    }
+    let live = crate::trust::live_certificates(&cfg, agent_id)?;
+    if !live.is_empty() && !replace {
+        bail!(
+            "agent id {agent_id:?} already has a live certificate (serial {}): a second server enrolled under it would ship as the same agent and its data would collide with the first's. Enrol the new server under a new --agent-id; or, to replace this agent's certificate (a reinstalled server), pass --replace and revoke the old one with `ferry-exchange revoke --agent-id {agent_id}` once it is no longer used",
+            live.join(", ")
         );
     }
     // On record before it leaves: what is not on record cannot be revoked by id.

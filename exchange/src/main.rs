@@ -57,6 +57,10 @@ enum Command {
         /// The agent's data_dir (default: OUT/data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Issue a certificate even though the agent id has a live one (a
+        /// reinstalled server); revoke the old one when it is no longer used.
+        #[arg(long)]
+        replace: bool,
     },
     /// Revoke an agent's certificates: the exchange refuses them from now on and
     /// closes their open connections. Prints one JSON line per certificate revoked.
@@ -101,6 +105,27 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Decide on a stream the exchange holds (a wiped, restored or cloned agent
+    /// buffer; `agents` lists holds): accept the held buffer as the stream's
+    /// continuation from the next seq (a boundary is recorded), or refuse it.
+    /// Prints the stream's record as one JSON line.
+    Resolve {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        stream: String,
+        /// Continue the stream with the held buffer.
+        #[arg(long, conflicts_with = "refuse", required_unless_present = "refuse")]
+        accept: bool,
+        /// Keep refusing it.
+        #[arg(long)]
+        refuse: bool,
+        /// Why (recorded, and shown to the agent when refused).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// List seq ranges of a stream that never arrived, one JSON line each.
     Gaps {
         #[arg(long)]
@@ -123,7 +148,15 @@ fn main() -> ExitCode {
             department,
             out,
             data_dir,
-        } => enroll::enroll(&config, &agent_id, &department, &out, data_dir.as_deref()),
+            replace,
+        } => enroll::enroll(
+            &config,
+            &agent_id,
+            &department,
+            &out,
+            data_dir.as_deref(),
+            replace,
+        ),
         Command::Records {
             config,
             agent,
@@ -162,6 +195,22 @@ fn main() -> ExitCode {
             agent,
             stream,
         } => query(&config, admin::Request::Gaps { agent, stream }),
+        Command::Resolve {
+            config,
+            agent,
+            stream,
+            accept,
+            refuse: _,
+            reason,
+        } => query(
+            &config,
+            admin::Request::Resolve {
+                agent,
+                stream,
+                accept,
+                reason,
+            },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,6 +230,7 @@ fn serve(path: &Path) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    ferry_transport::failpoint::setup();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

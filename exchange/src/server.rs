@@ -8,15 +8,21 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use ferry_protocol::frame::MAX_FRAME;
 use ferry_protocol::messages::{frame::Msg, Ack, Error as WireError, ErrorCode};
-use ferry_protocol::session::{valid_stream_name, ExchangeSession, PeerIdentity, SessionError};
-use ferry_transport::tls::{peer_identity, server_config, TlsFiles};
+use ferry_protocol::session::{
+    valid_stream_name, ExchangeSession, PeerIdentity, SessionError, DEFAULT_WINDOW,
+};
+use ferry_transport::framed::{Budget, Grant};
+use ferry_transport::tls::{peer_identity, server_config_limited, TlsFiles};
 use ferry_transport::{FrameReader, FrameWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::config::ExchangeConfig;
-use crate::store::{now_unix_ms, Incoming, Store, StoreError};
+use crate::store::{now_unix_ms, Incoming, Item, Store, StoreError};
+
+/// Exit status after a failed store sync (EX_IOERR), so a supervisor restarts it.
+pub const EXIT_STORE_FAILED: i32 = 74;
 
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
@@ -42,7 +48,7 @@ fn spawn_committer(store: Arc<Store>) -> (mpsc::Sender<StoreRequest>, std::threa
                 while group.len() < MAX_GROUP && bytes < 64 << 20 {
                     match rx.try_recv() {
                         Ok(r) => {
-                            bytes += r.incoming.batch.payload.len();
+                            bytes += r.incoming.payload_len();
                             group.push(r)
                         }
                         Err(_) => break,
@@ -54,8 +60,17 @@ fn spawn_committer(store: Arc<Store>) -> (mpsc::Sender<StoreRequest>, std::threa
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result.map_err(|e| match e {
                         StoreError::Invalid(m) => (ErrorCode::Protocol, m),
+                        StoreError::Resend(m) => (ErrorCode::Resend, m),
                         other => (ErrorCode::Internal, other.to_string()),
                     }));
+                }
+                if store.poisoned() {
+                    // As PostgreSQL since 2018: after a failed fsync the pages the
+                    // kernel dropped cannot be told from the ones it kept. Restart
+                    // from what is on disk; agents resend what was not acked.
+                    error!("ALARM: a store sync failed; exiting so the exchange restarts from what is on disk");
+                    std::thread::sleep(Duration::from_millis(300));
+                    std::process::exit(EXIT_STORE_FAILED);
                 }
             }
         });
@@ -95,15 +110,18 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     )
     .with_context(|| format!("listening on {listen}"))?;
     let (commits, committer) = spawn_committer(store.clone());
+    // What all connections together may make the exchange hold (see [limits]).
+    let shared = Budget::shared(cfg.limits.max_queued_bytes);
     let admin = crate::admin::bind(&cfg.admin_socket())?;
+    let live = Live::default();
     let (reloads, mut reload_requests) = mpsc::channel(4);
     let admin_task = tokio::spawn(crate::admin::serve(
         admin,
         store.clone(),
         reloads,
+        live.clone(),
         shutdown.clone(),
     ));
-    let live = Live::default();
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(listen = %endpoint.local_addr().unwrap_or(listen), store = %cfg.store.dir.display(), "exchange serving");
@@ -120,13 +138,22 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
             }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let remote = incoming.remote_address();
+                if live.count() >= cfg.limits.max_connections {
+                    warn!(%remote, max_connections = cfg.limits.max_connections, "refusing a connection: [limits] max_connections reached");
+                    incoming.refuse();
+                    continue;
+                }
                 let store = store.clone();
                 let commits = commits.clone();
                 let live = live.clone();
-                let remote = incoming.remote_address();
+                let limits = ConnLimits {
+                    budget: Budget::new(cfg.limits.max_connection_bytes, shared.clone()),
+                    frame_timeout: cfg.limits.frame_timeout,
+                };
                 tokio::spawn(
                     async move {
-                        if let Err(e) = connection(incoming, store, commits, live).await {
+                        if let Err(e) = connection(incoming, store, commits, live, limits).await {
                             info!(error = %format!("{e:#}"), "connection ended");
                         }
                     }
@@ -149,29 +176,70 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
 /// The endpoint's TLS setup, with the revocation list if there is one.
 fn quic_config(cfg: &ExchangeConfig) -> Result<quinn::ServerConfig> {
     let crl = crate::trust::crl_path(cfg);
-    server_config(
+    server_config_limited(
         &TlsFiles {
             ca: &cfg.tls.ca,
             cert: &cfg.tls.cert,
             key: &cfg.tls.key,
         },
         crl.as_deref(),
+        cfg.limits.max_streams_per_connection,
     )
 }
 
-/// Open agent connections by certificate serial, so a revocation can end them.
+/// An open agent connection: certificate serial, agent id, the connection.
+type LiveConn = (String, String, quinn::Connection);
+
+/// Open agent connections by certificate serial and agent id, so a revocation or
+/// an operator's decision can end them, and a new connection of an agent replaces
+/// its older one.
 #[derive(Clone, Default)]
-struct Live(Arc<std::sync::Mutex<std::collections::HashMap<usize, (String, quinn::Connection)>>>);
+pub(crate) struct Live(Arc<std::sync::Mutex<std::collections::HashMap<usize, LiveConn>>>);
+
+/// Connections one agent may have open at once: after `Hello` a new one replaces
+/// the older ones, so this only bounds handshakes that never get that far.
+const MAX_PER_AGENT: usize = 4;
+
+/// What one connection may make the exchange hold.
+struct ConnLimits {
+    budget: Budget,
+    frame_timeout: Duration,
+}
 
 impl Live {
-    fn add(&self, serial: &str, conn: &quinn::Connection) -> LiveGuard {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(conn.stable_id(), (serial.to_string(), conn.clone()));
+    fn count(&self) -> usize {
+        self.0.lock().map_or(0, |m| m.len())
+    }
+
+    /// Registers a connection; `None` when its agent already has
+    /// [`MAX_PER_AGENT`] open (handshakes that never send `Hello` included).
+    fn add(&self, serial: &str, agent: &str, conn: &quinn::Connection) -> Option<LiveGuard> {
+        let mut m = self.0.lock().ok()?;
+        if m.values().filter(|(_, a, _)| a == agent).count() >= MAX_PER_AGENT {
+            return None;
         }
-        LiveGuard {
+        m.insert(
+            conn.stable_id(),
+            (serial.to_string(), agent.to_string(), conn.clone()),
+        );
+        Some(LiveGuard {
             live: self.clone(),
             id: conn.stable_id(),
+        })
+    }
+
+    /// Closes the connections of `agent` other than `keep`; returns how many.
+    pub(crate) fn close_agent(&self, agent: &str, keep: Option<usize>, reason: &[u8]) -> usize {
+        let mut closed = 0;
+        if let Ok(m) = self.0.lock() {
+            for (id, (_, a, conn)) in m.iter() {
+                if a == agent && Some(*id) != keep {
+                    conn.close((ErrorCode::Held as u32).into(), reason);
+                    closed += 1;
+                }
+            }
         }
+        closed
     }
 }
 
@@ -198,7 +266,7 @@ fn reload_trust(cfg: &ExchangeConfig, endpoint: &quinn::Endpoint, live: &Live) -
         .collect();
     let mut closed = 0;
     if let Ok(m) = live.0.lock() {
-        for (serial, conn) in m.values() {
+        for (serial, _, conn) in m.values() {
             if revoked.contains(serial) {
                 conn.close(
                     (ErrorCode::Forbidden as u32).into(),
@@ -228,11 +296,21 @@ async fn connection(
     store: Arc<Store>,
     commits: mpsc::Sender<StoreRequest>,
     live: Live,
+    limits: ConnLimits,
 ) -> Result<()> {
     let remote = incoming.remote_address();
     let conn = incoming.await.context("TLS handshake refused")?;
     let id = peer_identity(&conn)?;
-    let _live = live.add(&id.serial, &conn);
+    let Some(_live) = live.add(&id.serial, &id.agent_id, &conn) else {
+        conn.close(
+            (ErrorCode::TooLarge as u32).into(),
+            b"too many connections of this agent",
+        );
+        return Err(anyhow!(
+            "agent {} already has {MAX_PER_AGENT} connections open; refused",
+            id.agent_id
+        ));
+    };
     if !valid_stream_name(&id.agent_id) {
         conn.close(2u32.into(), b"agent id not acceptable");
         return Err(anyhow!(
@@ -255,16 +333,27 @@ async fn connection(
                 return Err(anyhow!("first frame was not Hello"));
             }
         };
-        let mut next = std::collections::BTreeMap::new();
-        for s in &hello.streams {
-            let n = store.next_expected(&id.agent_id, &s.name)?;
-            next.insert(s.name.clone(), n);
-        }
         let mut session = ExchangeSession::new(PeerIdentity {
             agent_id: id.agent_id.clone(),
             department: id.department.clone(),
         });
-        let welcome = match session.handle_hello(&hello, |s| next.get(s).copied().unwrap_or(1), MAX_FRAME as u32) {
+        // Plans only for a Hello that passes the session's checks (identity,
+        // sharing): a refused agent must not leave holds or incarnations behind.
+        let plans = match session.check_hello(&hello) {
+            Ok(()) => {
+                let mut plans = std::collections::BTreeMap::new();
+                for s in &hello.streams {
+                    let store = store.clone();
+                    let agent = id.agent_id.clone();
+                    let decl = s.clone();
+                    let plan = tokio::task::spawn_blocking(move || store.plan_stream(&agent, &decl)).await??;
+                    plans.insert(s.name.clone(), plan);
+                }
+                plans
+            }
+            Err(_) => Default::default(),
+        };
+        let welcome = match session.handle_hello(&hello, |d| plans.get(&d.name).cloned().unwrap_or_default(), MAX_FRAME as u32) {
             Ok(w) => w,
             Err(e) => {
                 warn!(error = %e, "refusing agent");
@@ -285,10 +374,22 @@ async fn connection(
         record.config_digest = hello.config_digest.clone();
         record.streams = hello.streams.iter().map(|s| s.name.clone()).collect();
         store.put_agent(&record)?;
+        for s in &welcome.streams {
+            if !s.held.is_empty() {
+                warn!(stream = %s.name, reason = %s.held, "stream held");
+            }
+        }
         control.send(Msg::Welcome(welcome)).await?;
+        // A restarted agent must not wait for its dead connection's idle timeout,
+        // and two processes of one identity must not ship side by side.
+        let replaced = live.close_agent(&id.agent_id, Some(conn.stable_id()), b"replaced by a newer connection of this agent");
+        if replaced > 0 {
+            info!(replaced, "closed this agent's older connections");
+        }
         info!(streams = hello.streams.len(), "agent connected");
 
         let session = Arc::new(session);
+        let limits = Arc::new(limits);
         loop {
             tokio::select! {
                 bi = conn.accept_bi() => {
@@ -296,8 +397,9 @@ async fn connection(
                     let session = session.clone();
                     let commits = commits.clone();
                     let conn = conn.clone();
+                    let limits = limits.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = data_stream(send, recv, session, commits, &conn).await {
+                        if let Err(e) = data_stream(send, recv, session, commits, &conn, &limits).await {
                             debug!(error = %format!("{e:#}"), "data stream ended");
                         }
                     }.in_current_span());
@@ -345,20 +447,33 @@ async fn data_stream(
     session: Arc<ExchangeSession>,
     commits: mpsc::Sender<StoreRequest>,
     conn: &quinn::Connection,
+    limits: &ConnLimits,
 ) -> Result<()> {
-    type Pending = (String, oneshot::Receiver<Result<u64, (ErrorCode, String)>>);
+    // The grant of the frame's bytes is held until its ack is out.
+    type Pending = (
+        String,
+        oneshot::Receiver<Result<u64, (ErrorCode, String)>>,
+        Option<Grant>,
+    );
+    // Batches and losses of this stream not yet acknowledged: the agent may have
+    // at most the window Welcome gave. Counted down before each ack is sent, so
+    // the count here is never below what the agent believes is in flight.
+    let outstanding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let outstanding_acks = outstanding.clone();
     let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(256);
     let mut writer = FrameWriter::new(send);
     let acks_conn = conn.clone();
+    let ack_session = session.clone();
     let acks = tokio::spawn(async move {
-        while let Some((stream, rx)) = pending_rx.recv().await {
-            match rx.await {
+        while let Some((stream, rx, grant)) = pending_rx.recv().await {
+            let result = rx.await;
+            outstanding_acks.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            drop(grant);
+            match result {
                 Ok(Ok(up_to)) => {
+                    let up_to_seq = ack_session.agent_seq(&stream, up_to);
                     if writer
-                        .send(Msg::Ack(Ack {
-                            stream,
-                            up_to_seq: up_to,
-                        }))
+                        .send(Msg::Ack(Ack { stream, up_to_seq }))
                         .await
                         .is_err()
                     {
@@ -379,28 +494,60 @@ async fn data_stream(
     });
     let mut reader = FrameReader::new(recv, MAX_FRAME);
     let result = loop {
-        let batch = match reader.next().await {
-            Ok(Some(Msg::Batch(b))) => b,
+        // Seqs are translated to the exchange's numbering here (they differ only
+        // after an operator accepted a new buffer as a continuation).
+        let (frame, grant) = match reader
+            .next_within(&limits.budget, limits.frame_timeout)
+            .await
+        {
+            Ok(Some((m, g))) => (Ok(Some(m)), Some(g)),
+            Ok(None) => (Ok(None), None),
+            Err(e) => (Err(e), None),
+        };
+        let item = match frame {
+            Ok(Some(Msg::Batch(mut b))) => {
+                if let Err(e) = session.handle_batch(&b) {
+                    warn!(stream = %b.stream, error = %e, "batch refused");
+                    break Err((e.code(), e.to_string(), b.stream));
+                }
+                b.first_seq = session.store_seq(&b.stream, b.first_seq);
+                Item::Batch(b)
+            }
+            Ok(Some(Msg::Lost(mut l))) => {
+                if let Err(e) = session.handle_lost(&l) {
+                    warn!(stream = %l.stream, error = %e, "loss declaration refused");
+                    break Err((e.code(), e.to_string(), l.stream));
+                }
+                l.from_seq = session.store_seq(&l.stream, l.from_seq);
+                l.to_seq = session.store_seq(&l.stream, l.to_seq);
+                Item::Lost(l)
+            }
             Ok(Some(_)) => {
                 break Err((
                     ErrorCode::Protocol,
-                    "only Batch frames belong on a data stream".to_string(),
+                    "only Batch and Lost frames belong on a data stream".to_string(),
                     String::new(),
                 ))
             }
             Ok(None) => break Ok(()),
             Err(e) => break Err((ErrorCode::Protocol, format!("{e:#}"), String::new())),
         };
-        if let Err(e) = session.handle_batch(&batch) {
-            warn!(stream = %batch.stream, error = %e, "batch refused");
-            break Err((e.code(), e.to_string(), batch.stream));
-        }
         let (reply, rx) = oneshot::channel();
-        let stream = batch.stream.clone();
         let incoming = Incoming {
             agent: session.peer().agent_id.clone(),
-            batch,
+            item,
         };
+        let stream = incoming.stream().to_string();
+        let in_flight = outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if in_flight > DEFAULT_WINDOW as usize {
+            break Err((
+                ErrorCode::TooLarge,
+                format!(
+                    "more than the window of {DEFAULT_WINDOW} unacknowledged batches on stream {stream}"
+                ),
+                stream,
+            ));
+        }
         if commits
             .send(StoreRequest { incoming, reply })
             .await
@@ -412,7 +559,7 @@ async fn data_stream(
                 stream,
             ));
         }
-        if pending_tx.send((stream, rx)).await.is_err() {
+        if pending_tx.send((stream, rx, grant)).await.is_err() {
             break Ok(());
         }
     };
@@ -420,7 +567,8 @@ async fn data_stream(
         // Report through the ack writer so the error follows the acks already due.
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(Err((code, message.clone())));
-        let _ = pending_tx.send((stream, rx)).await;
+        outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = pending_tx.send((stream, rx, None)).await;
         drop(pending_tx);
         let _ = acks.await;
         return Err(anyhow!(message));

@@ -48,6 +48,34 @@ pub fn record_issued(cfg: &ExchangeConfig, agent_id: &str, cert_pem: &str) -> Re
     Ok(id.serial)
 }
 
+/// Serials of the certificates issued to `agent_id` that are neither revoked nor
+/// expired: while one exists, another server enrolled under the same id would
+/// ship as the same agent.
+pub fn live_certificates(cfg: &ExchangeConfig, agent_id: &str) -> Result<Vec<String>> {
+    let revoked: std::collections::HashSet<String> =
+        revoked(cfg)?.into_iter().map(|r| r.serial).collect();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut live = Vec::new();
+    let dir = issued_dir(cfg, agent_id);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(live);
+    };
+    for e in entries {
+        let path = e?.path();
+        if path.extension().is_none_or(|x| x != "pem") {
+            continue;
+        }
+        let pem = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let id = identity(&pem).with_context(|| format!("{}", path.display()))?;
+        if !revoked.contains(&id.serial) && id.not_after_unix > now {
+            live.push(id.serial);
+        }
+    }
+    live.sort();
+    Ok(live)
+}
+
 fn identity(cert_pem: &str) -> Result<pki::CertIdentity> {
     use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())

@@ -74,6 +74,16 @@ impl FrameDecoder {
         }
     }
 
+    /// The declared length of the frame being assembled, once its header is in.
+    pub fn pending_len(&self) -> Option<usize> {
+        self.header()
+    }
+
+    /// Bytes buffered (a partial frame, or more).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     fn header(&self) -> Option<usize> {
         let b: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
         Some(u32::from_be_bytes(b) as usize)

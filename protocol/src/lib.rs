@@ -24,11 +24,14 @@ pub mod session;
 pub const ALPN: &[u8] = b"ferry/1";
 
 /// Wire protocol version carried in `Hello` and `Welcome`: the version this end
-/// speaks. Version 2 added `RowBlock` records (snapshot rows in blocks).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// speaks. Version 2 added `RowBlock` records (snapshot rows in blocks); version 3
+/// strict admission (a missing seq is only ever skipped when the agent declares it
+/// `Lost`) and buffer incarnations with holds.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest agent version the exchange still serves. An exchange answers in the
 /// agent's version; one that only speaks an older version refuses a newer agent
 /// (`Version`), so records it could not read never reach it: upgrade the exchange
-/// first.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// first. Agents before version 3 are refused: they rely on the exchange storing
+/// past a missing seq, which it no longer does.
+pub const MIN_PROTOCOL_VERSION: u32 = 3;

@@ -4,7 +4,7 @@
 /// One frame on any Ferry stream. The first frame on the control stream is `Hello`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Frame {
-    #[prost(oneof = "frame::Msg", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "frame::Msg", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub msg: Option<frame::Msg>,
 }
 
@@ -23,6 +23,8 @@ pub mod frame {
         Ack(super::Ack),
         #[prost(message, tag = "6")]
         Error(super::Error),
+        #[prost(message, tag = "7")]
+        Lost(super::Lost),
     }
 }
 
@@ -60,6 +62,13 @@ pub enum ErrorCode {
     Internal = 4,
     /// Incompatible protocol version.
     Version = 5,
+    /// The batch was not stored (it does not continue at the exchange's next seq,
+    /// or an earlier batch of its stream was not stored): reconnect and resend from
+    /// the next seq `Welcome` gives. Nothing after it was stored either.
+    Resend = 6,
+    /// The stream is held at the exchange until an operator decides (a new buffer
+    /// incarnation, a buffer behind what the exchange holds): nothing is stored.
+    Held = 7,
 }
 
 /// A stream as the agent declares it in `Hello`.
@@ -74,6 +83,17 @@ pub struct StreamDecl {
     /// Source kind (`directory`, `tail`, ...), informational.
     #[prost(string, tag = "4")]
     pub kind: String,
+    /// The agent buffer's incarnation id: random, created with the buffer, kept by
+    /// `salvage`. A wiped or replaced buffer has a new one, so its seqs are never
+    /// merged into the old buffer's (version 3).
+    #[prost(string, tag = "5")]
+    pub incarnation: String,
+    /// Highest seq durable in the agent's buffer (version 3).
+    #[prost(uint64, tag = "6")]
+    pub head_seq: u64,
+    /// Every seq up to this one was acknowledged to the agent (version 3).
+    #[prost(uint64, tag = "7")]
+    pub acked_seq: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -101,6 +121,10 @@ pub struct StreamWelcome {
     /// The next seq the exchange expects; everything below is durable there.
     #[prost(uint64, tag = "2")]
     pub next_seq: u64,
+    /// Why the stream is held (empty: it may ship). A hold lasts until an operator
+    /// accepts or refuses the stream at the exchange; reconnecting never lifts it.
+    #[prost(string, tag = "3")]
+    pub held: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -169,6 +193,23 @@ pub struct Batch {
     /// Length of the uncompressed `RecordList`, bounded by [`crate::batch::MAX_RAW_BATCH`].
     #[prost(uint32, tag = "6")]
     pub raw_len: u32,
+}
+
+/// The agent declares seqs `from_seq ..= to_seq` of `stream` lost: durable once but
+/// gone (buffer damage recovered by `salvage`, or acknowledged records an exchange
+/// restored from backup no longer has). The exchange records the range as a gap and
+/// acknowledges it like a batch; it never stores past a missing seq otherwise.
+/// Sent on the stream's data stream, in seq order with its batches (version 3).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Lost {
+    #[prost(string, tag = "1")]
+    pub stream: String,
+    #[prost(uint64, tag = "2")]
+    pub from_seq: u64,
+    #[prost(uint64, tag = "3")]
+    pub to_seq: u64,
+    #[prost(string, tag = "4")]
+    pub reason: String,
 }
 
 /// Cumulative: every seq `<= up_to_seq` of `stream` is durable at the exchange.

@@ -13,12 +13,15 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+
+use crate::append_lines;
 
 /// How the link misbehaves; applied to each datagram, in both directions.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -509,6 +512,53 @@ impl LineChecker {
 /// True when long variants of the fault scenarios were asked for (`FERRY_SOAK=1`).
 pub fn soak() -> bool {
     std::env::var("FERRY_SOAK").is_ok_and(|v| v == "1")
+}
+
+/// Appends checked lines (`checked_line(tag, i)`) at about `rate` per second
+/// until stopped.
+pub struct LineWriter {
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicUsize>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl LineWriter {
+    pub fn start(log: PathBuf, tag: &str, rate: usize) -> LineWriter {
+        let tag = tag.to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicUsize::new(0));
+        let (s, w) = (stop.clone(), written.clone());
+        let handle = std::thread::spawn(move || {
+            let start = Instant::now();
+            while !s.load(Ordering::SeqCst) {
+                let due = (start.elapsed().as_secs_f64() * rate as f64) as usize;
+                let from = w.load(Ordering::SeqCst);
+                if due > from {
+                    let lines: Vec<String> = (from..due).map(|i| checked_line(&tag, i)).collect();
+                    append_lines(&log, &lines);
+                    w.store(due, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        LineWriter {
+            stop,
+            written,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn written(&self) -> usize {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    pub fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.join().expect("writer thread");
+        }
+        self.written()
+    }
 }
 
 #[cfg(test)]

@@ -329,6 +329,8 @@ pub struct Exchange {
     log: PathBuf,
     proc: Option<Proc>,
     starts: u32,
+    /// Extra environment for the exchange's process (e.g. armed failpoints).
+    env: Vec<(String, String)>,
 }
 
 impl Exchange {
@@ -352,7 +354,26 @@ impl Exchange {
             log: dir.join("exchange.log"),
             proc: None,
             starts: 0,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets (or with `None` removes) an environment variable for the exchange
+    /// processes started from now on.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    /// Waits up to `timeout` for the running exchange to exit by itself; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let st = wait_for(timeout, "the exchange to exit", || {
+            self.proc.as_mut().and_then(Proc::exited)
+        });
+        self.proc = None;
+        st
     }
 
     /// `init` and `start`.
@@ -391,6 +412,7 @@ impl Exchange {
         self.starts += 1;
         let mut cmd = Command::new(bin("ferry-exchange"));
         cmd.arg("serve").arg("--config").arg(&self.config);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn(
             cmd,
             &self.log,
@@ -612,6 +634,32 @@ impl Exchange {
         }
     }
 
+    /// `ferry-exchange resolve --agent A --stream S` with `args` (`--accept`, or
+    /// `--refuse --reason R`): its output.
+    pub fn resolve(&self, agent: &str, stream: &str, args: &[&str]) -> Output {
+        run_output(
+            self.cli("resolve")
+                .args(["--agent", agent, "--stream", stream])
+                .args(args),
+        )
+    }
+
+    /// `ferry-exchange enroll` with extra `args`: its output, success or not.
+    pub fn enroll_output(
+        &self,
+        agent_id: &str,
+        department: &str,
+        out: &Path,
+        args: &[&str],
+    ) -> Output {
+        run_output(
+            self.cli("enroll")
+                .args(["--agent-id", agent_id, "--department", department, "--out"])
+                .arg(out)
+                .args(args),
+        )
+    }
+
     /// `ferry-exchange enroll`: a new agent directory `out` with `agent.toml`.
     pub fn enroll(&self, agent_id: &str, department: &str, out: &Path) -> Agent {
         run_ok(
@@ -729,6 +777,20 @@ impl Agent {
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Removes an environment variable set with [`Agent::set_env`].
+    pub fn unset_env(&mut self, key: &str) {
+        self.env.retain(|(k, _)| k != key);
+    }
+
+    /// Waits up to `timeout` for the running agent to exit by itself; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let st = wait_for(timeout, "the agent to exit", || {
+            self.proc.as_mut().and_then(Proc::exited)
+        });
+        self.proc = None;
+        st
     }
 
     pub fn config_text(&self) -> String {

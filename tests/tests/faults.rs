@@ -9,62 +9,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ferry_tests::faults::{checked_line, soak, Faults, LineChecker, UdpProxy, Verdict};
+use ferry_tests::faults::{checked_line, soak, Faults, LineChecker, LineWriter, UdpProxy, Verdict};
 use ferry_tests::*;
 
 const AGENT: &str = "hp-mz-01";
 const DEPT: &str = "210102-MZ";
 const TAG: &str = "f";
-
-/// Appends checked lines at about `rate` per second until stopped.
-struct LineWriter {
-    stop: Arc<AtomicBool>,
-    written: Arc<AtomicUsize>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl LineWriter {
-    fn start(log: PathBuf, rate: usize) -> LineWriter {
-        let stop = Arc::new(AtomicBool::new(false));
-        let written = Arc::new(AtomicUsize::new(0));
-        let (s, w) = (stop.clone(), written.clone());
-        let handle = std::thread::spawn(move || {
-            let start = Instant::now();
-            while !s.load(Ordering::SeqCst) {
-                let due = (start.elapsed().as_secs_f64() * rate as f64) as usize;
-                let from = w.load(Ordering::SeqCst);
-                if due > from {
-                    let lines: Vec<String> = (from..due).map(|i| checked_line(TAG, i)).collect();
-                    append_lines(&log, &lines);
-                    w.store(due, Ordering::SeqCst);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        LineWriter {
-            stop,
-            written,
-            handle: Some(handle),
-        }
-    }
-
-    fn written(&self) -> usize {
-        self.written.load(Ordering::SeqCst)
-    }
-
-    fn finish(mut self) -> usize {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            h.join().expect("writer thread");
-        }
-        self.written()
-    }
-}
 
 /// An exchange, and an agent with a tail stream.
 fn setup(t: &TestDir) -> (Exchange, Agent, PathBuf) {
@@ -128,7 +81,7 @@ fn a_lossy_slow_reordering_link_delivers_everything_once() {
     agent.start();
 
     let secs = if soak() { 300 } else { 15 };
-    let writer = LineWriter::start(log, 2_000);
+    let writer = LineWriter::start(log, TAG, 2_000);
     let file = random_bytes(3 << 20);
     write_atomic(&outbox, "report.dat", &file);
     std::thread::sleep(Duration::from_secs(secs));
@@ -171,7 +124,7 @@ fn a_cut_link_is_buffered_through_and_drained_after() {
     let (mut ex, mut agent, log, proxy) = setup_via_proxy(&t, Faults::default());
     agent.start();
 
-    let writer = LineWriter::start(log, 5_000);
+    let writer = LineWriter::start(log, TAG, 5_000);
     ex.wait_lines(AGENT, "hall-log", 1_000, LONG);
     let cut_for = Duration::from_secs(if soak() { 300 } else { 35 });
     proxy.cut(true);
@@ -343,7 +296,7 @@ fn a_full_disk_pauses_sources_until_space_returns() {
     agent.edit(|c| c.replace("[buffer]\n", "[buffer]\nmin_free = \"16MiB\"\n"));
     assert!(agent.config_text().contains("min_free = \"16MiB\""));
     agent.start();
-    let writer = LineWriter::start(log, 2_000);
+    let writer = LineWriter::start(log, TAG, 2_000);
     ex.wait_lines(AGENT, "hall-log", 1_000, LONG);
 
     // Eat the space down to 8 MiB, below min_free.
@@ -404,15 +357,20 @@ fn a_full_disk_pauses_sources_until_space_returns() {
     drop(fs);
 }
 
-/// Resident memory (KiB) and open file descriptors of a process.
+/// Resident memory (KiB) and open file descriptors of a running process. Panics
+/// when they cannot be read: a figure of 0 would make a memory bound pass
+/// without anything having been measured.
 fn footprint(pid: i32) -> (u64, usize) {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    let rss = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/fd: {e}"))
+        .count();
     (rss, fds)
 }
 
@@ -453,7 +411,7 @@ fn a_soak_at_20k_lines_per_second_keeps_memory_and_descriptors_flat() {
     let buffer = agent.dir.join("data").join("buffer");
     let disk_at_start = dir_bytes(&buffer);
 
-    let writer = LineWriter::start(log, 20_000);
+    let writer = LineWriter::start(log, TAG, 20_000);
     let every = Duration::from_secs((secs / 20).max(2));
     let start = Instant::now();
     let mut curve: Vec<(u64, u64, usize)> = Vec::new();
@@ -467,7 +425,8 @@ fn a_soak_at_20k_lines_per_second_keeps_memory_and_descriptors_flat() {
         ex.assert_alive();
         let (rss, fds) = footprint(pid);
         curve.push((start.elapsed().as_secs(), rss, fds));
-        ex_peak = ex_peak.max(ex.pid().map_or(0, |p| footprint(p).0));
+        let ex_pid = ex.pid().expect("the exchange runs throughout the soak");
+        ex_peak = ex_peak.max(footprint(ex_pid).0);
         next = ex.each_line_from(AGENT, "hall-log", next, |seq, t| checker.feed(seq, t));
     }
     let produced = writer.finish();
@@ -495,6 +454,7 @@ fn a_soak_at_20k_lines_per_second_keeps_memory_and_descriptors_flat() {
         ex_peak as f64 / 1024.0,
         checker_stored
     ));
+    assert!(ex_peak > 0, "the exchange's memory was never measured");
     assert!(
         ex_peak <= 256 * 1024,
         "the exchange stays within 256 MiB however much it stores: {ex_peak} KiB"
@@ -680,7 +640,7 @@ fn clock_jumps_on_the_agent_reorder_and_lose_nothing() {
     // Only the wall clock jumps; the monotonic clock never does on a real system.
     agent.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
     agent.start();
-    let writer = LineWriter::start(log, 1_000);
+    let writer = LineWriter::start(log, TAG, 1_000);
     ex.wait_lines(AGENT, "hall-log", 500, LONG);
     let skew = |ex: &Exchange| {
         let recs = ex.records(AGENT, "hall-log");
@@ -711,4 +671,29 @@ fn clock_jumps_on_the_agent_reorder_and_lose_nothing() {
     let (first, last) = (times.first().cloned(), times.last().cloned());
     note(format!("capture times from {first:?} to {last:?}"));
     assert!(ex.gaps(AGENT, "hall-log").is_empty());
+    // The scenario happened only if the agent's clock was really moved: capture
+    // times (the agent's clock) must run hours behind and hours ahead of the
+    // exchange's storage times (its real clock).
+    let skews: Vec<i64> = ex
+        .records(AGENT, "hall-log")
+        .iter()
+        .filter_map(|r| Some(unix_secs(r["time"].as_str()?)? - unix_secs(r["stored"].as_str()?)?))
+        .collect();
+    let (behind, ahead) = (
+        skews.iter().copied().min().unwrap_or(0),
+        skews.iter().copied().max().unwrap_or(0),
+    );
+    note(format!(
+        "agent clock skew seen in records: {behind} s .. {ahead} s"
+    ));
+    assert!(
+        behind < -2 * 3600 && ahead > 2 * 3600,
+        "the agent's clock was not faked (libfaketime not in effect?): skew {behind} s .. {ahead} s"
+    );
+}
+
+/// Seconds since the epoch of an RFC 3339 time as `records` prints it.
+fn unix_secs(t: &str) -> Option<i64> {
+    let at = humantime::parse_rfc3339(t).ok()?;
+    Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
 }

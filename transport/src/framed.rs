@@ -36,6 +36,57 @@ impl FrameReader {
         }
     }
 
+    /// The next frame, like [`next`](Self::next), for a peer that must not make
+    /// this end hold more than it allows: before a frame's body is read, its
+    /// declared length is granted by `budget` (awaited: the peer is slowed by flow
+    /// control, not refused); and once a frame has begun it must arrive whole
+    /// within `frame_timeout`, so a stalled half frame cannot hold memory for
+    /// ever. The grant is returned with the frame: drop it when the frame's work
+    /// is done (at the exchange: when its batch is acknowledged).
+    pub async fn next_within(
+        &mut self,
+        budget: &Budget,
+        frame_timeout: std::time::Duration,
+    ) -> Result<Option<(Msg, Grant)>> {
+        let mut grant: Option<Grant> = None;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if let Some(msg) = self.decoder.next_frame()? {
+                let g = match grant.take() {
+                    Some(g) => g,
+                    // A frame that arrived whole in one read: granted now.
+                    None => budget.grant(frame_cost(&msg)).await?,
+                };
+                return Ok(Some((msg, g)));
+            }
+            if grant.is_none() {
+                if let Some(len) = self.decoder.pending_len() {
+                    grant = Some(budget.grant(len).await?);
+                }
+            }
+            if deadline.is_none() && self.decoder.buffered() > 0 {
+                deadline = Some(tokio::time::Instant::now() + frame_timeout);
+            }
+            let read = self.recv.read(&mut self.buf);
+            let got = match deadline {
+                None => read.await?,
+                Some(d) => tokio::time::timeout_at(d, read).await.map_err(|_| {
+                    anyhow::anyhow!(
+                        "a frame did not arrive whole within {frame_timeout:?} of its first byte ({} bytes so far)",
+                        self.decoder.buffered()
+                    )
+                })??,
+            };
+            match got {
+                Some(n) => self.decoder.push(&self.buf[..n]),
+                None => {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
     pub fn into_inner(self) -> quinn::RecvStream {
         self.recv
     }
@@ -68,5 +119,83 @@ impl FrameWriter {
 
     pub fn finish(&mut self) {
         let _ = self.send.finish();
+    }
+}
+
+/// What a decoded frame that was not granted ahead of time is charged.
+fn frame_cost(msg: &Msg) -> usize {
+    match msg {
+        Msg::Batch(b) => b.payload.len(),
+        _ => 0,
+    }
+}
+
+/// Bytes a peer may have this end hold: a limit per connection and one shared
+/// by all connections (each a semaphore of KiB permits).
+#[derive(Clone)]
+pub struct Budget {
+    connection: std::sync::Arc<tokio::sync::Semaphore>,
+    shared: std::sync::Arc<tokio::sync::Semaphore>,
+    connection_kib: u32,
+}
+
+/// Bytes granted by a [`Budget`]; given back when dropped.
+pub struct Grant {
+    _connection: Option<tokio::sync::OwnedSemaphorePermit>,
+    _shared: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Budget {
+    /// A connection's budget of `connection_bytes`, drawing on `shared`
+    /// (see [`Budget::shared`]).
+    pub fn new(connection_bytes: u64, shared: std::sync::Arc<tokio::sync::Semaphore>) -> Self {
+        let kib = u32::try_from(connection_bytes / 1024)
+            .unwrap_or(u32::MAX)
+            .max(1);
+        Self {
+            connection: std::sync::Arc::new(tokio::sync::Semaphore::new(kib as usize)),
+            shared,
+            connection_kib: kib,
+        }
+    }
+
+    /// The pool all connections draw on, of `bytes`.
+    pub fn shared(bytes: u64) -> std::sync::Arc<tokio::sync::Semaphore> {
+        let kib = usize::try_from(bytes / 1024)
+            .unwrap_or(usize::MAX >> 4)
+            .max(1);
+        std::sync::Arc::new(tokio::sync::Semaphore::new(
+            kib.min(tokio::sync::Semaphore::MAX_PERMITS),
+        ))
+    }
+
+    /// Waits until `bytes` may be held: first by this connection (so a greedy
+    /// peer waits on its own acks), then from the shared pool.
+    pub async fn grant(&self, bytes: usize) -> Result<Grant> {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(self.connection_kib);
+        if kib == 0 {
+            return Ok(Grant {
+                _connection: None,
+                _shared: None,
+            });
+        }
+        let connection = self
+            .connection
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .context("the connection's budget is closed")?;
+        let shared = self
+            .shared
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .context("the exchange's budget is closed")?;
+        Ok(Grant {
+            _connection: Some(connection),
+            _shared: Some(shared),
+        })
     }
 }

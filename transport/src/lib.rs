@@ -7,6 +7,7 @@
 //! transport limits.
 
 pub mod durable;
+pub mod failpoint;
 pub mod framed;
 pub mod pki;
 pub mod segments;

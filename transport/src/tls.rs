@@ -55,11 +55,17 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>> {
 /// Transport limits both ends share: windows sized so one connection keeps a
 /// window of ~1 MiB batches in flight, keep-alives well inside the idle timeout.
 fn transport() -> Result<Arc<TransportConfig>> {
+    transport_with_streams(256)
+}
+
+fn transport_with_streams(max_bidi_streams: u32) -> Result<Arc<TransportConfig>> {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(16 << 20));
     t.receive_window(VarInt::from_u32(32 << 20));
     t.send_window(32 << 20);
-    t.max_concurrent_bidi_streams(VarInt::from_u32(256));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(max_bidi_streams));
+    // Agents open no unidirectional streams.
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.max_idle_timeout(Some(
         IdleTimeout::try_from(Duration::from_secs(30)).map_err(|e| anyhow!("{e}"))?,
@@ -73,6 +79,16 @@ fn transport() -> Result<Arc<TransportConfig>> {
 /// With `crl` (a PEM file the CA signed, see `pki::crl`), certificates it lists
 /// are refused in the handshake (TLS alert `certificate_revoked`).
 pub fn server_config(files: &TlsFiles<'_>, crl: Option<&Path>) -> Result<quinn::ServerConfig> {
+    server_config_limited(files, crl, 256)
+}
+
+/// [`server_config`] allowing each connection at most `max_bidi_streams` open
+/// streams at once.
+pub fn server_config_limited(
+    files: &TlsFiles<'_>,
+    crl: Option<&Path>,
+    max_bidi_streams: u32,
+) -> Result<quinn::ServerConfig> {
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots(files.ca)?, provider());
     if let Some(path) = crl {
         let list = CertificateRevocationListDer::from_pem_file(path)
@@ -91,7 +107,7 @@ pub fn server_config(files: &TlsFiles<'_>, crl: Option<&Path>) -> Result<quinn::
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| anyhow!("{e}"))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport()?);
+    cfg.transport_config(transport_with_streams(max_bidi_streams)?);
     Ok(cfg)
 }
 

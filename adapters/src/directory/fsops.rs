@@ -4,9 +4,9 @@
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::fs::{File, Metadata};
+use std::fs::{File, FileType, Metadata, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -54,13 +54,93 @@ impl Stat {
     }
 }
 
-/// `Ok(None)` when nothing is at `path`.
+/// `Ok(None)` when nothing is at `path`. Does not follow a symlink: a link put where
+/// a taken file was is another file (its own inode), never the file it points at.
 pub(crate) fn stat_path(path: &Path) -> io::Result<Option<Stat>> {
-    match std::fs::metadata(path) {
+    match std::fs::symlink_metadata(path) {
         Ok(m) => Ok(Some(Stat::of(&m))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Why an entry whose name matches is not sent: only regular files are. A symlink
+/// would let whoever can write the outbox ship any file the agent can read (its own
+/// private key); a FIFO or device would block or have side effects when read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Symlink,
+    Directory,
+    Fifo,
+    Socket,
+    Device,
+}
+
+impl Refusal {
+    /// `None` for a regular file.
+    pub(crate) fn of(t: FileType) -> Option<Refusal> {
+        if t.is_file() {
+            None
+        } else if t.is_symlink() {
+            Some(Refusal::Symlink)
+        } else if t.is_dir() {
+            Some(Refusal::Directory)
+        } else if t.is_fifo() {
+            Some(Refusal::Fifo)
+        } else if t.is_socket() {
+            Some(Refusal::Socket)
+        } else {
+            Some(Refusal::Device)
+        }
+    }
+
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Refusal::Symlink => {
+                "it is a symbolic link; only regular files are sent, never what a link points at"
+            }
+            Refusal::Directory => "it is a directory; only regular files are sent",
+            Refusal::Fifo => "it is a named pipe (FIFO); only regular files are sent",
+            Refusal::Socket => "it is a socket; only regular files are sent",
+            Refusal::Device => "it is a device file; only regular files are sent",
+        }
+    }
+}
+
+/// What [`open_regular`] found at a path.
+#[derive(Debug)]
+pub(crate) enum Opened {
+    Regular(File, Stat),
+    Refused(Refusal),
+}
+
+/// Opens `path` for reading only if it is a regular file. `O_NOFOLLOW` refuses a
+/// symlink at the last component (the name comes from `read_dir`, so there is no
+/// other), `O_NONBLOCK` keeps a FIFO from blocking the open until a writer comes
+/// (it changes nothing for reads of a regular file), and the type is judged on the
+/// open descriptor: a check by path could be raced by a rename between check and
+/// open.
+pub(crate) fn open_regular(path: &Path) -> io::Result<Opened> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(Opened::Refused(Refusal::Symlink))
+        }
+        // What `open` answers for a socket.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            return Ok(Opened::Refused(Refusal::Socket))
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    Ok(match Refusal::of(meta.file_type()) {
+        None => Opened::Regular(file, Stat::of(&meta)),
+        Some(r) => Opened::Refused(r),
+    })
 }
 
 /// Which directory entries are candidates at all (completeness is judged later).
@@ -69,6 +149,8 @@ pub(crate) struct ScanRules {
     pub pattern: glob::Pattern,
     pub complete: Complete,
     pub marker_suffix: String,
+    /// The sent dir, when it may be inside the outbox: skipped without a word.
+    pub sent_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -82,14 +164,22 @@ pub(crate) struct Scan {
     pub files: Vec<Seen>,
     /// Names that cannot travel as a UTF-8 `FileChunk.path`.
     pub non_utf8: Vec<OsString>,
+    /// Entries the rules admit by name that are not regular files (see [`Refusal`]).
+    pub refused: Vec<(String, Refusal)>,
 }
 
-/// Lists the regular files of `dir` that the rules admit. Subdirectories (the sent
-/// dir among them), hidden files and, in marker mode, the markers themselves are
-/// never candidates.
+/// Lists the regular files of `dir` that the rules admit. Hidden files and, in
+/// marker mode, the markers themselves are never candidates; symlinks and other
+/// non-regular entries whose names match are listed in `refused` (the sent dir
+/// excepted), judged without following links.
 pub(crate) fn scan(dir: &Path, rules: &ScanRules) -> io::Result<Scan> {
     let mut out = Scan::default();
     let mut markers = HashSet::new();
+    let sent = rules
+        .sent_dir
+        .as_deref()
+        .and_then(|d| std::fs::metadata(d).ok())
+        .map(|m| (m.dev(), m.ino()));
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let os_name = entry.file_name();
@@ -113,14 +203,22 @@ pub(crate) fn scan(dir: &Path, rules: &ScanRules) -> io::Result<Scan> {
         if !rules.pattern.matches(name) {
             continue;
         }
-        // Follows symlinks on purpose: a link to a complete file is shipped as that
-        // file. An entry that vanished since `read_dir` is simply not a candidate.
-        let meta = match std::fs::metadata(entry.path()) {
+        // `DirEntry::metadata` is an lstat: a symlink is judged as the link it is.
+        // An entry that vanished since `read_dir` is simply not a candidate.
+        let meta = match entry.metadata() {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        if !meta.is_file() {
+        if let Some(why) = Refusal::of(meta.file_type()) {
+            // Following the entry only to recognise the sent dir (a folder or a link
+            // to one), never to read it.
+            let is_sent = sent.is_some()
+                && matches!(why, Refusal::Directory | Refusal::Symlink)
+                && std::fs::metadata(entry.path()).is_ok_and(|m| Some((m.dev(), m.ino())) == sent);
+            if !is_sent {
+                out.refused.push((name.to_string(), why));
+            }
             continue;
         }
         out.files.push(Seen {
@@ -189,7 +287,10 @@ pub(crate) struct AfterAck {
     pub marker_suffix: Option<String>,
 }
 
-/// Moves or deletes an acknowledged file, then removes its marker.
+/// Moves or deletes an acknowledged file, then removes its marker. Returns only
+/// once what it did is durable (the directories fsync'd), because the caller then
+/// commits a position without the file: a crash must not bring back a file the
+/// position says is finished (it would be sent again) nor lose a moved one.
 pub(crate) fn finalize(rules: &AfterAck, entry: &FileEntry) -> io::Result<Finalized> {
     let path = rules.dir.join(&entry.name);
     let outcome = match stat_path(&path)? {
@@ -198,55 +299,206 @@ pub(crate) fn finalize(rules: &AfterAck, entry: &FileEntry) -> io::Result<Finali
         Some(_) => match rules.after_send {
             AfterSend::Delete => {
                 remove_if_present(&path)?;
+                sync_dir(&rules.dir)?;
                 Finalized::Done(None)
             }
-            AfterSend::Move => {
-                Finalized::Done(Some(move_into(&path, &rules.sent_dir, &entry.name)?))
-            }
+            AfterSend::Move => Finalized::Done(Some(move_into(
+                &rules.dir,
+                entry,
+                &rules.sent_dir,
+                &mut |_| {},
+            )?)),
         },
     };
     // Also for `Gone`: a crash between the move and this removal leaves an orphan
     // marker, which would otherwise stay forever.
     if let Some(suffix) = &rules.marker_suffix {
-        remove_if_present(&rules.dir.join(format!("{}{suffix}", entry.name)))?;
+        if remove_if_present(&rules.dir.join(format!("{}{suffix}", entry.name)))? {
+            sync_dir(&rules.dir)?;
+        }
     }
     Ok(outcome)
 }
 
-fn remove_if_present(path: &Path) -> io::Result<()> {
+/// `true` if something was removed.
+fn remove_if_present(path: &Path) -> io::Result<bool> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
-/// Moves `src` into `dir` as `name`, or `name.1`, `name.2`… if taken: a sent file
-/// never overwrites an earlier one.
-fn move_into(src: &Path, dir: &Path, name: &str) -> io::Result<PathBuf> {
+/// Makes the entries of `dir` durable (creations, renames, removals in it).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    // `Path::parent` of a one-component relative path is "".
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        // Some network filesystems cannot fsync a directory at all; refusing there
+        // would keep every sent file in the outbox forever, for no durability gained.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot fsync the directory {}: {e}", dir.display()),
+            )
+        }),
+    }
+}
+
+/// The durable steps of a move, in the order taken; handed to an observer so tests
+/// can check the order (a crash between any two must leave the file somewhere).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Same filesystem: renamed to this path.
+    Renamed(PathBuf),
+    /// Other filesystem: copied to this path, the copy fsync'd.
+    Copied(PathBuf),
+    /// This directory fsync'd.
+    SyncedDir(PathBuf),
+    /// The source removed.
+    Unlinked(PathBuf),
+}
+
+/// Creates `dir` and whatever parents it lacks, each made durable in its parent.
+fn ensure_dir(dir: &Path, observe: &mut dyn FnMut(Step)) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     std::fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent() {
+            sync_dir(parent)?;
+            observe(Step::SyncedDir(parent.to_path_buf()));
+        }
+    }
+    Ok(())
+}
+
+/// Moves `entry` from `src_dir` into `dir` as its name, or `name.1`, `name.2`… if
+/// taken: a sent file never overwrites an earlier one. Durable when it returns:
+/// both directories are fsync'd, and across filesystems the source is removed
+/// only once the copy and its directory entry are on disk.
+pub(crate) fn move_into(
+    src_dir: &Path,
+    entry: &FileEntry,
+    dir: &Path,
+    observe: &mut dyn FnMut(Step),
+) -> io::Result<PathBuf> {
+    let name = entry.name.as_str();
+    let src = src_dir.join(name);
+    ensure_dir(dir, observe)?;
     let mut target = dir.join(name);
     let mut n = 0u32;
     while std::fs::symlink_metadata(&target).is_ok() {
         n += 1;
         if n > 100_000 {
             return Err(io::Error::other(format!(
-                "{} already holds {name} and its 100000 numbered variants",
+                "{} already holds {name} and its 100000 numbered variants; move some away",
                 dir.display()
             )));
         }
         target = dir.join(format!("{name}.{n}"));
     }
-    match std::fs::rename(src, &target) {
-        Ok(()) => Ok(target),
-        // `sent_dir` on another filesystem: copy, make the copy durable, then remove.
+    match std::fs::rename(&src, &target) {
+        Ok(()) => {
+            observe(Step::Renamed(target.clone()));
+            // The new entry first: a crash after the old one's removal is durable but
+            // before the new one is would lose the file.
+            sync_dir(dir)?;
+            observe(Step::SyncedDir(dir.to_path_buf()));
+            sync_dir(src_dir)?;
+            observe(Step::SyncedDir(src_dir.to_path_buf()));
+            Ok(target)
+        }
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(src, &target)?;
-            File::open(&target)?.sync_all()?;
-            std::fs::remove_file(src)?;
+            copy_across(src_dir, entry, &target, observe)?;
             Ok(target)
         }
         Err(e) => Err(e),
     }
+}
+
+/// The move of `entry` out of `src_dir` to `target` on another filesystem: copy,
+/// fsync the copy, fsync its directory, and only then remove the source and fsync
+/// its directory. A crash at any point leaves the file in the outbox (sent again
+/// later: a duplicate, never a loss) or safely in the sent dir.
+pub(crate) fn copy_across(
+    src_dir: &Path,
+    entry: &FileEntry,
+    target: &Path,
+    observe: &mut dyn FnMut(Step),
+) -> io::Result<()> {
+    let src = src_dir.join(&entry.name);
+    let target_dir = target.parent().unwrap_or(Path::new("."));
+    // The acknowledged file itself, read through a descriptor checked to be it: a
+    // path swapped since the stat must not be copied (and then removed) instead.
+    let mut from = match open_regular(&src)? {
+        Opened::Regular(f, st) if st.matches(entry) => f,
+        Opened::Regular(_, st) => {
+            return Err(io::Error::other(format!(
+                "{} changed after it was acknowledged ({}); not moving it",
+                src.display(),
+                st.difference(entry)
+            )))
+        }
+        Opened::Refused(why) => {
+            return Err(io::Error::other(format!(
+                "{} is no longer the acknowledged file: {}; not moving it",
+                src.display(),
+                why.reason()
+            )))
+        }
+    };
+    let mode = from.metadata()?.permissions().mode() & 0o7777;
+    // `create_new`: never overwrite, nor write through a link planted at the target.
+    let mut to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(target)?;
+    let copied = io::copy(&mut from, &mut to)
+        .and_then(|n| {
+            if n == entry.size {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "copied {n} of the {} bytes of {} to {}",
+                    entry.size,
+                    src.display(),
+                    target.display()
+                )))
+            }
+        })
+        .and_then(|()| to.set_permissions(std::fs::Permissions::from_mode(mode)))
+        .and_then(|()| to.sync_all())
+        .map(|()| observe(Step::Copied(target.to_path_buf())))
+        .and_then(|()| sync_dir(target_dir))
+        .map(|()| observe(Step::SyncedDir(target_dir.to_path_buf())));
+    if let Err(e) = copied {
+        // A partial or not-yet-durable copy must not stay beside the next attempt's
+        // `name.1`; the source is still in place. Best effort: the error that counts
+        // is the copy's.
+        drop(to);
+        let _ = std::fs::remove_file(target);
+        return Err(e);
+    }
+    // A writer may have put a new file at the path while this one was copied: that
+    // one has not been sent and must stay. (The acknowledged content is safe in the
+    // sent dir either way.)
+    if !stat_path(&src)?.is_some_and(|st| st.matches(entry)) {
+        return Ok(());
+    }
+    std::fs::remove_file(&src)?;
+    observe(Step::Unlinked(src.clone()));
+    sync_dir(src_dir)?;
+    observe(Step::SyncedDir(src_dir.to_path_buf()));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -260,7 +512,15 @@ mod tests {
         for (i, body) in ["one", "two", "three"].iter().enumerate() {
             let src = dir.path().join("r.csv");
             std::fs::write(&src, body).unwrap();
-            let to = move_into(&src, &sent, "r.csv").unwrap();
+            let entry = FileEntry {
+                file_id: "0".into(),
+                name: "r.csv".into(),
+                dev: 0,
+                ino: 0,
+                size: 0,
+                mtime_ns: 0,
+            };
+            let to = move_into(dir.path(), &entry, &sent, &mut |_| {}).unwrap();
             let expect = if i == 0 {
                 "r.csv".to_string()
             } else {
@@ -300,6 +560,7 @@ mod tests {
                 pattern: glob::Pattern::new(pattern).unwrap(),
                 complete,
                 marker_suffix: ".done".into(),
+                sent_dir: None,
             };
             let mut v: Vec<String> = scan(dir.path(), &rules)
                 .unwrap()

@@ -22,6 +22,22 @@ pub(crate) struct InProgress {
     #[serde(flatten)]
     pub file: FileEntry,
     pub offset: u64,
+    /// Seq of the chunk that ends at `offset`, predicted when it was committed (see
+    /// the parent module doc). `None` at offset 0 and in positions written before
+    /// seqs were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+/// A file whose last chunk is durable, waiting for the exchange's ack of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Sent {
+    #[serde(flatten)]
+    pub file: FileEntry,
+    /// Seq of its last chunk (the one carrying `FileEnd`). Always written now;
+    /// `None` only in positions written before seqs were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,7 +45,7 @@ pub(crate) struct Position {
     #[serde(default)]
     pub current: Option<InProgress>,
     #[serde(default)]
-    pub awaiting: Vec<FileEntry>,
+    pub awaiting: Vec<Sent>,
 }
 
 impl Position {
@@ -82,14 +98,22 @@ mod tests {
         }
     }
 
+    fn sent(name: &str, seq: u64) -> Sent {
+        Sent {
+            file: entry(name),
+            seq: Some(seq),
+        }
+    }
+
     #[test]
     fn round_trip_and_describe() {
         let p = Position {
             current: Some(InProgress {
                 file: entry("report.xml"),
                 offset: 3_145_728,
+                seq: Some(41),
             }),
-            awaiting: vec![entry("a"), entry("b")],
+            awaiting: vec![sent("a", 7), sent("b", 9)],
         };
         let bytes = p.encode().unwrap();
         assert_eq!(Position::decode(&bytes), Ok(p));
@@ -112,10 +136,38 @@ mod tests {
             current: Some(InProgress {
                 file: e,
                 offset: (5 << 30) + 17,
+                seq: Some(1 << 40),
             }),
             awaiting: vec![],
         };
         let back = Position::decode(&p.encode().unwrap()).map(|p| p.current.map(|c| c.offset));
         assert_eq!(back, Ok(Some((5 << 30) + 17)));
+    }
+
+    /// Positions stored by versions that did not record seqs still load; their seqs
+    /// are simply unknown.
+    #[test]
+    fn positions_without_seqs_still_load() {
+        let old = br#"{"current":{"file_id":"1a2b3c4d5e6f7081","name":"report.xml","dev":2049,"ino":131,"size":10485760,"mtime_ns":1767225600123456789,"offset":3145728},"awaiting":[{"file_id":"1a2b3c4d5e6f7081","name":"a","dev":2049,"ino":131,"size":10485760,"mtime_ns":1767225600123456789}]}"#;
+        let p = Position::decode(old).unwrap();
+        assert_eq!(
+            p.current.as_ref().map(|c| (c.offset, c.seq)),
+            Some((3_145_728, None))
+        );
+        assert_eq!(
+            p.awaiting,
+            vec![Sent {
+                file: entry("a"),
+                seq: None
+            }]
+        );
+        // And what is written now has the seqs where an old version finds its fields.
+        let now = Position {
+            current: None,
+            awaiting: vec![sent("a", 7)],
+        };
+        let v: serde_json::Value = serde_json::from_slice(&now.encode().unwrap()).unwrap();
+        assert_eq!(v["awaiting"][0]["name"], "a");
+        assert_eq!(v["awaiting"][0]["seq"], 7);
     }
 }

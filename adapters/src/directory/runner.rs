@@ -12,11 +12,11 @@ use std::time::Instant;
 use ferry_protocol::messages::{record, FileAbort, FileChunk, FileEnd, Record};
 use sha2::{Digest, Sha256};
 
-use super::fsops::{self, AfterAck, Finalized, ScanRules, Seen, Stat};
-use super::position::{FileEntry, InProgress, Position};
+use super::fsops::{self, AfterAck, Finalized, Opened, ScanRules, Seen, Stat};
+use super::position::{FileEntry, InProgress, Position, Sent};
 use super::watch::DirWatch;
-use super::{Complete, DirectoryConfig, MAX_CHUNK_SIZE};
-use crate::{now_unix_ms, Inflight, SourceContext, SourceError};
+use super::{AfterSend, Complete, DirectoryConfig, MAX_CHUNK_SIZE};
+use crate::{now_unix_ms, Committed, Inflight, SourceContext, SourceError};
 
 /// Chunks of the file being sent in flight to the buffer at once (see [`Inflight`]).
 /// Only chunks before the last are pipelined: the last one's seq is what the file's
@@ -51,6 +51,8 @@ pub(super) async fn run(cfg: DirectoryConfig, mut ctx: SourceContext) -> Result<
 struct Sending {
     entry: FileEntry,
     offset: u64,
+    /// Seq of the chunk ending at `offset` (`None` before the first one).
+    seq: Option<u64>,
     file: Arc<File>,
     hasher: Sha256,
 }
@@ -58,17 +60,23 @@ struct Sending {
 /// A sent file waiting for the exchange's ack of its last chunk.
 struct Awaiting {
     entry: FileEntry,
-    /// `None` for entries resumed from a stored position: their seq is unknown, but
-    /// not above what was durable at start.
-    seq: Option<u64>,
+    /// Seq of its last chunk (the `FileEnd`); see the module doc for how it is known.
+    seq: u64,
     /// After a failed move/delete, when to try again.
     retry_at: Option<Instant>,
 }
 
 impl Awaiting {
-    fn acked(&self, acked: u64, head_at_start: u64) -> bool {
-        acked >= self.seq.unwrap_or(head_at_start)
+    fn acked(&self, acked: u64) -> bool {
+        acked >= self.seq
     }
+}
+
+/// What re-reading the part of a file already sent found.
+enum Reread {
+    Ready(File, Sha256),
+    Cancelled,
+    NotTheFile(String),
 }
 
 /// When a file was first seen with its current stat (for quiet-period completion).
@@ -94,9 +102,16 @@ struct Runner {
     settle: HashSet<String>,
     blocked: HashMap<String, Instant>,
     warned_names: HashSet<OsString>,
+    /// Names refused as not regular files and already warned about; pruned to the
+    /// entries still there, so it stays small and a new offender is reported.
+    refused_warned: HashSet<String>,
     scan_failing: bool,
     acks_closed: bool,
-    inflight: Inflight<()>,
+    /// The seq the buffer gives the next record this source commits (see the
+    /// module doc: dense from the head at start).
+    next_seq: u64,
+    /// Chunk commits in flight, each with its predicted seq and file name.
+    inflight: Inflight<(u64, String)>,
 }
 
 impl Runner {
@@ -111,6 +126,7 @@ impl Runner {
             pattern,
             complete: cfg.complete,
             marker_suffix: cfg.marker_suffix.clone(),
+            sent_dir: (cfg.after_send == AfterSend::Move).then(|| cfg.effective_sent_dir()),
         });
         let after = Arc::new(AfterAck {
             dir: cfg.path.clone(),
@@ -133,24 +149,31 @@ impl Runner {
             settle: HashSet::new(),
             blocked: HashMap::new(),
             warned_names: HashSet::new(),
+            refused_warned: HashSet::new(),
             scan_failing: false,
             acks_closed: false,
+            next_seq: 1,
             inflight: Inflight::new(INFLIGHT),
         })
     }
 
     /// The position to commit: `current` as given, plus every awaiting file and
-    /// `extra` (the file whose last chunk goes in the same commit).
+    /// `extra` (the file whose last chunk goes in the same commit, with that chunk's
+    /// seq).
     fn position(
         &self,
         current: Option<InProgress>,
-        extra: Option<&FileEntry>,
+        extra: Option<(&FileEntry, u64)>,
     ) -> Result<Vec<u8>, SourceError> {
         let awaiting = self
             .awaiting
             .iter()
-            .map(|a| a.entry.clone())
-            .chain(extra.cloned())
+            .map(|a| (&a.entry, a.seq))
+            .chain(extra)
+            .map(|(file, seq)| Sent {
+                file: file.clone(),
+                seq: Some(seq),
+            })
             .collect();
         Position { current, awaiting }.encode()
     }
@@ -159,62 +182,121 @@ impl Runner {
         self.current.as_ref().map(|c| InProgress {
             file: c.entry.clone(),
             offset: c.offset,
+            seq: c.seq,
         })
     }
 
-    /// Takes up the stored position: the awaiting list as is, and the file in
-    /// progress if it is still the same, unchanged file.
+    /// Reserves the seqs the buffer will give the next `n` records; returns the
+    /// first.
+    fn claim_seqs(&mut self, n: u64) -> u64 {
+        let first = self.next_seq;
+        self.next_seq += n;
+        first
+    }
+
+    /// Takes up the stored position: the awaiting files whose last chunk the buffer
+    /// holds, and the file in progress if it is still the same, unchanged file and
+    /// its chunks are in the buffer. Whatever the position claims beyond the
+    /// buffer's head never became durable: those transfers are aborted and their
+    /// files sent again whole, in one commit.
     async fn resume(&mut self, ctx: &SourceContext) -> Result<(), SourceError> {
+        let head = ctx.head_at_start;
+        self.next_seq = head.saturating_add(1);
         let Some(bytes) = ctx.resume.as_deref() else {
             return Ok(());
         };
         let pos = Position::decode(bytes).map_err(SourceError::Other)?;
-        self.awaiting = pos
-            .awaiting
-            .into_iter()
-            .map(|entry| Awaiting {
-                entry,
-                seq: None,
-                retry_at: None,
-            })
-            .collect();
-        let Some(ip) = pos.current else {
-            return Ok(());
-        };
+        let mut aborts = Vec::new();
+        for s in pos.awaiting {
+            match s.seq {
+                Some(seq) if seq > head => {
+                    let reason = format!(
+                        "the stored position lists the file as sent with its last chunk at seq {seq}, \
+                         but the agent's buffer holds this stream only up to seq {head}: \
+                         that chunk never became durable"
+                    );
+                    let size = s.file.size;
+                    aborts.push((s.file, size, reason));
+                }
+                // No seq: a position of a version that did not record them. Such a
+                // position is only read when the agent starts on a buffer of that
+                // version, and then head and position come from one sled write, so
+                // the last chunk is at most `head`: a bound that never lets the file
+                // go early, and is recorded as its seq from now on.
+                seq => self.awaiting.push(Awaiting {
+                    entry: s.file,
+                    seq: seq.unwrap_or(head),
+                    retry_at: None,
+                }),
+            }
+        }
+        if let Some(ip) = pos.current {
+            if let Some(abort) = self.take_up(ctx, ip, head).await? {
+                aborts.insert(0, abort);
+            }
+        }
+        self.abort_all(ctx, aborts).await
+    }
+
+    /// Continues the stored file in progress, or says why it must be aborted:
+    /// `(entry, offset, reason)`.
+    async fn take_up(
+        &mut self,
+        ctx: &SourceContext,
+        ip: InProgress,
+        head: u64,
+    ) -> Result<Option<(FileEntry, u64, String)>, SourceError> {
         let path = self.cfg.path.join(&ip.file.name);
-        let reason = match self.changed(&path, &ip.file) {
-            Some(reason) => reason,
-            None if ip.offset > ip.file.size => format!(
+        let reason = match (ip.seq, self.changed(&path, &ip.file)) {
+            (Some(seq), _) if seq > head => format!(
+                "the stored position has the file sent up to offset {} by seq {seq}, but the \
+                 agent's buffer holds this stream only up to seq {head}: those chunks never \
+                 became durable",
+                ip.offset
+            ),
+            (_, Some(reason)) => reason,
+            (_, None) if ip.offset > ip.file.size => format!(
                 "the stored offset {} is past the end of the file ({} bytes)",
                 ip.offset, ip.file.size
             ),
-            None => {
+            (_, None) => {
                 let cancel = ctx.shutdown.clone();
                 let p = path.clone();
                 let upto = ip.offset;
+                let expect = ip.file.clone();
                 let reread = tokio::task::spawn_blocking(move || {
-                    let file = File::open(&p)?;
-                    Ok::<_, std::io::Error>(fsops::rehash(&file, upto, &cancel)?.map(|h| (file, h)))
+                    Ok::<_, std::io::Error>(match fsops::open_regular(&p)? {
+                        Opened::Regular(file, st) if st.matches(&expect) => {
+                            match fsops::rehash(&file, upto, &cancel)? {
+                                Some(h) => Reread::Ready(file, h),
+                                None => Reread::Cancelled,
+                            }
+                        }
+                        Opened::Regular(_, st) => Reread::NotTheFile(st.difference(&expect)),
+                        Opened::Refused(why) => Reread::NotTheFile(why.reason().to_string()),
+                    })
                 })
                 .await
                 .map_err(|e| SourceError::Other(format!("re-reading {}: {e}", path.display())))?;
                 match reread {
-                    Ok(Some((file, hasher))) => {
+                    Ok(Reread::Ready(file, hasher)) => {
                         tracing::info!(file = %ip.file.name, file_id = %ip.file.file_id, offset = ip.offset, "resuming file transfer");
                         self.current = Some(Sending {
                             entry: ip.file,
                             offset: ip.offset,
+                            seq: ip.seq,
                             file: Arc::new(file),
                             hasher,
                         });
-                        return Ok(());
+                        return Ok(None);
                     }
-                    Ok(None) => return Err(SourceError::Shutdown),
+                    Ok(Reread::Cancelled) => return Err(SourceError::Shutdown),
+                    Ok(Reread::NotTheFile(reason)) => reason,
                     Err(e) => format!("cannot re-read the part already sent: {e}"),
                 }
             }
         };
-        self.abort(ctx, ip.file, ip.offset, reason).await
+        Ok(Some((ip.file, ip.offset, reason)))
     }
 
     /// `None` if `path` is still the file `entry`; otherwise why not.
@@ -236,20 +318,40 @@ impl Runner {
         offset: u64,
         reason: String,
     ) -> Result<(), SourceError> {
-        tracing::warn!(file = %entry.name, file_id = %entry.file_id, offset, reason = %reason, "file transfer aborted; the file will be sent again once complete");
-        let rec = Record {
-            time_unix_ms: now_unix_ms(),
-            position: format!("{} off={offset}", entry.name),
-            body: Some(record::Body::FileAbort(FileAbort {
-                file_id: entry.file_id,
-                path: entry.name.clone(),
-                reason,
-            })),
-        };
-        let pos = self.position(None, None)?;
-        ctx.commit(vec![rec], pos).await?;
-        self.quiet.remove(&entry.name);
-        self.settle.insert(entry.name);
+        self.abort_all(ctx, vec![(entry, offset, reason)]).await
+    }
+
+    /// [`Self::abort`] for several transfers, in one commit.
+    async fn abort_all(
+        &mut self,
+        ctx: &SourceContext,
+        aborts: Vec<(FileEntry, u64, String)>,
+    ) -> Result<(), SourceError> {
+        if aborts.is_empty() {
+            return Ok(());
+        }
+        let mut recs = Vec::with_capacity(aborts.len());
+        for (entry, offset, reason) in &aborts {
+            tracing::warn!(file = %entry.name, file_id = %entry.file_id, offset, reason = %reason, "file transfer aborted; the file will be sent again once complete");
+            recs.push(Record {
+                time_unix_ms: now_unix_ms(),
+                position: format!("{} off={offset}", entry.name),
+                body: Some(record::Body::FileAbort(FileAbort {
+                    file_id: entry.file_id.clone(),
+                    path: entry.name.clone(),
+                    reason: reason.clone(),
+                })),
+            });
+        }
+        let first = self.claim_seqs(recs.len() as u64);
+        let pos = self.position(self.current_position(), None)?;
+        let committed = ctx.commit(recs, pos).await?;
+        let names: Vec<&str> = aborts.iter().map(|(e, ..)| e.name.as_str()).collect();
+        check_seq(ctx, first, committed, "the FileAbort", &names.join(", "))?;
+        for (entry, ..) in aborts {
+            self.quiet.remove(&entry.name);
+            self.settle.insert(entry.name);
+        }
         Ok(())
     }
 
@@ -308,8 +410,11 @@ impl Runner {
                 end,
             })),
         };
+        let seq = self.claim_seqs(1);
         if last {
-            let pos = self.position(None, Some(&cur.entry))?;
+            // The file's last seq goes into the same commit as its last chunk: a
+            // position never lists a file without the seq its ack is awaited on.
+            let pos = self.position(None, Some((&cur.entry, seq)))?;
             let committed = ctx.commit(vec![rec], pos).await?;
             let Some(c) = committed else {
                 return Err(SourceError::Buffer(format!(
@@ -318,21 +423,36 @@ impl Runner {
                 )));
             };
             tracing::info!(file = %cur.entry.name, file_id = %cur.entry.file_id, size = cur.entry.size, seq = c.last_seq, "file sent; awaiting ack");
+            let name = cur.entry.name.clone();
             self.awaiting.push(Awaiting {
                 entry: cur.entry,
-                seq: Some(c.last_seq),
+                seq: c.last_seq,
                 retry_at: None,
             });
+            if c.first_seq != seq {
+                // The durable position names `seq` for this file, which may be acked
+                // before its real last chunk: put the real one on record before
+                // anything can act on it, then start over from the buffer's head.
+                let pos = self.position(None, None)?;
+                ctx.commit(Vec::new(), pos).await?;
+                return check_seq(ctx, seq, Some(c), "the last chunk", &name);
+            }
         } else {
             let pos = self.position(
                 Some(InProgress {
                     file: cur.entry.clone(),
                     offset: next,
+                    seq: Some(seq),
                 }),
                 None,
             )?;
-            self.inflight.push(ctx, vec![rec], pos, ()).await?;
+            let done = self
+                .inflight
+                .push(ctx, vec![rec], pos, (seq, cur.entry.name.clone()))
+                .await?;
+            check_chunks(ctx, done)?;
             cur.offset = next;
+            cur.seq = Some(seq);
             cur.hasher = hasher;
             self.current = Some(cur);
         }
@@ -346,7 +466,7 @@ impl Runner {
         let due: Vec<FileEntry> = self
             .awaiting
             .iter()
-            .filter(|a| a.acked(acked, ctx.head_at_start) && a.retry_at.is_none_or(|t| t <= now))
+            .filter(|a| a.acked(acked) && a.retry_at.is_none_or(|t| t <= now))
             .map(|a| a.entry.clone())
             .collect();
         if due.is_empty() {
@@ -434,6 +554,11 @@ impl Runner {
                 self.warned_names.insert(n);
             }
         }
+        let refused: HashSet<&str> = scan.refused.iter().map(|(n, _)| n.as_str()).collect();
+        self.refused_warned.retain(|n| refused.contains(n.as_str()));
+        for (name, why) in &scan.refused {
+            self.warn_refused(name, *why);
+        }
         let now = Instant::now();
         let present: HashSet<&str> = scan.files.iter().map(|s| s.name.as_str()).collect();
         self.quiet.retain(|k, _| present.contains(k.as_str()));
@@ -458,12 +583,14 @@ impl Runner {
             return Ok(false);
         };
         let path = self.cfg.path.join(&s.name);
-        let opened = File::open(&path).and_then(|f| {
-            let st = Stat::of(&f.metadata()?);
-            Ok((f, st))
-        });
-        let (file, st) = match opened {
-            Ok(v) => v,
+        let (file, st) = match fsops::open_regular(&path) {
+            Ok(Opened::Regular(f, st)) => (f, st),
+            // Swapped for a link or a special file since the scan.
+            Ok(Opened::Refused(why)) => {
+                self.warn_refused(&s.name, why);
+                self.blocked.insert(s.name.clone(), now + RETRY_AFTER_ERROR);
+                return Ok(true);
+            }
             Err(e) => {
                 tracing::warn!(file = %s.name, error = %e, "cannot open a complete file; will retry");
                 self.blocked.insert(s.name.clone(), now + RETRY_AFTER_ERROR);
@@ -490,10 +617,19 @@ impl Runner {
         self.current = Some(Sending {
             entry,
             offset: 0,
+            seq: None,
             file: Arc::new(file),
             hasher: Sha256::new(),
         });
         Ok(true)
+    }
+
+    /// Warns once about an entry that is not sent because it is not a regular file;
+    /// it is left where it is.
+    fn warn_refused(&mut self, name: &str, why: fsops::Refusal) {
+        if self.refused_warned.insert(name.to_string()) {
+            tracing::warn!(path = %self.cfg.path.join(name).display(), reason = why.reason(), "not sending an outbox entry that is not a regular file; left in place (replace it with the file itself to send it)");
+        }
     }
 
     /// True once `s` has shown the same stat for `quiet_period`.
@@ -516,7 +652,8 @@ impl Runner {
 
     async fn wait(&mut self, ctx: &mut SourceContext, watch: &DirWatch) -> Result<(), SourceError> {
         // Nothing may stay in flight while the source sleeps.
-        self.inflight.drain().await?;
+        let done = self.inflight.drain().await?;
+        check_chunks(ctx, done)?;
         let now = Instant::now();
         let period = self.cfg.quiet_period.0;
         let deadline = self
@@ -528,13 +665,12 @@ impl Runner {
             .filter(|&t| t > now)
             .fold(now + self.rescan, Instant::min);
         let acked = *ctx.acked.borrow();
-        let head = ctx.head_at_start;
         // An ack that came after `finish_acked` looked: back to it now, not at the
         // next rescan (its change may already be marked seen).
         if self
             .awaiting
             .iter()
-            .any(|a| a.retry_at.is_none() && a.acked(acked, head))
+            .any(|a| a.retry_at.is_none() && a.acked(acked))
         {
             return Ok(());
         }
@@ -542,7 +678,7 @@ impl Runner {
             && self
                 .awaiting
                 .iter()
-                .any(|a| a.retry_at.is_none() && !a.acked(acked, head));
+                .any(|a| a.retry_at.is_none() && !a.acked(acked));
         let shutdown = ctx.shutdown.clone();
         tokio::select! {
             biased;
@@ -563,4 +699,41 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// Checks that the buffer gave a commit the seq this source predicted for it (and
+/// wrote into positions). A mismatch means seqs of the stream are not dense from
+/// the head at start, so the positions' seqs cannot be trusted: the source fails
+/// and its restart starts counting from the buffer's head again.
+fn check_seq(
+    ctx: &SourceContext,
+    predicted: u64,
+    got: Option<Committed>,
+    what: &str,
+    file: &str,
+) -> Result<(), SourceError> {
+    match got {
+        Some(c) if c.first_seq == predicted => Ok(()),
+        Some(c) => Err(SourceError::Buffer(format!(
+            "the buffer gave seq {} to {what} of {file}, but the source expected seq {predicted} \
+             (the head was {} when it started and it is the stream's only writer); restarting \
+             the source from its durable position. This is a bug: please report it with the \
+             agent's log",
+            c.first_seq, ctx.head_at_start
+        ))),
+        None => Err(SourceError::Buffer(format!(
+            "the buffer confirmed {what} of {file} without a seq"
+        ))),
+    }
+}
+
+/// [`check_seq`] for chunk commits that came back from [`Inflight`].
+fn check_chunks(
+    ctx: &SourceContext,
+    done: Vec<(Option<Committed>, (u64, String))>,
+) -> Result<(), SourceError> {
+    for (got, (predicted, name)) in done {
+        check_seq(ctx, predicted, got, "a chunk", &name)?;
+    }
+    Ok(())
 }

@@ -136,6 +136,31 @@ impl Store {
         d.records.iter().map(|(_, r)| r.clone()).collect()
     }
 
+    /// Every stored record with the seq the buffer gave it.
+    pub(crate) fn records_with_seqs(&self) -> Vec<(u64, Record)> {
+        self.durable.lock().unwrap().records.clone()
+    }
+
+    /// The buffer forgets every record above `seq` but keeps the last position: what
+    /// a restarted source sees after a commit was written but its sync failed (the
+    /// agent's head stays at the last synced seq while the stored position already
+    /// names what came after it).
+    pub(crate) fn lose_after(&self, seq: u64) {
+        let mut d = self.durable.lock().unwrap();
+        let keep = d.records.iter().take_while(|(s, _)| *s <= seq).count();
+        d.records.truncate(keep);
+        d.data_lens.truncate(keep);
+        d.head = d.head.min(seq);
+    }
+
+    /// A buffer as another version left it: `position` stored with `head` (and
+    /// none of the records before it).
+    pub(crate) fn set_durable(&self, position: Vec<u8>, head: u64) {
+        let mut d = self.durable.lock().unwrap();
+        d.position = Some(position);
+        d.head = head;
+    }
+
     pub(crate) fn count(&self) -> usize {
         self.durable.lock().unwrap().records.len()
     }

@@ -571,3 +571,444 @@ fn config_defaults_and_validation() {
     })
     .starts_with("source.marker_suffix:"));
 }
+
+/// Creates a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    assert_eq!(
+        rc,
+        0,
+        "mkfifo {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Whoever can write the outbox must not be able to make the agent ship a file it
+/// can read elsewhere (its own private key), nor stall it on a FIFO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_and_special_files_are_refused_and_left_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let outside = tempfile::tempdir().unwrap();
+    let secret = b"-----BEGIN PRIVATE KEY----- the agent's key, never to be shipped";
+    let secret_path = outside.path().join("agent.key");
+    std::fs::write(&secret_path, secret).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("key.csv");
+    let fifo = dir.path().join("pipe.csv");
+    std::os::unix::fs::symlink(&secret_path, &link).unwrap();
+    mkfifo(&fifo);
+    std::fs::write(dir.path().join("ok.csv"), b"a,1").unwrap();
+    let store = Store::new();
+    let mut run = store.start(source(&config(dir.path(), Complete::Rename)));
+
+    run.wait_for("ok.csv sent", || complete(&store, "ok.csv").len() == 1)
+        .await;
+    store.ack(store.head());
+    let sent = dir.path().join("sent");
+    run.wait_for("ok.csv moved", || sent.join("ok.csv").exists())
+        .await;
+    // Several rescans later (every 200 ms), and a file written after them is still
+    // taken: the source neither took the link nor hangs on the FIFO.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    std::fs::write(dir.path().join(".later.tmp"), b"b,2").unwrap();
+    std::fs::rename(dir.path().join(".later.tmp"), dir.path().join("later.csv")).unwrap();
+    run.wait_for("later.csv sent", || {
+        complete(&store, "later.csv").len() == 1
+    })
+    .await;
+
+    let names: Vec<String> = received(&store).into_values().map(|r| r.path).collect();
+    assert_eq!(names.len(), 2, "only the regular files: {names:?}");
+    for c in chunks(&store) {
+        assert!(
+            !c.data.windows(secret.len()).any(|w| w == secret),
+            "the secret was shipped as {}",
+            c.path
+        );
+    }
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert_eq!(std::fs::read(&secret_path).unwrap(), secret);
+    assert!(!sent.join("key.csv").exists() && !sent.join("pipe.csv").exists());
+    run.stop().await.unwrap_err();
+}
+
+/// The value of `key` in the stored position's awaiting entries, in order.
+fn awaiting_field(store: &Store, key: &str) -> Vec<serde_json::Value> {
+    let pos: serde_json::Value = serde_json::from_slice(&store.position().unwrap()).unwrap();
+    pos["awaiting"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[key].clone())
+        .collect()
+}
+
+/// The seq of the record ending `name`'s transfer `file_id`.
+fn end_seq(store: &Store, file_id: &str) -> u64 {
+    store
+        .records_with_seqs()
+        .into_iter()
+        .find_map(|(seq, r)| match r.body {
+            Some(record::Body::FileChunk(c)) if c.file_id == file_id && c.end.is_some() => {
+                Some(seq)
+            }
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// A restarted source may find a position naming a file as sent whose last chunk the
+/// buffer does not hold (its commit was written, then its sync failed): the file must
+/// stay in the outbox until the seq of its own last chunk is acknowledged, not
+/// whatever was durable when the source started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_leaves_only_after_its_own_last_seq_is_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Complete::Rename);
+    std::fs::write(dir.path().join("x.bin"), b"xxxx").unwrap();
+    let store = Store::new();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("x.bin sent", || complete(&store, "x.bin").len() == 1)
+        .await;
+    // Renamed into place: in rename mode a file is taken as soon as it appears.
+    std::fs::write(dir.path().join(".f.tmp"), pattern_bytes(2 * 4096 + 9, 4)).unwrap();
+    std::fs::rename(dir.path().join(".f.tmp"), dir.path().join("f.bin")).unwrap();
+    run.wait_for("f.bin sent and listed", || {
+        complete(&store, "f.bin").len() == 1
+            && describe_position(&store.position().unwrap()) == "idle; 2 files awaiting ack"
+    })
+    .await;
+    run.stop().await.unwrap_err();
+    // The position knows each file's last seq exactly.
+    let ids: Vec<String> = ["x.bin", "f.bin"]
+        .iter()
+        .map(|n| {
+            received(&store)
+                .into_iter()
+                .find(|(_, r)| r.path == *n)
+                .unwrap()
+                .0
+        })
+        .collect();
+    let (x_end, f_end) = (end_seq(&store, &ids[0]), end_seq(&store, &ids[1]));
+    assert_eq!((x_end, f_end), (1, 4));
+    assert_eq!(awaiting_field(&store, "seq"), [x_end, f_end]);
+
+    // f.bin's chunks were written, but the sync failed: the buffer holds seq 1 only,
+    // and the exchange acknowledged all of it.
+    store.lose_after(x_end);
+    store.ack(x_end);
+    let mut run = store.start(source(&cfg));
+    let sent = dir.path().join("sent");
+    run.wait_for("x.bin moved", || sent.join("x.bin").exists())
+        .await;
+    run.wait_for("f.bin sent again, or moved", || {
+        sent.join("f.bin").exists() || (complete(&store, "f.bin").len() == 1 && store.count() > 2)
+    })
+    .await;
+    assert!(
+        dir.path().join("f.bin").exists() && !sent.join("f.bin").exists(),
+        "f.bin left the outbox though its end was never acknowledged"
+    );
+    let ab = aborts(&store);
+    assert_eq!(ab.len(), 1, "{ab:?}");
+    assert_eq!(ab[0].file_id, ids[1], "the lost transfer is ended");
+    let again = complete(&store, "f.bin");
+    let new_id = received(&store)
+        .into_iter()
+        .find(|(_, r)| r.path == "f.bin" && r.end.is_some())
+        .unwrap()
+        .0;
+    assert_ne!(new_id, ids[1], "sent again under a new id");
+    assert_whole(&again[0], &pattern_bytes(2 * 4096 + 9, 4));
+
+    // Acknowledged up to just before its last chunk: still not leaving.
+    let last = end_seq(&store, &new_id);
+    store.ack(last - 1);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        dir.path().join("f.bin").exists(),
+        "moved before its last seq was acked"
+    );
+    store.ack(last);
+    run.wait_for("f.bin moved", || sent.join("f.bin").exists())
+        .await;
+    assert!(!dir.path().join("f.bin").exists());
+    run.stop().await.unwrap_err();
+}
+
+/// The check is made on the open descriptor, so an entry swapped for a link or a
+/// special file after the scan is refused at open too, and a FIFO does not block it.
+#[test]
+fn open_regular_refuses_all_but_regular_files() {
+    use super::fsops::{open_regular, Opened, Refusal};
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, b"secret").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("plain"), b"plain").unwrap();
+    std::os::unix::fs::symlink(&secret, d.join("link")).unwrap();
+    std::os::unix::fs::symlink(d.join("plain"), d.join("inner-link")).unwrap();
+    mkfifo(&d.join("fifo"));
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(d.join("sock")).unwrap();
+    let kind = |n: &str| match open_regular(&d.join(n)).unwrap() {
+        Opened::Regular(f, st) => {
+            assert_eq!(st.size, f.metadata().unwrap().len());
+            None
+        }
+        Opened::Refused(r) => Some(r),
+    };
+    assert_eq!(kind("plain"), None);
+    assert_eq!(kind("link"), Some(Refusal::Symlink));
+    assert_eq!(
+        kind("inner-link"),
+        Some(Refusal::Symlink),
+        "even to a file in the outbox"
+    );
+    assert_eq!(kind("fifo"), Some(Refusal::Fifo));
+    assert_eq!(kind("sub"), Some(Refusal::Directory));
+    assert_eq!(kind("sock"), Some(Refusal::Socket));
+}
+
+#[test]
+fn scan_lists_refused_entries_but_not_the_sent_dir() {
+    use super::fsops::{scan, Refusal, ScanRules};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("a.csv"), b"a").unwrap();
+    std::os::unix::fs::symlink(d.join("a.csv"), d.join("b.csv")).unwrap();
+    mkfifo(&d.join("c.csv"));
+    std::fs::create_dir(d.join("sent")).unwrap();
+    std::fs::create_dir(d.join("archive")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent", d.join("dangling")).unwrap();
+    let rules = ScanRules {
+        pattern: glob::Pattern::new("*").unwrap(),
+        complete: Complete::Quiet,
+        marker_suffix: ".done".into(),
+        sent_dir: Some(d.join("sent")),
+    };
+    let s = scan(d, &rules).unwrap();
+    let files: Vec<&str> = s.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(files, ["a.csv"]);
+    let mut refused = s.refused.clone();
+    refused.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        refused,
+        [
+            ("archive".to_string(), Refusal::Directory),
+            ("b.csv".to_string(), Refusal::Symlink),
+            ("c.csv".to_string(), Refusal::Fifo),
+            ("dangling".to_string(), Refusal::Symlink),
+        ]
+    );
+}
+
+/// Like `file_leaves_only_after_its_own_last_seq_is_acked`, for the file in
+/// progress: a position claiming chunks the buffer does not hold must not be
+/// continued after them (the exchange would get a file with a hole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_chunks_beyond_the_head_sends_the_file_again_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Complete::Rename);
+    let content = pattern_bytes(6 * 4096 + 5, 8);
+    std::fs::write(dir.path().join("big.dat"), &content).unwrap();
+    let store = Store::new();
+    store.hold_at(3);
+    let mut run = store.start(source(&cfg));
+    run.wait_for("3 chunks durable", || store.count() == 3)
+        .await;
+    run.stop().await.unwrap_err();
+    let old_id = chunks(&store)[0].file_id.clone();
+    // Chunks 2 and 3 were written, then their sync failed.
+    store.lose_after(1);
+    store.release();
+    let mut run = store.start(source(&cfg));
+    run.wait_for("big.dat complete", || {
+        complete(&store, "big.dat").len() == 1
+    })
+    .await;
+    let ab = aborts(&store);
+    assert_eq!(ab.len(), 1, "{ab:?}");
+    assert_eq!(ab[0].file_id, old_id);
+    assert!(ab[0].reason.contains("seq"), "{}", ab[0].reason);
+    // `received` also checks that no transfer has a hole.
+    assert_whole(&complete(&store, "big.dat")[0], &content);
+    run.stop().await.unwrap_err();
+}
+
+fn entry_of(dir: &Path, name: &str) -> position::FileEntry {
+    let st = fsops::stat_path(&dir.join(name)).unwrap().unwrap();
+    position::FileEntry {
+        file_id: "00000000000000aa".into(),
+        name: name.into(),
+        dev: st.dev,
+        ino: st.ino,
+        size: st.size,
+        mtime_ns: st.mtime_ns,
+    }
+}
+
+/// A same-filesystem move is durable in both directories before it counts as done.
+#[test]
+fn move_syncs_both_directories() {
+    use super::fsops::{move_into, Step};
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("out");
+    let sent = outbox.join("sent");
+    std::fs::create_dir(&outbox).unwrap();
+    std::fs::write(outbox.join("r.csv"), b"r,1").unwrap();
+    let entry = entry_of(&outbox, "r.csv");
+    let mut steps = Vec::new();
+    let to = move_into(&outbox, &entry, &sent, &mut |s| steps.push(s)).unwrap();
+    assert_eq!(to, sent.join("r.csv"));
+    assert_eq!(
+        steps,
+        [
+            // The sent dir was created: its entry in the outbox made durable.
+            Step::SyncedDir(outbox.clone()),
+            Step::Renamed(sent.join("r.csv")),
+            Step::SyncedDir(sent.clone()),
+            Step::SyncedDir(outbox.clone()),
+        ]
+    );
+}
+
+/// The move to another filesystem: the source goes only after the copy and the
+/// sent dir are durable, and the outbox is synced after it went.
+#[test]
+fn copy_across_filesystems_removes_the_source_last() {
+    use super::fsops::{copy_across, Step};
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("out");
+    let sent = dir.path().join("sent");
+    std::fs::create_dir(&outbox).unwrap();
+    std::fs::create_dir(&sent).unwrap();
+    let content = pattern_bytes(100_000, 5);
+    let src = outbox.join("r.bin");
+    std::fs::write(&src, &content).unwrap();
+    let entry = entry_of(&outbox, "r.bin");
+    let target = sent.join("r.bin");
+    let mut steps = Vec::new();
+    copy_across(&outbox, &entry, &target, &mut |s| {
+        // At every step before the unlink the source is intact; from the copy on,
+        // the target is whole.
+        match &s {
+            Step::Copied(_) | Step::SyncedDir(_)
+                if !steps.contains(&Step::Unlinked(src.clone())) =>
+            {
+                assert_eq!(std::fs::read(&src).unwrap(), content);
+            }
+            _ => {}
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), content);
+        steps.push(s);
+    })
+    .unwrap();
+    assert_eq!(
+        steps,
+        [
+            Step::Copied(target.clone()),
+            Step::SyncedDir(sent.clone()),
+            Step::Unlinked(src.clone()),
+            Step::SyncedDir(outbox.clone()),
+        ]
+    );
+    assert!(!src.exists());
+
+    // A file changed after its ack is neither copied nor removed.
+    std::fs::write(&src, &content).unwrap();
+    let stale = entry_of(&outbox, "r.bin");
+    std::fs::write(&src, b"rewritten").unwrap();
+    let mut steps = Vec::new();
+    let err = copy_across(&outbox, &stale, &sent.join("r.bin.1"), &mut |s| {
+        steps.push(s)
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("changed after it was acknowledged"),
+        "{err}"
+    );
+    assert!(steps.is_empty());
+    assert!(!sent.join("r.bin.1").exists());
+    assert_eq!(std::fs::read(&src).unwrap(), b"rewritten");
+}
+
+/// The real EXDEV path, when this machine has a second filesystem at hand
+/// (`/dev/shm`, a tmpfs on Linux); skipped otherwise.
+#[test]
+fn move_into_another_filesystem() {
+    use super::fsops::{move_into, Step};
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("no /dev/shm: skipping the cross-filesystem move");
+        return;
+    };
+    let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+    if dev(dir.path()) == dev(other.path()) {
+        eprintln!("/dev/shm is on the same filesystem: skipping the cross-filesystem move");
+        return;
+    }
+    let content = pattern_bytes(50_000, 6);
+    std::fs::write(dir.path().join("x.bin"), &content).unwrap();
+    let entry = entry_of(dir.path(), "x.bin");
+    let mut steps = Vec::new();
+    let to = move_into(dir.path(), &entry, other.path(), &mut |s| steps.push(s)).unwrap();
+    assert_eq!(to, other.path().join("x.bin"));
+    assert_eq!(std::fs::read(&to).unwrap(), content);
+    assert!(!dir.path().join("x.bin").exists());
+    assert_eq!(
+        steps,
+        [
+            Step::Copied(to.clone()),
+            Step::SyncedDir(other.path().to_path_buf()),
+            Step::Unlinked(dir.path().join("x.bin")),
+            Step::SyncedDir(dir.path().to_path_buf()),
+        ]
+    );
+}
+
+/// A position written before seqs were recorded: its files wait for everything that
+/// was durable when the source started (their last chunks are at most that), and
+/// are not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn position_without_seqs_from_an_older_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Complete::Rename);
+    std::fs::write(dir.path().join("a.bin"), b"aaaa").unwrap();
+    let e = entry_of(dir.path(), "a.bin");
+    let old = serde_json::json!({
+        "current": null,
+        "awaiting": [{ "file_id": e.file_id, "name": e.name, "dev": e.dev, "ino": e.ino,
+                       "size": e.size, "mtime_ns": e.mtime_ns }],
+    });
+    let store = Store::new();
+    store.set_durable(serde_json::to_vec(&old).unwrap(), 5);
+    store.ack(4);
+    let mut run = store.start(source(&cfg));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        dir.path().join("a.bin").exists(),
+        "moved before the head at start was acked"
+    );
+    store.ack(5);
+    let sent = dir.path().join("sent");
+    run.wait_for("a.bin moved", || sent.join("a.bin").exists())
+        .await;
+    assert_eq!(store.count(), 0, "nothing sent again");
+    run.stop().await.unwrap_err();
+}

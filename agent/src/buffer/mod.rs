@@ -16,6 +16,9 @@
 //!                                       written only on acks
 //! "l:" stream 0x00 from(u64 BE)         to (u64 BE): seqs `from..=to` were durable once
 //!                                       but lost to damage; written only by `salvage`
+//! "i:"                                  the buffer's incarnation id (32 hex digits),
+//!                                       random, written when the buffer is created,
+//!                                       carried over by `salvage`
 //! ```
 //! Head and acked live under separate keys because different tasks write them
 //! concurrently; neither write may carry a stale copy of the other.
@@ -42,6 +45,14 @@
 //!   its bytes.
 //! * An external entry's bytes are fdatasync'd before the sled write that names
 //!   them: a durable locator never points at bytes that may vanish.
+//! * A failed write or sync poisons the buffer for this process: sled's memory may
+//!   then hold a head and a source position the disk does not, and Linux reports
+//!   a writeback error only once, so a later sync would succeed over lost pages.
+//!   Nothing more is committed; the agent exits and restarts from what is on disk
+//!   (as PostgreSQL does since 2018). Deleting an emptied segment file after a
+//!   good sync is not a commit failure: it is retried after the next one.
+//! * The incarnation id tells this buffer from a wiped, reinstalled or replaced
+//!   one: the exchange never merges a new buffer's seqs into an old one's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,6 +86,8 @@ pub enum BufferError {
     },
     #[error("buffer at {dir} is damaged: {detail}. The agent refuses to start so that nothing is lost; `ferry-agent salvage --config FILE` recovers every intact batch and reports what it cannot")]
     Damaged { dir: PathBuf, detail: String },
+    #[error("buffer at {0}: an earlier write or sync failed in this process; the agent must restart from what is on disk")]
+    Poisoned(PathBuf),
 }
 
 /// What the buffer knows about one stream.
@@ -150,6 +163,16 @@ pub struct Buffer {
     /// Per stream: seqs lost to damage, `from → to` (see `salvage`).
     lost: Mutex<BTreeMap<String, BTreeMap<u64, u64>>>,
     total_bytes: AtomicU64,
+    incarnation: String,
+    poisoned: std::sync::atomic::AtomicBool,
+}
+
+/// The key of the buffer's incarnation id.
+const INCARNATION_KEY: &[u8] = b"i:";
+
+/// A fresh incarnation id: 128 random bits, hex.
+pub fn new_incarnation() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
 }
 
 fn batch_key(stream: &str, seq: u64) -> Vec<u8> {
@@ -214,6 +237,21 @@ impl Buffer {
                 dir: dir.to_path_buf(),
                 source,
             })?;
+        let incarnation = match db.get(INCARNATION_KEY).map_err(sled_err)? {
+            Some(v) => String::from_utf8(v.to_vec())
+                .ok()
+                .filter(|s| !s.is_empty() && s.len() <= 64)
+                .ok_or_else(|| BufferError::Damaged {
+                    dir: dir.to_path_buf(),
+                    detail: "the incarnation id is not readable".into(),
+                })?,
+            None => {
+                let id = new_incarnation();
+                db.insert(INCARNATION_KEY, id.as_bytes())
+                    .map_err(sled_err)?;
+                id
+            }
+        };
         let buffer = Buffer {
             dir: dir.to_path_buf(),
             db,
@@ -223,9 +261,23 @@ impl Buffer {
             streams: Mutex::new(BTreeMap::new()),
             lost: Mutex::new(BTreeMap::new()),
             total_bytes: AtomicU64::new(0),
+            incarnation,
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         };
         buffer.scan()?;
+        // A new id must be durable before any seq is shipped under it.
+        buffer.sync()?;
         Ok(buffer)
+    }
+
+    /// The buffer's incarnation id (see the module doc).
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+
+    /// Whether a write or sync failed in this process.
+    pub fn poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
     }
 
     fn damaged(&self, detail: String) -> BufferError {
@@ -394,13 +446,6 @@ impl Buffer {
         Ok(lost)
     }
 
-    /// If `seq` lies in a range lost to damage (see `salvage`), its last seq.
-    pub fn lost_through(&self, stream: &str, seq: u64) -> Option<u64> {
-        let l = self.lost.lock().ok()?;
-        let (_, &to) = l.get(stream)?.range(..=seq).next_back()?;
-        (to >= seq).then_some(to)
-    }
-
     /// Every range lost to damage, per stream.
     pub fn lost_ranges(&self) -> BTreeMap<String, Vec<(u64, u64)>> {
         self.lost
@@ -441,6 +486,20 @@ impl Buffer {
     /// Writes every item atomically per item, then makes them all durable with one
     /// sync (group commit). Returns the seqs given to each item's records.
     pub fn commit_group(
+        &self,
+        items: &[CommitItem<'_>],
+    ) -> Result<Vec<Option<Committed>>, BufferError> {
+        if self.poisoned() {
+            return Err(BufferError::Poisoned(self.dir.clone()));
+        }
+        let result = self.commit_group_inner(items);
+        if result.is_err() {
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn commit_group_inner(
         &self,
         items: &[CommitItem<'_>],
     ) -> Result<Vec<Option<Committed>>, BufferError> {
@@ -492,6 +551,12 @@ impl Buffer {
             batch.insert(prefixed(b"h:", item.stream), &st.head.to_be_bytes()[..]);
             out.push(committed);
         }
+        ferry_transport::failpoint::hit("agent-before-segment-append").map_err(|source| {
+            BufferError::Sync {
+                dir: self.dir.clone(),
+                source,
+            }
+        })?;
         let placed = self
             .segments
             .place(placed_entries, INLINE_MAX)
@@ -515,16 +580,30 @@ impl Buffer {
             .db
             .apply_batch(batch)
             .map_err(|e| self.sled_err(e))
+            .and_then(|()| {
+                ferry_transport::failpoint::hit("agent-after-apply-before-sync").map_err(|source| {
+                    BufferError::Sync {
+                        dir: self.dir.clone(),
+                        source,
+                    }
+                })
+            })
             .and_then(|()| self.sync());
         if let Err(e) = written {
             // The removals that emptied them are not known durable: keep them
-            // for the next sync.
+            // (the buffer is poisoned anyway; a restart rescans the segments).
             if let Ok(mut d) = self.doomed.lock() {
                 d.extend(doomed);
             }
             return Err(e);
         }
-        self.delete_segments(doomed)?;
+        ferry_transport::failpoint::hit("agent-after-sync-before-answer").map_err(|source| {
+            BufferError::Sync {
+                dir: self.dir.clone(),
+                source,
+            }
+        })?;
+        self.delete_segments_or_retry(doomed);
         let mut streams = self
             .streams
             .lock()
@@ -594,7 +673,7 @@ impl Buffer {
         let mut batch = sled::Batch::default();
         let mut freed = 0u64;
         let mut removed = 0u64;
-        let mut emptied = Vec::new();
+        let mut released = Vec::new();
         let mut acked = st.acked;
         for kv in self
             .db
@@ -612,9 +691,7 @@ impl Buffer {
             freed += stored.entry_len();
             removed += 1;
             if let Stored::External { loc, .. } = stored {
-                if let Some(id) = self.segments.release(&loc) {
-                    emptied.push(id);
-                }
+                released.push(loc);
             }
             batch.remove(k);
         }
@@ -636,11 +713,18 @@ impl Buffer {
                 }
             }
         }
-        st.acked = st.acked.max(acked);
+        let new_acked = st.acked.max(acked);
+        batch.insert(prefixed(b"a:", stream), &new_acked.to_be_bytes()[..]);
+        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        st.acked = new_acked;
         st.batches -= removed.min(st.batches);
         st.bytes -= freed.min(st.bytes);
-        batch.insert(prefixed(b"a:", stream), &st.acked.to_be_bytes()[..]);
-        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        // Only now are the entries gone from sled: a segment whose last reference
+        // is released may be deleted after the next sync.
+        let emptied: Vec<u64> = released
+            .iter()
+            .filter_map(|loc| self.segments.release(loc))
+            .collect();
         if !emptied.is_empty() {
             if let Ok(mut d) = self.doomed.lock() {
                 d.extend(emptied);
@@ -649,6 +733,21 @@ impl Buffer {
         self.total_bytes
             .fetch_sub(freed.min(self.total_bytes()), Ordering::Relaxed);
         Ok(freed)
+    }
+
+    /// Deletes emptied segment files after a good sync; one that cannot be
+    /// deleted now is not a commit failure: it is tried again after the next sync
+    /// (and an unreferenced segment is removed at the next open anyway).
+    fn delete_segments_or_retry(&self, ids: Vec<u64>) {
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.delete_segments(ids.clone()) {
+            warn!(dir = %self.dir.display(), error = %e, "could not delete emptied segment files; trying again after the next commit");
+            if let Ok(mut d) = self.doomed.lock() {
+                d.extend(ids);
+            }
+        }
     }
 
     fn delete_segments(&self, ids: Vec<u64>) -> Result<(), BufferError> {
@@ -695,7 +794,8 @@ impl Buffer {
             .map(|mut d| std::mem::take(&mut *d))
             .unwrap_or_default();
         self.sync()?;
-        self.delete_segments(doomed)
+        self.delete_segments_or_retry(doomed);
+        Ok(())
     }
 }
 

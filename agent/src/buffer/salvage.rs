@@ -3,8 +3,8 @@
 //! Every batch entry carries a CRC32C, so each one is either intact or not. The
 //! salvage copies the intact ones (and each stream's head, acked watermark and
 //! source position) into a fresh buffer, records every damaged stretch as a lost
-//! range (`l:` keys: the shipper skips them, the exchange shows them as a gap when
-//! the next batch arrives), then swaps the directories, keeping the damaged one
+//! range (`l:` keys: the shipper declares them lost to the exchange, which records
+//! them as a gap), keeps the buffer's incarnation id, then swaps the directories, keeping the damaged one
 //! beside it for inspection. Nothing is dropped silently: every lost seq range is
 //! in the report, by stream.
 //!
@@ -145,6 +145,9 @@ pub fn salvage(dir: &Path, cache_bytes: u64) -> Result<SalvageReport, BufferErro
             .or_default()
             .push(Found { key_seq, entry });
     }
+    // The salvaged buffer is the same buffer to the exchange: it keeps the id
+    // (an unreadable one gets a new id, and the exchange holds its streams).
+    let incarnation = db.get(super::INCARNATION_KEY).ok().flatten();
     drop(db);
 
     // The new buffer, beside the old one.
@@ -154,6 +157,9 @@ pub fn salvage(dir: &Path, cache_bytes: u64) -> Result<SalvageReport, BufferErro
     }
     let fresh = Buffer::open(&fresh_dir, cache_bytes)?;
     let mut batch = sled::Batch::default();
+    if let Some(id) = incarnation {
+        batch.insert(super::INCARNATION_KEY, id);
+    }
     let mut intact: Vec<(Vec<u8>, u64, u32, Vec<u8>)> = Vec::new();
     for (name, st) in meta.iter_mut() {
         let entries = found.remove(name).unwrap_or_default();

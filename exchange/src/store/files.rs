@@ -13,6 +13,9 @@ use tracing::{error, info};
 
 use super::{key, Store, StoreError};
 
+/// A sled key and value to write with the group.
+pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// What the exchange knows about one file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FileRecord {
@@ -73,14 +76,6 @@ pub(super) struct Hashers {
     map: HashMap<PathBuf, (Sha256, u64)>,
 }
 
-impl Hashers {
-    pub(super) fn forget<'a>(&mut self, paths: impl Iterator<Item = &'a PathBuf>) {
-        for p in paths {
-            self.map.remove(p);
-        }
-    }
-}
-
 fn valid_file_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -112,10 +107,6 @@ pub(super) struct GroupWrites {
 }
 
 impl GroupWrites {
-    pub(super) fn touched(&self) -> impl Iterator<Item = &PathBuf> {
-        self.open.keys()
-    }
-
     fn file(&mut self, path: &Path) -> io::Result<&File> {
         if !self.open.contains_key(path) {
             let existed = path.exists();
@@ -137,8 +128,8 @@ impl GroupWrites {
     }
 
     /// Writes the chunks among `records` (seqs from `first_seq`) and strips their
-    /// data, so the database keeps only metadata.
-    #[allow(clippy::too_many_arguments)]
+    /// data, so the database keeps only metadata. Returns the file records to
+    /// write with the batch; on an error nothing of this batch stays staged.
     pub(super) fn apply(
         &mut self,
         dir: &Path,
@@ -146,7 +137,26 @@ impl GroupWrites {
         stream: &str,
         first_seq: u64,
         records: &mut [Record],
-        batch: &mut sled::Batch,
+        store: &Store,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let before = self.staged.clone();
+        let mut meta = Vec::new();
+        let r = self.apply_inner(dir, agent, stream, first_seq, records, &mut meta, store);
+        if r.is_err() {
+            self.staged = before;
+        }
+        r.map(|()| meta)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_inner(
+        &mut self,
+        dir: &Path,
+        agent: &str,
+        stream: &str,
+        first_seq: u64,
+        records: &mut [Record],
+        batch: &mut Vec<KeyValue>,
         store: &Store,
     ) -> Result<(), StoreError> {
         let io_err = |what: String| {
@@ -156,8 +166,23 @@ impl GroupWrites {
                 source,
             }
         };
-        std::fs::create_dir_all(dir)
-            .map_err(io_err("creating the stream's file directory".into()))?;
+        if !dir.is_dir() {
+            // Every directory this creates must reach the disk with the first file
+            // in it: fsync the parents of each new one (at the group's sync).
+            let mut missing = Vec::new();
+            let mut d = Some(dir);
+            while let Some(p) = d.filter(|p| !p.exists()) {
+                missing.push(p.to_path_buf());
+                d = p.parent();
+            }
+            std::fs::create_dir_all(dir)
+                .map_err(io_err("creating the stream's file directory".into()))?;
+            for m in missing {
+                if let Some(parent) = m.parent() {
+                    self.new_dirs.insert(parent.to_path_buf());
+                }
+            }
+        }
         for (i, r) in records.iter_mut().enumerate() {
             let seq = first_seq + i as u64;
             match &mut r.body {
@@ -187,6 +212,8 @@ impl GroupWrites {
                             .file(&path)
                             .map_err(io_err(format!("opening {}", path.display())))?;
                         // All-zero chunks stay holes: sparse files stay sparse.
+                        ferry_transport::failpoint::hit("exchange-file-chunk-write")
+                            .map_err(io_err(format!("writing {}", path.display())))?;
                         if c.data.iter().any(|&b| b != 0) {
                             f.write_all_at(&c.data, c.offset)
                                 .map_err(io_err(format!("writing {}", path.display())))?;
@@ -210,6 +237,15 @@ impl GroupWrites {
                     }
                     rec.received = rec.received.max(end_off);
                     if let Some(end) = &c.end {
+                        // The declared size is where the last chunk ends: a size
+                        // taken on trust (a 10 TiB sparse file) would have the
+                        // committer size and hash it while every agent waits.
+                        if end.size != end_off {
+                            return Err(StoreError::Invalid(format!(
+                                "seq {seq}: file {:?} declares {} bytes but its last chunk ends at byte {end_off}",
+                                c.path, end.size
+                            )));
+                        }
                         let f = self
                             .file(&path)
                             .map_err(io_err(format!("opening {}", path.display())))?;
@@ -240,7 +276,7 @@ impl GroupWrites {
                     }
                     c.data = Vec::new();
                     if let Ok(v) = serde_json::to_vec(&rec) {
-                        batch.insert(fkey.clone(), v);
+                        batch.push((fkey.clone(), v));
                     }
                     self.staged.insert(fkey, rec);
                 }
@@ -267,7 +303,7 @@ impl GroupWrites {
                     }
                     self.delete_after_commit.push(path);
                     if let Ok(v) = serde_json::to_vec(&rec) {
-                        batch.insert(fkey.clone(), v);
+                        batch.push((fkey.clone(), v));
                     }
                     self.staged.insert(fkey, rec);
                 }

@@ -8,7 +8,9 @@
 //! "b:" agent 0x00 stream 0x00 first_seq (u64 BE)   a batch entry (ferry_protocol::entry),
 //!                                                  file chunks stripped of their data
 //! "f:" agent 0x00 stream 0x00 file_id              FileRecord (JSON)
-//! "g:" agent 0x00 stream 0x00 from (u64 BE)        Gap (JSON): seqs that never arrived
+//! "g:" agent 0x00 stream 0x00 from (u64 BE)        Gap (JSON): seqs the agent declared lost
+//! "s:" agent 0x00 stream                           StreamMeta (JSON): buffer incarnation,
+//!                                                  offset, hold, accepted boundaries
 //! "a:" agent                                       AgentRecord (JSON): the fleet registry
 //! ```
 //! `STORE/files/AGENT/STREAM/FILE_ID` holds the bytes of received files, written
@@ -25,6 +27,16 @@
 //! * A seq is stored at most once: admission ([`ferry_protocol::session::admit`])
 //!   compares each batch with the stream's next expected seq, and the batch, the new
 //!   next expected seq and any file state change are applied in one `apply_batch`.
+//! * Nothing is stored past a missing seq: a batch that does not continue the
+//!   stream is refused, and once one batch of a stream is refused in a group, every
+//!   later one of that stream in the group is too. Only a `Lost` declaration from
+//!   the agent moves the next seq past seqs that never arrived (a `g:` record).
+//! * Only durable state is ever reported: the cache of next seqs is filled after
+//!   the group commit, and a cache miss reads sled under the commit lock, so a
+//!   `Welcome` never acknowledges what a later failed sync could take back.
+//! * A failed sync poisons the store for this process ([`Store::poisoned`]): the
+//!   kernel reports a writeback error once, so a retried fdatasync would succeed
+//!   over lost pages. The server exits and its supervisor restarts it from disk.
 //! * An ack is sent only after the group commit holding the batch is durable: file
 //!   bytes fdatasynced first, then sled flushed and its files fdatasynced.
 //! * A file is `complete` only when every byte arrived and its SHA-256 matches the
@@ -38,8 +50,10 @@ use std::sync::Mutex;
 
 use ferry_protocol::batch::{check_batch, decode_batch, encode_records, EncodedRecords};
 use ferry_protocol::entry::{self, Decoded};
-use ferry_protocol::messages::{Batch, Compression, Record, RecordList};
-use ferry_protocol::session::{admit, Admission};
+use ferry_protocol::messages::{Batch, Compression, Lost, Record, RecordList, StreamDecl};
+use ferry_protocol::session::{
+    admit, admit_loss, continuity, Admission, Continuity, LossAdmission, StreamPlan, StreamRecord,
+};
 use ferry_transport::durable::Syncer;
 use ferry_transport::segments::{BatchRef, Segments};
 use serde::{Deserialize, Serialize};
@@ -67,14 +81,71 @@ pub enum StoreError {
     Invalid(String),
     #[error("store damaged at {0}")]
     Damaged(String),
+    /// Not stored because it does not continue the stream (an earlier batch was
+    /// not stored): the agent resends from the next seq.
+    #[error("{0}")]
+    Resend(String),
+    /// A sync failed earlier in this process: nothing more is stored.
+    #[error("the store at {0} could not make a commit durable; the exchange must restart from what is on disk")]
+    Poisoned(PathBuf),
 }
 
-/// Seqs `from ..= to` of a stream never arrived (seen when a later seq did).
+/// Seqs `from ..= to` of a stream never arrived: the agent declared them lost.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Gap {
     pub from: u64,
     pub to: u64,
     pub detected_unix_ms: u64,
+    /// Why, as the agent declared it.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A stream held until an operator decides (`ferry-exchange resolve`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Hold {
+    pub reason: String,
+    pub since_unix_ms: u64,
+    /// The buffer that asked: its incarnation, head and acked watermark.
+    pub incarnation: String,
+    pub head_seq: u64,
+    pub acked_seq: u64,
+    /// Set when an operator refused the stream: why.
+    #[serde(default)]
+    pub refused: Option<String>,
+}
+
+/// Where an operator accepted a new buffer as the continuation of a stream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Boundary {
+    /// The first seq (exchange numbering) that came from `incarnation`.
+    pub from_seq: u64,
+    pub incarnation: String,
+    /// That buffer's seq `s` is stored as `s + offset`.
+    pub offset: u64,
+    pub accepted_unix_ms: u64,
+    pub replaced: String,
+}
+
+/// What the exchange knows of one (agent, stream) besides its records.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamMeta {
+    pub incarnation: String,
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(default)]
+    pub hold: Option<Hold>,
+    #[serde(default)]
+    pub boundaries: Vec<Boundary>,
+}
+
+/// An operator's decision on a held stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Continue the stream with the held buffer, after a recorded boundary.
+    Accept,
+    /// Keep refusing it, for this reason.
+    Refuse(String),
 }
 
 /// One entry of the fleet registry.
@@ -94,10 +165,32 @@ pub struct AgentRecord {
     pub cert_serial: String,
 }
 
-/// A batch received from `agent`, to be stored.
+/// What an agent sent, to be stored (seqs already in the exchange's numbering).
+pub enum Item {
+    Batch(Batch),
+    Lost(Lost),
+}
+
+/// An item received from `agent`.
 pub struct Incoming {
     pub agent: String,
-    pub batch: Batch,
+    pub item: Item,
+}
+
+impl Incoming {
+    pub fn stream(&self) -> &str {
+        match &self.item {
+            Item::Batch(b) => &b.stream,
+            Item::Lost(l) => &l.stream,
+        }
+    }
+
+    pub fn payload_len(&self) -> usize {
+        match &self.item {
+            Item::Batch(b) => b.payload.len(),
+            Item::Lost(_) => 0,
+        }
+    }
 }
 
 /// One stored record, for `records`.
@@ -112,8 +205,13 @@ pub struct Store {
     db: sled::Db,
     segments: Segments,
     syncer: Mutex<Syncer>,
+    /// Next expected seq per (agent, stream), durable values only.
     next: Mutex<HashMap<(String, String), u64>>,
     hashers: Mutex<files::Hashers>,
+    /// Held by the committer from its first write to the end of its sync, and by
+    /// readers of state that is not in `next`: they never see an unsynced write.
+    commit_lock: Mutex<()>,
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 /// Entries larger than this go to segment files.
@@ -188,7 +286,20 @@ impl Store {
             syncer: Mutex::new(syncer),
             next: Mutex::new(HashMap::new()),
             hashers: Mutex::new(files::Hashers::default()),
+            commit_lock: Mutex::new(()),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether a sync failed in this process (see the module doc).
+    pub fn poisoned(&self) -> bool {
+        self.poisoned.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn lock_commits(&self) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
+        self.commit_lock
+            .lock()
+            .map_err(|_| StoreError::Damaged("commit lock poisoned".into()))
     }
 
     fn sled_err(&self, source: sled::Error) -> StoreError {
@@ -198,14 +309,30 @@ impl Store {
         }
     }
 
-    /// The next seq the store expects from `agent` on `stream` (1 for a new stream).
+    /// The next seq the store expects from `agent` on `stream` (1 for a new
+    /// stream); everything below it is durable.
     pub fn next_expected(&self, agent: &str, stream: &str) -> Result<u64, StoreError> {
-        if let Some(n) = self
-            .next
+        if let Some(n) = self.cached_next(agent, stream) {
+            return Ok(n);
+        }
+        let _commits = self.lock_commits()?;
+        self.next_synced(agent, stream)
+    }
+
+    fn cached_next(&self, agent: &str, stream: &str) -> Option<u64> {
+        self.next
             .lock()
             .ok()
             .and_then(|m| m.get(&(agent.to_string(), stream.to_string())).copied())
-        {
+    }
+
+    /// The stored next seq; the caller holds the commit lock (or is the committer),
+    /// so what sled holds is synced.
+    fn next_synced(&self, agent: &str, stream: &str) -> Result<u64, StoreError> {
+        if self.poisoned() {
+            return Err(StoreError::Poisoned(self.dir.clone()));
+        }
+        if let Some(n) = self.cached_next(agent, stream) {
             return Ok(n);
         }
         let v = self
@@ -223,128 +350,92 @@ impl Store {
         })
     }
 
-    /// Stores a group of batches with one sync. Returns, per batch, the cumulative
-    /// ack for its stream (or why it was refused).
+    /// Stores a group of batches and loss declarations with one sync. Returns,
+    /// per item, the cumulative ack for its stream (or why it was not stored).
     pub fn commit_group(&self, items: &[Incoming]) -> Vec<Result<u64, StoreError>> {
+        let _commits = match self.lock_commits() {
+            Ok(g) => g,
+            Err(e) => {
+                let msg = e.to_string();
+                return items
+                    .iter()
+                    .map(|_| Err(StoreError::Damaged(msg.clone())))
+                    .collect();
+            }
+        };
+        if self.poisoned() {
+            return items
+                .iter()
+                .map(|_| Err(StoreError::Poisoned(self.dir.clone())))
+                .collect();
+        }
         let mut results: Vec<Result<u64, StoreError>> = Vec::with_capacity(items.len());
         let mut staged: HashMap<(String, String), u64> = HashMap::new();
+        // Streams with a refused item in this group: their later items are refused
+        // too, so nothing is ever stored past a seq that was not.
+        let mut refused: HashMap<(String, String), u64> = HashMap::new();
         let mut batch = sled::Batch::default();
         let mut writes = files::GroupWrites::default();
         let mut entries: Vec<(Vec<u8>, u64, u32, Vec<u8>)> = Vec::new();
         let now = now_unix_ms();
         for item in items {
-            let b = &item.batch;
-            let k = (item.agent.clone(), b.stream.clone());
+            let k = (item.agent.clone(), item.stream().to_string());
+            if let Some(&expected) = refused.get(&k) {
+                results.push(Err(StoreError::Resend(format!(
+                    "stream {}: an earlier batch was not stored; resend from seq {expected}",
+                    k.1
+                ))));
+                continue;
+            }
             let next = match staged.get(&k) {
                 Some(&n) => n,
-                None => match self.next_expected(&item.agent, &b.stream) {
+                None => match self.next_synced(&item.agent, &k.1) {
                     Ok(n) => n,
                     Err(e) => {
+                        refused.insert(k, 0);
                         results.push(Err(e));
                         continue;
                     }
                 },
             };
-            let (skip, gap_from) = match admit(next, b.first_seq, b.record_count) {
-                Admission::Duplicate => {
-                    results.push(Ok(next - 1));
-                    continue;
+            let stored = match &item.item {
+                Item::Batch(b) => self.stage_batch(
+                    &item.agent,
+                    b,
+                    next,
+                    now,
+                    &mut batch,
+                    &mut writes,
+                    &mut entries,
+                ),
+                Item::Lost(l) => self.stage_loss(&item.agent, l, next, now, &mut batch),
+            };
+            match stored {
+                Ok(Some(last)) => {
+                    batch.insert(
+                        key(b"n:", &[&item.agent, &k.1]),
+                        &(last + 1).to_be_bytes()[..],
+                    );
+                    staged.insert(k, last + 1);
+                    results.push(Ok(last));
                 }
-                Admission::Store { skip, gap_from } => (skip, gap_from),
-            };
-            let first = b.first_seq + u64::from(skip);
-            let invalid = |e: ferry_protocol::batch::BatchError| {
-                StoreError::Invalid(format!("stream {} seq {}: {e}", b.stream, b.first_seq))
-            };
-            // Lines and rows are stored as they arrived once checked; only file
-            // records (written out here) and partly duplicated batches are decoded.
-            let has_files = match check_batch(b) {
-                Ok(c) => c.has_files,
+                Ok(None) => results.push(Ok(next - 1)),
                 Err(e) => {
-                    results.push(Err(invalid(e)));
-                    continue;
-                }
-            };
-            let encoded = if skip == 0 && !has_files {
-                EncodedRecords {
-                    record_count: b.record_count,
-                    compression: Compression::try_from(b.compression).unwrap_or(Compression::None),
-                    raw_len: b.raw_len,
-                    payload: b.payload.clone(),
-                }
-            } else {
-                let list = match decode_batch(b) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        results.push(Err(invalid(e)));
-                        continue;
-                    }
-                };
-                let mut records: Vec<Record> =
-                    list.records.into_iter().skip(skip as usize).collect();
-                if has_files {
-                    let dir = self.files_dir.join(&item.agent).join(&b.stream);
-                    if let Err(e) = writes.apply(
-                        &dir,
-                        &item.agent,
-                        &b.stream,
-                        first,
-                        &mut records,
-                        &mut batch,
-                        self,
-                    ) {
-                        results.push(Err(e));
-                        continue;
-                    }
-                }
-                match encode_records(&RecordList { records }) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        results.push(Err(StoreError::Invalid(e.to_string())));
-                        continue;
-                    }
-                }
-            };
-            let last = first + u64::from(encoded.record_count) - 1;
-            entries.push((
-                seq_key(b"b:", &item.agent, &b.stream, first),
-                first,
-                encoded.record_count,
-                entry::encode(first, &encoded, now),
-            ));
-            if let Some(from) = gap_from {
-                let gap = Gap {
-                    from,
-                    to: b.first_seq - 1,
-                    detected_unix_ms: now,
-                };
-                warn!(agent = %item.agent, stream = %b.stream, from, to = gap.to, "seq gap: these records never arrived");
-                if let Ok(v) = serde_json::to_vec(&gap) {
-                    batch.insert(seq_key(b"g:", &item.agent, &b.stream, from), v);
+                    refused.insert(k, next);
+                    results.push(Err(e));
                 }
             }
-            batch.insert(
-                key(b"n:", &[&item.agent, &b.stream]),
-                &(last + 1).to_be_bytes()[..],
-            );
-            staged.insert(k, last + 1);
-            results.push(Ok(last));
         }
         if let Err(e) = self
             .place_entries(entries, &mut batch)
             .and_then(|()| self.make_durable(batch, &mut writes))
         {
-            error!(error = %e, "store commit failed; the batches will be retried by their agents");
-            if let Ok(mut h) = self.hashers.lock() {
-                h.forget(writes.touched());
-            }
-            // sled may have applied part of the group before the sync failed: re-read
-            // these streams' next seq from the database rather than trust the cache.
-            if let Ok(mut n) = self.next.lock() {
-                for k in staged.keys() {
-                    n.remove(k);
-                }
-            }
+            // sled's memory may now hold what the disk does not, and the kernel
+            // reports a writeback error only once: nothing this process reads or
+            // writes from here on can be trusted. The server exits on this.
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            error!(error = %e, "ALARM: store commit failed; the store is unusable until the exchange restarts from disk; the batches will be resent by their agents");
             let msg = e.to_string();
             return items
                 .iter()
@@ -355,7 +446,108 @@ impl Store {
             n.extend(staged);
         }
         writes.after_commit();
+        if let Err(e) = ferry_transport::failpoint::hit("exchange-after-sync-before-ack") {
+            // Durable but not acknowledged: the agent resends and the exchange
+            // acks it as a duplicate.
+            let msg = e.to_string();
+            return items
+                .iter()
+                .map(|_| Err(StoreError::Damaged(msg.clone())))
+                .collect();
+        }
         results
+    }
+
+    /// Puts one batch into the group's write. `Ok(Some(last))`: stored up to
+    /// `last`; `Ok(None)`: a duplicate; `Err`: refused, nothing of it staged.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_batch(
+        &self,
+        agent: &str,
+        b: &Batch,
+        next: u64,
+        now: u64,
+        batch: &mut sled::Batch,
+        writes: &mut files::GroupWrites,
+        entries: &mut Vec<(Vec<u8>, u64, u32, Vec<u8>)>,
+    ) -> Result<Option<u64>, StoreError> {
+        let skip = match admit(next, b.first_seq, b.record_count) {
+            Admission::Duplicate => return Ok(None),
+            Admission::Store { skip } => skip,
+            Admission::Ahead { expected } => {
+                return Err(StoreError::Resend(format!(
+                    "stream {} batch at seq {} does not continue at seq {expected}; resend from {expected}",
+                    b.stream, b.first_seq
+                )))
+            }
+        };
+        let first = b.first_seq + u64::from(skip);
+        let invalid = |e: ferry_protocol::batch::BatchError| {
+            StoreError::Invalid(format!("stream {} seq {}: {e}", b.stream, b.first_seq))
+        };
+        // Lines and rows are stored as they arrived once checked; only file
+        // records (written out here) and partly duplicated batches are decoded.
+        let has_files = check_batch(b).map_err(invalid)?.has_files;
+        let encoded = if skip == 0 && !has_files {
+            EncodedRecords {
+                record_count: b.record_count,
+                compression: Compression::try_from(b.compression).unwrap_or(Compression::None),
+                raw_len: b.raw_len,
+                payload: b.payload.clone(),
+            }
+        } else {
+            let list = decode_batch(b).map_err(invalid)?;
+            let mut records: Vec<Record> = list.records.into_iter().skip(skip as usize).collect();
+            if has_files {
+                let dir = self.files_dir.join(agent).join(&b.stream);
+                // File metadata goes into the group's write only if the whole
+                // batch is taken: a refused batch leaves no trace.
+                let meta = writes.apply(&dir, agent, &b.stream, first, &mut records, self)?;
+                for (k, v) in meta {
+                    batch.insert(k, v);
+                }
+            }
+            encode_records(&RecordList { records })
+                .map_err(|e| StoreError::Invalid(e.to_string()))?
+        };
+        let last = first + u64::from(encoded.record_count) - 1;
+        entries.push((
+            seq_key(b"b:", agent, &b.stream, first),
+            first,
+            encoded.record_count,
+            entry::encode(first, &encoded, now),
+        ));
+        Ok(Some(last))
+    }
+
+    /// Records a declared loss as a gap. `Some(to)` when it moved the stream on.
+    fn stage_loss(
+        &self,
+        agent: &str,
+        l: &Lost,
+        next: u64,
+        now: u64,
+        batch: &mut sled::Batch,
+    ) -> Result<Option<u64>, StoreError> {
+        match admit_loss(next, l.from_seq, l.to_seq) {
+            LossAdmission::Duplicate => Ok(None),
+            LossAdmission::Ahead { expected } => Err(StoreError::Resend(format!(
+                "stream {} loss declared from seq {} does not continue at seq {expected}; resend from {expected}",
+                l.stream, l.from_seq
+            ))),
+            LossAdmission::Record { from, to } => {
+                let gap = Gap {
+                    from,
+                    to,
+                    detected_unix_ms: now,
+                    reason: l.reason.clone(),
+                };
+                warn!(agent, stream = %l.stream, from, to, reason = %l.reason, "ALARM: the agent declared these records lost");
+                let v = serde_json::to_vec(&gap).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                batch.insert(seq_key(b"g:", agent, &l.stream, from), v);
+                Ok(Some(to))
+            }
+        }
     }
 
     /// Puts each entry in the sled batch: small ones inline, large ones into
@@ -390,6 +582,13 @@ impl Store {
             source,
         })?;
         self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        ferry_transport::failpoint::hit("exchange-after-apply-before-sync").map_err(|source| {
+            StoreError::Io {
+                dir: self.dir.clone(),
+                what: "syncing the database".into(),
+                source,
+            }
+        })?;
         self.close()
     }
 
@@ -475,6 +674,152 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    pub fn stream_meta(&self, agent: &str, stream: &str) -> Result<StreamMeta, StoreError> {
+        let v = self
+            .db
+            .get(key(b"s:", &[agent, stream]))
+            .map_err(|e| self.sled_err(e))?;
+        match v {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| {
+                StoreError::Damaged(format!("stream record of {agent}/{stream}: {e}"))
+            }),
+            None => Ok(StreamMeta::default()),
+        }
+    }
+
+    /// Writes a stream record and makes it durable (the caller holds the commit lock).
+    fn put_stream_meta(
+        &self,
+        agent: &str,
+        stream: &str,
+        meta: &StreamMeta,
+    ) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(meta).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.db
+            .insert(key(b"s:", &[agent, stream]), v)
+            .map_err(|e| self.sled_err(e))?;
+        self.sync_or_poison()
+    }
+
+    /// Judges a declared stream for `Welcome` (see `ferry_protocol::session::continuity`):
+    /// a stream seen for the first time remembers its buffer's incarnation; a new
+    /// incarnation or a buffer behind is held, durably, until an operator decides.
+    pub fn plan_stream(&self, agent: &str, decl: &StreamDecl) -> Result<StreamPlan, StoreError> {
+        let _commits = self.lock_commits()?;
+        let next_seq = self.next_synced(agent, &decl.name)?;
+        let mut meta = self.stream_meta(agent, &decl.name)?;
+        let rec = StreamRecord {
+            next_seq,
+            incarnation: meta.incarnation.clone(),
+            offset: meta.offset,
+            held: meta.hold.as_ref().map(|h| match &h.refused {
+                Some(why) => format!("refused by the exchange operator: {why}"),
+                None => h.reason.clone(),
+            }),
+        };
+        let held = match continuity(&rec, decl) {
+            Continuity::Continue => None,
+            Continuity::Adopt => {
+                meta.incarnation = decl.incarnation.clone();
+                self.put_stream_meta(agent, &decl.name, &meta)?;
+                None
+            }
+            Continuity::Hold(reason) => {
+                if meta.hold.is_none() {
+                    error!(agent, stream = %decl.name, %reason, "ALARM: stream held until an operator runs `ferry-exchange resolve`");
+                    meta.hold = Some(Hold {
+                        reason: reason.clone(),
+                        since_unix_ms: now_unix_ms(),
+                        incarnation: decl.incarnation.clone(),
+                        head_seq: decl.head_seq,
+                        acked_seq: decl.acked_seq,
+                        refused: None,
+                    });
+                    self.put_stream_meta(agent, &decl.name, &meta)?;
+                }
+                Some(reason)
+            }
+        };
+        Ok(StreamPlan {
+            next_seq,
+            offset: meta.offset,
+            held,
+        })
+    }
+
+    /// An operator's decision on a held stream. Accepting continues the stream
+    /// with the held buffer: its first unacknowledged seq becomes the stream's next
+    /// seq, a boundary recorded; refusing keeps it held with the reason given.
+    pub fn resolve(
+        &self,
+        agent: &str,
+        stream: &str,
+        decision: &Decision,
+    ) -> Result<StreamMeta, StoreError> {
+        let _commits = self.lock_commits()?;
+        let next_seq = self.next_synced(agent, stream)?;
+        let mut meta = self.stream_meta(agent, stream)?;
+        let Some(hold) = meta.hold.clone() else {
+            return Err(StoreError::Invalid(format!(
+                "stream {stream} of agent {agent} is not held"
+            )));
+        };
+        match decision {
+            Decision::Accept => {
+                // The buffer's acked+1 is stored as next_seq.
+                let offset = (next_seq - 1).saturating_sub(hold.acked_seq);
+                meta.boundaries.push(Boundary {
+                    from_seq: next_seq,
+                    incarnation: hold.incarnation.clone(),
+                    offset,
+                    accepted_unix_ms: now_unix_ms(),
+                    replaced: meta.incarnation.clone(),
+                });
+                meta.incarnation = hold.incarnation;
+                meta.offset = offset;
+                meta.hold = None;
+                warn!(
+                    agent,
+                    stream,
+                    from_seq = next_seq,
+                    offset,
+                    "held stream accepted as a continuation"
+                );
+            }
+            Decision::Refuse(why) => {
+                if let Some(h) = meta.hold.as_mut() {
+                    h.refused = Some(why.clone());
+                }
+                warn!(agent, stream, reason = %why, "held stream refused");
+            }
+        }
+        self.put_stream_meta(agent, stream, &meta)?;
+        Ok(meta)
+    }
+
+    /// Every held stream: (agent, stream, hold).
+    pub fn holds(&self) -> Result<Vec<(String, String, Hold)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"s:") {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let Ok(meta) = serde_json::from_slice::<StreamMeta>(&v) else {
+                continue;
+            };
+            let Some(hold) = meta.hold else { continue };
+            let rest = String::from_utf8_lossy(&k[2..]).into_owned();
+            let (agent, stream) = rest.split_once('\0').unwrap_or((&rest, ""));
+            out.push((agent.to_string(), stream.to_string(), hold));
+        }
+        Ok(out)
+    }
+
+    fn sync_or_poison(&self) -> Result<(), StoreError> {
+        self.close().inspect_err(|_| {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        })
     }
 
     /// Updates the fleet registry (not synced: it is rebuilt by the next heartbeat).

@@ -1,0 +1,280 @@
+//! Nothing lost at the edges: when something *refuses* or *fails* rather than
+//! dies. A buffer wiped under a running fleet, a write or sync that fails on
+//! either end, a batch the exchange cannot store, and every named crash window
+//! (`ferry_transport::failpoint`): each is driven here against real agent and
+//! exchange processes, and each ends with every line stored once, in order, and no
+//! gap the agent did not declare.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_tests::faults::{checked_line, LineWriter, Verdict};
+use ferry_tests::*;
+
+const AGENT: &str = "hp-mz-01";
+const DEPT: &str = "210102-MZ";
+const STREAM: &str = "hall-log";
+const TAG: &str = "e";
+/// `EX_IOERR`: both daemons exit with it after a failed write or sync.
+const EXIT_IO: i32 = 74;
+
+/// An exchange and an agent with a tail stream on `logs/app.log`.
+fn setup(t: &TestDir) -> (Exchange, Agent, PathBuf) {
+    let ex = Exchange::start_new(&t.mkdir("exchange"));
+    let agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    let log = t.mkdir("logs").join("app.log");
+    std::fs::write(&log, b"").unwrap();
+    agent.add_stream(&tail_stream(STREAM, "210100-MZ-0002", &log));
+    (ex, agent, log)
+}
+
+/// Every produced line once, in order, and no gap at the exchange.
+fn assert_converged(ex: &mut Exchange, produced: usize) {
+    let got = ex.wait_lines(AGENT, STREAM, produced, LONG);
+    std::thread::sleep(Duration::from_millis(500));
+    let again = ex.lines(AGENT, STREAM);
+    assert!(again.len() >= got.len());
+    Verdict::of_lines(TAG, produced, &again).assert_clean("after the failure");
+    let gaps = ex.gaps(AGENT, STREAM);
+    assert!(gaps.is_empty(), "gaps nobody declared: {gaps:?}");
+}
+
+/// The reproduced loss: an agent's data directory is wiped (a reinstalled
+/// server), it buffers more lines than the exchange already holds, and before
+/// this fix the exchange dropped the first of them as duplicates of the old
+/// buffer's seqs. Now the new buffer's incarnation is held — sticky across
+/// reconnects and restarts, visible in `status` and `agents` — until the operator
+/// accepts it as a continuation; then every line of the new buffer arrives after a
+/// recorded boundary, none lost, none merged.
+#[test]
+fn a_wiped_buffer_is_held_until_accepted_never_deduplicated_away() {
+    let t = TestDir::new("edges-wiped");
+    let (mut ex, mut agent, log) = setup(&t);
+    let first: Vec<String> = (0..100).map(|i| checked_line(TAG, i)).collect();
+    append_lines(&log, &first);
+    agent.start();
+    ex.wait_lines(AGENT, STREAM, 100, LONG);
+    agent.stop();
+
+    // The server is reinstalled: the buffer is gone, the log is still there and
+    // grows to 150 lines, which the new buffer reads from the start.
+    std::fs::remove_dir_all(agent.dir.join("data")).unwrap();
+    let more: Vec<String> = (100..150).map(|i| checked_line(TAG, i)).collect();
+    append_lines(&log, &more);
+    agent.start();
+    let held = wait_for(SHORT, "the stream to be reported held", || {
+        let st = agent.stream_status(STREAM);
+        st["ship_error"]
+            .as_str()
+            .filter(|e| e.contains("holds this stream"))
+            .map(str::to_string)
+    });
+    note(format!("agent status: {held}"));
+    assert!(held.contains("new buffer"), "{held}");
+    let agents = ex.agents();
+    let holds = agents[0]["held"].as_array().expect("agents lists holds");
+    assert_eq!(holds.len(), 1, "{agents:?}");
+    assert_eq!(holds[0]["stream"], STREAM);
+
+    // Sticky: a restart of the agent and one of the exchange do not release it.
+    agent.stop();
+    ex.restart();
+    agent.start();
+    wait_until(SHORT, "the hold to be reported again", || {
+        agent.stream_status(STREAM)["ship_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("holds this stream"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        ex.lines(AGENT, STREAM).len(),
+        100,
+        "nothing of the held buffer was stored"
+    );
+
+    // Refusing keeps it held, with the operator's reason shown to the agent.
+    let out = ex.resolve(
+        AGENT,
+        STREAM,
+        &["--refuse", "--reason", "checking with the district"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_until(SHORT, "the refusal to reach the agent", || {
+        agent.stream_status(STREAM)["ship_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("checking with the district"))
+    });
+
+    // Accepted: the new buffer continues the stream after a boundary at seq 101.
+    let out = ex.resolve(AGENT, STREAM, &["--accept"]);
+    assert!(out.status.success(), "{out:?}");
+    let lines = ex.wait_lines(AGENT, STREAM, 250, LONG);
+    let want: Vec<String> = first.iter().chain(&first).chain(&more).cloned().collect();
+    assert_eq!(
+        lines, want,
+        "the old 100 lines, then the new buffer's 150, once each"
+    );
+    assert!(ex.gaps(AGENT, STREAM).is_empty());
+    wait_until(SHORT, "the ship error to clear", || {
+        agent.stream_status(STREAM)["ship_error"].is_null()
+    });
+    agent.stop();
+}
+
+/// Enrolling an agent id that still has a live certificate would put two servers
+/// behind one identity: refused unless `--replace` says it is a reinstall.
+#[test]
+fn enroll_refuses_an_agent_id_with_a_live_certificate() {
+    let t = TestDir::new("edges-enroll");
+    let ex = Exchange::init(&t.mkdir("exchange"));
+    ex.enroll(AGENT, DEPT, &t.path().join("first"));
+    let out = ex.enroll_output(AGENT, DEPT, &t.path().join("second"), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already has a live certificate"), "{err}");
+    assert!(!t.path().join("second").join("agent.toml").exists());
+    let out = ex.enroll_output(AGENT, DEPT, &t.path().join("second"), &["--replace"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A batch the exchange cannot store (its disk refuses a file chunk) is refused,
+/// not turned into a gap the next batch papers over: the agent sends it again and
+/// the file arrives whole, its outbox copy moved only after that.
+#[test]
+fn a_chunk_the_exchange_cannot_write_is_sent_again_not_skipped() {
+    let t = TestDir::new("edges-refused");
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    // The fourth chunk write fails with ENOSPC, once.
+    ex.set_env(
+        "FERRY_FAILPOINTS",
+        Some("exchange-file-chunk-write=3*off->1*return(enospc)"),
+    );
+    ex.start();
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    let outbox = t.mkdir("outbox");
+    agent.add_stream(&outbox_stream_with(
+        "drop",
+        "210100-MZ-0009",
+        &outbox,
+        "chunk_size = \"8KiB\"",
+    ));
+    let data = random_bytes(80 * 1024);
+    write_atomic(&outbox, "report.bin", &data);
+    agent.start();
+    let files = wait_for(LONG, "the file to be complete", || {
+        let f = ex.files(AGENT, "drop");
+        f.iter().any(|r| r["status"] == "complete").then_some(f)
+    });
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0]["sha256"], sha256_hex(&data));
+    assert!(ex.gaps(AGENT, "drop").is_empty());
+    assert!(
+        ex.log_since_start().contains("injected") || ex.log_since_start().contains("No space"),
+        "the failpoint never fired (built without failpoints?)"
+    );
+    wait_until(SHORT, "the file to leave the outbox", || {
+        outbox.join("sent").join("report.bin").is_file()
+    });
+    agent.stop();
+}
+
+/// A failed write or sync of the agent's buffer: it stops capturing, raises the
+/// alarm and exits with EX_IOERR, and the restarted agent reuses no seq and
+/// loses no line (before, the source resumed from an unsynced position with the
+/// old head and overwrote a batch).
+#[test]
+fn a_failed_buffer_sync_stops_the_agent_and_loses_nothing() {
+    let t = TestDir::new("edges-agent-sync");
+    let (mut ex, mut agent, log) = setup(&t);
+    agent.set_env(
+        "FERRY_FAILPOINTS",
+        "agent-after-apply-before-sync=20*off->1*return(eio)",
+    );
+    let writer = LineWriter::start(log, TAG, 2_000);
+    agent.spawn();
+    let st = agent.wait_exit(LONG);
+    assert_eq!(st.code(), Some(EXIT_IO), "{st}");
+    let log_text = agent.log_since_start();
+    assert!(log_text.contains("ALARM"), "{log_text}");
+    agent.unset_env("FERRY_FAILPOINTS");
+    agent.start();
+    std::thread::sleep(Duration::from_secs(1));
+    let produced = writer.finish();
+    assert_converged(&mut ex, produced);
+    agent.stop();
+}
+
+/// A failed sync at the exchange: it exits with EX_IOERR instead of acknowledging
+/// batches whose pages the kernel may have dropped; restarted, it holds every line
+/// once (before, a retried fdatasync succeeded over lost pages).
+#[test]
+fn a_failed_exchange_sync_restarts_it_and_acks_only_what_is_durable() {
+    let t = TestDir::new("edges-exchange-sync");
+    let (mut ex, mut agent, log) = setup(&t);
+    ex.stop();
+    ex.set_env(
+        "FERRY_FAILPOINTS",
+        Some("exchange-after-apply-before-sync=10*off->1*return(eio)"),
+    );
+    ex.start();
+    let writer = LineWriter::start(log, TAG, 2_000);
+    agent.start();
+    let st = ex.wait_exit(LONG);
+    assert_eq!(st.code(), Some(EXIT_IO), "{st}");
+    assert!(ex.log_since_start().contains("ALARM"));
+    ex.set_env("FERRY_FAILPOINTS", None);
+    ex.start();
+    std::thread::sleep(Duration::from_secs(1));
+    let produced = writer.finish();
+    assert_converged(&mut ex, produced);
+    agent.stop();
+}
+
+/// Every named crash window (ARCHITECTURE.md lists them): the process is aborted
+/// exactly there while lines keep coming, restarted without the failpoint, and
+/// the exchange ends with every line once, in order, and no gap.
+#[test]
+fn a_crash_in_each_named_window_loses_and_repeats_nothing() {
+    for (who, window) in [
+        ("agent", "agent-before-segment-append"),
+        ("agent", "agent-after-apply-before-sync"),
+        ("agent", "agent-after-sync-before-answer"),
+        ("agent", "agent-after-ack-before-delete"),
+        ("exchange", "exchange-after-apply-before-sync"),
+        ("exchange", "exchange-after-sync-before-ack"),
+    ] {
+        note(format!("crash window {window}"));
+        let t = TestDir::new(&format!("edges-{window}"));
+        let (mut ex, mut agent, log) = setup(&t);
+        let spec = format!("{window}=5*off->1*return(crash)");
+        if who == "exchange" {
+            ex.stop();
+            ex.set_env("FERRY_FAILPOINTS", Some(&spec));
+            ex.start();
+        } else {
+            agent.set_env("FERRY_FAILPOINTS", &spec);
+        }
+        let writer = LineWriter::start(log, TAG, 1_000);
+        agent.spawn();
+        let st = if who == "exchange" {
+            ex.wait_exit(LONG)
+        } else {
+            agent.wait_exit(LONG)
+        };
+        assert!(!st.success(), "{window}: {st}");
+        if who == "exchange" {
+            ex.set_env("FERRY_FAILPOINTS", None);
+            ex.start();
+            agent.assert_alive();
+        } else {
+            agent.unset_env("FERRY_FAILPOINTS");
+            agent.start();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let produced = writer.finish();
+        assert_converged(&mut ex, produced);
+        agent.stop();
+    }
+}
