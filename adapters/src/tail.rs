@@ -16,12 +16,27 @@
 //! The committed position is JSON:
 //!
 //! ```json
-//! { "dev": 2049, "ino": 1315, "fp": "9f86d08…(64 hex)", "fp_len": 256, "offset": 81920 }
+//! { "dev": 2049, "ino": 1315, "fp": "9f86d08…(64 hex)", "fp_len": 256, "offset": 81920,
+//!   "name": "app.log.1", "mtime_ns": 1765000000123456789 }
 //! ```
 //!
 //! `dev`/`ino` identify the file being read, `offset` is the byte after the last
 //! newline already durable, and `fp` is the hex SHA-256 of the file's first `fp_len`
-//! bytes (`fp_len = min(size, 256)`, grown as the file grows).
+//! bytes (`fp_len = min(size, 256)`, grown as the file grows). `name` (relative to
+//! the folder of `path`, as when the source opened the file) and `mtime_ns` (the
+//! file's modification time when those bytes were read) only serve when the file
+//! is gone at the next start: the alarm names it, and the rotated copies at least
+//! that new are read. Positions without them (older agents) still resume.
+//!
+//! # Rotated copies
+//!
+//! `rotated` is a glob of the rotated copies' names beside the file (default: the
+//! file's name, `.` or `-`, a digit, anything: `app.log.1`, `app.log-20261206`,
+//! `app.log.2.gz`). They are ordered by modification time, ties broken by the
+//! rotation order their names tell (`tail/chain.rs`). The *chain* after a file is
+//! the copies newer than it, then the file at `path`. Known limit: a copy written
+//! again after newer copies exist (a writer that never reopened the path) sorts
+//! as the newest; within one run it is not read again, after a restart it can be.
 //!
 //! # Invariants
 //!
@@ -31,10 +46,22 @@
 //!    *and* same fingerprint. A reused inode, a copy-truncated file (shorter than the
 //!    offset, or whose first bytes changed) or a rewritten file starts again at 0.
 //! 3. Rotation by rename: once the path names another file, the old one is read to
-//!    its end (a last partial line included) before the new one is read from 0. On
-//!    restart, a stored position whose file was rotated away is found among the
-//!    siblings in the same directory (by dev, ino and fingerprint) and drained first.
-//! 4. Filesystem events only hasten the next look; a poll every `poll_interval` is
+//!    its end (a last partial line included), then every plain copy of its chain,
+//!    oldest first, each from 0 to its end, then the file at the path. Moving to the
+//!    next file commits its position at 0, so a restart follows the same chain: the
+//!    stored file is found at the path or among the rotated copies (by dev, ino and
+//!    fingerprint), drained, and its chain follows. However often the file rotated
+//!    while the agent was down or the source lagged, no copy is skipped, and a file
+//!    read whole in this run is not read again.
+//! 4. Lines the source cannot ship are never skipped silently: if the stored file is
+//!    gone, or a compressed copy (`.gz`, `.xz`, `.bz2`, `.zst`, or compressed data
+//!    under another name) sits in the chain, the source logs an `ALARM` naming the
+//!    files, commits the position of the next readable file, and ends with that
+//!    error, which the agent shows in `status` and metrics; started again, it goes
+//!    on from there. A compressed copy of a file already read whole (logrotate's
+//!    `compress` right after the rotation: the copy keeps the original's
+//!    modification time) is no loss and raises nothing.
+//! 5. Filesystem events only hasten the next look; a poll every `poll_interval` is
 //!    what guarantees progress (inotify is blind on NFS/CIFS).
 
 use std::path::PathBuf;
@@ -44,11 +71,14 @@ use tracing::Instrument;
 
 use crate::{Duration, Size, Source, SourceContext, SourceFuture};
 
+mod chain;
+mod file;
 mod follow;
 mod lines;
 mod position;
 #[cfg(test)]
 mod tests;
+mod walk;
 
 /// Largest `max_line`: a line grows up to 1.5× when transcoded from GBK and must still
 /// fit one protocol batch next to others.
@@ -79,6 +109,12 @@ pub struct TailConfig {
     pub max_batch_lines: usize,
     #[serde(default = "default_max_batch_bytes")]
     pub max_batch_bytes: Size,
+    /// Glob of the rotated copies' names, relative to the file's folder (a folder
+    /// part without wildcards is allowed: logrotate's `olddir`, same file system).
+    /// `None`: the file's name, `.` or `-`, a digit, anything (`app.log.1`,
+    /// `app.log.2.gz`, `app.log-20261206`).
+    #[serde(default)]
+    pub rotated: Option<String>,
 }
 
 /// The file's character encoding; records are always UTF-8.
@@ -128,6 +164,7 @@ impl TailConfig {
             max_line: default_max_line(),
             max_batch_lines: default_max_batch_lines(),
             max_batch_bytes: default_max_batch_bytes(),
+            rotated: None,
         }
     }
 
@@ -162,6 +199,7 @@ impl TailConfig {
                 self.max_batch_bytes.0
             ));
         }
+        chain::Siblings::new(&self.path, self.rotated.as_deref())?;
         Ok(())
     }
 }

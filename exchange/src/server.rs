@@ -114,6 +114,12 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     let shared = Budget::shared(cfg.limits.max_queued_bytes);
     let admin = crate::admin::bind(&cfg.admin_socket())?;
     let live = Live::default();
+    live.set_revoked(
+        crate::trust::revoked(&cfg)?
+            .into_iter()
+            .map(|r| r.serial)
+            .collect(),
+    );
     let (reloads, mut reload_requests) = mpsc::channel(4);
     let admin_task = tokio::spawn(crate::admin::serve(
         admin,
@@ -194,7 +200,10 @@ type LiveConn = (String, String, quinn::Connection);
 /// an operator's decision can end them, and a new connection of an agent replaces
 /// its older one.
 #[derive(Clone, Default)]
-pub(crate) struct Live(Arc<std::sync::Mutex<std::collections::HashMap<usize, LiveConn>>>);
+pub(crate) struct Live(
+    Arc<std::sync::Mutex<std::collections::HashMap<usize, LiveConn>>>,
+    Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+);
 
 /// Connections one agent may have open at once: after `Hello` a new one replaces
 /// the older ones, so this only bounds handshakes that never get that far.
@@ -209,6 +218,17 @@ struct ConnLimits {
 impl Live {
     fn count(&self) -> usize {
         self.0.lock().map_or(0, |m| m.len())
+    }
+
+    /// The revoked certificate serials, as of the last reload.
+    fn set_revoked(&self, serials: std::collections::HashSet<String>) {
+        if let Ok(mut r) = self.1.write() {
+            *r = serials;
+        }
+    }
+
+    fn is_revoked(&self, serial: &str) -> bool {
+        self.1.read().is_ok_and(|r| r.contains(serial))
     }
 
     /// Registers a connection; `None` when its agent already has
@@ -259,11 +279,15 @@ impl Drop for LiveGuard {
 /// Takes the revocation list anew for new handshakes and closes the open
 /// connections of revoked certificates; returns how many it closed.
 fn reload_trust(cfg: &ExchangeConfig, endpoint: &quinn::Endpoint, live: &Live) -> Result<usize> {
-    endpoint.set_server_config(Some(quic_config(cfg)?));
     let revoked: std::collections::HashSet<String> = crate::trust::revoked(cfg)?
         .into_iter()
         .map(|r| r.serial)
         .collect();
+    // The set first, then the endpoint, then the sweep: a handshake that began
+    // under the old list and registers after the sweep still finds its serial
+    // here (`Live::add`), so no revoked connection survives.
+    live.set_revoked(revoked.clone());
+    endpoint.set_server_config(Some(quic_config(cfg)?));
     let mut closed = 0;
     if let Ok(m) = live.0.lock() {
         for (serial, _, conn) in m.values() {
@@ -311,6 +335,14 @@ async fn connection(
             id.agent_id
         ));
     };
+    // A handshake that began before a revocation was taken.
+    if live.is_revoked(&id.serial) {
+        conn.close(
+            (ErrorCode::Forbidden as u32).into(),
+            ferry_transport::tls::REVOKED_REASON,
+        );
+        return Err(anyhow!("certificate {} is revoked", id.serial));
+    }
     if !valid_stream_name(&id.agent_id) {
         conn.close(2u32.into(), b"agent id not acceptable");
         return Err(anyhow!(

@@ -23,16 +23,35 @@ pub(crate) struct TailPosition {
     pub fp: String,
     pub fp_len: u64,
     pub offset: u64,
+    /// The file's name (relative to the folder of `path`) when the source opened
+    /// it: names the file in the alarm if it is gone at the next start. Absent from
+    /// positions written before rotated chains were followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The file's modification time (ns since the epoch) when its bytes up to
+    /// `offset` were read. If the file is gone at the next start, the rotated
+    /// copies at least this new are the ones still to read. Absent as `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<u64>,
 }
 
 impl TailPosition {
-    pub(crate) fn new(dev: u64, ino: u64, fp: &Fingerprint, offset: u64) -> Self {
+    pub(crate) fn new(
+        dev: u64,
+        ino: u64,
+        fp: &Fingerprint,
+        offset: u64,
+        name: &str,
+        mtime_ns: u64,
+    ) -> Self {
         TailPosition {
             dev,
             ino,
             fp: hex::encode(fp.hash),
             fp_len: fp.len,
             offset,
+            name: Some(name.to_string()),
+            mtime_ns: Some(mtime_ns),
         }
     }
 
@@ -79,11 +98,25 @@ mod tests {
             len: 256,
             hash: [7; 32],
         };
-        let p = TailPosition::new(2049, 1315, &fp, 5 << 30);
+        let p = TailPosition::new(
+            2049,
+            1315,
+            &fp,
+            5 << 30,
+            "app.log.1",
+            1_765_000_000_123_456_789,
+        );
         let bytes = p.encode().unwrap();
         assert_eq!(TailPosition::decode(&bytes), Ok((p, fp)));
         assert_eq!(describe(&bytes), "ino=1315 off=5368709120");
         assert_eq!(describe(b"{}"), "unreadable position (2 bytes)");
+        // Positions stored before `name` and `mtime_ns` existed still resume.
+        let old = format!(
+            r#"{{"dev":2049,"ino":1315,"fp":"{}","fp_len":256,"offset":7}}"#,
+            hex::encode([7u8; 32])
+        );
+        let (p, got_fp) = TailPosition::decode(old.as_bytes()).unwrap();
+        assert_eq!((p.offset, p.name, p.mtime_ns, got_fp), (7, None, None, fp));
         let short_fp = br#"{"dev":1,"ino":2,"fp":"abcd","fp_len":2,"offset":0}"#;
         assert!(TailPosition::decode(short_fp).is_err());
     }
