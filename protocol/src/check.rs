@@ -195,6 +195,7 @@ fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
             skip(&mut buf, wire)?;
             continue;
         };
+        let again = tag < 64 && seen & (1 << tag) != 0;
         if tag < 64 {
             seen |= 1 << tag;
         }
@@ -221,6 +222,12 @@ fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
                 walk(m, inner).map_err(|e| format!("field {tag}: {e}"))?;
             }
             Block => {
+                // prost merges a repeated message field into one block, which
+                // checking each occurrence alone would not see: refuse it (an
+                // agent never writes one).
+                if again {
+                    return Err(format!("field {tag}: a second row block in one record"));
+                }
                 let m = take_len(&mut buf)?;
                 walk(m, ROW_BLOCK).map_err(|e| format!("field {tag}: {e}"))?;
                 row_block(m).map_err(|e| format!("field {tag}: {e}"))?;
@@ -370,6 +377,39 @@ mod tests {
             let e = check_list(&list.encode_to_vec()).unwrap_err();
             assert!(e.contains("record 2") && e.contains(why), "{e}");
         }
+    }
+
+    /// Found by `fuzz/fuzz_targets/batch.rs`. A record whose body field 8
+    /// (`RowBlock`) occurs twice: prost merges the two messages into one block
+    /// (columns appended, scalars the second one leaves unset kept from the
+    /// first), while `row_block` checks each occurrence on its own. Both pass
+    /// here: A = 0 columns, row_count 1, text "\n"; B = 2 empty columns, nothing
+    /// else. prost reads one block of 2 columns, 1 row and the text "\n", which
+    /// `RowBlock`'s doc says the exchange refuses and `block_rows` does refuse.
+    #[test]
+    fn a_record_with_two_row_blocks_is_checked_as_prost_merges_them() {
+        let raw: &[u8] = &[
+            0x0a, 0x0d, // RecordList.records, 13 bytes
+            0x42, 0x05, // Record.row_block (8), 5 bytes: A
+            0x30, 0x01, //   row_count = 1
+            0x3a, 0x01, 0x0a, //   copy_text = "\n"
+            0x42, 0x04, // Record.row_block (8) again, 4 bytes: B
+            0x1a, 0x00, //   columns: SchemaColumn {}
+            0x1a, 0x00, //   columns: SchemaColumn {}
+        ];
+        let list = RecordList::decode(raw).unwrap();
+        let Some(Body::RowBlock(b)) = &list.records[0].body else {
+            panic!("prost reads a row block: {list:?}");
+        };
+        assert_eq!(
+            (b.columns.len(), b.row_count, b.copy_text.as_str()),
+            (2, 1, "\n")
+        );
+        let refused = crate::copy_text::block_rows(b).unwrap_err();
+        assert!(
+            check_list(raw).is_err(),
+            "check_list passes a block prost reads as one that block_rows refuses: {refused}"
+        );
     }
 
     #[test]

@@ -515,6 +515,16 @@ pub fn continuity(rec: &StreamRecord, decl: &StreamDecl) -> Continuity {
     Continuity::Continue
 }
 
+/// The exchange's seq after `first + count` (agent numbering) of a stream,
+/// `None` when it would not fit in a u64: such a range is refused, never
+/// admitted (the store and `admit` compute with it unchecked).
+fn follows(plan: &StreamPlan, first: u64, count: u32) -> Option<u64> {
+    first
+        .checked_add(plan.offset)?
+        .checked_add(u64::from(count))?
+        .checked_add(1)
+}
+
 /// What the driver decided for one declared stream before `Welcome`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamPlan {
@@ -674,33 +684,38 @@ impl ExchangeSession {
     }
 
     /// Checks a loss declaration: handshake done, stream declared and not held,
-    /// a sane range.
+    /// a sane range whose end, in the exchange's numbering, leaves room for a
+    /// next seq.
     pub fn handle_lost(&self, lost: &Lost) -> Result<(), SessionError> {
-        self.plan(&lost.stream)?;
+        let plan = self.plan(&lost.stream)?;
         if lost.from_seq == 0 || lost.to_seq < lost.from_seq {
             return Err(protocol(format!(
                 "loss of {} from {} to {}",
                 lost.stream, lost.from_seq, lost.to_seq
             )));
         }
+        follows(plan, lost.to_seq, 0).ok_or_else(|| {
+            protocol(format!(
+                "loss of {} up to {} overflows the seq range",
+                lost.stream, lost.to_seq
+            ))
+        })?;
         Ok(())
     }
 
     /// Checks that a batch may be stored: handshake done, stream declared by this
     /// agent, sane header. Dedup happens at the store with [`admit`].
     pub fn handle_batch(&self, batch: &Batch) -> Result<(), SessionError> {
-        self.plan(&batch.stream)?;
+        let plan = self.plan(&batch.stream)?;
         if batch.first_seq == 0 || batch.record_count == 0 {
             return Err(protocol(format!(
                 "batch of {} with first_seq {} and {} records",
                 batch.stream, batch.first_seq, batch.record_count
             )));
         }
-        if batch
-            .first_seq
-            .checked_add(u64::from(batch.record_count))
-            .is_none()
-        {
+        // In the exchange's numbering (the agent's plus an accepted offset): the
+        // store computes `last + 1` from it.
+        if follows(plan, batch.first_seq, batch.record_count).is_none() {
             return Err(protocol("batch seq range overflows"));
         }
         Ok(())

@@ -636,3 +636,62 @@ fn welcome_verdicts() {
         }
     );
 }
+
+/// Found by `fuzz/fuzz_targets/exchange_session.rs`. `handle_batch` refuses a
+/// batch whose seq range overflows, but the exchange's server then moves the
+/// batch into its own numbering (`store_seq`, saturating) and admits it there:
+/// with an offset (a buffer an operator accepted as a continuation) a batch the
+/// session accepted overflows `admit`'s `first_seq + record_count - 1`. A
+/// debug build panics ("attempt to add with overflow"); a release build wraps
+/// and takes the batch for a duplicate.
+#[test]
+fn a_batch_the_session_accepts_can_be_admitted_in_the_store_numbering() {
+    let mut ex = ExchangeSession::new(peer("a1"));
+    let plan = |_: &StreamDecl| StreamPlan {
+        next_seq: 5,
+        offset: 10,
+        held: None,
+    };
+    ex.handle_hello(&hello("a1"), plan, 1 << 20).unwrap();
+    let batch = Batch {
+        stream: STREAM.into(),
+        first_seq: u64::MAX - 20,
+        record_count: 15,
+        ..Default::default()
+    };
+    if ex.handle_batch(&batch).is_ok() {
+        // What `exchange/src/server.rs` and `store::stage_batch` do with it.
+        let first = ex.store_seq(STREAM, batch.first_seq);
+        let _ = admit(5, first, batch.record_count);
+    }
+}
+
+/// Found by `fuzz/fuzz_targets/exchange_session.rs`. `handle_lost` accepts a
+/// loss up to seq `u64::MAX` (`handle_batch` refuses the like for a batch), so
+/// once `admit_loss` records it nothing can follow: the exchange's store
+/// computes the stream's next seq as `to + 1` (`exchange/src/store/mod.rs`,
+/// `commit`), which panics in a debug build and wraps to 0 in a release build,
+/// after which every later batch of the stream is refused as `Ahead`.
+#[test]
+fn a_loss_the_session_accepts_can_be_followed() {
+    let mut ex = ExchangeSession::new(peer("a1"));
+    ex.handle_hello(&hello("a1"), plan1, 1 << 20).unwrap();
+    let lost = Lost {
+        stream: STREAM.into(),
+        from_seq: 1,
+        to_seq: u64::MAX,
+        reason: "damaged".into(),
+    };
+    if ex.handle_lost(&lost).is_ok() {
+        let (from, to) = (
+            ex.store_seq(STREAM, lost.from_seq),
+            ex.store_seq(STREAM, lost.to_seq),
+        );
+        if let LossAdmission::Record { to, .. } = admit_loss(1, from, to) {
+            assert!(
+                to.checked_add(1).is_some(),
+                "a loss up to seq {to} was accepted: the stream's next seq overflows"
+            );
+        }
+    }
+}
