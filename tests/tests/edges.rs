@@ -180,30 +180,67 @@ fn a_chunk_the_exchange_cannot_write_is_sent_again_not_skipped() {
     agent.stop();
 }
 
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Who {
+    Agent,
+    Exchange,
+}
+
+/// Arms `spec` (`FERRY_FAILPOINTS`) on `who`, ships lines until that process
+/// exits by itself, checks how it exited (with `io_error`: status 74 and an
+/// ALARM in its log; otherwise any failure, e.g. an abort), restarts it unarmed,
+/// and checks that every line arrived once, in order, with no gap.
+fn fail_and_recover(name: &str, who: Who, spec: &str, io_error: bool) {
+    let t = TestDir::new(name);
+    let (mut ex, mut agent, log) = setup(&t);
+    if who == Who::Exchange {
+        ex.stop();
+        ex.set_env("FERRY_FAILPOINTS", Some(spec));
+        ex.start();
+    } else {
+        agent.set_env("FERRY_FAILPOINTS", spec);
+    }
+    let writer = LineWriter::start(log, TAG, 2_000);
+    agent.spawn();
+    let (st, log_text) = match who {
+        Who::Exchange => (ex.wait_exit(LONG), ex.log_since_start()),
+        Who::Agent => (agent.wait_exit(LONG), agent.log_since_start()),
+    };
+    if io_error {
+        assert_eq!(st.code(), Some(EXIT_IO), "{spec}: {st}");
+        assert!(log_text.contains("ALARM"), "{spec}: {log_text}");
+    } else {
+        assert!(!st.success(), "{spec}: {st}");
+    }
+    match who {
+        Who::Exchange => {
+            ex.set_env("FERRY_FAILPOINTS", None);
+            ex.start();
+            agent.assert_alive();
+        }
+        Who::Agent => {
+            agent.unset_env("FERRY_FAILPOINTS");
+            agent.start();
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let produced = writer.finish();
+    assert_converged(&mut ex, produced);
+    agent.stop();
+}
+
 /// A failed write or sync of the agent's buffer: it stops capturing, raises the
 /// alarm and exits with EX_IOERR, and the restarted agent reuses no seq and
 /// loses no line (before, the source resumed from an unsynced position with the
 /// old head and overwrote a batch).
 #[test]
 fn a_failed_buffer_sync_stops_the_agent_and_loses_nothing() {
-    let t = TestDir::new("edges-agent-sync");
-    let (mut ex, mut agent, log) = setup(&t);
-    agent.set_env(
-        "FERRY_FAILPOINTS",
+    fail_and_recover(
+        "edges-agent-sync",
+        Who::Agent,
         "agent-after-apply-before-sync=20*off->1*return(eio)",
+        true,
     );
-    let writer = LineWriter::start(log, TAG, 2_000);
-    agent.spawn();
-    let st = agent.wait_exit(LONG);
-    assert_eq!(st.code(), Some(EXIT_IO), "{st}");
-    let log_text = agent.log_since_start();
-    assert!(log_text.contains("ALARM"), "{log_text}");
-    agent.unset_env("FERRY_FAILPOINTS");
-    agent.start();
-    std::thread::sleep(Duration::from_secs(1));
-    let produced = writer.finish();
-    assert_converged(&mut ex, produced);
-    agent.stop();
 }
 
 /// A failed sync at the exchange: it exits with EX_IOERR instead of acknowledging
@@ -211,70 +248,36 @@ fn a_failed_buffer_sync_stops_the_agent_and_loses_nothing() {
 /// once (before, a retried fdatasync succeeded over lost pages).
 #[test]
 fn a_failed_exchange_sync_restarts_it_and_acks_only_what_is_durable() {
-    let t = TestDir::new("edges-exchange-sync");
-    let (mut ex, mut agent, log) = setup(&t);
-    ex.stop();
-    ex.set_env(
-        "FERRY_FAILPOINTS",
-        Some("exchange-after-apply-before-sync=10*off->1*return(eio)"),
+    fail_and_recover(
+        "edges-exchange-sync",
+        Who::Exchange,
+        "exchange-after-apply-before-sync=10*off->1*return(eio)",
+        true,
     );
-    ex.start();
-    let writer = LineWriter::start(log, TAG, 2_000);
-    agent.start();
-    let st = ex.wait_exit(LONG);
-    assert_eq!(st.code(), Some(EXIT_IO), "{st}");
-    assert!(ex.log_since_start().contains("ALARM"));
-    ex.set_env("FERRY_FAILPOINTS", None);
-    ex.start();
-    std::thread::sleep(Duration::from_secs(1));
-    let produced = writer.finish();
-    assert_converged(&mut ex, produced);
-    agent.stop();
 }
 
 /// Every named crash window (ARCHITECTURE.md lists them): the process is aborted
 /// exactly there while lines keep coming, restarted without the failpoint, and
-/// the exchange ends with every line once, in order, and no gap.
+/// the exchange ends with every line once, in order, and no gap. An I/O error in
+/// the agent's segment append is fatal like a failed sync.
 #[test]
 fn a_crash_in_each_named_window_loses_and_repeats_nothing() {
     for (who, window) in [
-        ("agent", "agent-before-segment-append"),
-        ("agent", "agent-after-apply-before-sync"),
-        ("agent", "agent-after-sync-before-answer"),
-        ("agent", "agent-after-ack-before-delete"),
-        ("exchange", "exchange-after-apply-before-sync"),
-        ("exchange", "exchange-after-sync-before-ack"),
+        (Who::Agent, "agent-before-segment-append"),
+        (Who::Agent, "agent-after-apply-before-sync"),
+        (Who::Agent, "agent-after-sync-before-answer"),
+        (Who::Agent, "agent-after-ack-before-delete"),
+        (Who::Exchange, "exchange-after-apply-before-sync"),
+        (Who::Exchange, "exchange-after-sync-before-ack"),
     ] {
         note(format!("crash window {window}"));
-        let t = TestDir::new(&format!("edges-{window}"));
-        let (mut ex, mut agent, log) = setup(&t);
         let spec = format!("{window}=5*off->1*return(crash)");
-        if who == "exchange" {
-            ex.stop();
-            ex.set_env("FERRY_FAILPOINTS", Some(&spec));
-            ex.start();
-        } else {
-            agent.set_env("FERRY_FAILPOINTS", &spec);
-        }
-        let writer = LineWriter::start(log, TAG, 1_000);
-        agent.spawn();
-        let st = if who == "exchange" {
-            ex.wait_exit(LONG)
-        } else {
-            agent.wait_exit(LONG)
-        };
-        assert!(!st.success(), "{window}: {st}");
-        if who == "exchange" {
-            ex.set_env("FERRY_FAILPOINTS", None);
-            ex.start();
-            agent.assert_alive();
-        } else {
-            agent.unset_env("FERRY_FAILPOINTS");
-            agent.start();
-        }
-        std::thread::sleep(Duration::from_secs(1));
-        let produced = writer.finish();
-        assert_converged(&mut ex, produced);
-        agent.stop();
+        fail_and_recover(&format!("edges-{window}"), who, &spec, false);
     }
+    fail_and_recover(
+        "edges-segment-eio",
+        Who::Agent,
+        "agent-before-segment-append=5*off->1*return(eio)",
+        true,
+    );
 }
