@@ -4,10 +4,13 @@
 //! neither flushes the device write cache nor persists the file's size, and it
 //! never syncs the files it writes under `blobs/` (values too large for a log
 //! segment). After `flush()` this fdatasyncs the log file and every blob file not
-//! yet synced, and fsyncs `blobs/` when new blobs appeared, so a power cut cannot
-//! take back a commit the agent already confirmed.
+//! yet synced at its current length, and fsyncs `blobs/` when new blobs appeared,
+//! so a power cut cannot take back a commit the agent already confirmed. A blob is
+//! remembered with the length it had when synced: sled writes one in several
+//! steps while other threads write, so one seen half written is synced again once
+//! it has grown.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
@@ -16,7 +19,8 @@ use std::path::{Path, PathBuf};
 pub struct Syncer {
     dir: PathBuf,
     log: File,
-    synced_blobs: HashSet<OsString>,
+    /// Blob file name → its length when it was last synced.
+    synced_blobs: HashMap<OsString, u64>,
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -35,7 +39,7 @@ impl Syncer {
         Ok(Self {
             dir: dir.to_path_buf(),
             log,
-            synced_blobs: HashSet::new(),
+            synced_blobs: HashMap::new(),
         })
     }
 
@@ -48,21 +52,25 @@ impl Syncer {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        let mut present = HashSet::new();
+        let mut present = HashMap::new();
         let mut new = false;
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
-            if !self.synced_blobs.contains(&name) {
-                match File::open(entry.path()) {
-                    Ok(f) => f.sync_data()?,
-                    // sled removes blobs whose value was overwritten or deleted.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                new = true;
+            let synced = self.synced_blobs.get(&name).copied();
+            // Opened before its length is read: what is synced is at least that long.
+            let file = match File::open(entry.path()) {
+                Ok(f) => f,
+                // sled removes blobs whose value was overwritten or deleted.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let len = file.metadata()?.len();
+            if synced != Some(len) {
+                file.sync_data()?;
+                new |= synced.is_none();
             }
-            present.insert(name);
+            present.insert(name, len);
         }
         if new {
             sync_dir(&blobs)?;
@@ -109,6 +117,39 @@ pub fn clear_torn_snapshots(dir: &Path) -> io::Result<Vec<String>> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A blob seen half written (sled writes it in steps while other threads
+    /// write) is synced again once it grew, not taken as synced for good.
+    #[test]
+    fn a_blob_that_grew_since_its_sync_is_synced_again() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let db = sled::Config::new().path(&path).open().unwrap();
+        let mut syncer = Syncer::open(&path).unwrap();
+        std::fs::create_dir_all(path.join("blobs")).unwrap();
+        let blob = path.join("blobs").join("42");
+        std::fs::write(&blob, b"half").unwrap();
+        syncer.sync(&db).unwrap();
+        assert_eq!(
+            syncer.synced_blobs.get(std::ffi::OsStr::new("42")),
+            Some(&4)
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&blob)
+            .unwrap()
+            .write_all(b" and the rest")
+            .unwrap();
+        syncer.sync(&db).unwrap();
+        assert_eq!(
+            syncer.synced_blobs.get(std::ffi::OsStr::new("42")),
+            Some(&17)
+        );
+        std::fs::remove_file(&blob).unwrap();
+        syncer.sync(&db).unwrap();
+        assert!(syncer.synced_blobs.is_empty());
+    }
 
     #[test]
     fn a_torn_snapshot_no_longer_stops_sled_from_opening() {
