@@ -197,6 +197,10 @@ pub struct SourceContext {
     /// (PostgreSQL: transactions still in progress); `None`: the system's
     /// temporary directory.
     pub spool_dir: Option<std::path::PathBuf>,
+    /// Passes through a named crash or error window (the agent's test builds arm
+    /// them; see ARCHITECTURE.md): adapters know no failpoint machinery, the
+    /// agent hands its hook in. A no-op unless set.
+    pub failpoint: fn(&str) -> std::io::Result<()>,
     epoch: u64,
     outstanding: std::sync::Arc<Outstanding>,
     commits: mpsc::Sender<CommitRequest>,
@@ -220,6 +224,7 @@ impl SourceContext {
             acked,
             shutdown,
             spool_dir: None,
+            failpoint: |_| Ok(()),
             epoch: NEXT_EPOCH.fetch_add(1, Ordering::Relaxed),
             outstanding: std::sync::Arc::default(),
             commits,

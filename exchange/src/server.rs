@@ -248,6 +248,19 @@ impl Live {
         })
     }
 
+    /// The open connections of `agent` other than `this`.
+    fn others(&self, agent: &str, this: usize) -> Vec<quinn::Connection> {
+        self.0.lock().map_or_else(
+            |_| Vec::new(),
+            |m| {
+                m.iter()
+                    .filter(|(id, (_, a, _))| a == agent && **id != this)
+                    .map(|(_, (_, _, c))| c.clone())
+                    .collect()
+            },
+        )
+    }
+
     /// Closes the connections of `agent` other than `keep`; returns how many.
     pub(crate) fn close_agent(&self, agent: &str, keep: Option<usize>, reason: &[u8]) -> usize {
         let mut closed = 0;
@@ -373,12 +386,20 @@ async fn connection(
         // sharing): a refused agent must not leave holds or incarnations behind.
         let plans = match session.check_hello(&hello) {
             Ok(()) => {
+                let twin = twin_of(&live, &id.agent_id, conn.stable_id(), remote).await;
                 let mut plans = std::collections::BTreeMap::new();
                 for s in &hello.streams {
                     let store = store.clone();
                     let agent = id.agent_id.clone();
                     let decl = s.clone();
-                    let plan = tokio::task::spawn_blocking(move || store.plan_stream(&agent, &decl)).await??;
+                    let twin = twin.clone();
+                    let plan = tokio::task::spawn_blocking(move || {
+                        if let Some(why) = twin {
+                            store.hold(&agent, &decl, &why)?;
+                        }
+                        store.plan_stream(&agent, &decl)
+                    })
+                    .await??;
                     plans.insert(s.name.clone(), plan);
                 }
                 plans
@@ -465,6 +486,52 @@ async fn connection(
     }
     .instrument(span)
     .await
+}
+
+/// The longest an older connection of an agent is watched for an answer to the
+/// probe when a new one says `Hello`.
+const TWIN_PROBE: Duration = Duration::from_secs(2);
+
+/// Whether another process is live under `agent`'s identity (a cloned server, a
+/// copied certificate): an older connection of the agent still answers while the
+/// new one says `Hello`. Each older connection is sent an ack-eliciting packet (a
+/// stream opened and finished at once; agents never accept streams, their QUIC
+/// stack acknowledges it within its ack delay); a live peer's acknowledgement
+/// arrives within a few round trips. A restarted agent's old connection is silent
+/// (its process is gone), so the restart costs at most [`TWIN_PROBE`] and holds
+/// nothing. Returns the reason to hold the agent's streams.
+async fn twin_of(
+    live: &Live,
+    agent: &str,
+    this: usize,
+    remote: std::net::SocketAddr,
+) -> Option<String> {
+    let others = live.others(agent, this);
+    if others.is_empty() {
+        return None;
+    }
+    let before: Vec<u64> = others.iter().map(|c| c.stats().udp_rx.datagrams).collect();
+    let mut wait = Duration::from_millis(250);
+    for c in &others {
+        if let Ok(Ok((mut send, _recv))) =
+            tokio::time::timeout(Duration::from_millis(200), c.open_bi()).await
+        {
+            let _ = send.finish();
+        }
+        wait = wait.max(c.rtt() * 4 + Duration::from_millis(250));
+    }
+    tokio::time::sleep(wait.min(TWIN_PROBE)).await;
+    for (c, b) in others.iter().zip(before) {
+        if c.close_reason().is_none() && c.stats().udp_rx.datagrams > b {
+            let reason = format!(
+                "two processes ship as agent {agent} at once (connections from {} and {remote}): a cloned server or a copied certificate; their seqs would collide",
+                c.remote_address()
+            );
+            error!(agent, %reason, "ALARM: holding the agent's streams");
+            return Some(reason);
+        }
+    }
+    None
 }
 
 fn close_code(e: &SessionError) -> quinn::VarInt {

@@ -779,6 +779,33 @@ impl Agent {
         self.env.push((key.to_string(), value.to_string()));
     }
 
+    /// A copy of this (stopped) agent's whole directory at `dir` — certificate,
+    /// key and buffer, as a cloned virtual machine has them — with its
+    /// `agent.toml` pointing at the copy, and every other path `from` in it
+    /// replaced by `to` (e.g. the folder of a tailed log).
+    pub fn clone_to(&self, dir: &Path, from: &Path, to: &Path) -> Agent {
+        assert!(self.proc.is_none(), "clone a stopped agent");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&self.dir)
+            .arg(dir)
+            .status()
+            .expect("running cp");
+        assert!(
+            status.success(),
+            "cp -a {} {}",
+            self.dir.display(),
+            dir.display()
+        );
+        let _ = std::fs::remove_file(dir.join("agent.log"));
+        let clone = Agent::at(&self.id, dir);
+        clone.edit(|t| {
+            t.replace(&self.dir.display().to_string(), &dir.display().to_string())
+                .replace(&from.display().to_string(), &to.display().to_string())
+        });
+        clone
+    }
+
     /// Removes an environment variable set with [`Agent::set_env`].
     pub fn unset_env(&mut self, key: &str) {
         self.env.retain(|(k, _)| k != key);

@@ -123,6 +123,111 @@ fn a_wiped_buffer_is_held_until_accepted_never_deduplicated_away() {
     agent.stop();
 }
 
+/// A cloned server: the agent's whole directory (certificate, key, buffer, the
+/// same incarnation) copied to a second machine, and both run. Their seqs would
+/// collide, and neither's head is behind, so only liveness tells: the exchange
+/// sees two processes answering under one identity and holds the streams,
+/// sticky; nothing of the clone is merged into the original's stream.
+#[test]
+fn a_cloned_agent_running_beside_its_original_is_held() {
+    let t = TestDir::new("edges-clone");
+    let (mut ex, mut agent, log) = setup(&t);
+    append_lines(
+        &log,
+        &(0..50).map(|i| checked_line(TAG, i)).collect::<Vec<_>>(),
+    );
+    agent.start();
+    ex.wait_lines(AGENT, STREAM, 50, LONG);
+    agent.stop();
+    let logs2 = t.mkdir("logs2");
+    std::fs::copy(&log, logs2.join("app.log")).unwrap();
+    let mut clone = agent.clone_to(&t.path().join("clone"), log.parent().unwrap(), &logs2);
+    agent.start();
+    clone.start();
+    append_lines(
+        &log,
+        &(50..70).map(|i| checked_line(TAG, i)).collect::<Vec<_>>(),
+    );
+    append_lines(
+        &logs2.join("app.log"),
+        &(0..20)
+            .map(|i| checked_line("clone", i))
+            .collect::<Vec<_>>(),
+    );
+    let reason = wait_for(LONG, "the exchange to hold the stream", || {
+        let agents = ex.agents();
+        agents[0]["held"]
+            .as_array()
+            .and_then(|h| h.first())
+            .and_then(|h| h["reason"].as_str().map(str::to_string))
+    });
+    note(format!("held: {reason}"));
+    assert!(reason.contains("two processes"), "{reason}");
+    for a in [&mut agent, &mut clone] {
+        wait_until(SHORT, "both agents to report the hold", || {
+            a.stream_status(STREAM)["ship_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("holds this stream"))
+        });
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = ex.lines(AGENT, STREAM);
+    assert!(
+        lines.iter().all(|l| !l.starts_with("clone")),
+        "a line of the clone was stored as the original's: {:?}",
+        lines.iter().find(|l| l.starts_with("clone"))
+    );
+    agent.stop();
+    clone.stop();
+}
+
+/// The directory source's window between moving acknowledged files to `sent/`
+/// and recording that: the agent aborts there, restarts, finds the files gone
+/// from the outbox and sends nothing twice; every file is at the exchange once,
+/// whole.
+#[test]
+fn a_crash_between_moving_a_sent_file_and_recording_it_sends_nothing_twice() {
+    let t = TestDir::new("edges-dir-window");
+    let ex = Exchange::start_new(&t.mkdir("exchange"));
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    let outbox = t.mkdir("outbox");
+    agent.add_stream(&outbox_stream("drop", "210100-MZ-0009", &outbox));
+    let mut sums = Vec::new();
+    for i in 0..6 {
+        let data = random_bytes(20_000 + i * 1000);
+        sums.push(sha256_hex(&data));
+        write_atomic(&outbox, &format!("f{i}.bin"), &data);
+    }
+    agent.set_env(
+        "FERRY_FAILPOINTS",
+        "directory-after-move-before-record=1*off->1*return(crash)",
+    );
+    agent.spawn();
+    let st = agent.wait_exit(LONG);
+    assert!(!st.success(), "{st}");
+    assert!(
+        !file_names(&outbox.join("sent")).is_empty(),
+        "nothing was moved before the crash"
+    );
+    agent.unset_env("FERRY_FAILPOINTS");
+    agent.start();
+    wait_until(LONG, "every file to reach sent/", || {
+        file_names(&outbox.join("sent")).len() == 6
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let files = ex.files(AGENT, "drop");
+    let mut got: Vec<String> = files
+        .iter()
+        .filter(|f| f["status"] == "complete")
+        .map(|f| f["sha256"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    sums.sort();
+    assert_eq!(got, sums, "every file once, whole: {files:?}");
+    assert!(ex.gaps(AGENT, "drop").is_empty());
+    agent.stop();
+}
+
 /// Enrolling an agent id that still has a live certificate would put two servers
 /// behind one identity: refused unless `--replace` says it is a reinstall.
 #[test]

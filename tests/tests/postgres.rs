@@ -803,6 +803,40 @@ fn agent_killed_during_snapshot_and_streaming_converges_to_the_table() {
 /// applied by primary key, equal the table row by row, every streamed change is
 /// there once and in commit order, the exchange shows no gap, and the slot was
 /// never confirmed past the agent's durable position.
+/// The named window between a commit made durable in the agent's buffer and its
+/// confirmation to the slot (`postgres-after-commit-before-confirm`): the agent
+/// aborts exactly there three times while a writer changes the table, restarts,
+/// and the records applied by key equal the table, every change once, the slot
+/// never ahead of the durable position.
+#[test]
+fn a_crash_between_the_durable_commit_and_the_slot_confirmation_repeats_no_row() {
+    let (_t, server, ex, mut agent) = start_all(
+        "pg-window",
+        "snapshot = \"initial\", heartbeat_interval = \"1s\"",
+    );
+    let seed: u64 = rand::rng().random();
+    note(format!("writer seed {seed}"));
+    let writer = Writer::start(server.dsn(DB), seed);
+    let watch = FlushWatch::start(server.clone(), agent.config.clone());
+    for round in 0..3 {
+        agent.set_env(
+            "FERRY_FAILPOINTS",
+            "postgres-after-commit-before-confirm=20*off->1*return(crash)",
+        );
+        agent.spawn();
+        let st = agent.wait_exit(LONG);
+        assert!(!st.success(), "round {round}: {st}");
+        assert!(
+            agent.log_since_start().contains("failpoint: crashing here"),
+            "round {round}: the agent did not stop in the window"
+        );
+    }
+    agent.unset_env("FERRY_FAILPOINTS");
+    agent.start();
+    stop_writer_and_converge(writer, &mut agent, &ex, &server, watch);
+    agent.stop();
+}
+
 #[test]
 fn a_bad_link_and_a_killed_exchange_lose_and_repeat_no_row() {
     use ferry_tests::faults::{Faults, UdpProxy};

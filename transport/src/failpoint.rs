@@ -23,6 +23,8 @@ pub const WINDOWS: &[&str] = &[
     "exchange-file-chunk-write",
     "exchange-after-apply-before-sync",
     "exchange-after-sync-before-ack",
+    "postgres-after-commit-before-confirm",
+    "directory-after-move-before-record",
 ];
 
 /// Whether any window was armed: when none was (every production run of a test

@@ -516,6 +516,9 @@ impl Runner {
         if done.is_empty() {
             return Ok(());
         }
+        // Moved (or deleted) but not yet recorded: a restart finds them gone.
+        (ctx.failpoint)("directory-after-move-before-record")
+            .map_err(|e| SourceError::Other(format!("recording sent files: {e}")))?;
         self.awaiting.retain(|a| !done.contains(&a.entry.file_id));
         let pos = self.position(self.current_position(), None)?;
         ctx.commit(Vec::new(), pos).await?;

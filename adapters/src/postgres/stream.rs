@@ -146,6 +146,8 @@ pub(crate) async fn stream(s: &mut Session<'_>) -> Result<()> {
             Err(e) => return Err(classify_repl(&st.s.target, "replication stream failed", e)),
         };
         if let Some(lsn) = confirm {
+            (st.s.ctx.failpoint)("postgres-after-commit-before-confirm")
+                .map_err(|e| Fail::Retry(format!("confirming the slot position: {e}")))?;
             // Durable in the buffer: reported as flushed, which is what moves a
             // logical slot (applied stays unset, as pg_recvlogical leaves it).
             repl.shared_lsn_feedback.update_flushed_lsn(lsn);

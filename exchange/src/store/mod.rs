@@ -749,6 +749,24 @@ impl Store {
         })
     }
 
+    /// Holds a declared stream for `reason` (durably; a hold already there is kept).
+    pub fn hold(&self, agent: &str, decl: &StreamDecl, reason: &str) -> Result<(), StoreError> {
+        let _commits = self.lock_commits()?;
+        let mut meta = self.stream_meta(agent, &decl.name)?;
+        if meta.hold.is_some() {
+            return Ok(());
+        }
+        meta.hold = Some(Hold {
+            reason: reason.to_string(),
+            since_unix_ms: now_unix_ms(),
+            incarnation: decl.incarnation.clone(),
+            head_seq: decl.head_seq,
+            acked_seq: decl.acked_seq,
+            refused: None,
+        });
+        self.put_stream_meta(agent, &decl.name, &meta)
+    }
+
     /// An operator's decision on a held stream. Accepting continues the stream
     /// with the held buffer: its first unacknowledged seq becomes the stream's next
     /// seq, a boundary recorded; refusing keeps it held with the reason given.
