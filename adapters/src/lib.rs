@@ -176,6 +176,17 @@ impl SourceError {
     }
 }
 
+/// Files the exchange received but whose bytes did not match their SHA-256: it
+/// said so in the ack, and the agent recorded it durably before the ack moved
+/// the watermark. A source that sends files must send such a file again whole,
+/// never treat it as delivered.
+pub trait RejectedFiles: Send + Sync {
+    /// Whether the exchange rejected `file_id` of `stream`.
+    fn is_rejected(&self, stream: &str, file_id: &str) -> bool;
+    /// The source dealt with it (its position no longer lists the file).
+    fn forget(&self, stream: &str, file_id: &str);
+}
+
 /// Source instances are numbered from one process-wide counter, so a restarted
 /// source always has a higher epoch than the instance it replaces.
 static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
@@ -201,6 +212,8 @@ pub struct SourceContext {
     /// them; see ARCHITECTURE.md): adapters know no failpoint machinery, the
     /// agent hands its hook in. A no-op unless set.
     pub failpoint: fn(&str) -> std::io::Result<()>,
+    /// Files the exchange rejected (see [`RejectedFiles`]); `None`: none ever are.
+    pub rejected_files: Option<std::sync::Arc<dyn RejectedFiles>>,
     epoch: u64,
     outstanding: std::sync::Arc<Outstanding>,
     commits: mpsc::Sender<CommitRequest>,
@@ -225,9 +238,24 @@ impl SourceContext {
             shutdown,
             spool_dir: None,
             failpoint: |_| Ok(()),
+            rejected_files: None,
             epoch: NEXT_EPOCH.fetch_add(1, Ordering::Relaxed),
             outstanding: std::sync::Arc::default(),
             commits,
+        }
+    }
+
+    /// Whether the exchange rejected this stream's file `file_id`.
+    pub fn file_rejected(&self, file_id: &str) -> bool {
+        self.rejected_files
+            .as_ref()
+            .is_some_and(|r| r.is_rejected(&self.name, file_id))
+    }
+
+    /// Forgets a rejection once the source's durable position no longer needs it.
+    pub fn forget_rejected(&self, file_id: &str) {
+        if let Some(r) = &self.rejected_files {
+            r.forget(&self.name, file_id);
         }
     }
 

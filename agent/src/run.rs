@@ -146,6 +146,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                     );
                     ctx.spool_dir = Some(spool_dir.clone());
                     ctx.failpoint = ferry_transport::failpoint::hit;
+                    ctx.rejected_files = Some(buffer.clone());
                     let tracker = ctx.tracker();
                     let result = source_cfg.build().run(ctx).await;
                     // What this instance handed over must be written (or refused)

@@ -250,6 +250,10 @@ impl Shipper {
                 // 2. Acks and errors from the exchange.
                 ev = events.recv() => match ev {
                     Some(Event::Frame(Msg::Ack(ack))) => {
+                        if !ack.rejected_files.is_empty() {
+                            warn!(stream = %ack.stream, files = ?ack.rejected_files, "the exchange received files damaged; they will be sent again");
+                            self.buffer.record_rejected(&ack.stream, &ack.rejected_files)?;
+                        }
                         if let Some(up_to) = session.handle_ack(&ack)? {
                             self.on_acked(&ack.stream, up_to)?;
                         }

@@ -28,7 +28,10 @@ pub const EXIT_STORE_FAILED: i32 = 74;
 const MAX_GROUP: usize = 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
-type Reply = oneshot::Sender<Result<u64, (ErrorCode, String)>>;
+/// A stored item's cumulative ack and the files in it that failed their
+/// SHA-256 (or why it was not stored).
+type Answer = Result<(u64, Vec<String>), (ErrorCode, String)>;
+type Reply = oneshot::Sender<Answer>;
 
 struct StoreRequest {
     incoming: Incoming,
@@ -57,7 +60,8 @@ fn spawn_committer(store: Arc<Store>) -> (mpsc::Sender<StoreRequest>, std::threa
                 let (items, replies): (Vec<Incoming>, Vec<Reply>) =
                     group.into_iter().map(|r| (r.incoming, r.reply)).unzip();
                 let results = store.commit_group(&items);
-                for (reply, result) in replies.into_iter().zip(results) {
+                for ((reply, item), result) in replies.into_iter().zip(&items).zip(results) {
+                    let result = result.map(|up_to| (up_to, rejected_in(&store, item)));
                     let _ = reply.send(result.map_err(|e| match e {
                         StoreError::Invalid(m) => (ErrorCode::Protocol, m),
                         StoreError::Resend(m) => (ErrorCode::Resend, m),
@@ -488,6 +492,22 @@ async fn connection(
     .await
 }
 
+/// The files of a stored (or duplicate) batch that failed their SHA-256 at the
+/// exchange: a resend of the batch is told again, so the agent learns it even if
+/// it lost the first ack.
+fn rejected_in(store: &Store, item: &Incoming) -> Vec<String> {
+    let Item::Batch(b) = &item.item else {
+        return Vec::new();
+    };
+    let last = b.first_seq + u64::from(b.record_count) - 1;
+    store
+        .rejected_files(&item.agent, &b.stream, b.first_seq, last)
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the files that failed their SHA-256");
+            Vec::new()
+        })
+}
+
 /// The longest an older connection of an agent is watched for an answer to the
 /// probe when a new one says `Hello`.
 const TWIN_PROBE: Duration = Duration::from_secs(2);
@@ -549,11 +569,7 @@ async fn data_stream(
     limits: &ConnLimits,
 ) -> Result<()> {
     // The grant of the frame's bytes is held until its ack is out.
-    type Pending = (
-        String,
-        oneshot::Receiver<Result<u64, (ErrorCode, String)>>,
-        Option<Grant>,
-    );
+    type Pending = (String, oneshot::Receiver<Answer>, Option<Grant>);
     // Batches and losses of this stream not yet acknowledged: the agent may have
     // at most the window Welcome gave. Counted down before each ack is sent, so
     // the count here is never below what the agent believes is in flight.
@@ -569,10 +585,14 @@ async fn data_stream(
             outstanding_acks.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             drop(grant);
             match result {
-                Ok(Ok(up_to)) => {
+                Ok(Ok((up_to, rejected_files))) => {
                     let up_to_seq = ack_session.agent_seq(&stream, up_to);
                     if writer
-                        .send(Msg::Ack(Ack { stream, up_to_seq }))
+                        .send(Msg::Ack(Ack {
+                            stream,
+                            up_to_seq,
+                            rejected_files,
+                        }))
                         .await
                         .is_err()
                     {

@@ -325,8 +325,7 @@ fuzz_target!(|input: Input| {
                 let in_flight = agent.in_flight(name);
                 let ack = Ack {
                     stream: name.into(),
-                    up_to_seq: seq(*up_to, model.get(name), false),
-                };
+                    up_to_seq: seq(*up_to, model.get(name), false), ..Default::default() };
                 let result = agent.handle_ack(&ack);
                 let after = agent.acked(name);
                 assert!(

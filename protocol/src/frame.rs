@@ -138,6 +138,7 @@ mod tests {
             Msg::Ack(Ack {
                 stream: "s".into(),
                 up_to_seq: 42,
+                ..Default::default()
             }),
             &mut bytes,
         );
@@ -205,7 +206,7 @@ mod tests {
 
         #[test]
         fn any_ack_round_trips(stream in ".{0,40}", seq in any::<u64>()) {
-            let msg = Msg::Ack(Ack { stream, up_to_seq: seq });
+            let msg = Msg::Ack(Ack { stream, up_to_seq: seq, ..Default::default() });
             let bytes = encode_to_vec(msg.clone());
             let mut d = FrameDecoder::new(MAX_FRAME);
             d.push(&bytes);

@@ -219,6 +219,12 @@ pub struct Ack {
     pub stream: String,
     #[prost(uint64, tag = "2")]
     pub up_to_seq: u64,
+    /// Files (by file id) completed in the acknowledged batch whose bytes did not
+    /// match their SHA-256 at the exchange: stored for inspection, but not
+    /// received. The agent must send each again whole and keep the original
+    /// until then. Repeated in the ack of any resend of that batch.
+    #[prost(string, repeated, tag = "3")]
+    pub rejected_files: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -30,6 +30,17 @@ fn setup(t: &TestDir) -> (Exchange, Agent, PathBuf) {
     (ex, agent, log)
 }
 
+/// Waits for a process's log to say its failpoints are armed: a binary built
+/// without the feature (`cargo build -p ferry-agent` alone) would otherwise make
+/// a scenario silently not happen.
+fn assert_armed(log: impl Fn() -> String) {
+    wait_until(
+        SHORT,
+        "the failpoints to be armed (build with `cargo build --workspace --bins`)",
+        || log().contains("failpoints armed"),
+    );
+}
+
 /// Every produced line once, in order, and no gap at the exchange.
 fn assert_converged(ex: &mut Exchange, produced: usize) {
     let got = ex.wait_lines(AGENT, STREAM, produced, LONG);
@@ -203,6 +214,7 @@ fn a_crash_between_moving_a_sent_file_and_recording_it_sends_nothing_twice() {
         "directory-after-move-before-record=1*off->1*return(crash)",
     );
     agent.spawn();
+    assert_armed(|| agent.log_since_start());
     let st = agent.wait_exit(LONG);
     assert!(!st.success(), "{st}");
     assert!(
@@ -225,6 +237,77 @@ fn a_crash_between_moving_a_sent_file_and_recording_it_sends_nothing_twice() {
     sums.sort();
     assert_eq!(got, sums, "every file once, whole: {files:?}");
     assert!(ex.gaps(AGENT, "drop").is_empty());
+    agent.stop();
+}
+
+/// An exchange restored empty while a large file is half sent: the agent declares
+/// the acknowledged chunks lost, sends the rest, and the exchange's copy (holes
+/// where those chunks were) fails its SHA-256. Before, that file was acknowledged
+/// and the outbox copy moved or deleted — the department's only good copy. Now
+/// the exchange keeps the bad copy, names the file in its acks, and the agent
+/// sends it again whole; the outbox copy leaves only after a complete one arrived.
+#[test]
+fn a_file_that_fails_its_digest_at_the_exchange_is_sent_again_whole() {
+    let t = TestDir::new("edges-digest");
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    // A slow disk at the exchange (5 ms per chunk), so the file is still on its
+    // way when the exchange is wiped.
+    ex.set_env(
+        "FERRY_FAILPOINTS",
+        Some("exchange-file-chunk-write=sleep(5)"),
+    );
+    ex.start();
+    assert_armed(|| ex.log_since_start());
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    let outbox = t.mkdir("outbox");
+    agent.add_stream(&outbox_stream_with(
+        "drop",
+        "210100-MZ-0009",
+        &outbox,
+        "chunk_size = \"8KiB\", after_send = \"delete\"",
+    ));
+    let data = random_bytes(8 << 20);
+    write_atomic(&outbox, "big.bin", &data);
+    agent.start();
+    let partial = ex.dir.join("store").join("files").join(AGENT).join("drop");
+    let received = wait_for(LONG, "part of the file to arrive", || {
+        let len = std::fs::read_dir(&partial)
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .max()?;
+        (len >= 1 << 20).then_some(len)
+    });
+    assert!(
+        (received as usize) < data.len(),
+        "the whole file arrived before the wipe"
+    );
+    ex.kill9();
+    std::fs::remove_dir_all(ex.dir.join("store")).unwrap();
+    ex.set_env("FERRY_FAILPOINTS", None);
+    ex.start();
+    let files = wait_for(LONG, "a complete copy at the exchange", || {
+        let f = ex.files(AGENT, "drop");
+        f.iter().any(|r| r["status"] == "complete").then_some(f)
+    });
+    note(format!("exchange files: {files:?}"));
+    let complete: Vec<_> = files.iter().filter(|r| r["status"] == "complete").collect();
+    assert_eq!(complete.len(), 1, "{files:?}");
+    assert_eq!(complete[0]["sha256"], sha256_hex(&data));
+    assert!(
+        files.iter().any(|r| r["status"] == "sha256-mismatch"),
+        "the damaged copy is kept for inspection: {files:?}"
+    );
+    assert!(
+        agent.log_since_start().contains("sending it again whole"),
+        "the agent resent the file"
+    );
+    wait_until(
+        SHORT,
+        "the outbox copy to be deleted after the good copy",
+        || !outbox.join("big.bin").exists(),
+    );
     agent.stop();
 }
 
@@ -257,6 +340,7 @@ fn a_chunk_the_exchange_cannot_write_is_sent_again_not_skipped() {
         Some("exchange-file-chunk-write=3*off->1*return(enospc)"),
     );
     ex.start();
+    assert_armed(|| ex.log_since_start());
     let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
     let outbox = t.mkdir("outbox");
     agent.add_stream(&outbox_stream_with(
@@ -307,6 +391,10 @@ fn fail_and_recover(name: &str, who: Who, spec: &str, io_error: bool) {
     }
     let writer = LineWriter::start(log, TAG, 2_000);
     agent.spawn();
+    match who {
+        Who::Exchange => assert_armed(|| ex.log_since_start()),
+        Who::Agent => assert_armed(|| agent.log_since_start()),
+    }
     let (st, log_text) = match who {
         Who::Exchange => (ex.wait_exit(LONG), ex.log_since_start()),
         Who::Agent => (agent.wait_exit(LONG), agent.log_since_start()),

@@ -472,6 +472,13 @@ impl Runner {
         if due.is_empty() {
             return Ok(());
         }
+        // Acked, but the exchange's copy did not match its SHA-256: the file
+        // stays and is sent again whole, as a new file.
+        let (rejected, due): (Vec<FileEntry>, Vec<FileEntry>) =
+            due.into_iter().partition(|e| ctx.file_rejected(&e.file_id));
+        for e in &rejected {
+            tracing::error!(file = %e.name, file_id = %e.file_id, "ALARM: the exchange received this file damaged (its SHA-256 did not match); sending it again whole");
+        }
         let after = Arc::clone(&self.after);
         let results = tokio::task::spawn_blocking(move || {
             due.into_iter()
@@ -483,7 +490,7 @@ impl Runner {
         })
         .await
         .map_err(|e| SourceError::Other(format!("finishing sent files: {e}")))?;
-        let mut done = HashSet::new();
+        let mut done: HashSet<String> = rejected.iter().map(|e| e.file_id.clone()).collect();
         for (e, r) in results {
             match r {
                 Ok(Finalized::Done(Some(to))) => {
@@ -522,6 +529,10 @@ impl Runner {
         self.awaiting.retain(|a| !done.contains(&a.entry.file_id));
         let pos = self.position(self.current_position(), None)?;
         ctx.commit(Vec::new(), pos).await?;
+        // Only now is no durable position left that lists them as awaiting.
+        for e in &rejected {
+            ctx.forget_rejected(&e.file_id);
+        }
         Ok(())
     }
 

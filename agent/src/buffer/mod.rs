@@ -16,6 +16,10 @@
 //!                                       written only on acks
 //! "l:" stream 0x00 from(u64 BE)         to (u64 BE): seqs `from..=to` were durable once
 //!                                       but lost to damage; written only by `salvage`
+//! "r:" stream 0x00 file_id              (empty): the exchange rejected this file (its
+//!                                       SHA-256 did not match); synced before the ack
+//!                                       that reported it moves the watermark, removed
+//!                                       once the source no longer lists the file
 //! "i:"                                  the buffer's incarnation id (32 hex digits),
 //!                                       random, written when the buffer is created,
 //!                                       carried over by `salvage`
@@ -165,6 +169,12 @@ pub struct Buffer {
     total_bytes: AtomicU64,
     incarnation: String,
     poisoned: std::sync::atomic::AtomicBool,
+    /// (stream, file id) the exchange rejected; see `r:` keys.
+    rejected: Mutex<std::collections::BTreeSet<(String, String)>>,
+}
+
+fn rejected_key(stream: &str, file_id: &str) -> Vec<u8> {
+    [b"r:", stream.as_bytes(), &[0], file_id.as_bytes()].concat()
 }
 
 /// The key of the buffer's incarnation id.
@@ -263,7 +273,19 @@ impl Buffer {
             total_bytes: AtomicU64::new(0),
             incarnation,
             poisoned: std::sync::atomic::AtomicBool::new(false),
+            rejected: Mutex::new(Default::default()),
         };
+        for kv in buffer.db.scan_prefix(b"r:") {
+            let (k, _) = kv.map_err(sled_err)?;
+            let rest = &k[2..];
+            if let Some(nul) = rest.iter().position(|&b| b == 0) {
+                let stream = String::from_utf8_lossy(&rest[..nul]).into_owned();
+                let file = String::from_utf8_lossy(&rest[nul + 1..]).into_owned();
+                if let Ok(mut r) = buffer.rejected.lock() {
+                    r.insert((stream, file));
+                }
+            }
+        }
         buffer.scan()?;
         // A new id must be durable before any seq is shipped under it.
         buffer.sync()?;
@@ -273,6 +295,31 @@ impl Buffer {
     /// The buffer's incarnation id (see the module doc).
     pub fn incarnation(&self) -> &str {
         &self.incarnation
+    }
+
+    /// Records, durably, files the exchange rejected (the ack that named them is
+    /// applied only after this returns, so a crash cannot lose the rejection
+    /// while keeping the ack).
+    pub fn record_rejected(&self, stream: &str, file_ids: &[String]) -> Result<(), BufferError> {
+        let mut batch = sled::Batch::default();
+        for f in file_ids {
+            batch.insert(rejected_key(stream, f), &[][..]);
+        }
+        let written = self
+            .db
+            .apply_batch(batch)
+            .map_err(|e| self.sled_err(e))
+            .and_then(|()| self.sync());
+        if written.is_err() {
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
+        written?;
+        if let Ok(mut r) = self.rejected.lock() {
+            for f in file_ids {
+                r.insert((stream.to_string(), f.clone()));
+            }
+        }
+        Ok(())
     }
 
     /// Whether a write or sync failed in this process.
@@ -796,6 +843,23 @@ impl Buffer {
         self.sync()?;
         self.delete_segments_or_retry(doomed);
         Ok(())
+    }
+}
+
+impl ferry_adapters::RejectedFiles for Buffer {
+    fn is_rejected(&self, stream: &str, file_id: &str) -> bool {
+        self.rejected
+            .lock()
+            .is_ok_and(|r| r.contains(&(stream.to_string(), file_id.to_string())))
+    }
+
+    fn forget(&self, stream: &str, file_id: &str) {
+        if let Ok(mut r) = self.rejected.lock() {
+            r.remove(&(stream.to_string(), file_id.to_string()));
+        }
+        // Not synced: a rejection that reappears after a crash names a file the
+        // source no longer lists, and is forgotten again.
+        let _ = self.db.remove(rejected_key(stream, file_id));
     }
 }
 

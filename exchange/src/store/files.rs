@@ -271,7 +271,13 @@ impl GroupWrites {
                             rec.status = "sha256-mismatch".into();
                             rec.reason =
                                 Some(format!("received bytes hash to {}", hex::encode(&digest)));
-                            error!(agent, stream, path = %c.path, "received file does not match its SHA-256; kept for inspection");
+                            error!(agent, stream, path = %c.path, file_id = %c.file_id, seq, "received file does not match its SHA-256; kept for inspection, the agent is told to send it again");
+                            // Every ack covering this seq names the file, so the
+                            // agent keeps its copy and sends it again whole.
+                            batch.push((
+                                super::seq_key(b"m:", agent, stream, seq),
+                                c.file_id.as_bytes().to_vec(),
+                            ));
                         }
                     }
                     c.data = Vec::new();

@@ -9,6 +9,8 @@
 //!                                                  file chunks stripped of their data
 //! "f:" agent 0x00 stream 0x00 file_id              FileRecord (JSON)
 //! "g:" agent 0x00 stream 0x00 from (u64 BE)        Gap (JSON): seqs the agent declared lost
+//! "m:" agent 0x00 stream 0x00 seq (u64 BE)         file id: a file whose bytes did not match
+//!                                                  its SHA-256, completed at `seq`
 //! "s:" agent 0x00 stream                           StreamMeta (JSON): buffer incarnation,
 //!                                                  offset, hold, accepted boundaries
 //! "a:" agent                                       AgentRecord (JSON): the fleet registry
@@ -663,6 +665,26 @@ impl Store {
 
     pub fn file_path(&self, agent: &str, stream: &str, file_id: &str) -> PathBuf {
         self.files_dir.join(agent).join(stream).join(file_id)
+    }
+
+    /// The files completed at seqs `from ..= to` of a stream whose bytes did not
+    /// match their SHA-256 (the agent must send them again).
+    pub fn rejected_files(
+        &self,
+        agent: &str,
+        stream: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self
+            .db
+            .range(seq_key(b"m:", agent, stream, from)..=seq_key(b"m:", agent, stream, to))
+        {
+            let (_, v) = kv.map_err(|e| self.sled_err(e))?;
+            out.push(String::from_utf8_lossy(&v).into_owned());
+        }
+        Ok(out)
     }
 
     pub fn gaps(&self, agent: &str, stream: &str) -> Result<Vec<Gap>, StoreError> {

@@ -235,6 +235,7 @@ fn deliver_all(
                 to_agent.push_back(Ack {
                     stream: STREAM.into(),
                     up_to_seq: up_to,
+                    ..Default::default()
                 });
             }
             if let Some(a) = to_agent.pop_front() {
@@ -482,7 +483,8 @@ fn window_limits_batches_in_flight() {
     assert_eq!(
         a.handle_ack(&Ack {
             stream: STREAM.into(),
-            up_to_seq: 2
+            up_to_seq: 2,
+            ..Default::default()
         }),
         Ok(Some(2))
     );
@@ -491,14 +493,16 @@ fn window_limits_batches_in_flight() {
     assert_eq!(
         a.handle_ack(&Ack {
             stream: STREAM.into(),
-            up_to_seq: 1
+            up_to_seq: 1,
+            ..Default::default()
         }),
         Ok(None)
     );
     assert!(a
         .handle_ack(&Ack {
             stream: STREAM.into(),
-            up_to_seq: 999
+            up_to_seq: 999,
+            ..Default::default()
         })
         .is_err());
 }
@@ -623,7 +627,8 @@ fn welcome_verdicts() {
     assert_eq!(
         a.handle_ack(&Ack {
             stream: STREAM.into(),
-            up_to_seq: 10
+            up_to_seq: 10,
+            ..Default::default()
         }),
         Ok(None)
     );

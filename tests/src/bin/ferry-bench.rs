@@ -560,6 +560,7 @@ mod ceiling {
                     w.send(Msg::Ack(Ack {
                         stream: b.stream,
                         up_to_seq: last,
+                        ..Default::default()
                     }))
                     .await?;
                 }
