@@ -311,6 +311,39 @@ fn a_file_that_fails_its_digest_at_the_exchange_is_sent_again_whole() {
     agent.stop();
 }
 
+/// An exchange killed and restarted answers its old connections' packets with a
+/// stateless reset, so agents reconnect at once instead of waiting out QUIC's
+/// 30 s idle timeout (before, the connection ids were keyed per process and the
+/// restarted exchange dropped those packets as invalid).
+#[test]
+fn a_restarted_exchange_resets_the_old_connections_at_once() {
+    let t = TestDir::new("edges-reset");
+    let (mut ex, mut agent, log) = setup(&t);
+    agent.start();
+    append_lines(
+        &log,
+        &(0..10).map(|i| checked_line(TAG, i)).collect::<Vec<_>>(),
+    );
+    ex.wait_lines(AGENT, STREAM, 10, LONG);
+    ex.kill9();
+    ex.start();
+    append_lines(
+        &log,
+        &(10..20).map(|i| checked_line(TAG, i)).collect::<Vec<_>>(),
+    );
+    ex.wait_lines(AGENT, STREAM, 20, LONG);
+    let text = agent.log_since_start();
+    let ended = text
+        .lines()
+        .find(|l| l.contains("not connected to the exchange"))
+        .unwrap_or("(no line)");
+    assert!(
+        ended.contains("reset by peer"),
+        "the old connection was not reset: {ended}"
+    );
+    agent.stop();
+}
+
 /// Enrolling an agent id that still has a live certificate would put two servers
 /// behind one identity: refused unless `--replace` says it is a reinstall.
 #[test]

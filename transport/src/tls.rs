@@ -115,9 +115,23 @@ pub fn server_config_limited(
 /// secret that survives restarts: after a crash, the restarted exchange's resets
 /// are recognised by agents still holding the old connection, so they reconnect at
 /// once instead of waiting out the idle timeout.
+///
+/// The connection ids are validated with a key derived from the same secret:
+/// quinn's default generator keys them per process, and a restarted endpoint
+/// then drops the old connections' packets as invalid instead of answering
+/// with a reset, so agents waited out the 30 s idle timeout after an exchange
+/// crash.
 pub fn server_endpoint_config(reset_secret: &[u8]) -> quinn::EndpointConfig {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
-    quinn::EndpointConfig::new(Arc::new(key))
+    let tag = ring::hmac::sign(&key, b"ferry connection ids");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(key));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    cfg
 }
 
 /// Reads the reset secret at `path`, creating it (32 random bytes, mode 0600) the
