@@ -240,6 +240,33 @@ fn a_crash_between_moving_a_sent_file_and_recording_it_sends_nothing_twice() {
     agent.stop();
 }
 
+/// An exchange started with `spec` armed (`FERRY_FAILPOINTS`), and an agent
+/// with an outbox stream `drop` (8 KiB chunks, `extra` source keys) holding
+/// `data` as `name`, started.
+fn outbox_beside_failing_exchange(
+    t: &TestDir,
+    spec: &str,
+    extra: &str,
+    name: &str,
+    data: &[u8],
+) -> (Exchange, Agent, PathBuf) {
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    ex.set_env("FERRY_FAILPOINTS", Some(spec));
+    ex.start();
+    assert_armed(|| ex.log_since_start());
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    let outbox = t.mkdir("outbox");
+    agent.add_stream(&outbox_stream_with(
+        "drop",
+        "210100-MZ-0009",
+        &outbox,
+        &format!("chunk_size = \"8KiB\"{extra}"),
+    ));
+    write_atomic(&outbox, name, data);
+    agent.start();
+    (ex, agent, outbox)
+}
+
 /// An exchange restored empty while a large file is half sent: the agent declares
 /// the acknowledged chunks lost, sends the rest, and the exchange's copy (holes
 /// where those chunks were) fails its SHA-256. Before, that file was acknowledged
@@ -249,26 +276,16 @@ fn a_crash_between_moving_a_sent_file_and_recording_it_sends_nothing_twice() {
 #[test]
 fn a_file_that_fails_its_digest_at_the_exchange_is_sent_again_whole() {
     let t = TestDir::new("edges-digest");
-    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    let data = random_bytes(8 << 20);
     // A slow disk at the exchange (5 ms per chunk), so the file is still on its
     // way when the exchange is wiped.
-    ex.set_env(
-        "FERRY_FAILPOINTS",
-        Some("exchange-file-chunk-write=sleep(5)"),
+    let (mut ex, mut agent, outbox) = outbox_beside_failing_exchange(
+        &t,
+        "exchange-file-chunk-write=sleep(5)",
+        ", after_send = \"delete\"",
+        "big.bin",
+        &data,
     );
-    ex.start();
-    assert_armed(|| ex.log_since_start());
-    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
-    let outbox = t.mkdir("outbox");
-    agent.add_stream(&outbox_stream_with(
-        "drop",
-        "210100-MZ-0009",
-        &outbox,
-        "chunk_size = \"8KiB\", after_send = \"delete\"",
-    ));
-    let data = random_bytes(8 << 20);
-    write_atomic(&outbox, "big.bin", &data);
-    agent.start();
     let partial = ex.dir.join("store").join("files").join(AGENT).join("drop");
     let received = wait_for(LONG, "part of the file to arrive", || {
         let len = std::fs::read_dir(&partial)
@@ -366,25 +383,15 @@ fn enroll_refuses_an_agent_id_with_a_live_certificate() {
 #[test]
 fn a_chunk_the_exchange_cannot_write_is_sent_again_not_skipped() {
     let t = TestDir::new("edges-refused");
-    let mut ex = Exchange::init(&t.mkdir("exchange"));
-    // The fourth chunk write fails with ENOSPC, once.
-    ex.set_env(
-        "FERRY_FAILPOINTS",
-        Some("exchange-file-chunk-write=3*off->1*return(enospc)"),
-    );
-    ex.start();
-    assert_armed(|| ex.log_since_start());
-    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
-    let outbox = t.mkdir("outbox");
-    agent.add_stream(&outbox_stream_with(
-        "drop",
-        "210100-MZ-0009",
-        &outbox,
-        "chunk_size = \"8KiB\"",
-    ));
     let data = random_bytes(80 * 1024);
-    write_atomic(&outbox, "report.bin", &data);
-    agent.start();
+    // The fourth chunk write fails with ENOSPC, once.
+    let (ex, mut agent, outbox) = outbox_beside_failing_exchange(
+        &t,
+        "exchange-file-chunk-write=3*off->1*return(enospc)",
+        "",
+        "report.bin",
+        &data,
+    );
     let files = wait_for(LONG, "the file to be complete", || {
         let f = ex.files(AGENT, "drop");
         f.iter().any(|r| r["status"] == "complete").then_some(f)

@@ -39,12 +39,19 @@ fn lines(store: &Store) -> Vec<String> {
 }
 
 fn append(path: &Path, data: &[u8]) {
+    writer_with(path, data);
+}
+
+/// A writer holding `path` open for appending (as a logging process does), after
+/// writing `data`.
+fn writer_with(path: &Path, data: &[u8]) -> std::fs::File {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .unwrap();
     f.write_all(data).unwrap();
+    f
 }
 
 fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
@@ -150,12 +157,7 @@ async fn start_at_end_skips_existing_content() {
 async fn rename_rotation_drains_the_old_file_then_follows_the_new() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.log");
-    let mut old = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .unwrap();
-    old.write_all(b"1\n2\n").unwrap();
+    let mut old = writer_with(&path, b"1\n2\n");
     let store = Store::new();
     let mut run = store.start(source(&config(&path)));
     run.wait_for("lines 1-2", || store.count() == 2).await;
@@ -284,13 +286,7 @@ async fn restart_mid_file_sends_no_line_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_after_rotation_drains_the_rotated_copy_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("app.log");
-    append(&path, b"1\n2\n3\n");
-    let store = Store::new();
-    let mut run = store.start(source(&config(&path)));
-    run.wait_for("lines 1-3", || store.count() == 3).await;
-    run.stop().await.unwrap_err();
+    let (dir, path, store) = read_then_stop(b"1\n2\n3\n").await;
 
     // While stopped: more lines, a rotation, a new file; a decoy sibling too, older
     // than the rotated copy (as a real `.2` is): copies are read in order of
@@ -309,13 +305,7 @@ async fn restart_after_rotation_drains_the_rotated_copy_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_when_the_rotated_copy_is_gone_reads_the_new_file_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("app.log");
-    append(&path, b"1\n2\n");
-    let store = Store::new();
-    let mut run = store.start(source(&config(&path)));
-    run.wait_for("lines 1-2", || store.count() == 2).await;
-    run.stop().await.unwrap_err();
+    let (_dir, path, store) = read_then_stop(b"1\n2\n").await;
 
     std::fs::remove_file(&path).unwrap();
     append(&path, b"x\ny\nz\n");
@@ -434,6 +424,22 @@ async fn alarm(run: Running, store: &Store, ino: u64) -> String {
         Err(SourceError::Other(msg)) => msg,
         other => panic!("expected the source to end with an alarm, got {other:?}"),
     }
+}
+
+/// `app.log` in a new folder holding `text`: the source reads every line of it
+/// (its position durable after the last), then stops, as an agent that is shut
+/// down.
+async fn read_then_stop(text: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, text);
+    let want = text.iter().filter(|&&b| b == b'\n').count();
+    let store = Store::new();
+    let mut run = store.start(source(&config(&path)));
+    run.wait_for("the lines written", || store.count() == want)
+        .await;
+    run.stop().await.unwrap_err();
+    (dir, path, store)
 }
 
 /// Waits until the position is at the end of `path` (so nothing more will come) and
@@ -580,13 +586,7 @@ async fn a_deleted_file_in_the_chain_raises_an_alarm_naming_it_and_the_rest_arri
 /// the source cannot read: an alarm names it, the files around it are shipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_file_in_the_chain_raises_an_alarm_naming_it_and_the_rest_arrives() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("app.log");
-    append(&path, b"1\n2\n");
-    let store = Store::new();
-    let mut run = store.start(source(&config(&path)));
-    run.wait_for("lines 1-2", || store.count() == 2).await;
-    run.stop().await.unwrap_err();
+    let (dir, path, store) = read_then_stop(b"1\n2\n").await;
 
     append(&path, b"3\n");
     rotate(&path);
@@ -614,12 +614,7 @@ async fn a_compressed_file_in_the_chain_raises_an_alarm_naming_it_and_the_rest_a
 async fn compressing_a_file_already_read_raises_no_alarm() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.log");
-    let mut old = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .unwrap();
-    old.write_all(b"1\n2\n").unwrap();
+    let mut old = writer_with(&path, b"1\n2\n");
     let store = Store::new();
     let mut run = store.start(source(&config(&path)));
     run.wait_for("lines 1-2", || store.count() == 2).await;

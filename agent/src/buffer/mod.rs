@@ -247,7 +247,9 @@ impl Buffer {
                 dir: dir.to_path_buf(),
                 source,
             })?;
-        let incarnation = match db.get(INCARNATION_KEY).map_err(sled_err)? {
+        let stored = db.get(INCARNATION_KEY).map_err(sled_err)?;
+        let created = stored.is_none();
+        let incarnation = match stored {
             Some(v) => String::from_utf8(v.to_vec())
                 .ok()
                 .filter(|s| !s.is_empty() && s.len() <= 64)
@@ -287,8 +289,11 @@ impl Buffer {
             }
         }
         buffer.scan()?;
-        // A new id must be durable before any seq is shipped under it.
-        buffer.sync()?;
+        // A new id must be durable before any seq is shipped under it; an
+        // existing one already is, and opening needs no sync of its own.
+        if created {
+            buffer.sync()?;
+        }
         Ok(buffer)
     }
 

@@ -117,6 +117,20 @@ pub struct Hold {
     pub refused: Option<String>,
 }
 
+impl Hold {
+    /// A hold, from now, of the buffer that declared `decl`.
+    fn of(decl: &StreamDecl, reason: &str) -> Self {
+        Hold {
+            reason: reason.to_string(),
+            since_unix_ms: now_unix_ms(),
+            incarnation: decl.incarnation.clone(),
+            head_seq: decl.head_seq,
+            acked_seq: decl.acked_seq,
+            refused: None,
+        }
+    }
+}
+
 /// Where an operator accepted a new buffer as the continuation of a stream.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Boundary {
@@ -751,14 +765,7 @@ impl Store {
             Continuity::Hold(reason) => {
                 if meta.hold.is_none() {
                     error!(agent, stream = %decl.name, %reason, "ALARM: stream held until an operator runs `ferry-exchange resolve`");
-                    meta.hold = Some(Hold {
-                        reason: reason.clone(),
-                        since_unix_ms: now_unix_ms(),
-                        incarnation: decl.incarnation.clone(),
-                        head_seq: decl.head_seq,
-                        acked_seq: decl.acked_seq,
-                        refused: None,
-                    });
+                    meta.hold = Some(Hold::of(decl, &reason));
                     self.put_stream_meta(agent, &decl.name, &meta)?;
                 }
                 Some(reason)
@@ -778,14 +785,7 @@ impl Store {
         if meta.hold.is_some() {
             return Ok(());
         }
-        meta.hold = Some(Hold {
-            reason: reason.to_string(),
-            since_unix_ms: now_unix_ms(),
-            incarnation: decl.incarnation.clone(),
-            head_seq: decl.head_seq,
-            acked_seq: decl.acked_seq,
-            refused: None,
-        });
+        meta.hold = Some(Hold::of(decl, reason));
         self.put_stream_meta(agent, &decl.name, &meta)
     }
 
