@@ -8,7 +8,6 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -17,9 +16,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::config::DeliverySection;
+use crate::delivery::Statuses;
 use crate::records;
 use crate::server::Live;
-use crate::store::{Decision, Store};
+use crate::store::{Decision, SharedStore};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -42,6 +43,8 @@ pub enum Request {
     /// Take the revocation list anew and close revoked agents' connections
     /// (`revoke` asks this of a running exchange).
     Reload,
+    /// Where each delivery stands on each stream it receives.
+    Deliveries,
     /// Decide on a held stream: accept it as a continuation, or refuse it.
     Resolve {
         agent: String,
@@ -71,15 +74,41 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// What `deliveries` reports from.
+pub enum Deliveries<'a> {
+    /// The running exchange's deliveries.
+    Live(&'a Statuses),
+    /// No exchange runs: the sinks' durable checkpoints.
+    Offline(&'a [DeliverySection]),
+}
+
 /// Runs one request against a store, writing reply lines.
-pub fn execute(store: &Store, req: &Request, out: &mut dyn Write) -> Result<u64> {
+pub fn execute(
+    store: &SharedStore,
+    deliveries: &Deliveries<'_>,
+    req: &Request,
+    out: &mut dyn Write,
+) -> Result<u64> {
     match req {
+        Request::Deliveries => {
+            let lines = match deliveries {
+                Deliveries::Live(s) => s.snapshot(),
+                Deliveries::Offline(cfg) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(crate::delivery::offline_report(cfg, store)),
+            };
+            for l in &lines {
+                writeln!(out, "{}", serde_json::to_string(l)?)?;
+            }
+            Ok(lines.len() as u64)
+        }
         Request::Records {
             agent,
             stream,
             from,
-        } => records::write_records(store, agent, stream, *from, out),
-        Request::Export { agent, stream, to } => records::export(store, agent, stream, to, out),
+        } => records::write_records(&**store, agent, stream, *from, out),
+        Request::Export { agent, stream, to } => records::export(&**store, agent, stream, to, out),
         Request::Agents => {
             let agents = store.agents()?;
             let holds = store.holds()?;
@@ -136,9 +165,10 @@ pub fn execute(store: &Store, req: &Request, out: &mut dyn Write) -> Result<u64>
 
 pub async fn serve(
     listener: UnixListener,
-    store: Arc<Store>,
+    store: SharedStore,
     reloads: Reloads,
     live: Live,
+    deliveries: Statuses,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -152,6 +182,7 @@ pub async fn serve(
         let store = store.clone();
         let reloads = reloads.clone();
         let live = live.clone();
+        let deliveries = deliveries.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -182,20 +213,22 @@ pub async fn serve(
                     tx,
                 };
                 let tail = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => match execute(&store, &req, &mut out) {
-                        Ok(n) => {
-                            if let Request::Resolve { agent, .. } = &req {
-                                // The agent reconnects and is welcomed anew.
-                                live.close_agent(
-                                    agent,
-                                    None,
-                                    b"the exchange operator resolved a held stream",
-                                );
+                    Ok(req) => {
+                        match execute(&store, &Deliveries::Live(&deliveries), &req, &mut out) {
+                            Ok(n) => {
+                                if let Request::Resolve { agent, .. } = &req {
+                                    // The agent reconnects and is welcomed anew.
+                                    live.close_agent(
+                                        agent,
+                                        None,
+                                        b"the exchange operator resolved a held stream",
+                                    );
+                                }
+                                serde_json::json!({ "done": n })
                             }
-                            serde_json::json!({ "done": n })
+                            Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
                         }
-                        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
-                    },
+                    }
                     Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
                 };
                 let _ = writeln!(out, "{tail}");

@@ -16,6 +16,52 @@ pub struct ExchangeConfig {
     /// Not written by `init` (the defaults hold; packaging/exchange.toml has them).
     #[serde(default, skip_serializing)]
     pub limits: LimitsSection,
+    /// Where stored records go on to (`[[delivery]]`, none by default).
+    #[serde(default, rename = "delivery", skip_serializing_if = "Vec::is_empty")]
+    pub deliveries: Vec<DeliverySection>,
+}
+
+/// One `[[delivery]]`: a subscriber fed every record of the streams it names,
+/// each exactly once, with a durable checkpoint per (agent, stream).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySection {
+    /// Identifies the delivery (checkpoints, `deliveries`, logs).
+    pub name: String,
+    /// `files` or `postgres`.
+    pub kind: DeliveryKind,
+    /// What it receives: `AGENT/STREAM`, with `*` for either part. A wildcard
+    /// matches only `unconditional` streams; a `conditional` stream must be named
+    /// exactly (naming it is the approval).
+    pub streams: Vec<String>,
+    /// `files`: the directory received files are written under, as
+    /// `PATH/AGENT/STREAM/<relative path>` (created if missing).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `postgres`: libpq key=value or a postgres:// URL (`sslmode`, `sslrootcert`).
+    #[serde(default)]
+    pub dsn: Option<String>,
+    /// `postgres`: a file holding the password (else the DSN's, or none).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// `postgres`: the schema the mirror tables are created in.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// `postgres`: the schema of Ferry's own bookkeeping (checkpoints, table
+    /// owners); never the target schema. Default `ferry`.
+    #[serde(default = "default_bookkeeping")]
+    pub bookkeeping: String,
+}
+
+fn default_bookkeeping() -> String {
+    "ferry".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryKind {
+    Files,
+    Postgres,
 }
 
 /// `[limits]`: bounds in bytes and time on what agents may make the exchange
@@ -159,11 +205,19 @@ fn default_trust_dir() -> PathBuf {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    /// Directory of the embedded store (sled database and received files).
+    /// The backend: `embedded` (sled and files under `dir`, the default).
+    #[serde(default = "default_store_kind")]
+    pub kind: String,
+    /// Directory of the embedded store (sled database and received files), the
+    /// admin socket and node-local state.
     pub dir: PathBuf,
     /// Memory the store may use to cache pages, bytes.
     #[serde(default = "default_cache")]
     pub cache_size: u64,
+}
+
+fn default_store_kind() -> String {
+    "embedded".into()
 }
 
 fn default_cache() -> u64 {
@@ -199,6 +253,24 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
             *p = base.join(&*p);
         }
     }
+    for d in &mut cfg.deliveries {
+        for p in [d.path.as_mut(), d.password_file.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+    if cfg.store.kind != "embedded" {
+        anyhow::bail!(
+            "{}: [store] kind = {:?}: this exchange has the \"embedded\" store",
+            path.display(),
+            cfg.store.kind
+        );
+    }
+    check_deliveries(&cfg.deliveries).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let l = &cfg.limits;
     let frame = ferry_protocol::frame::MAX_FRAME as u64;
     if l.max_connection_bytes < frame || l.max_queued_bytes < l.max_connection_bytes {
@@ -216,6 +288,67 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
         );
     }
     Ok(cfg)
+}
+
+/// Each `[[delivery]]` has a unique name, what its kind needs, and stream
+/// patterns of the form `AGENT/STREAM`.
+fn check_deliveries(ds: &[DeliverySection]) -> std::result::Result<(), String> {
+    let mut names = std::collections::HashSet::new();
+    for d in ds {
+        let at = format!("[[delivery]] {:?}", d.name);
+        if d.name.is_empty() || !ferry_protocol::session::valid_stream_name(&d.name) {
+            return Err(format!(
+                "{at}: name must be letters, digits, '-', '_' or '.'"
+            ));
+        }
+        if !names.insert(d.name.as_str()) {
+            return Err(format!("{at}: two deliveries have this name"));
+        }
+        if d.streams.is_empty() {
+            return Err(format!(
+                "{at}: streams is empty, so it would receive nothing"
+            ));
+        }
+        for p in &d.streams {
+            if crate::delivery::Pattern::parse(p).is_none() {
+                return Err(format!(
+                    "{at}: stream pattern {p:?} is not AGENT/STREAM (either may be *)"
+                ));
+            }
+        }
+        let unused = |k: &str, set: bool| {
+            if set {
+                Err(format!("{at}: {k} does not apply to kind = {:?}", d.kind))
+            } else {
+                Ok(())
+            }
+        };
+        match d.kind {
+            DeliveryKind::Files => {
+                if d.path.is_none() {
+                    return Err(format!("{at}: kind = \"files\" needs path = \"DIR\""));
+                }
+                unused("dsn", d.dsn.is_some())?;
+                unused("schema", d.schema.is_some())?;
+                unused("password_file", d.password_file.is_some())?;
+            }
+            DeliveryKind::Postgres => {
+                unused("path", d.path.is_some())?;
+                let (Some(_), Some(schema)) = (&d.dsn, &d.schema) else {
+                    return Err(format!(
+                        "{at}: kind = \"postgres\" needs dsn = \"...\" and schema = \"NAME\""
+                    ));
+                };
+                if schema.is_empty() || *schema == d.bookkeeping {
+                    return Err(format!(
+                        "{at}: schema {schema:?} must be set and differ from the bookkeeping schema {:?}",
+                        d.bookkeeping
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl ExchangeConfig {

@@ -69,10 +69,12 @@ pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
             trust_dir: "trust".into(),
         },
         store: StoreSection {
+            kind: "embedded".into(),
             dir: "store".into(),
             cache_size: 64 << 20,
         },
         limits: Default::default(),
+        deliveries: Vec::new(),
     };
     let text = format!(
         "# Ferry exchange configuration, written by `ferry-exchange init`.\n\

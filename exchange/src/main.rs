@@ -2,6 +2,7 @@
 
 mod admin;
 mod config;
+mod delivery;
 mod enroll;
 mod records;
 mod server;
@@ -127,6 +128,12 @@ enum Command {
         reason: String,
     },
     /// List seq ranges of a stream that never arrived, one JSON line each.
+    /// Where each `[[delivery]]` stands: one JSON line per (delivery, agent,
+    /// stream) with its checkpoint (seq), lag in records and seconds, and last error.
+    Deliveries {
+        #[arg(long)]
+        config: PathBuf,
+    },
     Gaps {
         #[arg(long)]
         config: PathBuf,
@@ -190,6 +197,7 @@ fn main() -> ExitCode {
             cert,
             reason,
         } => revoke(&config, agent_id.as_deref(), cert.as_deref(), &reason),
+        Command::Deliveries { config } => query(&config, admin::Request::Deliveries),
         Command::Gaps {
             config,
             agent,
@@ -336,8 +344,13 @@ fn ask_or_open(
     {
         return Ok(());
     }
-    let store = store::Store::open(&cfg.store.dir, cfg.store.cache_size)
+    let store = store::open(&cfg.store)
         .with_context(|| format!("opening the store in {}", cfg.store.dir.display()))?;
-    admin::execute(&store, req, out)?;
+    admin::execute(
+        &store,
+        &admin::Deliveries::Offline(&cfg.deliveries),
+        req,
+        out,
+    )?;
     Ok(())
 }

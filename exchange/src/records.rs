@@ -12,7 +12,7 @@ use ferry_protocol::messages::record::Body;
 use ferry_protocol::messages::{column, Column, RowChange, RowOp, SchemaChange};
 use serde_json::{json, Value};
 
-use crate::store::Store;
+use crate::store::Backend;
 
 fn rfc3339(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
@@ -25,7 +25,7 @@ fn rfc3339(ms: u64) -> String {
 /// table's schema is one record; a block of snapshot rows is one record written
 /// as one line per row, each with the block's `seq` and its `item` within it.
 pub fn write_records(
-    store: &Store,
+    store: &dyn Backend,
     agent: &str,
     stream: &str,
     from: u64,
@@ -33,7 +33,7 @@ pub fn write_records(
 ) -> Result<u64> {
     let mut n = 0u64;
     let mut failure = None;
-    store.records(agent, stream, from, |r, stored_ms| {
+    store.records(agent, stream, from, &mut |r, stored_ms| {
         let head = |position: &str| {
             json!({
                 "seq": r.seq,
@@ -201,7 +201,7 @@ fn schema_json(c: &SchemaChange) -> Value {
 }
 
 /// A received path made safe to join under the export directory.
-fn safe_relative(path: &str) -> Option<PathBuf> {
+pub fn safe_relative(path: &str) -> Option<PathBuf> {
     let p = Path::new(path);
     let mut out = PathBuf::new();
     for c in p.components() {
@@ -217,7 +217,7 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 /// Writes every complete file of a stream under `to`, keeping relative paths.
 /// A file received twice under one path (re-sent after a change) keeps the last.
 pub fn export(
-    store: &Store,
+    store: &dyn Backend,
     agent: &str,
     stream: &str,
     to: &Path,
@@ -241,9 +241,16 @@ pub fn export(
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let src = store.file_path(agent, stream, &f.file_id);
-        std::fs::copy(&src, &dest)
-            .with_context(|| format!("copying {} to {}", src.display(), dest.display()))?;
+        let mut src = store.open_file(agent, stream, &f.file_id)?;
+        let mut file =
+            std::fs::File::create(&dest).with_context(|| format!("creating {}", dest.display()))?;
+        std::io::copy(&mut src, &mut file).with_context(|| {
+            format!(
+                "copying file {} of {agent}/{stream} to {}",
+                f.file_id,
+                dest.display()
+            )
+        })?;
         writeln!(
             out,
             "{}",

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::config::ExchangeConfig;
-use crate::store::{now_unix_ms, Incoming, Item, Store, StoreError};
+use crate::store::{now_unix_ms, Backend, Incoming, Item, SharedStore, StoreError};
 
 /// Exit status after a failed store sync (EX_IOERR), so a supervisor restarts it.
 pub const EXIT_STORE_FAILED: i32 = 74;
@@ -40,7 +40,9 @@ struct StoreRequest {
 
 /// The committer thread: takes every batch waiting from any connection, stores the
 /// group with one sync, then answers each.
-fn spawn_committer(store: Arc<Store>) -> (mpsc::Sender<StoreRequest>, std::thread::JoinHandle<()>) {
+fn spawn_committer(
+    store: SharedStore,
+) -> (mpsc::Sender<StoreRequest>, std::thread::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(4096);
     let handle = std::thread::Builder::new()
         .name("store-committer".into())
@@ -61,7 +63,7 @@ fn spawn_committer(store: Arc<Store>) -> (mpsc::Sender<StoreRequest>, std::threa
                     group.into_iter().map(|r| (r.incoming, r.reply)).unzip();
                 let results = store.commit_group(&items);
                 for ((reply, item), result) in replies.into_iter().zip(&items).zip(results) {
-                    let result = result.map(|up_to| (up_to, rejected_in(&store, item)));
+                    let result = result.map(|up_to| (up_to, rejected_in(&*store, item)));
                     let _ = reply.send(result.map_err(|e| match e {
                         StoreError::Invalid(m) => (ErrorCode::Protocol, m),
                         StoreError::Resend(m) => (ErrorCode::Resend, m),
@@ -89,12 +91,9 @@ fn spawn_committer(store: Arc<Store>) -> (mpsc::Sender<StoreRequest>, std::threa
 }
 
 pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<()> {
-    let store_dir = cfg.store.dir.clone();
-    let cache = cfg.store.cache_size;
-    std::fs::create_dir_all(&store_dir)
-        .with_context(|| format!("creating the store directory {}", store_dir.display()))?;
-    let store =
-        Arc::new(tokio::task::spawn_blocking(move || Store::open(&store_dir, cache)).await??);
+    std::fs::create_dir_all(&cfg.store.dir)
+        .with_context(|| format!("creating the store directory {}", cfg.store.dir.display()))?;
+    let store = tokio::task::block_in_place(|| crate::store::open(&cfg.store))?;
     let quic = quic_config(&cfg)?;
     let listen: SocketAddr = cfg.exchange.listen.parse().with_context(|| {
         format!(
@@ -125,11 +124,14 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
             .collect(),
     );
     let (reloads, mut reload_requests) = mpsc::channel(4);
+    let (deliveries, delivery_tasks) =
+        crate::delivery::start(&cfg.deliveries, store.clone(), shutdown.clone());
     let admin_task = tokio::spawn(crate::admin::serve(
         admin,
         store.clone(),
         reloads,
         live.clone(),
+        deliveries,
         shutdown.clone(),
     ));
 
@@ -177,8 +179,11 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     drop(commits);
     let _ = admin_task.await;
+    for t in delivery_tasks {
+        let _ = t.await;
+    }
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;
-    store.close()?;
+    tokio::task::spawn_blocking(move || store.sync()).await??;
     let _ = std::fs::remove_file(cfg.admin_socket());
     Ok(())
 }
@@ -334,7 +339,7 @@ fn wire_error(code: ErrorCode, message: impl Into<String>, stream: &str) -> Msg 
 
 async fn connection(
     incoming: quinn::Incoming,
-    store: Arc<Store>,
+    store: SharedStore,
     commits: mpsc::Sender<StoreRequest>,
     live: Live,
     limits: ConnLimits,
@@ -421,7 +426,11 @@ async fn connection(
                 return Err(e.into());
             }
         };
-        let mut record = store.agent(&id.agent_id)?.unwrap_or_default();
+        let mut record = {
+            let store = store.clone();
+            let agent = id.agent_id.clone();
+            tokio::task::spawn_blocking(move || store.agent(&agent)).await??.unwrap_or_default()
+        };
         record.agent_id = id.agent_id.clone();
         record.department = id.department.clone();
         record.cert_serial = id.serial.clone();
@@ -430,7 +439,7 @@ async fn connection(
         record.software = hello.software.clone();
         record.config_digest = hello.config_digest.clone();
         record.streams = hello.streams.iter().map(|s| s.name.clone()).collect();
-        store.put_agent(&record)?;
+        put_agent(&store, &record).await?;
         for s in &welcome.streams {
             if !s.held.is_empty() {
                 warn!(stream = %s.name, reason = %s.held, "stream held");
@@ -472,7 +481,7 @@ async fn connection(
                                 "buffered_batches": s.buffered_batches, "buffered_bytes": s.buffered_bytes,
                             })).collect::<Vec<_>>(),
                         }));
-                        store.put_agent(&record)?;
+                        put_agent(&store, &record).await?;
                     }
                     Ok(Some(_)) => {
                         conn.close(1u32.into(), b"unexpected frame on the control stream");
@@ -492,10 +501,18 @@ async fn connection(
     .await
 }
 
+/// Updates the registry off the async threads.
+async fn put_agent(store: &SharedStore, record: &crate::store::AgentRecord) -> Result<()> {
+    let store = store.clone();
+    let record = record.clone();
+    tokio::task::spawn_blocking(move || store.put_agent(&record)).await??;
+    Ok(())
+}
+
 /// The files of a stored (or duplicate) batch that failed their SHA-256 at the
 /// exchange: a resend of the batch is told again, so the agent learns it even if
 /// it lost the first ack.
-fn rejected_in(store: &Store, item: &Incoming) -> Vec<String> {
+fn rejected_in(store: &dyn Backend, item: &Incoming) -> Vec<String> {
     let Item::Batch(b) = &item.item else {
         return Vec::new();
     };

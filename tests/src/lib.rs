@@ -479,6 +479,19 @@ impl Exchange {
         cmd
     }
 
+    /// `ferry-exchange deliveries`: one JSON value per (delivery, agent, stream).
+    pub fn deliveries(&self) -> Vec<Value> {
+        json_lines(&run_ok(&mut self.cli("deliveries")))
+    }
+
+    /// Appends `text` (e.g. a `[[delivery]]` section) to exchange.toml.
+    pub fn append_config(&self, text: &str) {
+        let mut cfg = std::fs::read_to_string(&self.config).unwrap_or_default();
+        cfg.push_str(text);
+        std::fs::write(&self.config, cfg)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", self.config.display()));
+    }
+
     /// `ferry-exchange records --agent A --stream S --from FROM`.
     fn records_cmd(&self, agent: &str, stream: &str, from: u64) -> Command {
         let mut cmd = self.cli("records");

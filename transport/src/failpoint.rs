@@ -25,6 +25,7 @@ pub const WINDOWS: &[&str] = &[
     "exchange-after-sync-before-ack",
     "postgres-after-commit-before-confirm",
     "directory-after-move-before-record",
+    "delivery-after-write-before-checkpoint",
 ];
 
 /// Whether any window was armed: when none was (every production run of a test

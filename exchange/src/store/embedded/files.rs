@@ -7,33 +7,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ferry_protocol::messages::{record::Body, Record};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{error, info};
 
-use super::{key, Store, StoreError};
+use super::{key, Embedded as Store};
+use crate::store::{FileRecord, StoreError};
 
 /// A sled key and value to write with the group.
 pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
-
-/// What the exchange knows about one file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct FileRecord {
-    pub file_id: String,
-    /// Path relative to the agent's watched directory.
-    pub path: String,
-    /// `receiving`, `complete`, `aborted` or `sha256-mismatch`.
-    pub status: String,
-    /// Declared size (known once the last chunk arrived).
-    pub size: u64,
-    /// Highest byte offset written so far.
-    pub received: u64,
-    /// Declared SHA-256, hex.
-    pub sha256: String,
-    /// Seq of the record that completed (or aborted) the file.
-    pub seq: u64,
-    pub reason: Option<String>,
-}
 
 fn file_key(agent: &str, stream: &str, file_id: &str) -> Vec<u8> {
     key(b"f:", &[agent, stream, file_id])
