@@ -408,6 +408,16 @@ impl Exchange {
     /// Spawns `serve` and waits until it answers on its admin socket (bound after
     /// the QUIC endpoint, so the exchange is then reachable).
     pub fn start(&mut self) {
+        self.spawn();
+        let sock = self.admin_socket();
+        wait_until(SHORT, "the exchange to serve", || {
+            self.assert_alive();
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+    }
+
+    /// Spawns `serve` without waiting for it (it may be armed to crash at once).
+    pub fn spawn(&mut self) {
         assert!(self.proc.is_none(), "exchange already started");
         self.starts += 1;
         let mut cmd = Command::new(bin("ferry-exchange"));
@@ -418,11 +428,6 @@ impl Exchange {
             &self.log,
             &format!("exchange start #{}", self.starts),
         ));
-        let sock = self.admin_socket();
-        wait_until(SHORT, "the exchange to serve", || {
-            self.assert_alive();
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        });
     }
 
     pub fn is_running(&mut self) -> bool {
