@@ -106,7 +106,6 @@ mod sql;
 mod stream;
 #[cfg(test)]
 mod tests;
-mod tls;
 
 pub use doctor::{doctor, DoctorCheck};
 

@@ -160,6 +160,27 @@ mod bytes {
     }
 }
 
+/// An optional duration as a humantime string.
+mod humantime_opt {
+    use serde::{Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        super::humantime_serde_lite::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: Serializer>(
+        v: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => super::humantime_serde_lite::serialize(v, s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// Durations as humantime strings (`"60s"`, `"2m"`).
 mod humantime_serde_lite {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -205,7 +226,9 @@ fn default_trust_dir() -> PathBuf {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    /// The backend: `embedded` (sled and files under `dir`, the default).
+    /// The backend: `embedded` (sled and files under `dir`, the default) or
+    /// `jetstream` (a NATS JetStream server or cluster, shared by several
+    /// exchange nodes).
     #[serde(default = "default_store_kind")]
     pub kind: String,
     /// Directory of the embedded store (sled database and received files), the
@@ -214,10 +237,81 @@ pub struct StoreSection {
     /// Memory the store may use to cache pages, bytes.
     #[serde(default = "default_cache")]
     pub cache_size: u64,
+    /// `embedded`: remove records once every delivery naming their stream has
+    /// passed them and they were stored longer ago than this (`"30d"`). Unset
+    /// (the default): everything is kept.
+    #[serde(
+        default,
+        with = "humantime_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retain: Option<std::time::Duration>,
+    /// `jetstream`: the server, `nats://HOST:PORT` (or `tls://HOST:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `jetstream`: the server's monitoring endpoint, `http://HOST:PORT`; read at
+    /// start to check that JetStream syncs before it acknowledges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<String>,
+    /// `jetstream`: a NATS credentials (`.creds`) file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+    /// `jetstream`: the CA (PEM) that signed the server's certificate, for `tls://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// `jetstream`: the JetStream stream name (also the prefix of its subjects
+    /// and key-value buckets). Default `FERRY`.
+    #[serde(
+        default = "default_jetstream_stream",
+        skip_serializing_if = "is_default_stream"
+    )]
+    pub stream: String,
+    /// `jetstream`: replicas of the stream and the buckets (1, 3 or 5).
+    #[serde(default = "default_replicas", skip_serializing_if = "is_one")]
+    pub replicas: usize,
+    /// `jetstream`: start even though the server acknowledges before it syncs
+    /// (an alarm is logged at every start).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unsynced_acks: bool,
+}
+
+impl StoreSection {
+    /// An embedded store in `dir`, with every other key at its default.
+    pub fn embedded(dir: PathBuf) -> Self {
+        Self {
+            kind: default_store_kind(),
+            dir,
+            cache_size: default_cache(),
+            retain: None,
+            url: None,
+            monitor: None,
+            credentials: None,
+            tls_ca: None,
+            stream: default_jetstream_stream(),
+            replicas: default_replicas(),
+            allow_unsynced_acks: false,
+        }
+    }
 }
 
 fn default_store_kind() -> String {
     "embedded".into()
+}
+
+fn default_jetstream_stream() -> String {
+    "FERRY".into()
+}
+
+fn default_replicas() -> usize {
+    1
+}
+
+fn is_default_stream(s: &str) -> bool {
+    s == default_jetstream_stream()
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn default_cache() -> u64 {
@@ -263,13 +357,15 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
             }
         }
     }
-    if cfg.store.kind != "embedded" {
-        anyhow::bail!(
-            "{}: [store] kind = {:?}: this exchange has the \"embedded\" store",
-            path.display(),
-            cfg.store.kind
-        );
+    for p in [cfg.store.credentials.as_mut(), cfg.store.tls_ca.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
     }
+    check_store(&cfg.store).map_err(|e| anyhow::anyhow!("{}: [store] {e}", path.display()))?;
     check_deliveries(&cfg.deliveries).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let l = &cfg.limits;
     let frame = ferry_protocol::frame::MAX_FRAME as u64;
@@ -288,6 +384,63 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
         );
     }
     Ok(cfg)
+}
+
+/// `[store]`: a known kind, and what that kind needs.
+fn check_store(s: &StoreSection) -> std::result::Result<(), String> {
+    let jetstream_keys = [
+        ("url", s.url.is_some()),
+        ("monitor", s.monitor.is_some()),
+        ("credentials", s.credentials.is_some()),
+        ("tls_ca", s.tls_ca.is_some()),
+        ("stream", s.stream != default_jetstream_stream()),
+        ("replicas", s.replicas != default_replicas()),
+        ("allow_unsynced_acks", s.allow_unsynced_acks),
+    ];
+    match s.kind.as_str() {
+        "embedded" => match jetstream_keys.iter().find(|(_, set)| *set) {
+            Some((k, _)) => Err(format!(
+                "{k} applies to kind = \"jetstream\", not to kind = \"embedded\""
+            )),
+            None => Ok(()),
+        },
+        "jetstream" if s.retain.is_some() => Err(
+            "retain applies to kind = \"embedded\": a JetStream stream's retention is set on the server (max_age, limits)".into(),
+        ),
+        "jetstream" => {
+            let url = s.url.as_deref().unwrap_or_default();
+            if !["nats://", "tls://"].iter().any(|p| url.starts_with(p)) {
+                return Err(format!(
+                    "kind = \"jetstream\" needs url = \"nats://HOST:PORT\" (or tls://), not {url:?}"
+                ));
+            }
+            let monitor = s.monitor.as_deref().unwrap_or_default();
+            if !monitor.starts_with("http://") {
+                return Err(format!(
+                    "kind = \"jetstream\" needs monitor = \"http://HOST:PORT\" (the server's monitoring endpoint), not {monitor:?}"
+                ));
+            }
+            if s.stream.is_empty()
+                || s.stream.len() > 64
+                || !s
+                    .stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(format!(
+                    "stream = {:?}: letters, digits, '-' or '_', at most 64",
+                    s.stream
+                ));
+            }
+            if ![1, 3, 5].contains(&s.replicas) {
+                return Err(format!("replicas = {}: 1, 3 or 5", s.replicas));
+            }
+            Ok(())
+        }
+        other => Err(format!(
+            "kind = {other:?}: this exchange has the \"embedded\" and \"jetstream\" stores"
+        )),
+    }
 }
 
 /// Each `[[delivery]]` has a unique name, what its kind needs, and stream
@@ -354,5 +507,59 @@ fn check_deliveries(ds: &[DeliverySection]) -> std::result::Result<(), String> {
 impl ExchangeConfig {
     pub fn admin_socket(&self) -> PathBuf {
         self.store.dir.join("exchange.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn load_with_store(store: &str) -> Result<ExchangeConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exchange.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[exchange]\nlisten = \"127.0.0.1:7443\"\npublic_address = \"x:7443\"\n\
+                 [tls]\nca = \"ca.pem\"\nca_key = \"ca.key\"\ncert = \"e.pem\"\nkey = \"e.key\"\n\
+                 [store]\ndir = \"store\"\n{store}"
+            ),
+        )
+        .unwrap();
+        load(&path)
+    }
+
+    /// `[store] kind = "jetstream"` needs its server and monitor; its keys are
+    /// refused on the embedded store; an unknown kind names the known ones.
+    #[test]
+    fn store_kinds_take_their_own_keys() {
+        let c = load_with_store(
+            "kind = \"jetstream\"\nurl = \"nats://n:4222\"\nmonitor = \"http://n:8222\"\ncredentials = \"f.creds\"\n",
+        )
+        .unwrap();
+        assert_eq!((c.store.stream.as_str(), c.store.replicas), ("FERRY", 1));
+        assert!(c.store.credentials.unwrap().is_absolute());
+        let e = load_with_store("kind = \"jetstream\"\nurl = \"nats://n:4222\"\n").unwrap_err();
+        assert!(e.to_string().contains("monitor"), "{e}");
+        let e = load_with_store("url = \"nats://n:4222\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("url applies to kind = \"jetstream\""),
+            "{e}"
+        );
+        let e = load_with_store(
+            "kind = \"jetstream\"\nurl = \"nats://n:4222\"\nmonitor = \"http://n:8222\"\nstream = \"a.b\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("stream = \"a.b\""), "{e}");
+        let e = load_with_store("kind = \"postgres\"\n").unwrap_err();
+        assert!(e.to_string().contains("\"jetstream\""), "{e}");
+        // `init` writes an embedded store without the JetStream keys.
+        let written = toml::to_string_pretty(&StoreSection::embedded("store".into())).unwrap();
+        assert_eq!(
+            written,
+            "kind = \"embedded\"\ndir = \"store\"\ncache_size = 67108864\n"
+        );
     }
 }

@@ -68,11 +68,7 @@ pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
             key: "exchange.key".into(),
             trust_dir: "trust".into(),
         },
-        store: StoreSection {
-            kind: "embedded".into(),
-            dir: "store".into(),
-            cache_size: 64 << 20,
-        },
+        store: StoreSection::embedded("store".into()),
         limits: Default::default(),
         deliveries: Vec::new(),
     };

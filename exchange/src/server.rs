@@ -126,6 +126,15 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     let (reloads, mut reload_requests) = mpsc::channel(4);
     let (deliveries, delivery_tasks) =
         crate::delivery::start(&cfg.deliveries, store.clone(), shutdown.clone());
+    let retention = cfg.store.retain.map(|age| {
+        crate::delivery::start_retention(
+            age,
+            &cfg.deliveries,
+            deliveries.clone(),
+            store.clone(),
+            shutdown.clone(),
+        )
+    });
     let admin_task = tokio::spawn(crate::admin::serve(
         admin,
         store.clone(),
@@ -179,7 +188,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     drop(commits);
     let _ = admin_task.await;
-    for t in delivery_tasks {
+    for t in delivery_tasks.into_iter().chain(retention) {
         let _ = t.await;
     }
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;

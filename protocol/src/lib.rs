@@ -6,6 +6,8 @@
 //! * [`copy_text`]: PostgreSQL's COPY text format, in which snapshot rows travel.
 //! * [`batch`]: encoding of a batch's records (protobuf, then zstd) as it is stored and sent.
 //! * [`session`]: the sans-IO state machines of the agent end and the exchange end.
+//! * [`rows`]: a source-neutral view of database records (shapes, upserts, deletes)
+//!   that deliveries consume.
 //!
 //! Architecture invariant: this crate performs no I/O, owns no clock and knows
 //! nothing of tokio, quinn or sled. Everything here is deterministic and can be
@@ -18,6 +20,7 @@ pub mod entry;
 pub mod frame;
 pub mod messages;
 pub mod record_buf;
+pub mod rows;
 pub mod session;
 
 /// The ALPN protocol id both ends require.

@@ -77,7 +77,7 @@ fn write_until(log: &Path, outbox: &Path, stop: &AtomicBool, rotate: &AtomicBool
             .collect();
         append_lines(log, &lines);
         p.lines += burst;
-        if round % 6 == 0 {
+        if round.is_multiple_of(6) {
             let name = format!("file-{:05}.dat", p.files.len());
             let size = rng.random_range(0..48 << 10);
             let bytes = random_bytes(size);

@@ -253,7 +253,7 @@ fn postgres_delivery_mirrors_pgbench_through_kills() {
         std::thread::spawn(move || {
             let mut cmd = cmd;
             let out = cmd
-                .args(["-n", "-c", "2", "-t", "1500"])
+                .args(["-n", "-c", "2", "-T", "12"])
                 .arg(dsn)
                 .output()
                 .unwrap();
@@ -265,7 +265,7 @@ fn postgres_delivery_mirrors_pgbench_through_kills() {
         })
     };
     let mut kills = 0;
-    for round in 0..6 {
+    for round in 0..7 {
         std::thread::sleep(Duration::from_millis(1500));
         if round % 2 == 0 {
             agent.kill9();
@@ -343,5 +343,68 @@ fn postgres_delivery_mirrors_pgbench_through_kills() {
     );
     let lines = ex.deliveries();
     assert!(lines.iter().all(|l| l["last_error"].is_null()), "{lines:?}");
+    agent.stop();
+}
+
+/// `[store] retain`: once every delivery naming a stream has passed its records
+/// and they are older than the age, the exchange removes them (and the bytes of
+/// the files they carried); a stream named by a delivery that cannot deliver
+/// (its database unreachable) keeps everything; the delivered files stay.
+#[test]
+fn retention_removes_only_what_every_delivery_passed() {
+    let t = TestDir::new("delivery-retain");
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    let out = t.path().join("delivered");
+    let cfg = std::fs::read_to_string(&ex.config).unwrap();
+    std::fs::write(
+        &ex.config,
+        cfg.replace("[store]\n", "[store]\nretain = \"2s\"\n"),
+    )
+    .unwrap();
+    ex.append_config(&format!(
+        "\n[[delivery]]\nname = \"archive\"\nkind = \"files\"\npath = \"{}\"\nstreams = [\"{AGENT}/gone\", \"{AGENT}/kept\"]\n\
+         \n[[delivery]]\nname = \"unreachable\"\nkind = \"postgres\"\ndsn = \"host=127.0.0.1 port={} dbname=x user=x connect_timeout=1\"\nschema = \"m\"\nstreams = [\"{AGENT}/kept\"]\n",
+        out.display(),
+        free_tcp_port()
+    ));
+    ex.start();
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    let gone = t.mkdir("gone");
+    let kept = t.mkdir("kept");
+    agent.add_stream(&outbox_stream("gone", "210100-MZ-0001", &gone));
+    agent.add_stream(&outbox_stream("kept", "210100-MZ-0002", &kept));
+    agent.start();
+    for i in 0..10 {
+        let data = random_bytes(5000 + i);
+        write_atomic(&gone, &format!("g{i}.csv"), &data);
+        write_atomic(&kept, &format!("k{i}.csv"), &data);
+    }
+    wait_until(LONG, "both streams delivered to the files", || {
+        tree(&out).len() == 20
+    });
+    let stored = ex.dir.join("store").join("files").join(AGENT);
+    wait_until(LONG, "the delivered stream's records removed", || {
+        ex.records(AGENT, "gone").is_empty()
+    });
+    assert_eq!(
+        std::fs::read_dir(stored.join("gone")).map_or(0, |d| d.count()),
+        0,
+        "file bytes of removed records are still stored"
+    );
+    assert_eq!(ex.files(AGENT, "kept").len(), 10);
+    assert_eq!(std::fs::read_dir(stored.join("kept")).unwrap().count(), 10);
+    assert_eq!(tree(&out).len(), 20, "delivered files must stay");
+    let lines = ex.deliveries();
+    let stuck = lines
+        .iter()
+        .find(|l| l["delivery"] == "unreachable")
+        .map(|l| l.to_string())
+        .unwrap_or_default();
+    note(format!("the unreachable delivery: {stuck}"));
+    // More records after retention continue the stream.
+    write_atomic(&gone, "after.csv", b"after");
+    wait_until(LONG, "the new file delivered", || {
+        out.join(AGENT).join("gone").join("after.csv").exists()
+    });
     agent.stop();
 }

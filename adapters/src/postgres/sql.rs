@@ -4,31 +4,12 @@
 use std::collections::HashMap;
 
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::conn::{classify_sql, Fail, Result, Target};
 use super::position::parse_lsn;
-use super::tls::MakeRustls;
 
-/// `"name"` with embedded quotes doubled.
-pub(crate) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// A SQL string literal, as `PQescapeLiteral` writes it.
-pub(crate) fn quote_literal(s: &str) -> String {
-    let body = s.replace('\'', "''");
-    if body.contains('\\') {
-        format!("E'{}'", body.replace('\\', "\\\\"))
-    } else {
-        format!("'{body}'")
-    }
-}
-
-/// `"schema"."table"`.
-pub(crate) fn qualified(schema: &str, table: &str) -> String {
-    format!("{}.{}", quote_ident(schema), quote_ident(table))
-}
+pub(crate) use ferry_pg::sql::{qualified, quote_ident, quote_literal};
 
 pub(crate) struct Sql {
     pub client: Client,
@@ -105,29 +86,9 @@ impl Sql {
     pub(crate) async fn connect(target: &Target) -> Result<Sql> {
         let fail =
             |e: tokio_postgres::Error| classify_sql(target, "cannot connect to PostgreSQL", &e);
-        let ended = |e: tokio_postgres::Error| {
-            tracing::debug!(error = %e, "PostgreSQL SQL connection ended");
-        };
-        let (client, task) = match &target.tls {
-            Some(config) => {
-                let (client, connection) = target
-                    .pg
-                    .connect(MakeRustls(config.clone()))
-                    .await
-                    .map_err(fail)?;
-                (
-                    client,
-                    tokio::spawn(async move { connection.await.unwrap_or_else(ended) }),
-                )
-            }
-            None => {
-                let (client, connection) = target.pg.connect(NoTls).await.map_err(fail)?;
-                (
-                    client,
-                    tokio::spawn(async move { connection.await.unwrap_or_else(ended) }),
-                )
-            }
-        };
+        let (client, task) = ferry_pg::connect(&target.pg, target.tls.as_ref())
+            .await
+            .map_err(fail)?;
         Ok(Sql {
             client,
             target: target.clone(),

@@ -153,8 +153,8 @@ fn literals_are_quoted() {
 
 #[test]
 fn tls_settings_are_taken_from_either_dsn_form() {
-    use super::conn::take_tls;
-    use super::tls::TlsMode;
+    use ferry_pg::tls::TlsMode;
+    let take_tls = |dsn| ferry_pg::dsn::take_tls(conn::DSN_KEY, dsn);
     let (rest, tls) = take_tls(
         "host=db port=5433 user=u sslmode=verify-full sslrootcert='/etc/ferry/pg ca.pem' dbname=x",
     )

@@ -15,6 +15,7 @@
 //! conditional.
 
 mod files;
+mod postgres;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -113,15 +114,16 @@ pub enum DeliveryError {
 /// Where a delivery writes.
 enum Sink {
     Files(files::FilesSink),
+    Postgres(Box<postgres::PgSink>),
 }
 
 impl Sink {
     async fn open(d: &DeliverySection) -> Result<Sink, DeliveryError> {
         match d.kind {
             DeliveryKind::Files => Ok(Sink::Files(files::FilesSink::open(d)?)),
-            DeliveryKind::Postgres => Err(DeliveryError::Fatal(
-                "kind = \"postgres\" is not available in this build".into(),
-            )),
+            DeliveryKind::Postgres => {
+                Ok(Sink::Postgres(Box::new(postgres::PgSink::open(d).await?)))
+            }
         }
     }
 
@@ -129,6 +131,7 @@ impl Sink {
     async fn checkpoint(&mut self, agent: &str, stream: &str) -> Result<u64, DeliveryError> {
         match self {
             Sink::Files(s) => s.checkpoint(agent, stream),
+            Sink::Postgres(s) => s.checkpoint(agent, stream).await,
         }
     }
 
@@ -144,6 +147,7 @@ impl Sink {
     ) -> Result<(), DeliveryError> {
         match self {
             Sink::Files(s) => s.apply(store, agent, stream, records, last).await,
+            Sink::Postgres(s) => s.apply(agent, stream, records, last).await,
         }
     }
 }
@@ -399,7 +403,9 @@ async fn pass(
             kinds.takes(r) && sub2.admits(&agent, &stream, meta.class_at(seq))
         })
         .await?;
-        if !chunk.records.is_empty() {
+        // Applied even when it took nothing, so the durable checkpoint covers
+        // the records passed.
+        if chunk.last > cursor {
             let n = chunk.records.len();
             match sink
                 .apply(store, &info.agent, &info.stream, chunk.records, chunk.last)
@@ -440,18 +446,24 @@ async fn pass(
 #[derive(Clone, Copy)]
 enum KindFilter {
     Files,
+    Rows,
 }
 
 impl KindFilter {
     fn of(sink: &Sink) -> KindFilter {
         match sink {
             Sink::Files(_) => KindFilter::Files,
+            Sink::Postgres(_) => KindFilter::Rows,
         }
     }
 
     fn takes(self, r: &Record) -> bool {
         match self {
             KindFilter::Files => matches!(&r.body, Some(Body::FileChunk(c)) if c.end.is_some()),
+            KindFilter::Rows => matches!(
+                &r.body,
+                Some(Body::RowChange(_) | Body::SchemaChange(_) | Body::RowBlock(_))
+            ),
         }
     }
 }
@@ -496,3 +508,73 @@ pub async fn offline_report(
 
 #[cfg(test)]
 mod tests;
+
+/// Retention (`[store] retain`): every minute (every half of `retain` when
+/// that is shorter, at least every second), removes each stream's records
+/// that every delivery naming the stream has passed (by its live checkpoint;
+/// a delivery that has not reported on a stream since this start holds it
+/// whole) and that were stored longer ago than `retain`. A stream no delivery
+/// names goes by age alone.
+pub fn start_retention(
+    retain: Duration,
+    deliveries: &[DeliverySection],
+    statuses: Statuses,
+    store: SharedStore,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let subs: Vec<(String, Subscription)> = deliveries
+        .iter()
+        .map(|d| (d.name.clone(), Subscription::new(d)))
+        .collect();
+    let every = (retain / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let passed = statuses.snapshot();
+            let store = store.clone();
+            let subs = subs.clone();
+            let cutoff = now_unix_ms().saturating_sub(retain.as_millis() as u64);
+            let r =
+                tokio::task::spawn_blocking(move || retain_once(&*store, &subs, &passed, cutoff))
+                    .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "retention failed; retried in a minute"),
+                Err(e) => warn!(error = %e, "retention task failed"),
+            }
+        }
+    })
+}
+
+/// One round of retention (see [`start_retention`]).
+pub fn retain_once(
+    store: &dyn crate::store::Backend,
+    subs: &[(String, Subscription)],
+    passed: &[StreamStatus],
+    stored_before_ms: u64,
+) -> Result<(), crate::store::StoreError> {
+    for info in store.streams()? {
+        let mut below = info.next_seq;
+        for (name, sub) in subs {
+            if !sub.names(&info.agent, &info.stream) {
+                continue;
+            }
+            let cp = passed
+                .iter()
+                .find(|s| s.delivery == *name && s.agent == info.agent && s.stream == info.stream)
+                .map_or(0, |s| s.checkpoint);
+            below = below.min(cp + 1);
+        }
+        if below <= 1 {
+            continue;
+        }
+        let t = store.trim(&info.agent, &info.stream, below, stored_before_ms)?;
+        if t.records > 0 {
+            info!(agent = %info.agent, stream = %info.stream, records = t.records, files = t.files, first_kept = t.first_kept, "retention removed delivered records");
+        }
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use crate::store::Ledger;
 
 fn delivery(streams: &[&str]) -> DeliverySection {
     DeliverySection {
@@ -71,4 +72,81 @@ fn a_class_change_applies_from_its_seq_on() {
     let sub = Subscription::new(&delivery(&["*/s"]));
     assert!(!sub.admits("a", "s", meta.class_at(49)));
     assert!(sub.admits("a", "s", meta.class_at(50)));
+}
+
+fn line_batch(first: u64, n: u64) -> crate::store::Incoming {
+    use ferry_protocol::messages::{record::Body, Record, RecordList};
+    let e = ferry_protocol::batch::encode_records(&RecordList {
+        records: (first..first + n)
+            .map(|i| Record {
+                time_unix_ms: 1,
+                position: String::new(),
+                body: Some(Body::Line(format!("line {i}").into_bytes())),
+            })
+            .collect(),
+    })
+    .unwrap();
+    crate::store::Incoming {
+        agent: "a1".into(),
+        item: crate::store::Item::Batch(e.into_batch("s".into(), first)),
+    }
+}
+
+fn seqs(store: &dyn crate::store::Backend) -> Vec<u64> {
+    let mut out = Vec::new();
+    store
+        .records("a1", "s", 1, &mut |r, _| {
+            out.push(r.seq);
+            true
+        })
+        .unwrap();
+    out
+}
+
+/// Retention removes only what every delivery naming the stream passed, and
+/// only what is older than the age; the next seq stays, so the stream goes on.
+#[test]
+fn retention_removes_only_what_every_delivery_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Embedded::open(dir.path(), 1 << 20).unwrap();
+    store.count_segment_references().unwrap();
+    for first in [1, 11, 21, 31] {
+        store.commit_group(&[line_batch(first, 10)]);
+    }
+    let subs = vec![
+        ("fast".to_string(), Subscription::new(&delivery(&["a1/s"]))),
+        ("slow".to_string(), Subscription::new(&delivery(&["*/s"]))),
+    ];
+    let status = |d: &str, cp: u64| StreamStatus {
+        checkpoint: cp,
+        ..StreamStatus::new(d, "a1", "s")
+    };
+    let future = now_unix_ms() + 60_000;
+    // One delivery has not reported: nothing goes.
+    retain_once(&store, &subs, &[status("fast", 40)], future).unwrap();
+    assert_eq!(seqs(&store).len(), 40);
+    // Both passed 25: the entries wholly below 26 go (1..=20).
+    retain_once(
+        &store,
+        &subs,
+        &[status("fast", 40), status("slow", 25)],
+        future,
+    )
+    .unwrap();
+    assert_eq!(seqs(&store).first(), Some(&21));
+    // Too young: nothing goes.
+    retain_once(&store, &subs, &[status("fast", 40), status("slow", 40)], 0).unwrap();
+    assert_eq!(seqs(&store).first(), Some(&21));
+    retain_once(
+        &store,
+        &subs,
+        &[status("fast", 40), status("slow", 40)],
+        future,
+    )
+    .unwrap();
+    assert!(seqs(&store).is_empty());
+    assert_eq!(store.next_expected("a1", "s").unwrap(), 41);
+    let r = store.commit_group(&[line_batch(41, 5)]);
+    assert_eq!(*r[0].as_ref().unwrap(), 45);
+    assert_eq!(seqs(&store), (41..=45).collect::<Vec<_>>());
 }

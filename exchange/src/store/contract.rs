@@ -58,6 +58,8 @@ macro_rules! contract {
 contract!(embedded, |dir| std::sync::Arc::new(
     super::Embedded::open(dir, 1 << 20).unwrap()
 ));
+// A nats-server of its own per test (started at the first open of a directory).
+contract!(jetstream, crate::store::jetstream::tests::open_for);
 
 /// Lines that do not compress, so the batch entry is far over `INLINE_MAX`.
 fn noisy_lines(first: u64, n: u64) -> Vec<Vec<u8>> {

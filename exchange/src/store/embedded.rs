@@ -100,7 +100,42 @@ pub(super) fn seq_key(prefix: &[u8], agent: &str, stream: &str, seq: u64) -> Vec
     k
 }
 
+/// When an entry was stored, from its header.
+fn entry_stamp(k: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
+    match entry::decode(bytes) {
+        Decoded::Valid(b) => Ok(b.stamp_unix_ms),
+        Decoded::Corrupted { reason } | Decoded::FailedDeserialization { reason } => {
+            Err(StoreError::Damaged(format!("entry {k:?}: {reason}")))
+        }
+    }
+}
+
 impl Embedded {
+    /// Counts every stored reference into the segment files and deletes the
+    /// segments none refers to, so [`Ledger::trim`] can release them. Reads
+    /// every batch key; done at start only where retention is configured.
+    pub fn count_segment_references(&self) -> Result<usize, StoreError> {
+        for kv in self.db.scan_prefix(b"b:") {
+            let (_, v) = kv.map_err(|e| self.sled_err(e))?;
+            if let Some(r) = BatchRef::parse(&v) {
+                self.segments
+                    .retain(&r.loc)
+                    .map_err(|source| StoreError::Io {
+                        dir: self.dir.clone(),
+                        what: "counting segment references".into(),
+                        source,
+                    })?;
+            }
+        }
+        self.segments
+            .remove_unreferenced()
+            .map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                what: "removing unreferenced segment files".into(),
+                source,
+            })
+    }
+
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db_dir = dir.join("db");
         let files_dir = dir.join("files");
@@ -769,6 +804,90 @@ impl Ledger for Embedded {
             source,
         })?;
         Ok(Box::new(f))
+    }
+
+    fn trim(
+        &self,
+        agent: &str,
+        stream: &str,
+        below: u64,
+        stored_before_ms: u64,
+    ) -> Result<Trimmed, StoreError> {
+        let _commits = self.lock_commits()?;
+        if self.poisoned() {
+            return Err(StoreError::Poisoned(self.dir.clone()));
+        }
+        let mut out = Trimmed {
+            first_kept: self.next_synced(agent, stream)?,
+            ..Trimmed::default()
+        };
+        let mut batch = sled::Batch::default();
+        let mut released = Vec::new();
+        let lo = seq_key(b"b:", agent, stream, 0);
+        let hi = seq_key(b"b:", agent, stream, u64::MAX);
+        for kv in self.db.range(lo..=hi) {
+            let (k, v) = kv.map_err(|e| self.sled_err(e))?;
+            let reference = BatchRef::parse(&v);
+            let (first, count, stamp) = match &reference {
+                Some(r) => {
+                    let bytes = self.segments.read(&r.loc).map_err(|e| {
+                        StoreError::Damaged(format!(
+                            "entry {k:?} in segment {}: {e}",
+                            r.loc.segment
+                        ))
+                    })?;
+                    (r.first_seq, r.record_count, entry_stamp(&k, &bytes)?)
+                }
+                None => {
+                    let stamp = entry_stamp(&k, &v)?;
+                    match entry::decode(&v) {
+                        Decoded::Valid(b) => (b.first_seq, b.record_count, stamp),
+                        _ => return Err(StoreError::Damaged(format!("entry {k:?}"))),
+                    }
+                }
+            };
+            let last = first + u64::from(count).saturating_sub(1);
+            if last >= below || stamp >= stored_before_ms {
+                out.first_kept = first;
+                break;
+            }
+            batch.remove(k);
+            out.records += u64::from(count);
+            if let Some(r) = reference {
+                released.push(r.loc);
+            }
+        }
+        if out.records == 0 {
+            return Ok(out);
+        }
+        // Files completed (or aborted) in the removed range go with it.
+        let mut gone_files = Vec::new();
+        for f in files::list(self, agent, stream)? {
+            if f.seq != 0 && f.seq < out.first_kept {
+                batch.remove(files::file_key(agent, stream, &f.file_id));
+                gone_files.push(self.files_dir.join(agent).join(stream).join(&f.file_id));
+            }
+        }
+        self.db.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.sync_or_poison()?;
+        // Only once the removal is durable: segment bytes and file bytes.
+        let emptied: Vec<u64> = released
+            .iter()
+            .filter_map(|loc| self.segments.release(loc))
+            .collect();
+        if let Err(e) = self.segments.delete(&emptied) {
+            warn!(error = %e, "emptied segment files could not be deleted; they are retried at the next trim");
+        }
+        for p in gone_files {
+            match std::fs::remove_file(&p) {
+                Ok(()) => out.files += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %p.display(), error = %e, "a retained file could not be deleted")
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {

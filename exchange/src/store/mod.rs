@@ -19,9 +19,16 @@
 //!   available from [`Ledger::open_file`] once the file is complete.
 //!
 //! Backends: `embedded` ([`embedded::Embedded`], sled and files under
-//! `[store] dir`), the default.
+//! `[store] dir`), the default; `jetstream` ([`jetstream::JetStream`], a NATS
+//! JetStream server or cluster that several exchange nodes share).
+//!
+//! What no backend holds: the CA, the certificates issued to agents and their
+//! revocations stay in the files under `[tls] trust_dir` (`trust.rs`). Nodes
+//! sharing a JetStream store share those files through the operator's
+//! configuration management, because the CA key must stay off serving hosts.
 
 mod embedded;
+mod jetstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +38,7 @@ use ferry_protocol::session::StreamPlan;
 use serde::{Deserialize, Serialize};
 
 pub use embedded::Embedded;
+pub use jetstream::JetStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -56,6 +64,18 @@ pub enum StoreError {
     /// not stored): the agent resends from the next seq.
     #[error("{0}")]
     Resend(String),
+    /// The store's server failed, could not be reached, or answered what the
+    /// backend cannot use.
+    #[error("store server {server}: {what}: {detail}")]
+    Remote {
+        server: String,
+        what: String,
+        detail: String,
+    },
+    /// The store would not keep the exchange's promises (an acknowledgement
+    /// before the data is on disk): refused at open, with what to do.
+    #[error("{0}")]
+    Unsafe(String),
     /// A sync failed earlier in this process: nothing more is stored.
     #[error("the store at {0} could not make a commit durable; the exchange must restart from what is on disk")]
     Poisoned(PathBuf),
@@ -216,6 +236,15 @@ pub struct StreamInfo {
     pub meta: StreamMeta,
 }
 
+/// What one [`Ledger::trim`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    pub records: u64,
+    pub files: u64,
+    /// The first seq still stored (the stream's next seq when none is).
+    pub first_kept: u64,
+}
+
 /// The catalogue entry and sharing class a stream declared, from a seq on.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ClassChange {
@@ -299,6 +328,23 @@ pub trait Ledger: Send + Sync {
     ) -> Result<Vec<String>, StoreError>;
     /// Seqs the agent declared lost.
     fn gaps(&self, agent: &str, stream: &str) -> Result<Vec<Gap>, StoreError>;
+    /// Removes a stream's records below seq `below` that were stored before
+    /// `stored_before_ms` (Unix ms), with the bytes of files they completed:
+    /// retention, once every delivery passed them. Whole stored entries only, so
+    /// a few records at the edge may stay; the next expected seq, gaps and holds
+    /// are kept. Backends that cannot trim say so.
+    fn trim(
+        &self,
+        agent: &str,
+        stream: &str,
+        below: u64,
+        stored_before_ms: u64,
+    ) -> Result<Trimmed, StoreError> {
+        let _ = (agent, stream, below, stored_before_ms);
+        Err(StoreError::Invalid(
+            "this store backend does not remove records (retention)".into(),
+        ))
+    }
     /// A receiver that changes after every durable commit (deliveries wait on it).
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
     /// Makes everything written so far durable.
@@ -318,9 +364,19 @@ impl<T: Ledger + Registry> Backend for T {}
 
 pub type SharedStore = Arc<dyn Backend>;
 
-/// Opens the backend `[store]` names.
+/// Opens the backend `[store]` names. Blocks; callable from a plain thread or
+/// from `block_in_place` inside a runtime.
 pub fn open(cfg: &crate::config::StoreSection) -> Result<SharedStore, StoreError> {
-    Ok(Arc::new(Embedded::open(&cfg.dir, cfg.cache_size)?))
+    match cfg.kind.as_str() {
+        "jetstream" => Ok(Arc::new(JetStream::open(cfg)?)),
+        _ => {
+            let store = Embedded::open(&cfg.dir, cfg.cache_size)?;
+            if cfg.retain.is_some() {
+                store.count_segment_references()?;
+            }
+            Ok(Arc::new(store))
+        }
+    }
 }
 
 pub fn now_unix_ms() -> u64 {

@@ -16,7 +16,7 @@ use crate::store::{FileRecord, StoreError};
 /// A sled key and value to write with the group.
 pub(super) type KeyValue = (Vec<u8>, Vec<u8>);
 
-fn file_key(agent: &str, stream: &str, file_id: &str) -> Vec<u8> {
+pub(super) fn file_key(agent: &str, stream: &str, file_id: &str) -> Vec<u8> {
     key(b"f:", &[agent, stream, file_id])
 }
 

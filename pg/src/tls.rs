@@ -1,9 +1,12 @@
 //! TLS to PostgreSQL, with libpq's `sslmode` meanings: `require` encrypts without
 //! checking the server (unless `sslrootcert` is given, then as `verify-ca`),
 //! `verify-ca` checks the chain up to `sslrootcert`, `verify-full` also checks that
-//! the certificate names the host. The replication connection (pg_walstream) reads
-//! the same two settings from its conninfo; this module serves the SQL connection
-//! (tokio-postgres) through rustls.
+//! the certificate names the host. This module serves tokio-postgres connections
+//! through rustls (the agent's replication connection, pg_walstream, reads the same
+//! two settings from its conninfo).
+//!
+//! Messages name the configuration key the DSN came from (`key`, e.g.
+//! `source.dsn`), so the operator knows which line to fix.
 
 use std::future::Future;
 use std::io;
@@ -23,8 +26,10 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
+/// A DSN's `sslmode`. `allow` and `prefer` are refused: they may fall back to an
+/// unencrypted connection without saying so.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TlsMode {
+pub enum TlsMode {
     Disable,
     Require,
     VerifyCa,
@@ -32,7 +37,8 @@ pub(crate) enum TlsMode {
 }
 
 impl TlsMode {
-    pub(crate) fn parse(v: &str) -> Result<TlsMode, String> {
+    /// Parses an `sslmode` value of the DSN configured under `key`.
+    pub fn parse(key: &str, v: &str) -> Result<TlsMode, String> {
         Ok(match v {
             "disable" => TlsMode::Disable,
             "require" => TlsMode::Require,
@@ -40,18 +46,18 @@ impl TlsMode {
             "verify-full" => TlsMode::VerifyFull,
             "allow" | "prefer" => {
                 return Err(format!(
-                    "source.dsn: sslmode={v} may fall back to an unencrypted connection without saying so; use sslmode=require (or verify-ca / verify-full with sslrootcert), or sslmode=disable"
+                    "{key}: sslmode={v} may fall back to an unencrypted connection without saying so; use sslmode=require (or verify-ca / verify-full with sslrootcert), or sslmode=disable"
                 ))
             }
             other => {
                 return Err(format!(
-                    "source.dsn: sslmode={other} is not one of disable, require, verify-ca, verify-full"
+                    "{key}: sslmode={other} is not one of disable, require, verify-ca, verify-full"
                 ))
             }
         })
     }
 
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             TlsMode::Disable => "disable",
             TlsMode::Require => "require",
@@ -62,16 +68,16 @@ impl TlsMode {
 }
 
 /// The error for `verify-ca` / `verify-full` without `sslrootcert`.
-pub(crate) fn needs_root(mode: TlsMode) -> String {
+pub fn needs_root(key: &str, mode: TlsMode) -> String {
     format!(
-        "source.dsn: sslmode={} needs sslrootcert=FILE, the PEM certificate of the CA that signed the server's certificate",
+        "{key}: sslmode={} needs sslrootcert=FILE, the PEM certificate of the CA that signed the server's certificate",
         mode.as_str()
     )
 }
 
 /// Whether `e` is the SQL connection's TLS handshake refusing the server's
 /// certificate (rustls's error, inside the I/O error of [`RustlsConnect`]).
-pub(crate) fn refused_certificate(e: &tokio_postgres::Error) -> bool {
+pub fn refused_certificate(e: &tokio_postgres::Error) -> bool {
     let mut next = std::error::Error::source(e);
     while let Some(err) = next {
         let inner = err
@@ -93,8 +99,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The rustls configuration of the SQL connection; `None` for `disable`.
-pub(crate) fn client_config(
+/// The rustls configuration of a tokio-postgres connection; `None` for `disable`.
+/// `key` names the DSN in messages (an unreadable `sslrootcert`, say).
+pub fn client_config(
+    key: &str,
     mode: TlsMode,
     root: Option<&Path>,
 ) -> Result<Option<Arc<ClientConfig>>, String> {
@@ -106,11 +114,10 @@ pub(crate) fn client_config(
     let provider = provider();
     let chain = match (mode, root) {
         (TlsMode::Require, _) => None,
-        (_, None) => return Err(needs_root(mode)),
+        (_, None) => return Err(needs_root(key, mode)),
         (_, Some(path)) => {
-            let bad = |e: &dyn std::fmt::Display| {
-                format!("source.dsn: sslrootcert {}: {e}", path.display())
-            };
+            let bad =
+                |e: &dyn std::fmt::Display| format!("{key}: sslrootcert {}: {e}", path.display());
             let mut roots = RootCertStore::empty();
             for c in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
                 roots.add(c.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
@@ -207,7 +214,7 @@ impl ServerCertVerifier for Verifier {
 
 /// tokio-postgres's TLS hook, over tokio-rustls.
 #[derive(Clone)]
-pub(crate) struct MakeRustls(pub Arc<ClientConfig>);
+pub struct MakeRustls(pub Arc<ClientConfig>);
 
 impl<S> MakeTlsConnect<S> for MakeRustls
 where
@@ -225,7 +232,8 @@ where
     }
 }
 
-pub(crate) struct RustlsConnect {
+/// One connection's TLS handshake (made by [`MakeRustls`]).
+pub struct RustlsConnect {
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
 }
@@ -248,7 +256,8 @@ where
     }
 }
 
-pub(crate) struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+/// A TLS stream under a tokio-postgres connection.
+pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     fn channel_binding(&self) -> ChannelBinding {
