@@ -490,6 +490,63 @@ impl Exchange {
         json_lines(&run_ok(&mut self.cli("deliveries")))
     }
 
+    /// Points `[store]` at a JetStream server (`kind = "jetstream"`).
+    pub fn use_jetstream(&self, url: &str, monitor: &str) {
+        let cfg = std::fs::read_to_string(&self.config).unwrap_or_default();
+        let cfg = cfg
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("kind = \"embedded\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(
+                "[store]\n",
+                &format!(
+                    "[store]\nkind = \"jetstream\"\nurl = \"{url}\"\nmonitor = \"{monitor}\"\n"
+                ),
+            );
+        std::fs::write(&self.config, cfg + "\n")
+            .unwrap_or_else(|e| panic!("writing {}: {e}", self.config.display()));
+    }
+
+    /// A second node of this exchange in `dir`: the same configuration and
+    /// certificates (the CA and trust files copied), its own port and local
+    /// store directory. Not started.
+    pub fn another_node(&self, dir: &Path) -> Exchange {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let mut todo = vec![(self.dir.clone(), dir.to_path_buf())];
+        while let Some((from, to)) = todo.pop() {
+            for e in std::fs::read_dir(&from).into_iter().flatten().flatten() {
+                let (src, dst) = (e.path(), to.join(e.file_name()));
+                if e.file_name() == "store" || e.file_name().to_string_lossy().ends_with(".log") {
+                    continue;
+                }
+                if src.is_dir() {
+                    std::fs::create_dir_all(&dst).unwrap_or_default();
+                    todo.push((src, dst));
+                } else {
+                    std::fs::copy(&src, &dst)
+                        .unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+                }
+            }
+        }
+        let port = free_udp_port();
+        let config = dir.join("exchange.toml");
+        let cfg = std::fs::read_to_string(&config)
+            .unwrap_or_default()
+            .replace(&format!(":{}\"", self.port), &format!(":{port}\""));
+        std::fs::write(&config, cfg)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+        Exchange {
+            dir: dir.to_path_buf(),
+            config,
+            port,
+            log: dir.join("exchange.log"),
+            proc: None,
+            starts: 0,
+            env: Vec::new(),
+        }
+    }
+
     /// Appends `text` (e.g. a `[[delivery]]` section) to exchange.toml.
     pub fn append_config(&self, text: &str) {
         let mut cfg = std::fs::read_to_string(&self.config).unwrap_or_default();
