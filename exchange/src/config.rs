@@ -28,7 +28,7 @@ pub struct ExchangeConfig {
 pub struct DeliverySection {
     /// Identifies the delivery (checkpoints, `deliveries`, logs).
     pub name: String,
-    /// `files` or `postgres`.
+    /// `files`, `postgres` or `jetstream`.
     pub kind: DeliveryKind,
     /// What it receives: `AGENT/STREAM`, with `*` for either part. A wildcard
     /// matches only `unconditional` streams; a `conditional` stream must be named
@@ -41,6 +41,17 @@ pub struct DeliverySection {
     /// `postgres`: libpq key=value or a postgres:// URL (`sslmode`, `sslrootcert`).
     #[serde(default)]
     pub dsn: Option<String>,
+    /// `jetstream`: the server, `nats://HOST:PORT`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `jetstream`: the subject template; `{agent}`, `{stream}` and `{delivery}`
+    /// are replaced (names escaped into one token each).
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    /// `jetstream`: the JetStream stream holding those subjects (created if
+    /// missing).
+    #[serde(default = "default_delivery_stream")]
+    pub jetstream_stream: String,
     /// `postgres`: a file holding the password (else the DSN's, or none).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
@@ -53,6 +64,14 @@ pub struct DeliverySection {
     pub bookkeeping: String,
 }
 
+fn default_subject() -> String {
+    "ferry.{agent}.{stream}".into()
+}
+
+fn default_delivery_stream() -> String {
+    "FERRY_DELIVERY".into()
+}
+
 fn default_bookkeeping() -> String {
     "ferry".into()
 }
@@ -62,6 +81,7 @@ fn default_bookkeeping() -> String {
 pub enum DeliveryKind {
     Files,
     Postgres,
+    Jetstream,
 }
 
 /// `[limits]`: bounds in bytes and time on what agents may make the exchange
@@ -484,6 +504,24 @@ fn check_deliveries(ds: &[DeliverySection]) -> std::result::Result<(), String> {
                 unused("dsn", d.dsn.is_some())?;
                 unused("schema", d.schema.is_some())?;
                 unused("password_file", d.password_file.is_some())?;
+                unused("url", d.url.is_some())?;
+            }
+            DeliveryKind::Jetstream => {
+                unused("path", d.path.is_some())?;
+                unused("dsn", d.dsn.is_some())?;
+                unused("schema", d.schema.is_some())?;
+                let url = d.url.as_deref().unwrap_or_default();
+                if !url.starts_with("nats://") {
+                    return Err(format!(
+                        "{at}: kind = \"jetstream\" needs url = \"nats://HOST:PORT\", not {url:?}"
+                    ));
+                }
+                if !d.subject.contains("{agent}") || !d.subject.contains("{stream}") {
+                    return Err(format!(
+                        "{at}: subject {:?} must contain {{agent}} and {{stream}}, so each stream has its own subject",
+                        d.subject
+                    ));
+                }
             }
             DeliveryKind::Postgres => {
                 unused("path", d.path.is_some())?;

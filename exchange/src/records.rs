@@ -1,5 +1,5 @@
 //! What operators read out of the store: `records` (JSON lines) and `export`
-//! (received files written out). Both work on an open [`Store`], whether the
+//! (received files written out). Both work on an open store ([`Backend`]), whether the
 //! command opened it itself or asked the running exchange over its admin socket.
 
 use std::io::Write;
@@ -9,21 +9,17 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 use ferry_protocol::copy_text::block_rows;
 use ferry_protocol::messages::record::Body;
-use ferry_protocol::messages::{column, Column, RowChange, RowOp, SchemaChange};
+use ferry_protocol::messages::{column, Column, Record, RowChange, RowOp, SchemaChange};
 use serde_json::{json, Value};
 
-use crate::store::Backend;
+use crate::store::{Backend, FileRecord};
 
 fn rfc3339(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Writes a stream's records from `from` on as JSON lines: a line of a tailed file
-/// is one record (its text, or base64 when it is not UTF-8); a file is one record
-/// (path, size, sha256, status), at the seq of its last chunk; a row change or a
-/// table's schema is one record; a block of snapshot rows is one record written
-/// as one line per row, each with the block's `seq` and its `item` within it.
+/// Writes a stream's records from `from` on as JSON lines (see [`record_lines`]).
 pub fn write_records(
     store: &dyn Backend,
     agent: &str,
@@ -34,76 +30,15 @@ pub fn write_records(
     let mut n = 0u64;
     let mut failure = None;
     store.records(agent, stream, from, &mut |r, stored_ms| {
-        let head = |position: &str| {
-            json!({
-                "seq": r.seq,
-                "time": rfc3339(r.record.time_unix_ms),
-                "stored": rfc3339(stored_ms),
-                "position": position,
-            })
-        };
-        let mut emit = |mut line: Value, k: &str, v: Value| {
-            if let Some(obj) = line.as_object_mut() {
-                obj.insert(k.to_string(), v);
+        let file = |id: &str| store.file(agent, stream, id).ok().flatten();
+        for line in record_lines(r.seq, &r.record, stored_ms, &file) {
+            if let Err(e) = writeln!(out, "{line}") {
+                failure = Some(e);
+                return false;
             }
-            match writeln!(out, "{line}") {
-                Ok(()) => {
-                    n += 1;
-                    true
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
-            }
-        };
-        let body: Option<(&str, Value)> = match &r.record.body {
-            Some(Body::Line(bytes)) => Some(match std::str::from_utf8(bytes) {
-                Ok(s) => ("text", json!(s)),
-                Err(_) => (
-                    "base64",
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes)),
-                ),
-            }),
-            Some(Body::FileChunk(c)) if c.end.is_some() => {
-                let rec = store.file(agent, stream, &c.file_id).ok().flatten();
-                let end = c.end.clone().unwrap_or_default();
-                Some((
-                    "file",
-                    json!({
-                        "path": c.path,
-                        "size": end.size,
-                        "sha256": hex::encode(&end.sha256),
-                        "file_id": c.file_id,
-                        "status": rec.map_or("unknown".to_string(), |r| r.status),
-                    }),
-                ))
-            }
-            Some(Body::RowChange(c)) => Some(("row", row_json(c))),
-            Some(Body::SchemaChange(c)) => Some(("schema", schema_json(c))),
-            Some(Body::RowBlock(b)) => {
-                // One line per row, each as the row change it stands for; `item`
-                // numbers the rows of the record.
-                return match block_rows(b) {
-                    Ok(rows) => rows.iter().enumerate().all(|(i, c)| {
-                        let mut line = head(&format!(
-                            "snapshot {}.{} #{}",
-                            b.schema, b.table, c.change_index
-                        ));
-                        if let Some(obj) = line.as_object_mut() {
-                            obj.insert("item".into(), json!(i));
-                        }
-                        emit(line, "row", row_json(c))
-                    }),
-                    // Checked on arrival; a store damaged since says so here.
-                    Err(e) => emit(head(&r.record.position), "error", json!(e)),
-                };
-            }
-            // Intermediate chunks and aborted transfers are not records of their own.
-            _ => None,
-        };
-        let Some((k, v)) = body else { return true };
-        emit(head(&r.record.position), k, v)
+            n += 1;
+        }
+        true
     })?;
     if let Some(e) = failure {
         // A closed pipe (`| head`) is how a reader says it has seen enough.
@@ -112,6 +47,83 @@ pub fn write_records(
         }
     }
     Ok(n)
+}
+
+/// One stored record as JSON lines: a line of a tailed file is one record (its
+/// text, or base64 when it is not UTF-8); a file is one record (path, size,
+/// sha256, status), at the seq of its last chunk; a row change or a table's
+/// schema is one record; a block of snapshot rows is one line per row, each with
+/// the block's `seq` and its `item` within it. Intermediate file chunks and
+/// aborted transfers give none. `file` looks up a file's status.
+pub fn record_lines(
+    seq: u64,
+    record: &Record,
+    stored_ms: u64,
+    file: &dyn Fn(&str) -> Option<FileRecord>,
+) -> Vec<Value> {
+    let head = |position: &str| {
+        json!({
+            "seq": seq,
+            "time": rfc3339(record.time_unix_ms),
+            "stored": rfc3339(stored_ms),
+            "position": position,
+        })
+    };
+    let with = |mut line: Value, k: &str, v: Value| {
+        if let Some(obj) = line.as_object_mut() {
+            obj.insert(k.to_string(), v);
+        }
+        line
+    };
+    let body: Option<(&str, Value)> = match &record.body {
+        Some(Body::Line(bytes)) => Some(match std::str::from_utf8(bytes) {
+            Ok(s) => ("text", json!(s)),
+            Err(_) => (
+                "base64",
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            ),
+        }),
+        Some(Body::FileChunk(c)) if c.end.is_some() => {
+            let rec = file(&c.file_id);
+            let end = c.end.clone().unwrap_or_default();
+            Some((
+                "file",
+                json!({
+                    "path": c.path,
+                    "size": end.size,
+                    "sha256": hex::encode(&end.sha256),
+                    "file_id": c.file_id,
+                    "status": rec.map_or("unknown".to_string(), |r| r.status),
+                }),
+            ))
+        }
+        Some(Body::RowChange(c)) => Some(("row", row_json(c))),
+        Some(Body::SchemaChange(c)) => Some(("schema", schema_json(c))),
+        Some(Body::RowBlock(b)) => {
+            // One line per row, each as the row change it stands for; `item`
+            // numbers the rows of the record.
+            return match block_rows(b) {
+                Ok(rows) => rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let line = head(&format!(
+                            "snapshot {}.{} #{}",
+                            b.schema, b.table, c.change_index
+                        ));
+                        with(with(line, "item", json!(i)), "row", row_json(c))
+                    })
+                    .collect(),
+                // Checked on arrival; a store damaged since says so here.
+                Err(e) => vec![with(head(&record.position), "error", json!(e))],
+            };
+        }
+        // Intermediate chunks and aborted transfers are not records of their own.
+        _ => None,
+    };
+    body.map(|(k, v)| with(head(&record.position), k, v))
+        .into_iter()
+        .collect()
 }
 
 /// A PostgreSQL LSN as PostgreSQL prints it (`0/1A2B3C8`).

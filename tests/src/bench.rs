@@ -94,6 +94,16 @@ pub struct Pair {
 
 impl Pair {
     pub fn new(dir: &Path, stream: &str) -> Result<Pair> {
+        Pair::with_exchange(dir, stream, |cfg| cfg)
+    }
+
+    /// [`Pair::new`] with the exchange's config passed through `edit` before it
+    /// starts (another store, a delivery).
+    pub fn with_exchange(
+        dir: &Path,
+        stream: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<Pair> {
         std::fs::create_dir_all(dir)?;
         let port = free_udp_port();
         let ex = dir.join("ex");
@@ -117,6 +127,8 @@ impl Pair {
             .append(true)
             .open(ag.join("agent.toml"))?;
         write!(cfg, "\n{stream}")?;
+        let ex_cfg = ex.join("exchange.toml");
+        std::fs::write(&ex_cfg, edit(std::fs::read_to_string(&ex_cfg)?))?;
         let exchange = Proc(
             Command::new(bin("ferry-exchange"))
                 .args(["serve", "--config"])

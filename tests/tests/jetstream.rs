@@ -123,3 +123,91 @@ fn an_exchange_refuses_a_jetstream_whose_acks_are_not_durable() {
         "the refusal does not name the setting: {log}"
     );
 }
+
+/// Every message of `subject` in stream `stream` on the server, in order, as
+/// (Ferry-First-Seq, Ferry-Last-Seq, payload).
+fn messages(url: &str, stream: &str, subject: &str) -> Vec<(u64, u64, String)> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let s = js.get_stream(stream).await.unwrap();
+        let last = s.cached_info().state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            let Ok(m) = s.get_raw_message(seq).await else {
+                continue;
+            };
+            if m.subject.as_str() != subject {
+                continue;
+            }
+            let h = |k: &str| {
+                m.headers
+                    .get(k)
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+                    .unwrap()
+            };
+            out.push((
+                h("Ferry-First-Seq"),
+                h("Ferry-Last-Seq"),
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+            ));
+        }
+        out
+    })
+}
+
+/// A `[[delivery]] kind = "jetstream"` publishes every stored line once, in
+/// order, on the stream's subject, through `kill -9` of the exchange (and so of
+/// the delivery) under load: each publish is conditional on the subject's last
+/// message, whose Ferry-Last-Seq is the checkpoint.
+#[test]
+fn a_jetstream_delivery_publishes_every_record_once_through_kills() {
+    let t = TestDir::new("js-delivery");
+    let nats = NatsServer::start();
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    ex.append_config(&format!(
+        "\n[[delivery]]\nname = \"bus\"\nkind = \"jetstream\"\nurl = \"{}\"\nsubject = \"city.{{agent}}.{{stream}}\"\njetstream_stream = \"CITY\"\nstreams = [\"{AGENT}/{STREAM}\"]\n",
+        nats.url()
+    ));
+    ex.start();
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    let log = t.mkdir("logs").join("app.log");
+    std::fs::write(&log, b"").unwrap();
+    agent.add_stream(&tail_stream(STREAM, "210100-MZ-0002", &log));
+    agent.start();
+    let writer = LineWriter::start(log.clone(), TAG, 3000);
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(600 + 200 * round));
+        ex.kill9();
+        ex.start();
+    }
+    let produced = writer.finish();
+    // The subject token escapes `-` no, `.` and `_` yes: hall-log stays.
+    let subject = format!("city.{AGENT}.{STREAM}");
+    let msgs = wait_for(LONG, "every line published", || {
+        let m = messages(&nats.url(), "CITY", &subject);
+        let n: usize = m.iter().map(|(_, _, p)| p.lines().count()).sum();
+        (n >= produced).then_some(m)
+    });
+    let mut seqs = Vec::new();
+    let mut texts = Vec::new();
+    let mut next = 1;
+    for (first, last, payload) in &msgs {
+        assert_eq!(*first, next, "messages do not continue each other");
+        next = last + 1;
+        for l in payload.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            seqs.push(v["seq"].as_u64().unwrap());
+            texts.push(v["text"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "seqs not dense");
+    Verdict::of_lines(TAG, produced, &texts).assert_clean("on the JetStream subject");
+    note(format!(
+        "{produced} lines in {} messages through 6 exchange kills",
+        msgs.len()
+    ));
+    let d = ex.deliveries();
+    assert_eq!(d[0]["checkpoint"], *seqs.last().unwrap(), "{d:?}");
+    agent.stop();
+}

@@ -15,6 +15,7 @@
 //! conditional.
 
 mod files;
+mod jetstream;
 mod postgres;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -115,6 +116,7 @@ pub enum DeliveryError {
 enum Sink {
     Files(files::FilesSink),
     Postgres(Box<postgres::PgSink>),
+    Jetstream(Box<jetstream::JsSink>),
 }
 
 impl Sink {
@@ -124,6 +126,9 @@ impl Sink {
             DeliveryKind::Postgres => {
                 Ok(Sink::Postgres(Box::new(postgres::PgSink::open(d).await?)))
             }
+            DeliveryKind::Jetstream => {
+                Ok(Sink::Jetstream(Box::new(jetstream::JsSink::open(d).await?)))
+            }
         }
     }
 
@@ -132,6 +137,7 @@ impl Sink {
         match self {
             Sink::Files(s) => s.checkpoint(agent, stream),
             Sink::Postgres(s) => s.checkpoint(agent, stream).await,
+            Sink::Jetstream(s) => s.checkpoint(agent, stream).await,
         }
     }
 
@@ -143,11 +149,13 @@ impl Sink {
         agent: &str,
         stream: &str,
         records: Vec<(u64, Record)>,
+        stored: Vec<u64>,
         last: u64,
     ) -> Result<(), DeliveryError> {
         match self {
             Sink::Files(s) => s.apply(store, agent, stream, records, last).await,
             Sink::Postgres(s) => s.apply(agent, stream, records, last).await,
+            Sink::Jetstream(s) => s.apply(store, agent, stream, records, stored, last).await,
         }
     }
 }
@@ -246,6 +254,8 @@ pub fn start(
 struct Chunk {
     /// (seq, record) this delivery takes.
     records: Vec<(u64, Record)>,
+    /// When each of `records` was stored (Unix ms).
+    stored: Vec<u64>,
     /// The last seq read (passed records included).
     last: u64,
     /// When the first record after `last` was stored, if there is one.
@@ -264,6 +274,7 @@ async fn read_chunk(
     tokio::task::spawn_blocking(move || {
         let mut chunk = Chunk {
             records: Vec::new(),
+            stored: Vec::new(),
             last: cursor,
             next_stored_ms: None,
         };
@@ -284,6 +295,7 @@ async fn read_chunk(
                 };
                 if keep(r.seq, &r.record) {
                     chunk.records.push((r.seq, r.record));
+                    chunk.stored.push(stored_ms);
                 }
                 // Past the soft limit, stop at the end of a source transaction.
                 full = read >= CHUNK_RECORDS && (ends_txn || read >= CHUNK_HARD_LIMIT);
@@ -408,7 +420,14 @@ async fn pass(
         if chunk.last > cursor {
             let n = chunk.records.len();
             match sink
-                .apply(store, &info.agent, &info.stream, chunk.records, chunk.last)
+                .apply(
+                    store,
+                    &info.agent,
+                    &info.stream,
+                    chunk.records,
+                    chunk.stored,
+                    chunk.last,
+                )
                 .await
             {
                 Ok(()) => {}
@@ -447,6 +466,7 @@ async fn pass(
 enum KindFilter {
     Files,
     Rows,
+    All,
 }
 
 impl KindFilter {
@@ -454,12 +474,14 @@ impl KindFilter {
         match sink {
             Sink::Files(_) => KindFilter::Files,
             Sink::Postgres(_) => KindFilter::Rows,
+            Sink::Jetstream(_) => KindFilter::All,
         }
     }
 
     fn takes(self, r: &Record) -> bool {
         match self {
             KindFilter::Files => matches!(&r.body, Some(Body::FileChunk(c)) if c.end.is_some()),
+            KindFilter::All => true,
             KindFilter::Rows => matches!(
                 &r.body,
                 Some(Body::RowChange(_) | Body::SchemaChange(_) | Body::RowBlock(_))

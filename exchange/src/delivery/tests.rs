@@ -13,6 +13,9 @@ fn delivery(streams: &[&str]) -> DeliverySection {
         password_file: None,
         schema: None,
         bookkeeping: "ferry".into(),
+        url: None,
+        subject: "ferry.{agent}.{stream}".into(),
+        jetstream_stream: "FERRY_DELIVERY".into(),
     }
 }
 

@@ -495,3 +495,9 @@ impl Registry for JetStream {
 
 #[cfg(test)]
 pub(super) mod tests;
+
+/// One NATS subject token standing for an agent or stream name (`.` and `_`
+/// escaped; see `names.rs`), for subjects built outside the store (deliveries).
+pub fn subject_token(name: &str) -> String {
+    names::encode(name)
+}

@@ -38,7 +38,7 @@ use ferry_protocol::session::StreamPlan;
 use serde::{Deserialize, Serialize};
 
 pub use embedded::Embedded;
-pub use jetstream::JetStream;
+pub use jetstream::{subject_token, JetStream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
