@@ -936,6 +936,39 @@ async fn bulk_rows_of_known_keys_are_updated_not_duplicated() {
         .await,
         vec![r(&[Some("1610"), Some("1610")])]
     );
+
+    // New keys stream into the table as they come; then, in the same apply, a
+    // streamed key is updated and another deleted, and more new keys follow (a
+    // second stream, which must not carry the updated key again).
+    let mut fourth: Vec<Record> = (3000..3600)
+        .map(|i| p.insert(&[Some(&i.to_string()), Some("v4"), None]))
+        .collect();
+    fourth.push(p.update(&[Some("3000"), Some("v4 again"), Some("cv")]));
+    fourth.push(p.delete(&[Some("3001"), None, None]));
+    fourth.extend((3600..4200).map(|i| p.insert(&[Some(&i.to_string()), Some("v4"), None])));
+    fourth.push(p.update(&[Some("3002"), Some("v4 late"), Some("\0unchanged")]));
+    fourth.push(p.delete(&[Some("4199"), None, None]));
+    m.apply("a1", "s1", &numbered(2612, fourth)).await.unwrap();
+    assert_eq!(
+        rows(
+            &db,
+            "SELECT count(*), count(DISTINCT id), min(id), max(id) FROM mirror.person WHERE id >= 3000"
+        )
+        .await,
+        vec![r(&[Some("1198"), Some("1198"), Some("3000"), Some("4198")])]
+    );
+    assert_eq!(
+        rows(
+            &db,
+            "SELECT id, name, cv FROM mirror.person WHERE id IN (3000, 3001, 3002, 3003) ORDER BY id"
+        )
+        .await,
+        vec![
+            r(&[Some("3000"), Some("v4 again"), Some("cv")]),
+            r(&[Some("3002"), Some("v4 late"), None]),
+            r(&[Some("3003"), Some("v4"), None]),
+        ]
+    );
 }
 
 /// A long random history of one table (new keys in runs long enough to be

@@ -12,37 +12,50 @@
 //! same text.
 //!
 //! Images are written without `INSERT ... ON CONFLICT`, whose speculative
-//! insertion costs about four times a `COPY` per row. When the table's last
-//! write found none of its keys (a snapshot, a table only inserted into), a run
-//! of many images is first `COPY`ed straight into the table inside a savepoint;
-//! a key the table has makes that `COPY` fail, the savepoint takes its rows
-//! back, and the run goes the long way: one query finds which keys the table has
-//! (by the table's own equality), one `UPDATE ... FROM unnest(...)` writes those,
-//! and a `COPY` the rest. Nothing else writes a mirror table (one stream owns it,
-//! and its appliers serialize on the checkpoint row), so no key appears in
-//! between. Images with unchanged (TOAST) values leave those columns as stored,
-//! one `INSERT ... ON CONFLICT DO UPDATE` each.
+//! insertion costs about four times a `COPY` per row. Keys the table has are
+//! updated by one `UPDATE ... FROM unnest(...)`; new keys are `COPY`ed straight
+//! into the table. Which is which, one query finds (by the table's own
+//! equality), unless the table's last write found none of its keys (a
+//! snapshot, a table only inserted into): then the images are tried as new,
+//! inside a savepoint, and a key the table has makes the `COPY` fail, the
+//! savepoint takes its rows back, and they go the long way. Nothing else writes
+//! a mirror table (one stream owns it, and its appliers serialize on the
+//! checkpoint row), so no key appears in between. Images with unchanged (TOAST)
+//! values leave those columns as stored, one `INSERT ... ON CONFLICT DO UPDATE`
+//! each.
+//!
+//! Such a try need not wait for the end of the apply: once a run holds enough
+//! new images it is *streamed*. Its deletes are written, a `COPY` is opened
+//! (after a savepoint), its images go in, and every further image of a new key
+//! goes into the `COPY` as it arrives, so the server stores rows while the next
+//! records are still being read. Anything else (an image of a key already in
+//! the run, a delete, any event that needs a statement) ends the `COPY` first;
+//! while it is open nothing else is sent. The images stay in the run, marked
+//! written, so later events of their keys know the table has them; if the
+//! server refused the `COPY`, the savepoint takes it back and they are written
+//! the long way.
 //!
 //! A table without a primary key gathers a [`Keyless`] run: rows to insert, and
 //! old rows to delete one each. A delete first cancels a pending insert with the
 //! same values; otherwise it is for a row written before the run, so it runs
 //! before the inserts.
 
-use std::collections::hash_map::Entry;
+mod keyed;
+mod keyless;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferry_protocol::rows::{RowEvent, Value};
-use futures_util::future::try_join_all;
 use tokio_postgres::Client;
 
-use super::copy::{copy_rows, CopyError, CopyIn};
+use keyed::{Keyed, Status};
+use keyless::Keyless;
+
+use super::copy::{CopyError, CopyIn};
 use super::schema::Table;
-use super::statements::{
-    delete_one_sql, delete_sql, prepare, probe_sql, update_sql, upsert_one_sql, Statements,
-};
-use super::values::Param;
+use super::statements::Statements;
 use super::{classify, MirrorError};
 
 /// Rows per statement: bounds the arrays a statement carries.
@@ -79,54 +92,6 @@ pub(super) struct Runs {
 enum Run {
     Keyed(Keyed),
     Keyless(Keyless),
-}
-
-struct Keyed {
-    table: Arc<Table>,
-    /// The table column of each value position of the images; `None` until the
-    /// first upsert (a run may start with deletes).
-    cols: Option<Vec<usize>>,
-    /// Value positions of the key columns, in key order.
-    key_pos: Vec<usize>,
-    /// Images in arrival order; `None`: deleted later in the run.
-    rows: Vec<Option<Vec<Value>>>,
-    /// Per image: whether it is in the table already.
-    status: Vec<Status>,
-    by_key: HashMap<Vec<Value>, usize>,
-    deletes: Vec<Vec<Value>>,
-    deleting: HashSet<Vec<Value>>,
-    /// Images put since the run was last streamed.
-    unwritten: usize,
-    /// Streaming this run met a key the table has: not again in this apply.
-    no_stream: bool,
-}
-
-/// Where an image of a keyed run stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Status {
-    /// To be written; its key was not seen in the table (by this run).
-    New,
-    /// In the open stream's `COPY`: written if the stream is taken.
-    Streamed,
-    /// In the table (a stream was taken).
-    Written,
-    /// To be written; the table has its key (an image written earlier was
-    /// replaced), so it is not streamed.
-    Known,
-}
-
-impl Status {
-    fn written(self) -> bool {
-        matches!(self, Status::Streamed | Status::Written)
-    }
-}
-
-struct Keyless {
-    table: Arc<Table>,
-    cols: Option<Vec<usize>>,
-    inserts: Vec<Vec<Value>>,
-    /// Old rows to delete one each: (table column, value), unchanged values left out.
-    deletes: Vec<Vec<(usize, Value)>>,
 }
 
 impl Runs {
@@ -264,18 +229,21 @@ impl Runs {
         let stream = stream.as_mut().filter(|s| s.table == table.name);
         // While the run streams, only full images of new keys go on into the
         // COPY; anything else ends it first (the slow way).
+        let mut new_key = None;
         if let (Some(_), Run::Keyed(k)) = (&stream, &*run) {
-            let streamable = match &event {
-                RowEvent::Upsert {
-                    columns, old_key, ..
-                } => {
-                    old_key.is_empty()
-                        && !columns.iter().any(|(_, v)| *v == Value::Unchanged)
-                        && !k.by_key.contains_key(&k.key_pos_values(columns))
+            if let RowEvent::Upsert {
+                columns, old_key, ..
+            } = &event
+            {
+                let key = k.key_pos_values(columns);
+                if old_key.is_empty()
+                    && !columns.iter().any(|(_, v)| *v == Value::Unchanged)
+                    && !k.by_key.contains_key(&key)
+                {
+                    new_key = Some(key);
                 }
-                _ => false,
-            };
-            if !streamable {
+            }
+            if new_key.is_none() {
                 return Ok(Some(event));
             }
         }
@@ -283,12 +251,12 @@ impl Runs {
             RowEvent::Upsert {
                 columns, old_key, ..
             } if cols.is_some_and(|cols| same_columns(table, cols, &columns)) => {
-                match (run, stream) {
-                    (Run::Keyed(k), Some(stream)) => {
+                match (run, stream, new_key) {
+                    (Run::Keyed(k), Some(stream), Some(key)) => {
                         stream.row(table, columns.iter().map(|(_, v)| v))?;
-                        k.put_written(columns.into_iter().map(|(_, v)| v).collect());
+                        k.put_written(key, columns.into_iter().map(|(_, v)| v).collect());
                     }
-                    (run, _) => {
+                    (run, _, _) => {
                         if run.upsert(columns, old_key)? {
                             *ready = Some(table.name.clone());
                         }
@@ -370,7 +338,6 @@ impl Runs {
             }
         }
         k.unwritten = 0;
-        eprintln!("DEBUGSTREAM start {}", k.rows.len());
         self.stream = Some(stream);
         Ok(())
     }
@@ -398,7 +365,6 @@ impl Runs {
                 Ok(())
             }
             Err(e) if e.is_known_key() => {
-                eprintln!("DEBUGSTREAM stream-fallback {}", k.rows.len());
                 tx.batch_execute("ROLLBACK TO SAVEPOINT ferry_copy")
                     .await
                     .map_err(|e| classify(&format!("applying rows of {}", k.table.display), &e))?;
@@ -539,265 +505,6 @@ impl Run {
     }
 }
 
-impl Keyed {
-    fn put(&mut self, key: Vec<Value>, mut values: Vec<Value>) {
-        self.unwritten += 1;
-        match self.by_key.entry(key) {
-            Entry::Occupied(e) => {
-                let i = *e.get();
-                if let Some(status) = self.status.get_mut(i) {
-                    *status = match status {
-                        Status::New => Status::New,
-                        _ => Status::Known,
-                    };
-                }
-                if let Some(Some(prev)) = self.rows.get_mut(i) {
-                    // Unchanged values keep what the image they replace had.
-                    for (v, p) in values.iter_mut().zip(prev.iter_mut()) {
-                        if *v == Value::Unchanged {
-                            std::mem::swap(v, p);
-                        }
-                    }
-                }
-                self.rows[i] = Some(values);
-            }
-            Entry::Vacant(e) => {
-                e.insert(self.rows.len());
-                self.rows.push(Some(values));
-                self.status.push(Status::New);
-            }
-        }
-    }
-
-    /// The key values of a row given by columns in the run's order.
-    fn key_pos_values(&self, columns: &[(String, Value)]) -> Vec<Value> {
-        self.key_pos
-            .iter()
-            .filter_map(|&p| columns.get(p).map(|(_, v)| v.clone()))
-            .collect()
-    }
-
-    /// Adds the image of a new key that the open stream has written.
-    fn put_written(&mut self, values: Vec<Value>) {
-        let key: Vec<Value> = self.key_pos.iter().map(|&p| values[p].clone()).collect();
-        self.by_key.insert(key, self.rows.len());
-        self.rows.push(Some(values));
-        self.status.push(Status::Streamed);
-    }
-
-    fn delete(&mut self, key: Vec<Value>) {
-        if let Some(i) = self.by_key.remove(&key) {
-            self.rows[i] = None;
-        }
-        if self.deleting.insert(key.clone()) {
-            self.deletes.push(key);
-        }
-    }
-
-    /// Deletes the recorded keys now.
-    async fn write_deletes(
-        &mut self,
-        tx: &Client,
-        stmts: &mut Statements,
-    ) -> Result<(), MirrorError> {
-        let t = &self.table;
-        let fail =
-            |e: tokio_postgres::Error| classify(&format!("applying rows of {}", t.display), &e);
-        if !self.deletes.is_empty() {
-            let (sql, types) = delete_sql(t);
-            let stmt = prepare(tx, stmts, sql, &types).await?;
-            for chunk in self.deletes.chunks(CHUNK) {
-                let params = t
-                    .key
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &c)| Param::column(t, c, chunk.iter().map(|k| &k[i])))
-                    .collect::<Result<Vec<_>, _>>()?;
-                tx.execute(&stmt, &Param::refs(&params))
-                    .await
-                    .map_err(fail)?;
-            }
-        }
-        self.deletes.clear();
-        self.deleting.clear();
-        Ok(())
-    }
-
-    async fn flush(
-        mut self,
-        tx: &Client,
-        stmts: &mut Statements,
-        savepoints: &mut u32,
-    ) -> Result<(), MirrorError> {
-        self.write_deletes(tx, stmts).await?;
-        let t = &self.table;
-        let fail =
-            |e: tokio_postgres::Error| classify(&format!("applying rows of {}", t.display), &e);
-        let Some(cols) = &self.cols else {
-            return Ok(());
-        };
-        let (full, partial): (Vec<&Vec<Value>>, Vec<&Vec<Value>>) = self
-            .rows
-            .iter()
-            .zip(&self.status)
-            .filter_map(|(r, status)| r.as_ref().filter(|_| !status.written()))
-            .partition(|r| !r.contains(&Value::Unchanged));
-        if !full.is_empty() {
-            write_images(tx, stmts, savepoints, t, cols, &self.key_pos, full).await?;
-        }
-        // Images with unchanged values leave those columns out of the update:
-        // one statement each (rare: only TOASTed values the change did not touch).
-        let mut each = Vec::with_capacity(partial.len());
-        for row in partial {
-            let unchanged: Vec<bool> = row.iter().map(|v| *v == Value::Unchanged).collect();
-            let (sql, types) = upsert_one_sql(t, cols, &unchanged);
-            let stmt = prepare(tx, stmts, sql, &types).await?;
-            let params = cols
-                .iter()
-                .zip(row)
-                .map(|(&c, v)| Param::scalar(t, c, v))
-                .collect::<Result<Vec<_>, _>>()?;
-            each.push((stmt, params));
-        }
-        try_join_all(each.iter().map(|(stmt, params)| {
-            let refs = Param::refs(params);
-            async move { tx.execute(stmt, &refs).await }
-        }))
-        .await
-        .map_err(fail)?;
-        Ok(())
-    }
-}
-
-impl Keyless {
-    fn delete(&mut self, old: Vec<(usize, Value)>) {
-        if let Some(cols) = &self.cols {
-            let matches = |row: &Vec<Value>| {
-                old.iter().all(|(c, v)| {
-                    cols.iter()
-                        .position(|x| x == c)
-                        .is_some_and(|p| row[p] == *v)
-                })
-            };
-            if let Some(i) = self.inserts.iter().rposition(matches) {
-                self.inserts.swap_remove(i);
-                return;
-            }
-        }
-        self.deletes.push(old);
-    }
-
-    async fn flush(self, tx: &Client, stmts: &mut Statements) -> Result<(), MirrorError> {
-        let t = &self.table;
-        let fail =
-            |e: tokio_postgres::Error| classify(&format!("applying rows of {}", t.display), &e);
-        let mut each = Vec::with_capacity(self.deletes.len());
-        for old in &self.deletes {
-            let cols: Vec<usize> = old.iter().map(|(c, _)| *c).collect();
-            let (sql, types) = delete_one_sql(t, &cols);
-            let stmt = prepare(tx, stmts, sql, &types).await?;
-            let params = old
-                .iter()
-                .map(|(c, v)| Param::scalar(t, *c, v))
-                .collect::<Result<Vec<_>, _>>()?;
-            each.push((stmt, params));
-        }
-        try_join_all(each.iter().map(|(stmt, params)| {
-            let refs = Param::refs(params);
-            async move { tx.execute(stmt, &refs).await }
-        }))
-        .await
-        .map_err(fail)?;
-        match &self.cols {
-            Some(cols) => copy_rows(tx, stmts, t, cols, self.inserts.iter(), false)
-                .await
-                .map_err(|e| e.into_mirror(t)),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Writes full images (no unchanged values) of a keyed table: new keys by
-/// `COPY`, keys the table has by `UPDATE`.
-async fn write_images(
-    tx: &Client,
-    stmts: &mut Statements,
-    savepoints: &mut u32,
-    t: &Table,
-    cols: &[usize],
-    key_pos: &[usize],
-    full: Vec<&Vec<Value>>,
-) -> Result<(), MirrorError> {
-    let fail = |e: tokio_postgres::Error| classify(&format!("applying rows of {}", t.display), &e);
-    if t.appending.load(Ordering::Relaxed)
-        && full.len() >= OPTIMISTIC_ROWS
-        && *savepoints < SAVEPOINTS
-    {
-        *savepoints += 1;
-        // The last write found none of its keys (a snapshot, a table only
-        // inserted into): try the keys as new, COPY straight in. A key the table
-        // has makes the COPY fail; the savepoint takes its rows back, and they
-        // go the long way.
-        match copy_rows(tx, stmts, t, cols, full.iter().copied(), true).await {
-            // Not released: the commit releases it, without a round trip of its own.
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_known_key() => {
-                eprintln!("DEBUGSTREAM optimistic-fallback {}", full.len());
-                tx.batch_execute("ROLLBACK TO SAVEPOINT ferry_copy")
-                    .await
-                    .map_err(fail)?;
-            }
-            Err(e) => return Err(e.into_mirror(t)),
-        }
-    }
-    // Which keys the table has already.
-    let mut exists = vec![false; full.len()];
-    let (sql, types) = probe_sql(t);
-    let stmt = prepare(tx, stmts, sql, &types).await?;
-    for (n, chunk) in full.chunks(CHUNK).enumerate() {
-        let params = key_pos
-            .iter()
-            .zip(&t.key)
-            .map(|(&p, &c)| Param::column(t, c, chunk.iter().map(|r| &r[p])))
-            .collect::<Result<Vec<_>, _>>()?;
-        for row in tx.query(&stmt, &Param::refs(&params)).await.map_err(fail)? {
-            let ord: i64 = row.get(0);
-            if let Some(e) = usize::try_from(ord - 1)
-                .ok()
-                .and_then(|i| exists.get_mut(n * CHUNK + i))
-            {
-                *e = true;
-            }
-        }
-    }
-    let mut present = Vec::new();
-    let mut new = Vec::new();
-    for (row, e) in full.into_iter().zip(exists) {
-        if e {
-            present.push(row);
-        } else {
-            new.push(row);
-        }
-    }
-    if let (false, Some((sql, types))) = (present.is_empty(), update_sql(t, cols)) {
-        let stmt = prepare(tx, stmts, sql, &types).await?;
-        for chunk in present.chunks(CHUNK) {
-            let params = cols
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| Param::column(t, c, chunk.iter().map(|r| &r[i])))
-                .collect::<Result<Vec<_>, _>>()?;
-            tx.execute(&stmt, &Param::refs(&params))
-                .await
-                .map_err(fail)?;
-        }
-    }
-    t.appending.store(present.is_empty(), Ordering::Relaxed);
-    copy_rows(tx, stmts, t, cols, new.into_iter(), false)
-        .await
-        .map_err(|e| e.into_mirror(t))
-}
-
 /// Whether an event's columns are, by name and order, the run's.
 fn same_columns(t: &Table, cols: &[usize], columns: &[(String, Value)]) -> bool {
     cols.len() == columns.len()
@@ -860,60 +567,4 @@ fn old_row(t: &Table, old: Vec<(String, Value)>) -> Result<Vec<(usize, Value)>, 
         ));
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::schema::test_table;
-    use super::*;
-
-    #[test]
-    fn a_run_keeps_the_last_image_per_key_and_deletes_first() {
-        let t = Arc::new(test_table(vec![0]));
-        let mut run = match Run::new(&t) {
-            Run::Keyed(k) => k,
-            Run::Keyless(_) => panic!(),
-        };
-        let row = |id: &str, note: Value| vec![Value::Text(id.into()), note, Value::Null];
-        let key = |id: &str| vec![Value::Text(id.into())];
-        run.put(key("1"), row("1", Value::Text("a".into())));
-        run.put(key("2"), row("2", Value::Text("b".into())));
-        // An unchanged value keeps the pending image's.
-        run.put(key("1"), row("1", Value::Unchanged));
-        run.delete(key("2"));
-        run.put(key("3"), row("3", Value::Text("c".into())));
-        run.delete(key("3"));
-        run.put(key("3"), row("3", Value::Text("d".into())));
-        let rows: Vec<_> = run.rows.iter().flatten().cloned().collect();
-        assert_eq!(
-            rows,
-            vec![
-                row("1", Value::Text("a".into())),
-                row("3", Value::Text("d".into()))
-            ]
-        );
-        assert_eq!(run.deletes, vec![key("2"), key("3")]);
-    }
-
-    #[test]
-    fn a_keyless_delete_cancels_a_pending_insert() {
-        let t = Arc::new(test_table(vec![]));
-        let mut run = match Run::new(&t) {
-            Run::Keyless(k) => k,
-            Run::Keyed(_) => panic!(),
-        };
-        run.cols = Some(vec![0, 1]);
-        run.inserts = vec![
-            vec![Value::Text("1".into()), Value::Null],
-            vec![Value::Text("1".into()), Value::Text("x".into())],
-        ];
-        run.delete(vec![(0, Value::Text("1".into())), (1, Value::Null)]);
-        assert_eq!(
-            run.inserts,
-            vec![vec![Value::Text("1".into()), Value::Text("x".into())]]
-        );
-        assert!(run.deletes.is_empty());
-        run.delete(vec![(0, Value::Text("2".into()))]);
-        assert_eq!(run.deletes.len(), 1);
-    }
 }

@@ -176,7 +176,7 @@ fn one_run(server: &PgServer, base: &std::path::Path, r: usize, rows: u64) -> Re
     restart_exchange(
         &mut pair,
         &format!(
-            "\n[[delivery]]\nname = \"bench\"\nkind = \"postgres\"\ndsn = \"{}\"\nschema = \"run_{r}\"\nstreams = [\"bench/t\"]\n",
+            "\n[[delivery]]\nname = \"bench{r}\"\nkind = \"postgres\"\ndsn = \"{}\"\nschema = \"run_{r}\"\nstreams = [\"bench/t\"]\n",
             server.dsn("mirror")
         ),
     )?;
