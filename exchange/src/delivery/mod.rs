@@ -29,13 +29,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{DeliveryKind, DeliverySection};
-use crate::store::{now_unix_ms, ClassChange, SharedStore, StreamInfo};
+use crate::store::{now_unix_ms, ClassChange, SharedStore};
 
 /// Records one chunk reads before applying them (then up to the end of the
 /// source transaction it is in).
 const CHUNK_RECORDS: usize = 10_000;
 /// A chunk is cut here even inside a source transaction.
 const CHUNK_HARD_LIMIT: usize = 4 * CHUNK_RECORDS;
+/// Encoded bytes one chunk reads before applying them (likewise extended).
+const CHUNK_BYTES: usize = 8 << 20;
+/// Chunks of one stream one pass applies before it looks at the others.
+const CHUNKS_PER_PASS: usize = 16;
 /// How long a delivery waits after a retryable failure, at most.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -262,15 +266,16 @@ struct Chunk {
     next_stored_ms: Option<u64>,
 }
 
-/// Reads the records after `cursor` of a stream, keeping those `keep` takes.
-async fn read_chunk(
-    store: &SharedStore,
-    info: &StreamInfo,
+/// Reads the records after `cursor` of a stream on a blocking thread, keeping
+/// those `keep` takes; started at once, so the next chunk is read while the
+/// current one is applied.
+fn read_chunk(
+    store: SharedStore,
+    agent: String,
+    stream: String,
     cursor: u64,
     keep: impl Fn(u64, &Record) -> bool + Send + 'static,
-) -> Result<Chunk, DeliveryError> {
-    let store = store.clone();
-    let (agent, stream) = (info.agent.clone(), info.stream.clone());
+) -> JoinHandle<Result<Chunk, DeliveryError>> {
     tokio::task::spawn_blocking(move || {
         let mut chunk = Chunk {
             records: Vec::new(),
@@ -278,7 +283,7 @@ async fn read_chunk(
             last: cursor,
             next_stored_ms: None,
         };
-        let mut read = 0usize;
+        let (mut read, mut bytes) = (0usize, 0usize);
         let mut full = false;
         store
             .records(&agent, &stream, cursor + 1, &mut |r, stored_ms| {
@@ -288,6 +293,7 @@ async fn read_chunk(
                     return false;
                 }
                 read += 1;
+                bytes += prost::Message::encoded_len(&r.record);
                 chunk.last = r.seq;
                 let ends_txn = match &r.record.body {
                     Some(Body::RowChange(c)) => c.last_in_txn,
@@ -297,15 +303,14 @@ async fn read_chunk(
                     chunk.records.push((r.seq, r.record));
                     chunk.stored.push(stored_ms);
                 }
-                // Past the soft limit, stop at the end of a source transaction.
-                full = read >= CHUNK_RECORDS && (ends_txn || read >= CHUNK_HARD_LIMIT);
+                // Past the soft limits, stop at the end of a source transaction.
+                let soft = read >= CHUNK_RECORDS || bytes >= CHUNK_BYTES;
+                full = soft && (ends_txn || read >= CHUNK_HARD_LIMIT || bytes >= 4 * CHUNK_BYTES);
                 true
             })
             .map_err(|e| DeliveryError::Retry(format!("reading {agent}/{stream}: {e}")))?;
         Ok(chunk)
     })
-    .await
-    .map_err(|e| DeliveryError::Retry(format!("reading the store: {e}")))?
 }
 
 async fn run(
@@ -406,18 +411,36 @@ async fn pass(
             });
             continue;
         }
-        let meta = info.meta.clone();
-        let (agent, stream) = (info.agent.clone(), info.stream.clone());
-        let sub2 = sub.clone();
         // `keep` runs on the reading thread.
         let kinds = KindFilter::of(sink);
-        let chunk = read_chunk(store, &info, cursor, move |seq, r| {
-            kinds.takes(r) && sub2.admits(&agent, &stream, meta.class_at(seq))
-        })
-        .await?;
-        // Applied even when it took nothing, so the durable checkpoint covers
-        // the records passed.
-        if chunk.last > cursor {
+        let read = |from: u64| {
+            let meta = info.meta.clone();
+            let (agent, stream) = (info.agent.clone(), info.stream.clone());
+            let sub = sub.clone();
+            read_chunk(
+                store.clone(),
+                info.agent.clone(),
+                info.stream.clone(),
+                from,
+                move |seq, r| kinds.takes(r) && sub.admits(&agent, &stream, meta.class_at(seq)),
+            )
+        };
+        let mut cursor = cursor;
+        let mut next = Some(read(cursor));
+        for _ in 0..CHUNKS_PER_PASS {
+            let Some(reading) = next.take() else { break };
+            let chunk = reading
+                .await
+                .map_err(|e| DeliveryError::Retry(format!("reading the store: {e}")))??;
+            if chunk.last <= cursor {
+                break;
+            }
+            // The next chunk is read while this one is applied.
+            if chunk.last < stored_up_to {
+                next = Some(read(chunk.last));
+            }
+            // Applied even when it took nothing, so the durable checkpoint covers
+            // the records passed.
             let n = chunk.records.len();
             match sink
                 .apply(
@@ -437,8 +460,8 @@ async fn pass(
                         s.last_error = Some(why.clone());
                         s.stopped = true;
                     });
-                    stopped.insert(key);
-                    continue;
+                    stopped.insert(key.clone());
+                    break;
                 }
                 Err(e) => {
                     statuses.update(&d.name, &info.agent, &info.stream, |s| {
@@ -448,15 +471,16 @@ async fn pass(
                 }
             }
             tracing::debug!(delivery = %d.name, agent = %info.agent, stream = %info.stream, records = n, up_to = chunk.last, "delivered");
+            cursor = chunk.last;
+            cursors.insert(key.clone(), cursor);
+            progressed = true;
+            statuses.update(&d.name, &info.agent, &info.stream, |s| {
+                s.checkpoint = cursor;
+                s.lag_records = stored_up_to.saturating_sub(cursor);
+                s.oldest_pending_ms = chunk.next_stored_ms;
+                s.last_error = None;
+            });
         }
-        cursors.insert(key, chunk.last);
-        progressed = true;
-        statuses.update(&d.name, &info.agent, &info.stream, |s| {
-            s.checkpoint = chunk.last;
-            s.lag_records = stored_up_to.saturating_sub(chunk.last);
-            s.oldest_pending_ms = chunk.next_stored_ms;
-            s.last_error = None;
-        });
     }
     Ok(progressed)
 }
