@@ -15,8 +15,8 @@
 //! * Snapshot delivery: an agent captures the table (`snapshot = "initial"`)
 //!   into an exchange with no delivery; once acknowledged, the exchange is
 //!   restarted with a `[[delivery]] kind = "postgres"` into `mirror` (schema
-//!   `run_N`): rows/s from that start until `deliveries` shows the stream caught
-//!   up. Then the mirror's rows are checked equal to the source's.
+//!   `run_N`): rows/s from the moment it serves (its admin socket answers)
+//!   until `deliveries` shows the stream caught up. Then the mirror's rows are checked equal to the source's.
 //! * Streamed delivery (keeping up with capture): with the delivery running,
 //!   every row is updated in 10 transactions; the seconds until the agent's
 //!   capture is acknowledged, and until the delivery caught up, from the first
@@ -180,6 +180,16 @@ fn one_run(server: &PgServer, base: &std::path::Path, r: usize, rows: u64) -> Re
             server.dsn("mirror")
         ),
     )?;
+    // From the moment the exchange serves (its admin socket answers): the
+    // delivery's rate, not the exchange's start-up.
+    let sock = pair.dir.join("ex/store/exchange.sock");
+    let waiting = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if waiting.elapsed() > Duration::from_secs(60) {
+            bail!("the exchange did not start");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let start = Instant::now();
     wait_delivered(&pair, stored, Duration::from_secs(1800))?;
     let snapshot_secs = start.elapsed().as_secs_f64();
