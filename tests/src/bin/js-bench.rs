@@ -10,7 +10,8 @@
 //!
 //! * Ferry: a fresh `ferry-exchange` with `[store] kind = "jetstream"` and one
 //!   agent with `--streams` tail streams, each a pre-written log of
-//!   `--lines / --streams` 256-byte lines: lines/s from agent start until the
+//!   `--lines / --streams` log-like 256-byte lines (as `ferry-bench` writes them,
+//!   zstd ratio about 3.5): lines/s from agent start until the
 //!   exchange acknowledged every line (stored and acknowledged by JetStream).
 //!   The messages and bytes the exchange published are read from the stream's
 //!   info afterwards.
@@ -30,28 +31,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_tests::bench::{bin, median, Pair};
+use ferry_tests::bench::{bin, median, write_log, Pair, LINE_LEN};
 use ferry_tests::nats::NatsServer;
-
-const LINE_LEN: usize = 256;
 
 /// One run: (Ferry lines/s, ceiling lines/s, messages, average message size).
 type RunFigures = (f64, f64, u64, usize);
-
-fn write_log(path: &Path, lines: u64, tag: usize) -> Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for i in 0..lines {
-        let head = format!("{tag} {i:012} ");
-        let pad = LINE_LEN - 1 - head.len();
-        f.write_all(head.as_bytes())?;
-        for j in 0..pad {
-            f.write_all(&[b'a' + ((i as usize * 7 + j * 13) % 26) as u8])?;
-        }
-        f.write_all(b"\n")?;
-    }
-    f.flush()?;
-    Ok(())
-}
 
 /// (messages, bytes) of a JetStream stream, from the monitoring endpoint.
 fn stream_totals(nats: &NatsServer, stream: &str) -> Result<(u64, u64)> {
@@ -87,7 +71,7 @@ fn ferry_run(
     let mut cfg = String::new();
     for s in 0..streams {
         let log = dir.join(format!("app-{s}.log"));
-        write_log(&log, per, s)?;
+        write_log(&log, per)?;
         cfg.push_str(&format!(
             "[[stream]]\nname = \"log{s}\"\ncatalog_id = \"BENCH-JS\"\nsharing = \"unconditional\"\nsource = {{ kind = \"tail\", path = \"{}\" }}\n",
             log.display()
