@@ -51,9 +51,7 @@ use std::sync::Mutex;
 use ferry_protocol::batch::{check_batch, decode_batch, encode_records, EncodedRecords};
 use ferry_protocol::entry::{self, Decoded};
 use ferry_protocol::messages::{Batch, Compression, Lost, Record, RecordList, StreamDecl};
-use ferry_protocol::session::{
-    admit, admit_loss, continuity, Admission, Continuity, LossAdmission, StreamPlan, StreamRecord,
-};
+use ferry_protocol::session::{admit, admit_loss, Admission, LossAdmission, StreamPlan};
 use ferry_transport::durable::Syncer;
 use ferry_transport::segments::{BatchRef, Segments};
 use tracing::{error, warn};
@@ -531,50 +529,14 @@ impl Ledger for Embedded {
         let _commits = self.lock_commits()?;
         let next_seq = self.next_synced(agent, &decl.name)?;
         let mut meta = self.stream_meta(agent, &decl.name)?;
-        let rec = StreamRecord {
-            next_seq,
-            incarnation: meta.incarnation.clone(),
-            offset: meta.offset,
-            held: meta.hold.as_ref().map(|h| match &h.refused {
-                Some(why) => format!("refused by the exchange operator: {why}"),
-                None => h.reason.clone(),
-            }),
-        };
-        let declared = (decl.catalog_id.as_str(), sharing_name(decl.sharing));
-        let class_changed = meta
-            .classes
-            .last()
-            .is_none_or(|c| (c.catalog_id.as_str(), c.sharing.as_str()) != declared);
-        if class_changed {
-            // Applies to what is stored from now on; earlier records keep theirs.
-            meta.classes.push(ClassChange {
-                from_seq: next_seq,
-                catalog_id: declared.0.to_string(),
-                sharing: declared.1.to_string(),
-                since_unix_ms: now_unix_ms(),
-            });
+        let judged = meta.judge(next_seq, decl);
+        if judged.newly_held {
+            error!(agent, stream = %decl.name, reason = ?judged.held, "ALARM: stream held until an operator runs `ferry-exchange resolve`");
         }
-        let held = match continuity(&rec, decl) {
-            Continuity::Continue => {
-                if class_changed {
-                    self.put_stream_meta(agent, &decl.name, &meta)?;
-                }
-                None
-            }
-            Continuity::Adopt => {
-                meta.incarnation = decl.incarnation.clone();
-                self.put_stream_meta(agent, &decl.name, &meta)?;
-                None
-            }
-            Continuity::Hold(reason) => {
-                if meta.hold.is_none() {
-                    error!(agent, stream = %decl.name, %reason, "ALARM: stream held until an operator runs `ferry-exchange resolve`");
-                    meta.hold = Some(Hold::of(decl, &reason));
-                    self.put_stream_meta(agent, &decl.name, &meta)?;
-                }
-                Some(reason)
-            }
-        };
+        if judged.changed {
+            self.put_stream_meta(agent, &decl.name, &meta)?;
+        }
+        let held = judged.held;
         Ok(StreamPlan {
             next_seq,
             offset: meta.offset,

@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ferry_protocol::messages::{Batch, Lost, Record, Sharing, StreamDecl};
-use ferry_protocol::session::StreamPlan;
+use ferry_protocol::session::{continuity, Continuity, StreamPlan, StreamRecord};
 use serde::{Deserialize, Serialize};
 
 pub use embedded::Embedded;
@@ -256,7 +256,76 @@ pub struct ClassChange {
     pub since_unix_ms: u64,
 }
 
+/// What [`StreamMeta::judge`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judged {
+    /// The record changed: the backend must store it durably.
+    pub changed: bool,
+    /// Why the stream is held (`None`: it may ship).
+    pub held: Option<String>,
+    /// The hold is new with this judgement (raise the alarm once).
+    pub newly_held: bool,
+}
+
 impl StreamMeta {
+    /// Judges a declared stream for `Welcome` against this record, the stream's
+    /// next seq being `next_seq` (see `ferry_protocol::session::continuity`): a
+    /// new catalogue id or sharing class applies from `next_seq` on; a stream's
+    /// first buffer is remembered; a new incarnation or a buffer behind is held
+    /// until an operator decides. Every backend persists the record when
+    /// `changed`.
+    pub fn judge(&mut self, next_seq: u64, decl: &StreamDecl) -> Judged {
+        let rec = StreamRecord {
+            next_seq,
+            incarnation: self.incarnation.clone(),
+            offset: self.offset,
+            held: self.hold.as_ref().map(|h| match &h.refused {
+                Some(why) => format!("refused by the exchange operator: {why}"),
+                None => h.reason.clone(),
+            }),
+        };
+        let declared = (decl.catalog_id.as_str(), sharing_name(decl.sharing));
+        let changed = self
+            .classes
+            .last()
+            .is_none_or(|c| (c.catalog_id.as_str(), c.sharing.as_str()) != declared);
+        if changed {
+            // Applies to what is stored from now on; earlier records keep theirs.
+            self.classes.push(ClassChange {
+                from_seq: next_seq,
+                catalog_id: declared.0.to_string(),
+                sharing: declared.1.to_string(),
+                since_unix_ms: now_unix_ms(),
+            });
+        }
+        match continuity(&rec, decl) {
+            Continuity::Continue => Judged {
+                changed,
+                held: None,
+                newly_held: false,
+            },
+            Continuity::Adopt => {
+                self.incarnation = decl.incarnation.clone();
+                Judged {
+                    changed: true,
+                    held: None,
+                    newly_held: false,
+                }
+            }
+            Continuity::Hold(reason) => {
+                let newly_held = self.hold.is_none();
+                if newly_held {
+                    self.hold = Some(Hold::of(decl, &reason));
+                }
+                Judged {
+                    changed: changed || newly_held,
+                    held: Some(reason),
+                    newly_held,
+                }
+            }
+        }
+    }
+
     /// The declaration in force for the record at `seq` (`None` before any).
     pub fn class_at(&self, seq: u64) -> Option<&ClassChange> {
         self.classes.iter().rev().find(|c| c.from_seq <= seq)

@@ -5,7 +5,7 @@
 //! decides again.
 
 use ferry_protocol::messages::StreamDecl;
-use ferry_protocol::session::{continuity, Continuity, StreamPlan, StreamRecord};
+use ferry_protocol::session::StreamPlan;
 use futures_util::StreamExt;
 use tracing::{error, warn};
 
@@ -57,44 +57,11 @@ impl Inner {
         let next_seq = self.fresh_next(agent, &decl.name).await?;
         let (held, meta) = self
             .update_meta(agent, &decl.name, |meta| {
-                let rec = StreamRecord {
-                    next_seq,
-                    incarnation: meta.incarnation.clone(),
-                    offset: meta.offset,
-                    held: meta.hold.as_ref().map(|h| match &h.refused {
-                        Some(why) => format!("refused by the exchange operator: {why}"),
-                        None => h.reason.clone(),
-                    }),
-                };
-                let declared = (decl.catalog_id.as_str(), sharing_name(decl.sharing));
-                let class_changed = meta
-                    .classes
-                    .last()
-                    .is_none_or(|c| (c.catalog_id.as_str(), c.sharing.as_str()) != declared);
-                if class_changed {
-                    // Applies to what is stored from now on; earlier records keep theirs.
-                    meta.classes.push(ClassChange {
-                        from_seq: next_seq,
-                        catalog_id: declared.0.to_string(),
-                        sharing: declared.1.to_string(),
-                        since_unix_ms: now_unix_ms(),
-                    });
-                }
-                Ok(match continuity(&rec, decl) {
-                    Continuity::Continue => (class_changed, None),
-                    Continuity::Adopt => {
-                        meta.incarnation = decl.incarnation.clone();
-                        (true, None)
-                    }
-                    Continuity::Hold(reason) => {
-                        if meta.hold.is_none() {
-                            meta.hold = Some(Hold::of(decl, &reason));
-                            (true, Some((reason, true)))
-                        } else {
-                            (class_changed, Some((reason, false)))
-                        }
-                    }
-                })
+                let judged = meta.judge(next_seq, decl);
+                Ok((
+                    judged.changed,
+                    judged.held.map(|reason| (reason, judged.newly_held)),
+                ))
             })
             .await?;
         let held = held.map(|(reason, new)| {
