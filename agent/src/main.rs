@@ -387,9 +387,14 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
         status::now_unix().saturating_sub(report.started_unix)
     );
     println!(
-        "exchange {}: {}{}{}",
+        "exchange {}: {}{}{}{}",
         c.exchange,
         c.state,
+        if c.transport.is_empty() {
+            String::new()
+        } else {
+            format!(" over {}", c.transport)
+        },
         if c.attempts > 1 {
             format!(" (attempt {})", c.attempts)
         } else {

@@ -110,6 +110,11 @@ pub fn render(s: &AgentStatus) -> String {
         u64::from(s.connection.state == "connected"),
     );
     f.one(
+        "exchange_transport_tcp",
+        "1 while the link to the exchange is TLS over TCP (UDP blocked), 0 on QUIC",
+        u64::from(s.connection.transport == "tcp"),
+    );
+    f.one(
         "exchange_connect_attempts",
         "Failed connection attempts since the link was last up",
         s.connection.attempts,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use ferry_adapters::{SourceContext, SourceError};
 use ferry_protocol::messages::{Hello, StreamDecl};
-use ferry_transport::tls::{client_config, TlsFiles};
+use ferry_transport::tls::{client_config, tcp_client_config, TlsFiles};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -65,11 +65,13 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
         .run(),
     );
 
-    let client = client_config(&TlsFiles {
+    let tls_files = TlsFiles {
         ca: &cfg.exchange.ca,
         cert: &cfg.exchange.cert,
         key: &cfg.exchange.key,
-    })?;
+    };
+    let client = client_config(&tls_files)?;
+    let tcp = tcp_client_config(&tls_files)?;
     let hello = Hello {
         version: ferry_protocol::PROTOCOL_VERSION,
         agent_id: cfg.agent.id.clone(),
@@ -99,6 +101,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             address: cfg.exchange.address.clone(),
             server_name: cfg.server_name(),
             client,
+            tcp,
             hello,
             buffer: buffer.clone(),
             names: names.clone(),

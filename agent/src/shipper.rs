@@ -1,6 +1,13 @@
-//! The shipper: one QUIC connection to the exchange, one QUIC stream per Ferry
-//! stream, a window of unacknowledged batches per stream, acks that drain the
-//! buffer, reconnect with jittered backoff.
+//! The shipper: one connection to the exchange, one stream per Ferry stream, a
+//! window of unacknowledged batches per stream, acks that drain the buffer,
+//! reconnect with jittered backoff.
+//!
+//! The connection is QUIC. Where UDP is blocked (a QUIC handshake that does not
+//! complete within [`QUIC_WITHIN`]), the same protocol goes over TLS 1.3 on TCP
+//! to the same port (`ferry_transport::link`); while on TCP the shipper tries
+//! QUIC every [`QUIC_PROBE_EVERY`] and, once a handshake succeeds, ends the TCP
+//! session so the next connection is QUIC again. A refusal (a TLS alert, the
+//! exchange at capacity) is an answer, not a blocked network: no fallback.
 //!
 //! The rules (what may be sent, what an ack means, how to resume) live in
 //! `ferry_protocol::session::AgentSession`; this file only moves bytes.
@@ -16,7 +23,8 @@ use ferry_protocol::entry::StoredBatch;
 use ferry_protocol::frame::MAX_FRAME;
 use ferry_protocol::messages::{frame::Msg, Batch, ErrorCode, Hello, Lost, Status, StreamStatus};
 use ferry_protocol::session::{AgentSession, LocalStream, Next, ResumeVerdict};
-use ferry_transport::{FrameReader, FrameWriter};
+use ferry_transport::link::TcpClientConfig;
+use ferry_transport::{FrameReader, FrameWriter, Link};
 use rand::Rng;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +34,10 @@ use crate::buffer::Buffer;
 use crate::status::Board;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A QUIC handshake not done by then means UDP does not get through: TCP instead.
+const QUIC_WITHIN: Duration = Duration::from_secs(5);
+/// While on TCP, how often a QUIC handshake is tried again.
+const QUIC_PROBE_EVERY: Duration = Duration::from_secs(30);
 /// Buffered batches smaller than this (uncompressed) are joined with the ones
 /// after them ([`Shipper::coalesce`]) ...
 const COALESCE_BELOW: usize = 256 << 10;
@@ -38,6 +50,8 @@ pub struct Shipper {
     pub address: String,
     pub server_name: String,
     pub client: quinn::ClientConfig,
+    /// The same certificates for the TCP fallback.
+    pub tcp: TcpClientConfig,
     pub hello: Hello,
     pub buffer: Arc<Buffer>,
     pub names: Vec<String>,
@@ -68,19 +82,40 @@ enum Event {
     Closed(String),
 }
 
+/// How a session ended without an error.
+enum Ended {
+    Closed,
+    /// QUIC works again: the TCP session was ended to reconnect over QUIC.
+    QuicAgain,
+}
+
+/// The outcome of a QUIC handshake.
+enum QuicAttempt {
+    Up(quinn::Connection),
+    /// No answer in time: UDP is probably blocked on the way.
+    Unreachable(String),
+    /// The exchange (or the local stack) answered no: TCP would not help.
+    Refused(anyhow::Error),
+}
+
 impl Shipper {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff { attempt: 0 };
         let mut attempts = 0u64;
+        let mut transport: Option<&'static str> = None;
         loop {
             attempts += 1;
             self.board.connecting(&self.address, attempts);
-            let result = self.connect_and_ship(&shutdown, &mut backoff).await;
+            let result = self
+                .connect_and_ship(&shutdown, &mut backoff, &mut transport)
+                .await;
             if shutdown.is_cancelled() {
                 break;
             }
             let (msg, extra) = match result {
-                Ok(()) => ("connection closed".to_string(), Duration::ZERO),
+                // Straight back over QUIC: nothing failed.
+                Ok(Ended::QuicAgain) => continue,
+                Ok(Ended::Closed) => ("connection closed".to_string(), Duration::ZERO),
                 Err(e) if ferry_transport::tls::is_revoked(&e) => (
                     format!(
                         "ALARM: the exchange revoked this agent's certificate; data stays in the buffer until the exchange operator enrols the agent again and its new agent.pem and agent.key are in place (then restart the agent) ({e:#})"
@@ -108,11 +143,15 @@ impl Shipper {
         }
     }
 
+    /// One session: QUIC if a handshake completes within [`QUIC_WITHIN`], else
+    /// TCP. `transport` is what the last session used, so each switch is logged
+    /// once.
     async fn connect_and_ship(
         &self,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> Result<()> {
+        transport: &mut Option<&'static str>,
+    ) -> Result<Ended> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.address)
             .await
             .with_context(|| format!("resolving {}", self.address))?
@@ -130,23 +169,97 @@ impl Shipper {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket for QUIC")?;
-        let result = self.ship_on(&endpoint, addr, shutdown, backoff).await;
+        let result = match self.connect_quic(&endpoint, addr).await {
+            QuicAttempt::Up(conn) => {
+                if *transport == Some("tcp") {
+                    info!(exchange = %self.address, "QUIC gets through again; back on QUIC");
+                }
+                *transport = Some("quic");
+                self.ship_on(Link::Quic(conn), addr, shutdown, backoff, None)
+                    .await
+            }
+            QuicAttempt::Refused(e) => Err(e),
+            QuicAttempt::Unreachable(why) => self
+                .ship_on_tcp(&endpoint, addr, shutdown, backoff, transport, &why)
+                .await
+                .with_context(|| format!("over TCP, after QUIC: {why}")),
+        };
         endpoint.close(0u32.into(), b"agent closing");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         result
     }
 
-    async fn ship_on(
+    async fn connect_quic(&self, endpoint: &quinn::Endpoint, addr: SocketAddr) -> QuicAttempt {
+        let connecting = match endpoint.connect_with(self.client.clone(), addr, &self.server_name) {
+            Ok(c) => c,
+            Err(e) => {
+                return QuicAttempt::Refused(
+                    anyhow::Error::new(e)
+                        .context(format!("connecting to {} ({addr})", self.address)),
+                )
+            }
+        };
+        match tokio::time::timeout(QUIC_WITHIN, connecting).await {
+            Ok(Ok(conn)) => QuicAttempt::Up(conn),
+            Err(_) => QuicAttempt::Unreachable(format!("no QUIC handshake within {QUIC_WITHIN:?}")),
+            Ok(Err(quinn::ConnectionError::TimedOut)) => {
+                QuicAttempt::Unreachable("the QUIC handshake timed out".into())
+            }
+            Ok(Err(e)) => QuicAttempt::Refused(
+                anyhow::Error::new(e).context(format!("connecting to {} ({addr})", self.address)),
+            ),
+        }
+    }
+
+    /// A session over TCP, with QUIC tried in the background every
+    /// [`QUIC_PROBE_EVERY`]: the first handshake that completes ends the session.
+    async fn ship_on_tcp(
         &self,
         endpoint: &quinn::Endpoint,
         addr: SocketAddr,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> Result<()> {
-        let conn = endpoint
-            .connect_with(self.client.clone(), addr, &self.server_name)?
-            .await
-            .with_context(|| format!("connecting to {} ({addr})", self.address))?;
+        transport: &mut Option<&'static str>,
+        quic_failed: &str,
+    ) -> Result<Ended> {
+        let link = ferry_transport::link::connect_tcp(addr, &self.server_name, &self.tcp).await?;
+        // Only a TCP connection that works makes this a fallback: an exchange
+        // that is down answers neither.
+        if *transport != Some("tcp") {
+            warn!(exchange = %self.address, why = %quic_failed, "QUIC does not get through (UDP blocked?); falling back to TLS over TCP on the same port");
+        }
+        *transport = Some("tcp");
+        let quic_back = CancellationToken::new();
+        let prober = tokio::spawn(probe_quic(
+            endpoint.clone(),
+            self.client.clone(),
+            addr,
+            self.server_name.clone(),
+            quic_back.clone(),
+        ));
+        let result = self
+            .ship_on(link.clone(), addr, shutdown, backoff, Some(&quic_back))
+            .await;
+        prober.abort();
+        // Why the link ended (the exchange's close reason, a TLS alert such as
+        // a revoked certificate) reaches the streams only as their end: say it.
+        match result {
+            Err(e) => match tokio::time::timeout(Duration::from_millis(200), link.closed()).await {
+                Ok(why) => Err(e.context(why)),
+                Err(_) => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    async fn ship_on(
+        &self,
+        conn: Link,
+        addr: SocketAddr,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+        quic_back: Option<&CancellationToken>,
+    ) -> Result<Ended> {
         let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
         let mut control = FrameWriter::new(send);
         let mut control_in = FrameReader::new(recv, MAX_FRAME);
@@ -228,8 +341,8 @@ impl Shipper {
             }
         }
         *backoff = Backoff { attempt: 0 };
-        self.board.connected(&self.address);
-        info!(exchange = %self.address, %addr, "connected to the exchange");
+        self.board.connected(&self.address, conn.transport());
+        info!(exchange = %self.address, %addr, transport = conn.transport(), "connected to the exchange");
 
         let (events_tx, mut events) = mpsc::channel::<Event>(1024);
         // Control stream replies (errors) come through the same event queue.
@@ -244,8 +357,19 @@ impl Shipper {
                 biased;
                 // 1. Shutdown: stop sending; what is unacked stays buffered.
                 _ = shutdown.cancelled() => {
-                    conn.close(0u32.into(), b"agent shutting down");
-                    return Ok(());
+                    conn.close(0, b"agent shutting down");
+                    return Ok(Ended::Closed);
+                }
+                // 1b. On TCP, QUIC got through again: reconnect over it. What is
+                // unacked is sent again and acknowledged as duplicates.
+                _ = async {
+                    match quic_back {
+                        Some(t) => t.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    conn.close(0, b"back to QUIC");
+                    return Ok(Ended::QuicAgain);
                 }
                 // 2. Acks and errors from the exchange.
                 ev = events.recv() => match ev {
@@ -281,7 +405,7 @@ impl Shipper {
     /// Sends every batch the session allows.
     async fn pump(
         &self,
-        conn: &quinn::Connection,
+        conn: &Link,
         session: &mut AgentSession,
         writers: &mut [Option<FrameWriter>],
         events: &mpsc::Sender<Event>,
@@ -427,6 +551,36 @@ fn error_code(code: i32) -> &'static str {
         Ok(ErrorCode::Resend) => "a batch it did not store (resending)",
         Ok(ErrorCode::Held) => "a held stream",
         _ => "an unknown error",
+    }
+}
+
+/// While on TCP: a QUIC handshake every [`QUIC_PROBE_EVERY`], closed at once;
+/// the first that completes cancels `back`.
+async fn probe_quic(
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: String,
+    back: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + QUIC_PROBE_EVERY,
+        QUIC_PROBE_EVERY,
+    );
+    loop {
+        tick.tick().await;
+        let Ok(connecting) = endpoint.connect_with(client.clone(), addr, &server_name) else {
+            continue;
+        };
+        match tokio::time::timeout(QUIC_WITHIN, connecting).await {
+            Ok(Ok(conn)) => {
+                conn.close(0u32.into(), b"probe: QUIC gets through");
+                back.cancel();
+                return;
+            }
+            Ok(Err(e)) => debug!(error = %e, "QUIC still does not get through"),
+            Err(_) => debug!("QUIC still does not get through"),
+        }
     }
 }
 

@@ -58,6 +58,10 @@ pub struct Connection {
     pub since_unix: u64,
     pub attempts: u64,
     pub last_error: Option<String>,
+    /// What carries the connection: `quic`, or `tcp` (TLS 1.3 over TCP) where
+    /// UDP is blocked; the last one used while not connected.
+    #[serde(default)]
+    pub transport: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -136,7 +140,7 @@ impl Board {
         });
     }
 
-    pub fn connected(&self, exchange: &str) {
+    pub fn connected(&self, exchange: &str, transport: &str) {
         self.with(|i| {
             i.connection = Connection {
                 state: "connected".into(),
@@ -144,6 +148,7 @@ impl Board {
                 since_unix: now_unix(),
                 attempts: 0,
                 last_error: None,
+                transport: transport.to_string(),
             }
         });
     }

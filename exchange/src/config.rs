@@ -218,7 +218,8 @@ mod humantime_serde_lite {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExchangeSection {
-    /// UDP address the QUIC endpoint listens on.
+    /// Address the QUIC endpoint listens on (UDP); the TCP fallback listens on
+    /// the same address and port.
     pub listen: String,
     /// The address agents should dial, written into enrolled agents' configs.
     pub public_address: String,

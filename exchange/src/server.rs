@@ -1,5 +1,7 @@
-//! `ferry-exchange serve`: the QUIC endpoint, one task per connection, one
-//! committer thread shared by all connections (group commit: many agents, one sync).
+//! `ferry-exchange serve`: the QUIC endpoint and, on the same port, the TCP
+//! listener for agents whose network blocks UDP (TLS 1.3 + yamux, see
+//! `ferry_transport::link`); one task per connection of either, one committer
+//! thread shared by all connections (group commit: many agents, one sync).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,8 +14,9 @@ use ferry_protocol::session::{
     valid_stream_name, ExchangeSession, PeerIdentity, SessionError, DEFAULT_WINDOW,
 };
 use ferry_transport::framed::{Budget, Grant};
-use ferry_transport::tls::{peer_identity, server_config_limited, TlsFiles};
-use ferry_transport::{FrameReader, FrameWriter};
+use ferry_transport::link::{RecvHalf, SendHalf, TcpServerConfig};
+use ferry_transport::tls::{server_config_limited, tcp_server_config, TlsFiles};
+use ferry_transport::{FrameReader, FrameWriter, Link};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -112,6 +115,16 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
         runtime,
     )
     .with_context(|| format!("listening on {listen}"))?;
+    // The same port over TCP, for agents whose network drops UDP (port 0 in
+    // `listen` picks one for UDP; TCP takes the same number).
+    let tcp_listen = SocketAddr::new(
+        listen.ip(),
+        endpoint.local_addr().map_or(listen.port(), |a| a.port()),
+    );
+    let tcp = tokio::net::TcpListener::bind(tcp_listen)
+        .await
+        .with_context(|| format!("listening on {tcp_listen} (TCP)"))?;
+    let tcp_tls = Arc::new(std::sync::RwLock::new(tcp_config(&cfg)?));
     let (commits, committer) = spawn_committer(store.clone());
     // What all connections together may make the exchange hold (see [limits]).
     let shared = Budget::shared(cfg.limits.max_queued_bytes);
@@ -151,7 +164,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
             biased;
             _ = shutdown.cancelled() => break,
             Some(answer) = reload_requests.recv() => {
-                let r = reload_trust(&cfg, &endpoint, &live).map_err(|e| format!("{e:#}"));
+                let r = reload_trust(&cfg, &endpoint, &tcp_tls, &live).map_err(|e| format!("{e:#}"));
                 if let Err(e) = &r {
                     warn!(error = %e, "the revocation list could not be taken");
                 }
@@ -174,16 +187,80 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
                 };
                 tokio::spawn(
                     async move {
-                        if let Err(e) = connection(incoming, store, commits, live, limits).await {
+                        let link = match incoming.await {
+                            Ok(c) => Link::Quic(c),
+                            Err(e) => {
+                                info!(error = %format!("{:#}", anyhow::Error::new(e).context("TLS handshake refused")), "connection ended");
+                                return;
+                            }
+                        };
+                        if let Err(e) = connection(link, store, commits, live, limits).await {
                             info!(error = %format!("{e:#}"), "connection ended");
                         }
                     }
-                    .instrument(info_span!("conn", %remote)),
+                    .instrument(info_span!("conn", %remote, transport = "quic")),
+                );
+            }
+            accepted = tcp.accept() => {
+                let (socket, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        warn!(error = %e, "cannot accept a TCP connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if live.count() >= cfg.limits.max_connections {
+                    warn!(%remote, max_connections = cfg.limits.max_connections, "refusing a connection: [limits] max_connections reached");
+                    drop(socket);
+                    continue;
+                }
+                let tls = match tcp_tls.read() {
+                    Ok(t) => t.clone(),
+                    Err(_) => continue,
+                };
+                let store = store.clone();
+                let commits = commits.clone();
+                let live = live.clone();
+                let limits = ConnLimits {
+                    budget: Budget::new(cfg.limits.max_connection_bytes, shared.clone()),
+                    frame_timeout: cfg.limits.frame_timeout,
+                };
+                // QUIC handshakes in progress end with the endpoint; a TCP one
+                // would hold the committer's queue past shutdown.
+                let stop = shutdown.clone();
+                tokio::spawn(
+                    stop.run_until_cancelled_owned(async move {
+                        let link = match tokio::time::timeout(
+                            HANDSHAKE_TIMEOUT,
+                            ferry_transport::link::accept_tcp(socket, remote, &tls),
+                        )
+                        .await
+                        {
+                            Ok(Ok(l)) => l,
+                            Ok(Err(e)) => {
+                                info!(error = %format!("{e:#}"), "connection ended");
+                                return;
+                            }
+                            Err(_) => {
+                                info!("connection ended: no TLS handshake within 15s");
+                                return;
+                            }
+                        };
+                        if let Err(e) = connection(link, store, commits, live, limits).await {
+                            info!(error = %format!("{e:#}"), "connection ended");
+                        }
+                    })
+                    .instrument(info_span!("conn", %remote, transport = "tcp")),
                 );
             }
         }
     }
     info!("shutting down");
+    // The endpoint closes the QUIC connections; TCP links only this closes, and
+    // their handlers hold the committer's queue open until they end.
+    live.close_all(b"exchange shutting down");
     endpoint.close(0u32.into(), b"exchange shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     drop(commits);
@@ -211,8 +288,23 @@ fn quic_config(cfg: &ExchangeConfig) -> Result<quinn::ServerConfig> {
     )
 }
 
+/// The TCP listener's TLS setup: [`quic_config`]'s certificates, client
+/// verification and revocation list.
+fn tcp_config(cfg: &ExchangeConfig) -> Result<TcpServerConfig> {
+    let crl = crate::trust::crl_path(cfg);
+    tcp_server_config(
+        &TlsFiles {
+            ca: &cfg.tls.ca,
+            cert: &cfg.tls.cert,
+            key: &cfg.tls.key,
+        },
+        crl.as_deref(),
+        cfg.limits.max_streams_per_connection,
+    )
+}
+
 /// An open agent connection: certificate serial, agent id, the connection.
-type LiveConn = (String, String, quinn::Connection);
+type LiveConn = (String, String, Link);
 
 /// Open agent connections by certificate serial and agent id, so a revocation or
 /// an operator's decision can end them, and a new connection of an agent replaces
@@ -251,7 +343,7 @@ impl Live {
 
     /// Registers a connection; `None` when its agent already has
     /// [`MAX_PER_AGENT`] open (handshakes that never send `Hello` included).
-    fn add(&self, serial: &str, agent: &str, conn: &quinn::Connection) -> Option<LiveGuard> {
+    fn add(&self, serial: &str, agent: &str, conn: &Link) -> Option<LiveGuard> {
         let mut m = self.0.lock().ok()?;
         if m.values().filter(|(_, a, _)| a == agent).count() >= MAX_PER_AGENT {
             return None;
@@ -267,7 +359,7 @@ impl Live {
     }
 
     /// The open connections of `agent` other than `this`.
-    fn others(&self, agent: &str, this: usize) -> Vec<quinn::Connection> {
+    fn others(&self, agent: &str, this: usize) -> Vec<Link> {
         self.0.lock().map_or_else(
             |_| Vec::new(),
             |m| {
@@ -279,13 +371,22 @@ impl Live {
         )
     }
 
+    /// Closes every open connection.
+    fn close_all(&self, reason: &[u8]) {
+        if let Ok(m) = self.0.lock() {
+            for (_, _, conn) in m.values() {
+                conn.close(0, reason);
+            }
+        }
+    }
+
     /// Closes the connections of `agent` other than `keep`; returns how many.
     pub(crate) fn close_agent(&self, agent: &str, keep: Option<usize>, reason: &[u8]) -> usize {
         let mut closed = 0;
         if let Ok(m) = self.0.lock() {
             for (id, (_, a, conn)) in m.iter() {
                 if a == agent && Some(*id) != keep {
-                    conn.close((ErrorCode::Held as u32).into(), reason);
+                    conn.close(ErrorCode::Held as u32, reason);
                     closed += 1;
                 }
             }
@@ -309,7 +410,12 @@ impl Drop for LiveGuard {
 
 /// Takes the revocation list anew for new handshakes and closes the open
 /// connections of revoked certificates; returns how many it closed.
-fn reload_trust(cfg: &ExchangeConfig, endpoint: &quinn::Endpoint, live: &Live) -> Result<usize> {
+fn reload_trust(
+    cfg: &ExchangeConfig,
+    endpoint: &quinn::Endpoint,
+    tcp_tls: &std::sync::RwLock<TcpServerConfig>,
+    live: &Live,
+) -> Result<usize> {
     let revoked: std::collections::HashSet<String> = crate::trust::revoked(cfg)?
         .into_iter()
         .map(|r| r.serial)
@@ -319,12 +425,16 @@ fn reload_trust(cfg: &ExchangeConfig, endpoint: &quinn::Endpoint, live: &Live) -
     // here (`Live::add`), so no revoked connection survives.
     live.set_revoked(revoked.clone());
     endpoint.set_server_config(Some(quic_config(cfg)?));
+    let tcp = tcp_config(cfg)?;
+    if let Ok(mut t) = tcp_tls.write() {
+        *t = tcp;
+    }
     let mut closed = 0;
     if let Ok(m) = live.0.lock() {
         for (serial, _, conn) in m.values() {
             if revoked.contains(serial) {
                 conn.close(
-                    (ErrorCode::Forbidden as u32).into(),
+                    ErrorCode::Forbidden as u32,
                     ferry_transport::tls::REVOKED_REASON,
                 );
                 closed += 1;
@@ -346,19 +456,20 @@ fn wire_error(code: ErrorCode, message: impl Into<String>, stream: &str) -> Msg 
     })
 }
 
+/// One agent connection, over either transport, from its verified TLS session
+/// to its end.
 async fn connection(
-    incoming: quinn::Incoming,
+    conn: Link,
     store: SharedStore,
     commits: mpsc::Sender<StoreRequest>,
     live: Live,
     limits: ConnLimits,
 ) -> Result<()> {
-    let remote = incoming.remote_address();
-    let conn = incoming.await.context("TLS handshake refused")?;
-    let id = peer_identity(&conn)?;
+    let remote = conn.remote_address();
+    let id = conn.peer_identity()?;
     let Some(_live) = live.add(&id.serial, &id.agent_id, &conn) else {
         conn.close(
-            (ErrorCode::TooLarge as u32).into(),
+            ErrorCode::TooLarge as u32,
             b"too many connections of this agent",
         );
         return Err(anyhow!(
@@ -369,13 +480,13 @@ async fn connection(
     // A handshake that began before a revocation was taken.
     if live.is_revoked(&id.serial) {
         conn.close(
-            (ErrorCode::Forbidden as u32).into(),
+            ErrorCode::Forbidden as u32,
             ferry_transport::tls::REVOKED_REASON,
         );
         return Err(anyhow!("certificate {} is revoked", id.serial));
     }
     if !valid_stream_name(&id.agent_id) {
-        conn.close(2u32.into(), b"agent id not acceptable");
+        conn.close(2, b"agent id not acceptable");
         return Err(anyhow!(
             "certificate CN {:?} is not a valid agent id",
             id.agent_id
@@ -392,7 +503,7 @@ async fn connection(
             Some(Msg::Hello(h)) => h,
             _ => {
                 control.send(wire_error(ErrorCode::Protocol, "expected Hello", "")).await?;
-                conn.close(1u32.into(), b"expected Hello");
+                conn.close(1, b"expected Hello");
                 return Err(anyhow!("first frame was not Hello"));
             }
         };
@@ -429,7 +540,7 @@ async fn connection(
             Err(e) => {
                 warn!(error = %e, "refusing agent");
                 control.send(wire_error(e.code(), e.to_string(), "")).await?;
-                control.finish();
+                control.finish().await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 conn.close(close_code(&e), e.to_string().as_bytes());
                 return Err(e.into());
@@ -461,7 +572,7 @@ async fn connection(
         if replaced > 0 {
             info!(replaced, "closed this agent's older connections");
         }
-        info!(streams = hello.streams.len(), "agent connected");
+        info!(streams = hello.streams.len(), transport = conn.transport(), "agent connected");
 
         let session = Arc::new(session);
         let limits = Arc::new(limits);
@@ -493,13 +604,13 @@ async fn connection(
                         put_agent(&store, &record).await?;
                     }
                     Ok(Some(_)) => {
-                        conn.close(1u32.into(), b"unexpected frame on the control stream");
+                        conn.close(1, b"unexpected frame on the control stream");
                         return Err(anyhow!("unexpected frame on the control stream"));
                     }
                     Ok(None) => return Ok(()),
                     Err(e) => {
                         let _ = control.send(wire_error(ErrorCode::Protocol, format!("{e:#}"), "")).await;
-                        conn.close(1u32.into(), b"malformed frame");
+                        conn.close(1, b"malformed frame");
                         return Err(e);
                     }
                 },
@@ -542,8 +653,8 @@ const TWIN_PROBE: Duration = Duration::from_secs(2);
 /// copied certificate): an older connection of the agent still answers while the
 /// new one says `Hello`. Each older connection is sent an ack-eliciting packet (a
 /// stream opened and finished at once; agents never accept streams, their QUIC
-/// stack acknowledges it within its ack delay); a live peer's acknowledgement
-/// arrives within a few round trips. A restarted agent's old connection is silent
+/// stack acknowledges it within its ack delay, their yamux resets it); a live
+/// peer's answer arrives within a few round trips. A restarted agent's old connection is silent
 /// (its process is gone), so the restart costs at most [`TWIN_PROBE`] and holds
 /// nothing. Returns the reason to hold the agent's streams.
 async fn twin_of(
@@ -556,19 +667,15 @@ async fn twin_of(
     if others.is_empty() {
         return None;
     }
-    let before: Vec<u64> = others.iter().map(|c| c.stats().udp_rx.datagrams).collect();
+    let before: Vec<u64> = others.iter().map(Link::received).collect();
     let mut wait = Duration::from_millis(250);
     for c in &others {
-        if let Ok(Ok((mut send, _recv))) =
-            tokio::time::timeout(Duration::from_millis(200), c.open_bi()).await
-        {
-            let _ = send.finish();
-        }
+        c.probe(Duration::from_millis(200)).await;
         wait = wait.max(c.rtt() * 4 + Duration::from_millis(250));
     }
     tokio::time::sleep(wait.min(TWIN_PROBE)).await;
     for (c, b) in others.iter().zip(before) {
-        if c.close_reason().is_none() && c.stats().udp_rx.datagrams > b {
+        if c.close_reason().is_none() && c.received() > b {
             let reason = format!(
                 "two processes ship as agent {agent} at once (connections from {} and {remote}): a cloned server or a copied certificate; their seqs would collide",
                 c.remote_address()
@@ -580,18 +687,18 @@ async fn twin_of(
     None
 }
 
-fn close_code(e: &SessionError) -> quinn::VarInt {
-    (e.code() as u32).into()
+fn close_code(e: &SessionError) -> u32 {
+    e.code() as u32
 }
 
 /// One data stream: batches in, acks out, pipelined so a window of batches is in
 /// the store's queue at once.
 async fn data_stream(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    send: SendHalf,
+    recv: RecvHalf,
     session: Arc<ExchangeSession>,
     commits: mpsc::Sender<StoreRequest>,
-    conn: &quinn::Connection,
+    conn: &Link,
     limits: &ConnLimits,
 ) -> Result<()> {
     // The grant of the frame's bytes is held until its ack is out.
@@ -628,9 +735,9 @@ async fn data_stream(
                 Ok(Err((code, message))) => {
                     warn!(%stream, %message, "batch not stored");
                     let _ = writer.send(wire_error(code, message, &stream)).await;
-                    writer.finish();
+                    writer.finish().await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    acks_conn.close((code as u32).into(), b"batch not stored");
+                    acks_conn.close(code as u32, b"batch not stored");
                     return;
                 }
                 Err(_) => return,

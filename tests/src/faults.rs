@@ -2,6 +2,11 @@
 //! loopback and misbehaves on command, and a checker that compares what a source
 //! produced with what the exchange stored.
 //!
+//! The proxy also forwards TCP on the same port number (the agent's fallback
+//! when UDP is blocked goes through it too): [`UdpProxy::block_udp`] drops every
+//! datagram while TCP passes; a cut stalls TCP (nothing is read or forwarded
+//! until it is restored) as it black-holes UDP.
+//!
 //! The proxy forwards every datagram through one scheduler, so each can be
 //! dropped, delayed, duplicated or held back (reordered) independently, in both
 //! directions, and the whole link can be cut (black-holed) and restored. It never
@@ -12,7 +17,8 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -95,6 +101,7 @@ struct Shared {
     stop: AtomicBool,
     seq: AtomicU64,
     stats: ProxyStats,
+    udp_blocked: AtomicBool,
 }
 
 impl Shared {
@@ -102,7 +109,10 @@ impl Shared {
     fn offer(&self, from: &Arc<UdpSocket>, to: SocketAddr, bytes: &[u8]) {
         let f = *self.faults.lock().unwrap();
         let mut rng = rand::rng();
-        if f.cut || rng.random_bool(f.drop.clamp(0.0, 1.0)) {
+        if f.cut
+            || self.udp_blocked.load(Ordering::Relaxed)
+            || rng.random_bool(f.drop.clamp(0.0, 1.0))
+        {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -183,10 +193,19 @@ impl UdpProxy {
             upstream.ip().is_loopback(),
             "the fault proxy only works on loopback"
         );
-        let listen = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        // One port number for both: a UDP port whose TCP twin is free.
+        let (listen, tcp) = (0..100)
+            .find_map(|_| {
+                let udp = UdpSocket::bind("127.0.0.1:0").ok()?;
+                let port = udp.local_addr().ok()?.port();
+                let tcp = TcpListener::bind(("127.0.0.1", port)).ok()?;
+                Some((Arc::new(udp), tcp))
+            })
+            .expect("a loopback port free for both UDP and TCP");
         listen
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
+        tcp.set_nonblocking(true).unwrap();
         let port = listen.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             faults: Mutex::new(Faults::default()),
@@ -195,6 +214,7 @@ impl UdpProxy {
             stop: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             stats: ProxyStats::default(),
+            udp_blocked: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         {
@@ -215,11 +235,25 @@ impl UdpProxy {
                     .unwrap(),
             );
         }
+        {
+            let s = Arc::clone(&shared);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("proxy-tcp".into())
+                    .spawn(move || tcp_side(&s, &tcp, upstream))
+                    .unwrap(),
+            );
+        }
         UdpProxy {
             port,
             shared,
             threads,
         }
+    }
+
+    /// Drops every datagram (both ways) while `blocked`; TCP still passes.
+    pub fn block_udp(&self, blocked: bool) {
+        self.shared.udp_blocked.store(blocked, Ordering::Relaxed);
     }
 
     /// `host:port` for the agent's `[exchange] address`.
@@ -284,6 +318,65 @@ fn client_side(s: &Arc<Shared>, listen: &Arc<UdpSocket>, upstream: SocketAddr) {
     for r in repliers {
         let _ = r.join();
     }
+}
+
+/// TCP on the same port: each accepted connection is joined to a new one to
+/// `upstream`, one thread per direction.
+fn tcp_side(s: &Arc<Shared>, listen: &TcpListener, upstream: SocketAddr) {
+    let mut pipes: Vec<JoinHandle<()>> = Vec::new();
+    while !s.stop.load(Ordering::Relaxed) {
+        let client = match listen.accept() {
+            Ok((c, _)) => c,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        let Ok(up) = TcpStream::connect(upstream) else {
+            continue;
+        };
+        client.set_nonblocking(false).unwrap();
+        for (from, to) in [
+            (client.try_clone().unwrap(), up.try_clone().unwrap()),
+            (up, client),
+        ] {
+            let s = Arc::clone(s);
+            pipes.push(std::thread::spawn(move || pipe(&s, from, to)));
+        }
+    }
+    for p in pipes {
+        let _ = p.join();
+    }
+}
+
+/// Copies one direction until end of stream; while the link is cut, reads
+/// nothing (TCP's flow control holds the sender).
+fn pipe(s: &Shared, mut from: TcpStream, mut to: TcpStream) {
+    from.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !s.stop.load(Ordering::Relaxed) {
+        if s.faults.lock().unwrap().cut {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
 }
 
 // ---------------------------------------------------------------------------------

@@ -145,7 +145,8 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A UDP port on 127.0.0.1 free right now, chosen *below* the kernel's ephemeral
+/// A port on 127.0.0.1 free right now for UDP and for TCP (the exchange listens
+/// on both), chosen *below* the kernel's ephemeral
 /// range: agents open a new ephemeral UDP socket on every reconnect, and an
 /// exchange restarted on a port from that range could find it taken by one of them.
 /// A free TCP port on loopback (bound, then released).
@@ -185,7 +186,10 @@ pub fn free_udp_port() -> u16 {
         let mut rng = rand::rng();
         for _ in 0..200 {
             let port = rng.random_range(10000..low);
-            if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            // The exchange listens on the port over TCP too (agents' fallback).
+            if UdpSocket::bind(("127.0.0.1", port)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
                 return port;
             }
         }

@@ -1,20 +1,24 @@
-//! `ferry/1` frames over quinn streams.
+//! `ferry/1` frames over a link's streams (quinn's, or yamux's over TCP).
 
 use anyhow::{Context, Result};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::link::{RecvHalf, SendHalf};
 use ferry_protocol::frame::{self, FrameDecoder};
 use ferry_protocol::messages::frame::Msg;
 
-/// Reads frames from a QUIC receive stream.
+/// Reads frames from a stream's receive half.
 pub struct FrameReader {
-    recv: quinn::RecvStream,
+    recv: RecvHalf,
     decoder: FrameDecoder,
     buf: Vec<u8>,
 }
 
 impl FrameReader {
-    pub fn new(recv: quinn::RecvStream, limit: usize) -> Self {
+    /// Over any receive half: a quinn `RecvStream`, a [`RecvHalf`] of a link.
+    pub fn new(recv: impl AsyncRead + Send + Unpin + 'static, limit: usize) -> Self {
         Self {
-            recv,
+            recv: Box::new(recv),
             decoder: FrameDecoder::new(limit),
             buf: vec![0; 64 * 1024],
         }
@@ -27,11 +31,11 @@ impl FrameReader {
                 return Ok(Some(msg));
             }
             match self.recv.read(&mut self.buf).await? {
-                Some(n) => self.decoder.push(&self.buf[..n]),
-                None => {
+                0 => {
                     self.decoder.finish()?;
                     return Ok(None);
                 }
+                n => self.decoder.push(&self.buf[..n]),
             }
         }
     }
@@ -78,30 +82,31 @@ impl FrameReader {
                 })??,
             };
             match got {
-                Some(n) => self.decoder.push(&self.buf[..n]),
-                None => {
+                0 => {
                     self.decoder.finish()?;
                     return Ok(None);
                 }
+                n => self.decoder.push(&self.buf[..n]),
             }
         }
     }
 
-    pub fn into_inner(self) -> quinn::RecvStream {
+    pub fn into_inner(self) -> RecvHalf {
         self.recv
     }
 }
 
-/// Writes frames to a QUIC send stream.
+/// Writes frames to a stream's send half.
 pub struct FrameWriter {
-    send: quinn::SendStream,
+    send: SendHalf,
     buf: Vec<u8>,
 }
 
 impl FrameWriter {
-    pub fn new(send: quinn::SendStream) -> Self {
+    /// Over any send half: a quinn `SendStream`, a [`SendHalf`] of a link.
+    pub fn new(send: impl AsyncWrite + Send + Unpin + 'static) -> Self {
         Self {
-            send,
+            send: Box::new(send),
             buf: Vec::new(),
         }
     }
@@ -109,16 +114,21 @@ impl FrameWriter {
     pub async fn send(&mut self, msg: Msg) -> Result<()> {
         self.buf.clear();
         frame::encode(msg, &mut self.buf);
-        // Keep quinn's error as the cause: "connection lost" alone hides why (a
-        // refused certificate, an idle timeout, the peer's close reason).
+        // Keep the transport's error as the cause: "connection lost" alone hides
+        // why (a refused certificate, an idle timeout, the peer's close reason).
         self.send
             .write_all(&self.buf)
             .await
-            .context("sending a frame")
+            .context("sending a frame")?;
+        // yamux's writes go to its connection's queue at once; quinn's flush is
+        // a no-op. Flushing keeps a frame from waiting in a buffer on either.
+        self.send.flush().await.context("sending a frame")
     }
 
-    pub fn finish(&mut self) {
-        let _ = self.send.finish();
+    /// Ends the stream: the peer reads its end after the frames sent (for quinn,
+    /// `shutdown` is `finish`; for yamux, a FIN).
+    pub async fn finish(&mut self) {
+        let _ = self.send.shutdown().await;
     }
 }
 

@@ -12,6 +12,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
+use crate::link::{LinkError, TcpClientConfig, TcpServerConfig};
 use crate::pki::{identity_of, CertIdentity};
 
 /// Paths to the PEM files one end needs.
@@ -89,6 +90,33 @@ pub fn server_config_limited(
     crl: Option<&Path>,
     max_bidi_streams: u32,
 ) -> Result<quinn::ServerConfig> {
+    let tls = server_tls(files, crl)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| anyhow!("{e}"))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport_with_streams(max_bidi_streams)?);
+    Ok(cfg)
+}
+
+/// The exchange's TLS config for the TCP transport: the same certificate,
+/// client verification, revocation list and ALPN as [`server_config_limited`],
+/// `max_streams` streams per connection.
+pub fn tcp_server_config(
+    files: &TlsFiles<'_>,
+    crl: Option<&Path>,
+    max_streams: u32,
+) -> Result<TcpServerConfig> {
+    Ok(TcpServerConfig {
+        tls: Arc::new(server_tls(files, crl)?),
+        // yamux counts the short-lived keep-alive probes and the close notice
+        // too, and ends the whole connection (where QUIC makes the opener wait)
+        // when the peer goes past the limit: a little room for them.
+        max_streams: max_streams as usize + 4,
+    })
+}
+
+/// TLS 1.3 only, client certificates required and verified against the CA (and
+/// the revocation list), ALPN `ferry/1`, no 0-RTT: one config for both transports.
+fn server_tls(files: &TlsFiles<'_>, crl: Option<&Path>) -> Result<rustls::ServerConfig> {
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots(files.ca)?, provider());
     if let Some(path) = crl {
         let list = CertificateRevocationListDer::from_pem_file(path)
@@ -105,10 +133,7 @@ pub fn server_config_limited(
         .context("the exchange certificate does not match its key")?;
     tls.alpn_protocols = vec![ferry_protocol::ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| anyhow!("{e}"))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport_with_streams(max_bidi_streams)?);
-    Ok(cfg)
+    Ok(tls)
 }
 
 /// The exchange's endpoint config, with a stateless-reset key derived from a
@@ -164,6 +189,18 @@ pub fn reset_secret(path: &Path) -> Result<Vec<u8>> {
 
 /// The agent's QUIC client config, presenting its certificate.
 pub fn client_config(files: &TlsFiles<'_>) -> Result<quinn::ClientConfig> {
+    let crypto = QuicClientConfig::try_from(client_tls(files)?).map_err(|e| anyhow!("{e}"))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport()?);
+    Ok(cfg)
+}
+
+/// The agent's TLS config for the TCP transport: the same as QUIC's.
+pub fn tcp_client_config(files: &TlsFiles<'_>) -> Result<TcpClientConfig> {
+    Ok(TcpClientConfig(Arc::new(client_tls(files)?)))
+}
+
+fn client_tls(files: &TlsFiles<'_>) -> Result<rustls::ClientConfig> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(files.ca)?)
@@ -171,11 +208,11 @@ pub fn client_config(files: &TlsFiles<'_>) -> Result<quinn::ClientConfig> {
         .context("the agent certificate does not match its key")?;
     tls.alpn_protocols = vec![ferry_protocol::ALPN.to_vec()];
     tls.enable_early_data = false;
-    let crypto = QuicClientConfig::try_from(tls).map_err(|e| anyhow!("{e}"))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport()?);
-    Ok(cfg)
+    Ok(tls)
 }
+
+/// Streams an agent's end of a TCP link allows at once (as QUIC's `transport()`).
+pub(crate) const MAX_STREAMS: usize = 256;
 
 /// The verified identity of the peer of an established connection.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<CertIdentity> {
@@ -185,9 +222,15 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<CertIdentity> {
     let certs = any
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| anyhow!("peer identity is not a certificate chain"))?;
+    identity_of_chain(&certs)
+}
+
+/// The identity in the leaf of a verified certificate chain (as a TLS session
+/// reports it, leaf first).
+pub fn identity_of_chain(certs: &[CertificateDer<'static>]) -> Result<CertIdentity> {
     let leaf = certs
         .first()
-        .ok_or_else(|| anyhow!("peer presented an empty certificate chain"))?;
+        .ok_or_else(|| anyhow!("peer presented no certificate"))?;
     identity_of(leaf)
 }
 
@@ -206,15 +249,51 @@ pub const REVOKED_REASON: &[u8] = b"the agent's certificate was revoked";
 
 /// Whether a connection failed because the exchange revoked this agent's
 /// certificate: refused in the handshake (TLS alert `certificate_revoked`, 44) or
-/// closed with [`REVOKED_REASON`].
+/// closed with [`REVOKED_REASON`]. Over TCP the alert reaches the agent as a
+/// rustls error inside an I/O error (TLS 1.3 checks the client's certificate
+/// after the client's handshake is done, so it surfaces on the first read), and
+/// only its text survives yamux.
 pub fn is_revoked(e: &anyhow::Error) -> bool {
+    // A `LinkError` added as context is not among the chain's sources.
+    if e.downcast_ref::<LinkError>().is_some_and(tcp_revoked) {
+        return true;
+    }
     e.chain().any(|c| {
-        let conn = c.downcast_ref::<quinn::ConnectionError>().or_else(|| {
-            match c.downcast_ref::<quinn::WriteError>() {
-                Some(quinn::WriteError::ConnectionLost(e)) => Some(e),
+        let io_inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        let conn = c
+            .downcast_ref::<quinn::ConnectionError>()
+            .or_else(|| match c.downcast_ref::<LinkError>() {
+                Some(LinkError::Quic(e)) => Some(e),
                 _ => None,
-            }
-        });
+            })
+            .or_else(|| {
+                let write = c
+                    .downcast_ref::<quinn::WriteError>()
+                    .or_else(|| io_inner.and_then(|i| i.downcast_ref::<quinn::WriteError>()));
+                match write {
+                    Some(quinn::WriteError::ConnectionLost(e)) => Some(e),
+                    _ => None,
+                }
+            });
+        let rustls_revoked = |e: &rustls::Error| {
+            matches!(
+                e,
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)
+            )
+        };
+        if c.downcast_ref::<rustls::Error>()
+            .is_some_and(rustls_revoked)
+            || io_inner
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .is_some_and(rustls_revoked)
+        {
+            return true;
+        }
+        if c.downcast_ref::<LinkError>().is_some_and(tcp_revoked) {
+            return true;
+        }
         match conn {
             Some(quinn::ConnectionError::ConnectionClosed(c)) => {
                 c.error_code == quinn::TransportErrorCode::crypto(44)
@@ -223,4 +302,14 @@ pub fn is_revoked(e: &anyhow::Error) -> bool {
             _ => false,
         }
     })
+}
+
+/// A TCP link ended by a revocation: the TLS alert (only its text survives
+/// yamux) or the exchange's close notice.
+fn tcp_revoked(e: &LinkError) -> bool {
+    match e {
+        LinkError::Tcp(text) => text.contains("CertificateRevoked"),
+        LinkError::TcpClosedByPeer { reason, .. } => reason.as_bytes() == REVOKED_REASON,
+        _ => false,
+    }
 }

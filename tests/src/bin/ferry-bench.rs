@@ -614,7 +614,7 @@ mod ceiling {
                 }
             }
             let secs = start.elapsed().as_secs_f64();
-            w.finish();
+            w.finish().await;
             receiver.await??;
             if acked != lines {
                 bail!("ceiling run acknowledged {acked} of {lines} lines");
