@@ -556,6 +556,7 @@ async fn connection(
         record.cert_serial = id.serial.clone();
         record.last_seen_unix_ms = now_unix_ms();
         record.remote = remote.to_string();
+        record.transport = conn.transport().to_string();
         record.software = hello.software.clone();
         record.config_digest = hello.config_digest.clone();
         record.streams = hello.streams.iter().map(|s| s.name.clone()).collect();

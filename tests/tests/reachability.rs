@@ -64,6 +64,14 @@ fn blocked_udp_falls_back_to_tcp_and_returns_to_quic() {
     let so_far = ex.lines(AGENT, "hall-log").len();
     ex.wait_lines(AGENT, "hall-log", so_far + 3_000, LONG);
     assert_eq!(connected_over(&agent).as_deref(), Some("tcp"));
+    // The exchange's registry says so too.
+    let transport = |ex: &Exchange| {
+        ex.agents()
+            .iter()
+            .find(|a| a["agent_id"] == AGENT)
+            .map(|a| a["transport"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(transport(&ex).as_deref(), Some("tcp"));
     assert!(
         agent
             .log_since_start()
@@ -89,6 +97,7 @@ fn blocked_udp_falls_back_to_tcp_and_returns_to_quic() {
     );
     let so_far = ex.lines(AGENT, "hall-log").len();
     ex.wait_lines(AGENT, "hall-log", so_far + 1_000, LONG);
+    assert_eq!(transport(&ex).as_deref(), Some("quic"));
 
     // 4. Every line once, in order.
     let produced = writer.finish();

@@ -171,6 +171,9 @@ pub struct AgentRecord {
     /// Serial (hex) of the certificate the agent last connected with.
     #[serde(default)]
     pub cert_serial: String,
+    /// How the agent last connected: `quic`, or `tcp` where UDP is blocked.
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// What an agent sent, to be stored (seqs already in the exchange's numbering).
