@@ -4,24 +4,29 @@
 //!
 //! # Records
 //!
-//! * [`RowChange`](ferry_protocol::messages::RowChange) per inserted, updated or
-//!   deleted row (and per truncated table), values as PostgreSQL's text output
-//!   renders them (the walsender's and the snapshot connection's session settings
-//!   are the server's defaults for the role, so both render alike). `bytea` travels
-//!   as bytes; an unchanged out-of-line (TOAST) value the server did not resend is
-//!   marked `unchanged_toast`. The changes of one transaction are contiguous, share
-//!   `xid`/`commit_lsn`, are numbered by `change_index`, and the last one has
-//!   `last_in_txn`. Rolled-back transactions are never seen (pgoutput protocol v1
-//!   sends a transaction only once it committed).
-//! * [`SchemaChange`](ferry_protocol::messages::SchemaChange) before the first row
-//!   of each table and whenever its columns (names, types, key flags, replica
-//!   identity) change, right before the first row with the new shape.
-//! * Initial-snapshot rows travel in [`RowBlock`](ferry_protocol::messages::RowBlock)s:
-//!   up to `snapshot_chunk_rows` rows (or 4 MiB) of one table per record, in the
-//!   COPY text format the server wrote them in. Each row stands for the
-//!   `RowChange` with `snapshot = true`, `op = INSERT` and its values
-//!   (`ferry_protocol::copy_text::block_rows`); `ferry-exchange records` prints it
-//!   as one.
+//! The source-neutral envelope of protocol version 4 (`source = "postgres"`):
+//!
+//! * [`Row`](ferry_protocol::messages::Row) per inserted, updated or deleted row
+//!   (and per truncated table, with flags `cascade`/`restart_identity`), values as
+//!   PostgreSQL's text output renders them (the walsender's and the snapshot
+//!   connection's session settings are the server's defaults for the role, so both
+//!   render alike), each with its neutral type. `bytea` travels as bytes; an
+//!   unchanged out-of-line (TOAST) value the server did not resend is marked
+//!   `Unchanged`. The changes of one transaction are contiguous, share `txn` (the
+//!   xid in decimal) and `position` (the commit LSN, 8 bytes big-endian), are
+//!   numbered by `change_index`, and the last one has `last_in_txn`. Rolled-back
+//!   transactions are never seen (pgoutput protocol v1 sends a transaction only
+//!   once it committed).
+//! * [`Table`](ferry_protocol::messages::Table) before the first row of each table
+//!   and whenever its columns (names, types, key flags, replica identity) change,
+//!   right before the first row with the new shape. Key columns are the replica
+//!   identity's; under `REPLICA IDENTITY FULL` no column is a key.
+//! * Initial-snapshot rows travel in [`Rows`](ferry_protocol::messages::Rows)
+//!   blocks: up to `snapshot_chunk_rows` rows (or 4 MiB) of one table per record,
+//!   in the COPY text format the server wrote them in. Each row stands for the
+//!   `Row` with `snapshot = true`, `op = INSERT` and its values
+//!   (`ferry_protocol::copy_text::rows_of`); `ferry-exchange records` prints it as
+//!   one.
 //!
 //! # Position
 //!

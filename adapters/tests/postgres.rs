@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use ferry_adapters::postgres::describe_position;
-use ferry_protocol::messages::{column, RowOp};
+use ferry_protocol::messages::{field, RowOp};
 use ferry_tests::pg::PgServer;
 use support::committer::Store;
 use support::model::{self, rows, schemas, text, Model};
@@ -20,9 +20,9 @@ const PERSON: &str = "CREATE TABLE public.person (
   ALTER TABLE public.person ALTER COLUMN blob SET STORAGE EXTERNAL;";
 
 fn col<'a>(
-    c: &'a ferry_protocol::messages::RowChange,
+    c: &'a ferry_protocol::messages::Row,
     name: &str,
-) -> &'a ferry_protocol::messages::Column {
+) -> &'a ferry_protocol::messages::Field {
     c.columns
         .iter()
         .find(|x| x.name == name)
@@ -93,7 +93,7 @@ async fn changes_arrive_exactly_as_committed() {
     let types: Vec<(&str, &str, bool)> = sc[0]
         .columns
         .iter()
-        .map(|c| (c.name.as_str(), c.type_name.as_str(), c.key))
+        .map(|c| (c.name.as_str(), c.source_type.as_str(), c.key))
         .collect();
     assert_eq!(
         &types[..4],
@@ -137,7 +137,7 @@ async fn changes_arrive_exactly_as_committed() {
     assert_eq!(t("name").as_deref(), Some("沈阳市"));
     assert_eq!(
         col(ins, "photo").value,
-        Some(column::Value::Bytes(vec![0xde, 0xad, 0xbe, 0xef]))
+        Some(field::Value::Bytes(vec![0xde, 0xad, 0xbe, 0xef]))
     );
     assert_eq!(t("born").as_deref(), Some("2024-03-01 12:34:56.789+08"));
     assert_eq!(t("day").as_deref(), Some("2024-03-01"));
@@ -151,12 +151,15 @@ async fn changes_arrive_exactly_as_committed() {
         Some(r#"{"a": [1, 2], "城市": "沈阳"}"#)
     );
     assert_eq!(t("nums").as_deref(), Some("{1,2,NULL}"));
-    assert_eq!(col(ins, "note").value, Some(column::Value::Null(true)));
+    assert_eq!(col(ins, "note").value, Some(field::Value::Null(true)));
     assert_eq!(t("blob").map(|b| b.len()), Some(100_000));
     assert!(
-        ins.xid > 0 && ins.commit_time_unix_us > 0 && ins.last_in_txn,
+        ins.txn.parse::<u32>().is_ok_and(|x| x > 0)
+            && ins.source == "postgres"
+            && ins.commit_time_unix_us > 0
+            && ins.last_in_txn,
         "{} {} {}",
-        ins.xid,
+        ins.txn,
         ins.commit_time_unix_us,
         ins.last_in_txn
     );
@@ -165,7 +168,7 @@ async fn changes_arrive_exactly_as_committed() {
     let txn = &streamed[1..4];
     assert!(txn
         .iter()
-        .all(|c| c.commit_lsn == txn[0].commit_lsn && c.xid == txn[0].xid));
+        .all(|c| c.position == txn[0].position && c.txn == txn[0].txn));
     assert_eq!(
         txn.iter().map(|c| c.change_index).collect::<Vec<_>>(),
         vec![0, 1, 2]
@@ -175,15 +178,12 @@ async fn changes_arrive_exactly_as_committed() {
         vec![false, false, true]
     );
     assert_eq!(text(&txn[2].old_key[0]).as_deref(), Some("2"));
-    assert!(streamed[0].commit_lsn < txn[0].commit_lsn);
+    assert!(model::lsn(streamed[0]) < model::lsn(txn[0]));
 
     // The TOAST value the update did not touch is marked, not nulled.
     let upd = streamed[4];
     assert_eq!(text(col(upd, "note")).as_deref(), Some("changed"));
-    assert_eq!(
-        col(upd, "blob").value,
-        Some(column::Value::UnchangedToast(true))
-    );
+    assert_eq!(col(upd, "blob").value, Some(field::Value::Unchanged(true)));
     assert!(upd.old_key.is_empty(), "key unchanged: no old key");
     // A key change carries the old key.
     assert_eq!(text(&streamed[5].old_key[0]).as_deref(), Some("1"));
@@ -246,7 +246,7 @@ async fn snapshot_rows_render_like_streamed_ones() {
     let person: Vec<_> = all.iter().filter(|c| c.table == "person").collect();
     assert_eq!(person.len(), 2, "{person:?}");
     assert!(person[0].snapshot && !person[1].snapshot);
-    let without_id = |c: &ferry_protocol::messages::RowChange| {
+    let without_id = |c: &ferry_protocol::messages::Row| {
         c.columns
             .iter()
             .filter(|x| x.name != "id")
@@ -256,16 +256,13 @@ async fn snapshot_rows_render_like_streamed_ones() {
     assert_eq!(without_id(person[0]), without_id(person[1]));
     assert_eq!(
         col(person[0], "photo").value,
-        Some(column::Value::Bytes(vec![0x00, 0xff, 0x10]))
+        Some(field::Value::Bytes(vec![0x00, 0xff, 0x10]))
     );
     assert_eq!(
         text(col(person[0], "name")).as_deref(),
         Some("tab\there\nnew line \\ 沈阳")
     );
-    assert_eq!(
-        col(person[0], "note").value,
-        Some(column::Value::Null(true))
-    );
+    assert_eq!(col(person[0], "note").value, Some(field::Value::Null(true)));
     assert_eq!(text(col(person[0], "blob")).map(|b| b.len()), Some(50_000));
     model::assert_streamed_once(&records);
 }
@@ -305,34 +302,40 @@ async fn ddl_mid_stream_emits_schema_changes() {
 
     // Each row follows the schema that describes it.
     let mut shape: Vec<String> = Vec::new();
+    let mut types: Vec<String> = Vec::new();
     let mut seen = Vec::new();
     for r in store.records() {
         match r.body {
-            Some(ferry_protocol::messages::record::Body::SchemaChange(s)) => {
+            Some(ferry_protocol::messages::record::Body::Table(s)) => {
                 shape = s
                     .columns
                     .iter()
-                    .map(|c| format!("{} {}", c.name, c.type_name))
+                    .map(|c| format!("{} {}", c.name, c.source_type))
+                    .collect();
+                types = s
+                    .columns
+                    .iter()
+                    .map(|c| format!("{} {}", c.name, c.value_type))
                     .collect();
                 seen.push(shape.join(", "));
             }
-            Some(ferry_protocol::messages::record::Body::RowChange(c)) => {
+            Some(ferry_protocol::messages::record::Body::Row(c)) => {
                 let cols: Vec<String> = c
                     .columns
                     .iter()
-                    .map(|c| format!("{} {}", c.name, c.type_name))
+                    .map(|c| format!("{} {}", c.name, c.value_type))
                     .collect();
                 assert_eq!(
-                    cols, shape,
+                    cols, types,
                     "row {:?} does not have the announced shape",
                     c.columns
                 );
             }
-            Some(ferry_protocol::messages::record::Body::RowBlock(b)) => {
+            Some(ferry_protocol::messages::record::Body::Rows(b)) => {
                 let cols: Vec<String> = b
                     .columns
                     .iter()
-                    .map(|c| format!("{} {}", c.name, c.type_name))
+                    .map(|c| format!("{} {}", c.name, c.source_type))
                     .collect();
                 assert_eq!(
                     cols, shape,
@@ -410,7 +413,7 @@ async fn a_large_transaction_is_split_and_survives_a_crash_midway() {
         })
         .collect();
     assert_eq!(big.len(), 20_000);
-    assert!(big.iter().all(|c| c.commit_lsn == big[0].commit_lsn));
+    assert!(big.iter().all(|c| c.position == big[0].position));
     model::assert_streamed_once(&records);
     assert!(
         store.commits() - commits_before >= 6,
@@ -498,8 +501,8 @@ fn ids_by_txn(records: &[ferry_protocol::messages::Record]) -> Vec<(u64, Vec<i32
         };
         let id: i32 = id.parse().unwrap();
         match out.last_mut() {
-            Some((lsn, ids)) if *lsn == c.commit_lsn => ids.push(id),
-            _ => out.push((c.commit_lsn, vec![id])),
+            Some((lsn, ids)) if *lsn == model::lsn(&c) => ids.push(id),
+            _ => out.push((model::lsn(&c), vec![id])),
         }
     }
     out
@@ -808,7 +811,7 @@ async fn blocks_of_large_rows_stay_within_a_record() {
     let records = store.records();
     let blocks: Vec<_> = records
         .iter()
-        .filter(|r| matches!(r.body, Some(Body::RowBlock(_))))
+        .filter(|r| matches!(r.body, Some(Body::Rows(_))))
         .collect();
     assert_eq!(blocks.len(), 5, "one block per large row");
     for b in &blocks {
@@ -828,7 +831,7 @@ async fn blocks_of_large_rows_stay_within_a_record() {
     let run = store.start(&config(&server, "t17", &["public.huge"], "s17b"));
     let e = run.ended(60).await.unwrap_err().to_string();
     assert!(e.contains("a row of public.huge is 8388610 bytes"), "{e}");
-    assert!(!store.any_record(|r| matches!(r.body, Some(Body::RowBlock(_)))));
+    assert!(!store.any_record(|r| matches!(r.body, Some(Body::Rows(_)))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,7 +186,7 @@ async fn passwords_are_used_and_a_wrong_one_is_a_clear_error() {
         .unwrap();
     run.wait_for("the row", 30, || {
         store.any_record(|r| {
-            matches!(&r.body, Some(ferry_protocol::messages::record::Body::RowChange(c)) if !c.snapshot)
+            matches!(&r.body, Some(ferry_protocol::messages::record::Body::Row(c)) if !c.snapshot)
         })
     })
     .await;

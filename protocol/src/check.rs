@@ -20,8 +20,9 @@ enum Kind {
     Str,
     Bytes,
     Msg(&'static [(u32, Kind)]),
-    /// A `RowBlock`: walked as a message, then its COPY text checked.
-    Block,
+    /// A `RowBlock` or `Rows` (spec given): walked as a message, then its COPY
+    /// text checked (both keep columns, row count and text at tags 3, 6, 7).
+    Block(&'static [(u32, Kind)]),
 }
 
 use Kind::{Block, Bytes, Msg, Str, Varint};
@@ -76,6 +77,55 @@ const ROW_BLOCK: &[(u32, Kind)] = &[
     (6, Varint),
     (7, Str),
 ];
+const FIELD: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Varint),
+    (4, Str),
+    (5, Varint),
+    (6, Varint),
+    (7, Bytes),
+];
+const ROW: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Varint),
+    (4, Str),
+    (5, Bytes),
+    (6, Varint),
+    (7, Varint),
+    (8, Varint),
+    (9, Varint),
+    (10, Msg(FIELD)),
+    (11, Msg(FIELD)),
+    (12, Str),
+    (13, Str),
+];
+const TABLE_COLUMN: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Varint),
+    (4, Varint),
+    (5, Varint),
+    (6, Varint),
+];
+const TABLE: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Msg(TABLE_COLUMN)),
+    (4, Str),
+    (5, Bytes),
+    (6, Str),
+];
+const ROWS: &[(u32, Kind)] = &[
+    (1, Str),
+    (2, Str),
+    (3, Msg(TABLE_COLUMN)),
+    (4, Bytes),
+    (5, Varint),
+    (6, Varint),
+    (7, Str),
+    (8, Str),
+];
 const RECORD: &[(u32, Kind)] = &[
     (1, Varint),
     (2, Str),
@@ -84,7 +134,10 @@ const RECORD: &[(u32, Kind)] = &[
     (5, Msg(FILE_ABORT)),
     (6, Msg(ROW_CHANGE)),
     (7, Msg(SCHEMA_CHANGE)),
-    (8, Block),
+    (8, Block(ROW_BLOCK)),
+    (9, Msg(ROW)),
+    (10, Msg(TABLE)),
+    (11, Block(ROWS)),
 ];
 /// `Record` body tags of file records.
 const FILE_TAGS: u64 = (1 << 4) | (1 << 5);
@@ -221,7 +274,7 @@ fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
                 let m = take_len(&mut buf)?;
                 walk(m, inner).map_err(|e| format!("field {tag}: {e}"))?;
             }
-            Block => {
+            Block(block) => {
                 // prost merges a repeated message field into one block, which
                 // checking each occurrence alone would not see: refuse it (an
                 // agent never writes one).
@@ -229,7 +282,7 @@ fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
                     return Err(format!("field {tag}: a second row block in one record"));
                 }
                 let m = take_len(&mut buf)?;
-                walk(m, ROW_BLOCK).map_err(|e| format!("field {tag}: {e}"))?;
+                walk(m, block).map_err(|e| format!("field {tag}: {e}"))?;
                 row_block(m).map_err(|e| format!("field {tag}: {e}"))?;
             }
         }
@@ -237,7 +290,7 @@ fn walk(mut buf: &[u8], spec: &[(u32, Kind)]) -> Result<u64, String> {
     Ok(seen)
 }
 
-/// The COPY text of a `RowBlock` that [`walk`] found well formed: one line per
+/// The COPY text of a `RowBlock` or `Rows` that [`walk`] found well formed: one line per
 /// declared row, one field per declared column (as prost would read it: the
 /// last occurrence of a scalar field wins).
 fn row_block(mut buf: &[u8]) -> Result<(), String> {
@@ -264,8 +317,8 @@ fn row_block(mut buf: &[u8]) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::messages::{
-        column, record::Body, Column, FileChunk, FileEnd, Record, RecordList, RowBlock, RowChange,
-        SchemaColumn,
+        column, field, record::Body, Column, Field, FileChunk, FileEnd, Record, RecordList, Row,
+        RowBlock, RowChange, Rows, SchemaColumn, TableColumn, ValueType,
     };
     use proptest::prelude::*;
     use prost::Message;
@@ -296,6 +349,33 @@ mod tests {
                     })),
                 },
             ],
+        }
+    }
+
+    fn row() -> Record {
+        Record {
+            time_unix_ms: 2,
+            position: "lsn=0/63 n=0".into(),
+            body: Some(Body::Row(Row {
+                schema: "public".into(),
+                table: "t".into(),
+                op: 2,
+                txn: "731".into(),
+                position: 99u64.to_be_bytes().to_vec(),
+                columns: vec![Field {
+                    name: "id".into(),
+                    value_type: ValueType::Int32 as i32,
+                    value: Some(field::Value::Text("1".into())),
+                }],
+                old_key: vec![Field {
+                    name: "b".into(),
+                    value_type: ValueType::Bytes as i32,
+                    value: Some(field::Value::Bytes(vec![0, 0xff])),
+                }],
+                flags: vec!["cascade".into()],
+                source: "postgres".into(),
+                ..Default::default()
+            })),
         }
     }
 
@@ -338,6 +418,33 @@ mod tests {
         );
     }
 
+    /// The same rows as a version 4 `Rows` block.
+    fn rows(text: &str, rows: u32) -> Record {
+        Record {
+            time_unix_ms: 3,
+            position: "snapshot public.t #0-1".into(),
+            body: Some(Body::Rows(Rows {
+                schema: "public".into(),
+                table: "t".into(),
+                columns: ["id", "note"]
+                    .iter()
+                    .map(|n| TableColumn {
+                        name: n.to_string(),
+                        source_type: "text".into(),
+                        value_type: ValueType::Text as i32,
+                        key: *n == "id",
+                        ..Default::default()
+                    })
+                    .collect(),
+                position: 9u64.to_be_bytes().to_vec(),
+                first_index: 0,
+                row_count: rows,
+                copy_text: text.into(),
+                source: "postgres".into(),
+            })),
+        }
+    }
+
     fn block(text: &str, rows: u32) -> Record {
         Record {
             time_unix_ms: 3,
@@ -364,18 +471,20 @@ mod tests {
 
     #[test]
     fn row_blocks_are_held_to_their_rows_and_columns() {
-        let mut list = sample();
-        list.records.push(block("1\tone\n2\t\\N\n", 2));
-        assert_eq!(check_list(&list.encode_to_vec()).unwrap().records, 3);
-        for (text, rows, why) in [
-            ("1\tone\n", 2, "declares 2 rows"),
-            ("1\tone\n2\n", 2, "row 1 of the block has 1 fields"),
-            ("1\tone\tx\n", 1, "has 3 fields"),
-        ] {
+        for make in [block, rows] {
             let mut list = sample();
-            list.records.push(block(text, rows));
-            let e = check_list(&list.encode_to_vec()).unwrap_err();
-            assert!(e.contains("record 2") && e.contains(why), "{e}");
+            list.records.push(make("1\tone\n2\t\\N\n", 2));
+            assert_eq!(check_list(&list.encode_to_vec()).unwrap().records, 3);
+            for (text, rows, why) in [
+                ("1\tone\n", 2, "declares 2 rows"),
+                ("1\tone\n2\n", 2, "row 1 of the block has 1 fields"),
+                ("1\tone\tx\n", 1, "has 3 fields"),
+            ] {
+                let mut list = sample();
+                list.records.push(make(text, rows));
+                let e = check_list(&list.encode_to_vec()).unwrap_err();
+                assert!(e.contains("record 2") && e.contains(why), "{e}");
+            }
         }
     }
 
@@ -444,6 +553,8 @@ mod tests {
             let mut list = sample();
             list.records.push(file());
             list.records.push(block("1\tone\n2\t\\N\n", 2));
+            list.records.push(rows("1\tone\n2\t\\N\n", 2));
+            list.records.push(row());
             let mut raw = list.encode_to_vec();
             let i = at.index(raw.len());
             if cut { raw.truncate(i) } else { raw[i] = byte }

@@ -4,14 +4,17 @@
 //! the type's output function wrote: the same text a simple query returns.
 //!
 //! The agent reads snapshot rows in this format and ships them in
-//! [`RowBlock`]s as they came; [`check_block`] is what the exchange holds a block
-//! to, and [`block_rows`] turns one back into the [`RowChange`]s it stands for.
+//! [`Rows`] blocks as they came; [`check_block`] is what the exchange holds a
+//! block to, and [`rows_of`] turns one back into the [`Row`]s it stands for
+//! ([`block_rows`]: a [`RowBlock`] of protocol version 3 into its [`RowChange`]s).
 
 use std::ops::Range;
 
 use memchr::{memchr, memchr_iter};
 
-use crate::messages::{column, Column, RowBlock, RowChange, RowOp};
+use crate::messages::{
+    column, field, Column, Field, Row, RowBlock, RowChange, RowOp, Rows, ValueType,
+};
 
 /// PostgreSQL's `bytea` type: its text output (`\x` + hex) travels as bytes.
 pub const BYTEA_OID: u32 = 17;
@@ -243,33 +246,48 @@ pub fn check_block(text: &str, ncols: usize, rows: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Calls `row(i, values)` for every line of a block's COPY text, with each
+/// field's unescaped text (`None` for NULL), after holding the text to
+/// `ncols` fields and `rows` lines.
+fn each_line(
+    text: &str,
+    ncols: usize,
+    rows: u32,
+    mut row: impl FnMut(usize, &mut dyn Iterator<Item = Option<&str>>),
+) -> Result<(), String> {
+    check_block(text, ncols, u64::from(rows))?;
+    let mut fields = Fields::default();
+    for (i, line) in text.split_terminator('\n').enumerate() {
+        if ncols == 0 {
+            row(i, &mut std::iter::empty());
+            continue;
+        }
+        let line = fields
+            .split(line.as_bytes(), ncols)
+            .map_err(|e| format!("row {i} of the block: {e}"))?;
+        row(i, &mut (0..ncols).map(|j| fields.get(line, j)));
+    }
+    Ok(())
+}
+
 /// The row changes a [`RowBlock`] stands for, in order (see its documentation).
 pub fn block_rows(b: &RowBlock) -> Result<Vec<RowChange>, String> {
-    let ncols = b.columns.len();
-    check_block(&b.copy_text, ncols, u64::from(b.row_count))?;
     let mut out = Vec::with_capacity(b.row_count as usize);
-    let mut fields = Fields::default();
-    for (i, line) in b.copy_text.split_terminator('\n').enumerate() {
-        let columns = if ncols == 0 {
-            Vec::new()
-        } else {
-            let line = fields
-                .split(line.as_bytes(), ncols)
-                .map_err(|e| format!("row {i} of the block: {e}"))?;
-            b.columns
-                .iter()
-                .enumerate()
-                .map(|(j, c)| Column {
-                    name: c.name.clone(),
-                    type_name: c.type_name.clone(),
-                    type_oid: c.type_oid,
-                    value: Some(match fields.get(line, j) {
-                        None => column::Value::Null(true),
-                        Some(v) => text_value(c.type_oid, v),
-                    }),
-                })
-                .collect()
-        };
+    each_line(&b.copy_text, b.columns.len(), b.row_count, |i, values| {
+        let columns = b
+            .columns
+            .iter()
+            .zip(values)
+            .map(|(c, v)| Column {
+                name: c.name.clone(),
+                type_name: c.type_name.clone(),
+                type_oid: c.type_oid,
+                value: Some(match v {
+                    None => column::Value::Null(true),
+                    Some(v) => text_value(c.type_oid, v),
+                }),
+            })
+            .collect();
         let index = b.first_index.saturating_add(i as u64);
         out.push(RowChange {
             schema: b.schema.clone(),
@@ -284,8 +302,47 @@ pub fn block_rows(b: &RowBlock) -> Result<Vec<RowChange>, String> {
             columns,
             ..Default::default()
         });
-    }
+    })?;
     Ok(out)
+}
+
+/// The [`Row`]s a [`Rows`] block stands for, in order (see its documentation).
+pub fn rows_of(b: &Rows) -> Result<Vec<Row>, String> {
+    let mut out = Vec::with_capacity(b.row_count as usize);
+    each_line(&b.copy_text, b.columns.len(), b.row_count, |i, values| {
+        let columns = b
+            .columns
+            .iter()
+            .zip(values)
+            .map(|(c, v)| Field {
+                name: c.name.clone(),
+                value_type: c.value_type,
+                value: Some(match v {
+                    None => field::Value::Null(true),
+                    Some(v) => field_value(c.value_type, v),
+                }),
+            })
+            .collect();
+        let index = b.first_index.saturating_add(i as u64);
+        out.push(Row {
+            schema: b.schema.clone(),
+            table: b.table.clone(),
+            op: RowOp::Insert as i32,
+            position: b.position.clone(),
+            change_index: u32::try_from(index).unwrap_or(u32::MAX),
+            last_in_txn: true,
+            snapshot: true,
+            columns,
+            source: b.source.clone(),
+            ..Default::default()
+        });
+    })?;
+    Ok(out)
+}
+
+/// Binary text output: `\x` + an even number of hex digits, as its bytes.
+fn hex_bytes(v: &str) -> Option<Vec<u8>> {
+    v.strip_prefix("\\x").and_then(|h| hex::decode(h).ok())
 }
 
 /// A value from its text output, as both snapshot and streamed rows carry it:
@@ -293,11 +350,22 @@ pub fn block_rows(b: &RowBlock) -> Result<Vec<RowChange>, String> {
 /// everything else as text.
 pub fn text_value(type_oid: u32, v: &str) -> column::Value {
     if type_oid == BYTEA_OID {
-        if let Some(Ok(b)) = v.strip_prefix("\\x").map(hex::decode) {
+        if let Some(b) = hex_bytes(v) {
             return column::Value::Bytes(b);
         }
     }
     column::Value::Text(v.to_string())
+}
+
+/// A [`Field`] value from its text form: a [`ValueType::Bytes`] value written
+/// as `\x` + hex as its bytes, everything else as text.
+pub fn field_value(value_type: i32, v: &str) -> field::Value {
+    if value_type == ValueType::Bytes as i32 {
+        if let Some(b) = hex_bytes(v) {
+            return field::Value::Bytes(b);
+        }
+    }
+    field::Value::Text(v.to_string())
 }
 
 #[cfg(test)]

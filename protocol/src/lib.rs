@@ -29,8 +29,12 @@ pub const ALPN: &[u8] = b"ferry/1";
 /// Wire protocol version carried in `Hello` and `Welcome`: the version this end
 /// speaks. Version 2 added `RowBlock` records (snapshot rows in blocks); version 3
 /// strict admission (a missing seq is only ever skipped when the agent declares it
-/// `Lost`) and buffer incarnations with holds.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// `Lost`) and buffer incarnations with holds; version 4 the source-neutral row
+/// envelope (`Row`, `Table`, `Rows` records, which database sources write instead
+/// of the PostgreSQL-shaped `RowChange`, `SchemaChange`, `RowBlock`). An exchange
+/// reads both kinds of record in every session: a buffer written before an
+/// upgrade ships as it is.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest agent version the exchange still serves. An exchange answers in the
 /// agent's version; one that only speaks an older version refuses a newer agent

@@ -246,7 +246,7 @@ pub struct Record {
     /// The source position of this record, human readable (e.g. `ino=12 off=4096`).
     #[prost(string, tag = "2")]
     pub position: String,
-    #[prost(oneof = "record::Body", tags = "3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "record::Body", tags = "3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub body: Option<record::Body>,
 }
 
@@ -271,6 +271,16 @@ pub mod record {
         /// wrote them.
         #[prost(message, tag = "8")]
         RowBlock(super::RowBlock),
+        /// One row-level change of a database table, in the source-neutral
+        /// envelope every database source writes (version 4).
+        #[prost(message, tag = "9")]
+        Row(super::Row),
+        /// The columns of a captured table, source-neutral (version 4).
+        #[prost(message, tag = "10")]
+        Table(super::Table),
+        /// Many snapshot rows of one table, source-neutral (version 4).
+        #[prost(message, tag = "11")]
+        Rows(super::Rows),
     }
 }
 
@@ -477,6 +487,206 @@ pub struct SchemaColumn {
     /// Part of the replica identity (normally the primary key).
     #[prost(bool, tag = "4")]
     pub key: bool,
+}
+
+/// A column's type in terms every consumer can map to its own (version 4). The
+/// source's own spelling travels beside it in [`TableColumn::source_type`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ValueType {
+    Unspecified = 0,
+    Bool = 1,
+    Int16 = 2,
+    Int32 = 3,
+    Int64 = 4,
+    Float32 = 5,
+    Float64 = 6,
+    /// Exact decimal (precision and scale in [`TableColumn`]).
+    Decimal = 7,
+    Text = 8,
+    /// Binary; values travel as [`field::Value::Bytes`].
+    Bytes = 9,
+    Date = 10,
+    /// Time of day without a zone.
+    Time = 11,
+    /// Date and time without a zone.
+    Timestamp = 12,
+    /// An instant (date and time with a zone).
+    TimestampTz = 13,
+    Interval = 14,
+    Uuid = 15,
+    Json = 16,
+    /// Anything else (`integer[]`, `point`, an enum, a MySQL `SET`): consumers
+    /// go by [`TableColumn::source_type`].
+    Other = 17,
+}
+
+/// One row-level change of a database table, as every database source writes it
+/// (version 4; [`RowChange`] is its PostgreSQL-shaped predecessor, still read).
+///
+/// Transaction boundaries: the changes of one source transaction are contiguous in
+/// seq order, share `txn` and `position`, are numbered by `change_index` from 0,
+/// and the last one carries `last_in_txn`. A consumer that applies transactionally
+/// buffers until `last_in_txn`; `(position, change_index)` identifies a streamed
+/// change of one source uniquely. Only committed transactions are ever captured.
+///
+/// Initial-snapshot rows carry `snapshot = true`, `op = INSERT`, an empty `txn`,
+/// `position` = the source position of the view the row was read under,
+/// `change_index` = the row's number within its table's copy and
+/// `last_in_txn = true` (each stands alone). A consumer applying by key
+/// (insert/update = upsert, delete = remove) converges to the table's state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Row {
+    /// The PostgreSQL schema, or the MySQL database.
+    #[prost(string, tag = "1")]
+    pub schema: String,
+    #[prost(string, tag = "2")]
+    pub table: String,
+    #[prost(enumeration = "RowOp", tag = "3")]
+    pub op: i32,
+    /// The source's transaction id, as the source writes it (PostgreSQL: the
+    /// xid in decimal; MySQL: the GTID); empty for snapshot rows.
+    #[prost(string, tag = "4")]
+    pub txn: String,
+    /// The source position of the transaction's commit, opaque to everyone but
+    /// the source kind named in `source` (PostgreSQL: the commit LSN, 8 bytes
+    /// big-endian, so byte order is LSN order).
+    #[prost(bytes = "vec", tag = "5")]
+    pub position: Vec<u8>,
+    /// Commit time, microseconds since the Unix epoch (0 when unknown).
+    #[prost(int64, tag = "6")]
+    pub commit_time_unix_us: i64,
+    /// 0-based number of this change within its transaction.
+    #[prost(uint32, tag = "7")]
+    pub change_index: u32,
+    #[prost(bool, tag = "8")]
+    pub last_in_txn: bool,
+    #[prost(bool, tag = "9")]
+    pub snapshot: bool,
+    /// The new row (INSERT, UPDATE), in table column order.
+    #[prost(message, repeated, tag = "10")]
+    pub columns: Vec<Field>,
+    /// The old row's identifying columns (DELETE; UPDATE when the key changed), or
+    /// the whole old row of a table identified by all its columns.
+    #[prost(message, repeated, tag = "11")]
+    pub old_key: Vec<Field>,
+    /// Options of the operation as the source states them (PostgreSQL TRUNCATE:
+    /// `cascade`, `restart_identity`).
+    #[prost(string, repeated, tag = "12")]
+    pub flags: Vec<String>,
+    /// The source kind (`postgres`, `mysql`): how `txn` and `position` read.
+    #[prost(string, tag = "13")]
+    pub source: String,
+}
+
+/// One column value of a [`Row`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Field {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(enumeration = "ValueType", tag = "2")]
+    pub value_type: i32,
+    #[prost(oneof = "field::Value", tags = "4, 5, 6, 7")]
+    pub value: Option<field::Value>,
+}
+
+pub mod field {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Value {
+        /// The source's canonical text form of the value (exact for decimals,
+        /// with the zone for instants).
+        #[prost(string, tag = "4")]
+        Text(String),
+        /// SQL NULL (always `true` when set).
+        #[prost(bool, tag = "5")]
+        Null(bool),
+        /// A value the change did not touch and the source did not resend
+        /// (PostgreSQL's unchanged TOAST values): keep the value the consumer has.
+        #[prost(bool, tag = "6")]
+        Unchanged(bool),
+        /// A binary value's bytes.
+        #[prost(bytes = "vec", tag = "7")]
+        Bytes(Vec<u8>),
+    }
+}
+
+/// One column of a [`Table`] or [`Rows`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TableColumn {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The type as the source names it (`numeric(30,10)`, `varchar(20)`).
+    #[prost(string, tag = "2")]
+    pub source_type: String,
+    #[prost(enumeration = "ValueType", tag = "3")]
+    pub value_type: i32,
+    /// Part of the key that identifies a row (the primary key, or the unique
+    /// index the source identifies rows by). A table identified by its whole
+    /// row has no key column.
+    #[prost(bool, tag = "4")]
+    pub key: bool,
+    /// Decimal precision and scale, where the source declares them.
+    #[prost(uint32, optional, tag = "5")]
+    pub precision: Option<u32>,
+    #[prost(uint32, optional, tag = "6")]
+    pub scale: Option<u32>,
+}
+
+/// The columns of a captured table, source-neutral (version 4; [`SchemaChange`]
+/// is its predecessor). Sent before the first row of the table a source ships
+/// and again whenever the column names or types change, immediately before the
+/// first row with the new shape.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Table {
+    #[prost(string, tag = "1")]
+    pub schema: String,
+    #[prost(string, tag = "2")]
+    pub table: String,
+    #[prost(message, repeated, tag = "3")]
+    pub columns: Vec<TableColumn>,
+    /// How the source identifies rows, in its own words (PostgreSQL's replica
+    /// identity: `default`, `index`, `full`, `nothing`).
+    #[prost(string, tag = "4")]
+    pub identity: String,
+    /// Source position of the transaction the shape was first seen in (for a
+    /// snapshot: the position it is consistent with), as in [`Row`].
+    #[prost(bytes = "vec", tag = "5")]
+    pub position: Vec<u8>,
+    #[prost(string, tag = "6")]
+    pub source: String,
+}
+
+/// Snapshot rows of one table in COPY text (see [`crate::copy_text`]: one row
+/// per line, tab-separated fields in `columns` order, `\N` for NULL, backslash
+/// escapes; a binary value as `\x` + hex of its bytes), source-neutral
+/// (version 4; [`RowBlock`] is its predecessor, with the same tags for columns,
+/// row count and text).
+///
+/// Row `i` stands for the [`Row`] with `op = INSERT`, `snapshot = true`, an
+/// empty `txn`, this `position` and `source`, `change_index = first_index + i`,
+/// `last_in_txn = true` and these columns: [`crate::copy_text::rows_of`] gives
+/// exactly those. The exchange refuses a block whose line count is not
+/// `row_count` or whose lines do not have one field per column.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Rows {
+    #[prost(string, tag = "1")]
+    pub schema: String,
+    #[prost(string, tag = "2")]
+    pub table: String,
+    #[prost(message, repeated, tag = "3")]
+    pub columns: Vec<TableColumn>,
+    /// The source position of the view the rows were read under.
+    #[prost(bytes = "vec", tag = "4")]
+    pub position: Vec<u8>,
+    /// The table-copy row number of the first line.
+    #[prost(uint64, tag = "5")]
+    pub first_index: u64,
+    #[prost(uint32, tag = "6")]
+    pub row_count: u32,
+    #[prost(string, tag = "7")]
+    pub copy_text: String,
+    #[prost(string, tag = "8")]
+    pub source: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

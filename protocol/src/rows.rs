@@ -1,21 +1,39 @@
 //! A source-neutral view of database records, as a delivery consumes them.
 //!
-//! A source ships [`RowChange`]s, [`SchemaChange`]s and [`RowBlock`]s in its own
-//! terms (PostgreSQL type oids, replica identities, COPY text). [`row_events`]
-//! turns each [`Record`] into [`RowEvent`]s that say only what a consumer needs to
-//! reproduce the table: a table's shape (columns, neutral types, key), upserts by
-//! key, deletes, truncates. A delivery written against these events takes any
-//! source that maps into them (a MySQL source would map its own type names into
-//! [`NeutralType`] and its binlog rows into the same events) without a change.
+//! Database sources write [`Row`]s, [`Table`]s and [`Rows`] blocks (protocol
+//! version 4): a source-neutral envelope with neutral value types, an opaque
+//! source position and transaction id. Stores still hold the PostgreSQL-shaped
+//! [`RowChange`]s, [`SchemaChange`]s and [`RowBlock`]s of version 3 agents.
+//! [`row_events`] turns either into [`RowEvent`]s that say only what a consumer
+//! needs to reproduce the table: a table's shape (columns, neutral types, key),
+//! upserts by key, deletes, truncates. A delivery written against these events
+//! takes every source that writes the envelope without a change.
 //!
 //! Values stay in the source's canonical text form ([`Value::Text`]: PostgreSQL's
 //! type output, exact for numeric and with the zone for timestamptz), so nothing
 //! is lost between the source and the consumer's own input functions.
 //!
 //! [`RowBlock`]: crate::messages::RowBlock
+//! [`Rows`]: crate::messages::Rows
 
-use crate::copy_text::block_rows;
-use crate::messages::{column, record::Body, Column, Record, RowChange, RowOp, SchemaChange};
+use crate::copy_text::rows_of;
+use crate::messages::{
+    column, field, record::Body, Column, Field, Record, Row, RowChange, RowOp, Rows, SchemaChange,
+    SchemaColumn, Table, TableColumn, ValueType,
+};
+
+/// [`Row::source`] of PostgreSQL rows; their [`Row::position`] is [`lsn_position`].
+pub const POSTGRES: &str = "postgres";
+
+/// A PostgreSQL LSN as a [`Row::position`]: 8 bytes big-endian.
+pub fn lsn_position(lsn: u64) -> Vec<u8> {
+    lsn.to_be_bytes().to_vec()
+}
+
+/// The LSN a PostgreSQL [`Row::position`] holds.
+pub fn position_lsn(position: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(position).ok().map(u64::from_be_bytes)
+}
 
 /// A column's type, in terms every consumer can map to its own.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -52,28 +70,107 @@ impl NeutralType {
     /// `format_type`'s spelling (`numeric(30,10)`), which carries numeric's
     /// precision and scale and names the types this does not know.
     pub fn from_postgres(type_oid: u32, type_name: &str) -> NeutralType {
-        match type_oid {
-            16 => NeutralType::Bool,
-            21 => NeutralType::Int16,
-            23 => NeutralType::Int32,
-            20 => NeutralType::Int64,
-            700 => NeutralType::Float32,
-            701 => NeutralType::Float64,
-            1700 => {
-                let (precision, scale) = numeric_modifiers(type_name);
-                NeutralType::Decimal { precision, scale }
-            }
-            25 | 1043 | 1042 | 19 => NeutralType::Text,
-            17 => NeutralType::Bytes,
-            1082 => NeutralType::Date,
-            1083 => NeutralType::Time,
-            1114 => NeutralType::Timestamp,
-            1184 => NeutralType::TimestampTz,
-            1186 => NeutralType::Interval,
-            2950 => NeutralType::Uuid,
-            114 | 3802 => NeutralType::Json,
-            _ => NeutralType::Other(type_name.to_string()),
+        let (precision, scale) = match postgres_value_type(type_oid) {
+            ValueType::Decimal => numeric_modifiers(type_name),
+            _ => (None, None),
+        };
+        NeutralType::of_column(&TableColumn {
+            value_type: postgres_value_type(type_oid) as i32,
+            source_type: type_name.to_string(),
+            precision,
+            scale,
+            ..Default::default()
+        })
+    }
+
+    /// The type a [`TableColumn`] states.
+    pub fn of_column(c: &TableColumn) -> NeutralType {
+        match ValueType::try_from(c.value_type).unwrap_or(ValueType::Unspecified) {
+            ValueType::Bool => NeutralType::Bool,
+            ValueType::Int16 => NeutralType::Int16,
+            ValueType::Int32 => NeutralType::Int32,
+            ValueType::Int64 => NeutralType::Int64,
+            ValueType::Float32 => NeutralType::Float32,
+            ValueType::Float64 => NeutralType::Float64,
+            ValueType::Decimal => NeutralType::Decimal {
+                precision: c.precision,
+                scale: c.scale,
+            },
+            ValueType::Text => NeutralType::Text,
+            ValueType::Bytes => NeutralType::Bytes,
+            ValueType::Date => NeutralType::Date,
+            ValueType::Time => NeutralType::Time,
+            ValueType::Timestamp => NeutralType::Timestamp,
+            ValueType::TimestampTz => NeutralType::TimestampTz,
+            ValueType::Interval => NeutralType::Interval,
+            ValueType::Uuid => NeutralType::Uuid,
+            ValueType::Json => NeutralType::Json,
+            ValueType::Other | ValueType::Unspecified => NeutralType::Other(c.source_type.clone()),
         }
+    }
+
+    /// A column of this type as a [`TableColumn`], the source's spelling
+    /// beside it.
+    pub fn to_column(&self, name: &str, source_type: &str, key: bool) -> TableColumn {
+        let (precision, scale) = match self {
+            NeutralType::Decimal { precision, scale } => (*precision, *scale),
+            _ => (None, None),
+        };
+        TableColumn {
+            name: name.to_string(),
+            source_type: source_type.to_string(),
+            value_type: self.value_type() as i32,
+            key,
+            precision,
+            scale,
+        }
+    }
+
+    /// The wire's [`ValueType`] of this type.
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            NeutralType::Bool => ValueType::Bool,
+            NeutralType::Int16 => ValueType::Int16,
+            NeutralType::Int32 => ValueType::Int32,
+            NeutralType::Int64 => ValueType::Int64,
+            NeutralType::Float32 => ValueType::Float32,
+            NeutralType::Float64 => ValueType::Float64,
+            NeutralType::Decimal { .. } => ValueType::Decimal,
+            NeutralType::Text => ValueType::Text,
+            NeutralType::Bytes => ValueType::Bytes,
+            NeutralType::Date => ValueType::Date,
+            NeutralType::Time => ValueType::Time,
+            NeutralType::Timestamp => ValueType::Timestamp,
+            NeutralType::TimestampTz => ValueType::TimestampTz,
+            NeutralType::Interval => ValueType::Interval,
+            NeutralType::Uuid => ValueType::Uuid,
+            NeutralType::Json => ValueType::Json,
+            NeutralType::Other(_) => ValueType::Other,
+        }
+    }
+}
+
+/// The [`ValueType`] of a PostgreSQL type oid ([`ValueType::Other`] for the
+/// types it does not name).
+pub fn postgres_value_type(type_oid: u32) -> ValueType {
+    match type_oid {
+        16 => ValueType::Bool,
+        21 => ValueType::Int16,
+        23 => ValueType::Int32,
+        20 => ValueType::Int64,
+        700 => ValueType::Float32,
+        701 => ValueType::Float64,
+        1700 => ValueType::Decimal,
+        25 | 1043 | 1042 | 19 => ValueType::Text,
+        17 => ValueType::Bytes,
+        1082 => ValueType::Date,
+        1083 => ValueType::Time,
+        1114 => ValueType::Timestamp,
+        1184 => ValueType::TimestampTz,
+        1186 => ValueType::Interval,
+        2950 => ValueType::Uuid,
+        114 | 3802 => ValueType::Json,
+        _ => ValueType::Other,
     }
 }
 
@@ -196,52 +293,174 @@ pub enum RowsError {
 /// chunks, lines).
 pub fn row_events(record: &Record) -> Result<Vec<RowEvent>, RowsError> {
     match &record.body {
-        Some(Body::RowChange(c)) => Ok(vec![change_event(c)?]),
-        Some(Body::SchemaChange(s)) => Ok(vec![RowEvent::Shape(shape(s))]),
-        Some(Body::RowBlock(b)) => {
-            let rows = block_rows(b).map_err(|reason| RowsError::Block {
+        Some(Body::Row(r)) => Ok(vec![row_event(r)?]),
+        Some(Body::Table(t)) => Ok(vec![RowEvent::Shape(table_shape(t))]),
+        Some(Body::Rows(b)) => {
+            let rows = rows_of(b).map_err(|reason| RowsError::Block {
                 table: format!("{}.{}", b.schema, b.table),
                 reason,
             })?;
-            rows.iter().map(change_event).collect()
+            rows.iter().map(row_event).collect()
+        }
+        Some(old @ (Body::RowChange(_) | Body::SchemaChange(_) | Body::RowBlock(_))) => {
+            row_events(&Record {
+                body: envelope_of(old),
+                ..Record::default()
+            })
         }
         Some(Body::Line(_) | Body::FileChunk(_) | Body::FileAbort(_)) | None => Ok(Vec::new()),
     }
 }
 
-/// A schema change as a shape. Under `REPLICA IDENTITY FULL` PostgreSQL flags
-/// every column as identity, which is no key at all (columns may be NULL, rows
-/// may repeat): such a table has no key here, and its updates and deletes carry
-/// the whole old row to find it by.
-fn shape(s: &SchemaChange) -> TableShape {
+/// The source-neutral twin of a version 3 row record's body: a [`RowChange`]
+/// as a [`Row`], a [`SchemaChange`] as a [`Table`], a [`RowBlock`] as a
+/// [`Rows`] block (PostgreSQL's: LSNs as [`lsn_position`], xids in decimal,
+/// types mapped by oid); `None` for any other body. Readers of the store go by
+/// the envelope alone.
+pub fn envelope_of(body: &Body) -> Option<Body> {
+    match body {
+        Body::RowChange(c) => Some(Body::Row(row_of_change(c))),
+        Body::SchemaChange(s) => Some(Body::Table(table_of_schema(s))),
+        Body::RowBlock(b) => Some(Body::Rows(Rows {
+            schema: b.schema.clone(),
+            table: b.table.clone(),
+            columns: b
+                .columns
+                .iter()
+                .map(|c| postgres_column(c, false))
+                .collect(),
+            position: lsn_position(b.commit_lsn),
+            first_index: b.first_index,
+            row_count: b.row_count,
+            copy_text: b.copy_text.clone(),
+            source: POSTGRES.to_string(),
+        })),
+        _ => None,
+    }
+}
+
+/// Under `REPLICA IDENTITY FULL` PostgreSQL flags every column as identity,
+/// which is no key at all (columns may be NULL, rows may repeat): such a table
+/// has no key column, and its updates and deletes carry the whole old row.
+fn postgres_column(c: &SchemaColumn, full_identity: bool) -> TableColumn {
+    NeutralType::from_postgres(c.type_oid, &c.type_name).to_column(
+        &c.name,
+        &c.type_name,
+        c.key && !full_identity,
+    )
+}
+
+fn table_of_schema(s: &SchemaChange) -> Table {
     let full = s.replica_identity == "full";
-    TableShape {
-        namespace: s.schema.clone(),
+    Table {
+        schema: s.schema.clone(),
         table: s.table.clone(),
-        columns: s
+        columns: s.columns.iter().map(|c| postgres_column(c, full)).collect(),
+        identity: s.replica_identity.clone(),
+        position: lsn_position(s.commit_lsn),
+        source: POSTGRES.to_string(),
+    }
+}
+
+fn row_of_change(c: &RowChange) -> Row {
+    let fields = |cols: &[Column]| -> Vec<Field> {
+        cols.iter()
+            .map(|col| Field {
+                name: col.name.clone(),
+                value_type: postgres_value_type(col.type_oid) as i32,
+                value: col.value.clone().map(|v| match v {
+                    column::Value::Text(t) => field::Value::Text(t),
+                    column::Value::Null(n) => field::Value::Null(n),
+                    column::Value::UnchangedToast(u) => field::Value::Unchanged(u),
+                    column::Value::Bytes(b) => field::Value::Bytes(b),
+                }),
+            })
+            .collect()
+    };
+    let flags = [
+        (c.truncate_cascade, "cascade"),
+        (c.truncate_restart_identity, "restart_identity"),
+    ]
+    .iter()
+    .filter(|(set, _)| *set)
+    .map(|(_, f)| f.to_string())
+    .collect();
+    Row {
+        schema: c.schema.clone(),
+        table: c.table.clone(),
+        op: c.op,
+        txn: if c.xid == 0 {
+            String::new()
+        } else {
+            c.xid.to_string()
+        },
+        position: lsn_position(c.commit_lsn),
+        commit_time_unix_us: c.commit_time_unix_us,
+        change_index: c.change_index,
+        last_in_txn: c.last_in_txn,
+        snapshot: c.snapshot,
+        columns: fields(&c.columns),
+        old_key: fields(&c.old_key),
+        flags,
+        source: POSTGRES.to_string(),
+    }
+}
+
+/// Whether a record is about database rows (a shape, a change, a block of
+/// snapshot rows), in either protocol version's terms.
+pub fn is_row_record(record: &Record) -> bool {
+    matches!(
+        &record.body,
+        Some(
+            Body::Row(_)
+                | Body::Table(_)
+                | Body::Rows(_)
+                | Body::RowChange(_)
+                | Body::SchemaChange(_)
+                | Body::RowBlock(_)
+        )
+    )
+}
+
+/// False only for a row change that is not the last of its source transaction:
+/// where a consumer may stop without splitting one.
+pub fn ends_txn(record: &Record) -> bool {
+    match &record.body {
+        Some(Body::Row(c)) => c.last_in_txn,
+        Some(Body::RowChange(c)) => c.last_in_txn,
+        _ => true,
+    }
+}
+
+/// A [`Table`] as a shape: its key flags are the row identity already.
+fn table_shape(t: &Table) -> TableShape {
+    TableShape {
+        namespace: t.schema.clone(),
+        table: t.table.clone(),
+        columns: t
             .columns
             .iter()
             .map(|c| ColumnShape {
                 name: c.name.clone(),
-                ty: NeutralType::from_postgres(c.type_oid, &c.type_name),
-                key: c.key && !full,
+                ty: NeutralType::of_column(c),
+                key: c.key,
             })
             .collect(),
     }
 }
 
-fn change_event(c: &RowChange) -> Result<RowEvent, RowsError> {
-    let values = |cols: &[Column]| -> Result<Vec<(String, Value)>, RowsError> {
+fn row_event(r: &Row) -> Result<RowEvent, RowsError> {
+    let values = |cols: &[Field]| -> Result<Vec<(String, Value)>, RowsError> {
         cols.iter()
             .map(|col| {
                 let v = match &col.value {
-                    Some(column::Value::Text(t)) => Value::Text(t.clone()),
-                    Some(column::Value::Null(_)) => Value::Null,
-                    Some(column::Value::UnchangedToast(_)) => Value::Unchanged,
-                    Some(column::Value::Bytes(b)) => Value::Bytes(b.clone()),
+                    Some(field::Value::Text(t)) => Value::Text(t.clone()),
+                    Some(field::Value::Null(_)) => Value::Null,
+                    Some(field::Value::Unchanged(_)) => Value::Unchanged,
+                    Some(field::Value::Bytes(b)) => Value::Bytes(b.clone()),
                     None => {
                         return Err(RowsError::NoValue {
-                            table: format!("{}.{}", c.schema, c.table),
+                            table: format!("{}.{}", r.schema, r.table),
                             column: col.name.clone(),
                         })
                     }
@@ -250,19 +469,19 @@ fn change_event(c: &RowChange) -> Result<RowEvent, RowsError> {
             })
             .collect()
     };
-    let namespace = c.schema.clone();
-    let table = c.table.clone();
-    let end_of_txn = c.last_in_txn;
-    match RowOp::try_from(c.op) {
+    let namespace = r.schema.clone();
+    let table = r.table.clone();
+    let end_of_txn = r.last_in_txn;
+    match RowOp::try_from(r.op) {
         Ok(RowOp::Insert | RowOp::Update) => Ok(RowEvent::Upsert {
-            columns: values(&c.columns)?,
-            old_key: values(&c.old_key)?,
+            columns: values(&r.columns)?,
+            old_key: values(&r.old_key)?,
             namespace,
             table,
             end_of_txn,
         }),
         Ok(RowOp::Delete) => Ok(RowEvent::Delete {
-            old_key: values(&c.old_key)?,
+            old_key: values(&r.old_key)?,
             namespace,
             table,
             end_of_txn,
@@ -273,8 +492,8 @@ fn change_event(c: &RowChange) -> Result<RowEvent, RowsError> {
             end_of_txn,
         }),
         Ok(RowOp::Unspecified) | Err(_) => Err(RowsError::Op {
-            table: format!("{}.{}", c.schema, c.table),
-            op: c.op,
+            table: format!("{namespace}.{table}"),
+            op: r.op,
         }),
     }
 }
@@ -282,7 +501,7 @@ fn change_event(c: &RowChange) -> Result<RowEvent, RowsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::{FileChunk, RowBlock, SchemaColumn};
+    use crate::messages::{FileChunk, RowBlock};
 
     fn text(name: &str, v: &str) -> Column {
         Column {
@@ -575,5 +794,101 @@ mod tests {
             .unwrap()
             .is_empty());
         assert!(row_events(&Record::default()).unwrap().is_empty());
+    }
+
+    /// The envelope read directly: a table's neutral shape (no key under a
+    /// whole-row identity is the source's to say), a row with its neutral
+    /// values, a block of snapshot rows with binary values as bytes.
+    #[test]
+    fn envelope_records_are_events() {
+        let table = Table {
+            schema: "hall".into(),
+            table: "resident".into(),
+            columns: vec![
+                NeutralType::Int64.to_column("id", "bigint", true),
+                NeutralType::Decimal {
+                    precision: Some(12),
+                    scale: Some(2),
+                }
+                .to_column("fee", "decimal(12,2)", false),
+                NeutralType::Bytes.to_column("photo", "blob", false),
+                NeutralType::Other("set('a','b')".into()).to_column("tags", "set('a','b')", false),
+            ],
+            identity: "key".into(),
+            position: b"binlog.000001:4".to_vec(),
+            source: "mysql".into(),
+        };
+        let ev = row_events(&record(Body::Table(table.clone()))).unwrap();
+        let RowEvent::Shape(shape) = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(
+            shape
+                .columns
+                .iter()
+                .map(|c| (c.ty.clone(), c.key))
+                .collect::<Vec<_>>(),
+            vec![
+                (NeutralType::Int64, true),
+                (
+                    NeutralType::Decimal {
+                        precision: Some(12),
+                        scale: Some(2)
+                    },
+                    false
+                ),
+                (NeutralType::Bytes, false),
+                (NeutralType::Other("set('a','b')".into()), false),
+            ]
+        );
+        let row = Row {
+            schema: "hall".into(),
+            table: "resident".into(),
+            op: RowOp::Delete as i32,
+            txn: "0-1-42".into(),
+            last_in_txn: false,
+            old_key: vec![Field {
+                name: "id".into(),
+                value_type: ValueType::Int64 as i32,
+                value: Some(field::Value::Text("7".into())),
+            }],
+            source: "mysql".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            row_events(&record(Body::Row(row))).unwrap(),
+            vec![RowEvent::Delete {
+                namespace: "hall".into(),
+                table: "resident".into(),
+                old_key: vec![("id".into(), Value::Text("7".into()))],
+                end_of_txn: false,
+            }]
+        );
+        let block = Rows {
+            schema: "hall".into(),
+            table: "resident".into(),
+            columns: table.columns.clone(),
+            position: b"binlog.000001:4".to_vec(),
+            first_index: 0,
+            row_count: 1,
+            copy_text: "7\t1.50\t\\\\x00ff\ta,b\n".into(),
+            source: "mysql".into(),
+        };
+        let ev = row_events(&record(Body::Rows(block))).unwrap();
+        assert_eq!(
+            ev,
+            vec![RowEvent::Upsert {
+                namespace: "hall".into(),
+                table: "resident".into(),
+                columns: vec![
+                    ("id".into(), Value::Text("7".into())),
+                    ("fee".into(), Value::Text("1.50".into())),
+                    ("photo".into(), Value::Bytes(vec![0, 0xff])),
+                    ("tags".into(), Value::Text("a,b".into())),
+                ],
+                old_key: vec![],
+                end_of_txn: true,
+            }]
+        );
     }
 }

@@ -1,8 +1,7 @@
 //! Turning relations, rows and snapshot rows into Ferry records.
 
-use ferry_protocol::messages::{
-    column, record, Column, Record, RowChange, RowOp, SchemaChange, SchemaColumn,
-};
+use ferry_protocol::messages::{field, record, Field, Record, Row, RowOp, Table, TableColumn};
+use ferry_protocol::rows::{lsn_position, postgres_value_type, NeutralType, POSTGRES};
 use pg_walstream::{ColumnValue, RowData};
 use sha2::{Digest, Sha256};
 
@@ -10,8 +9,7 @@ use super::position::fmt_lsn;
 use super::sql::{replident_name, ColInfo, TableInfo};
 use crate::now_unix_ms;
 
-/// `bytea`.
-use ferry_protocol::copy_text::text_value;
+use ferry_protocol::copy_text::field_value;
 
 /// A captured table's shape, from a Relation message or the catalog.
 #[derive(Debug, Clone)]
@@ -38,7 +36,7 @@ impl Rel {
         format!("{}.{}", self.schema, self.table)
     }
 
-    /// Short digest of what a [`SchemaChange`] states, to tell whether the shape
+    /// Short digest of what a [`Table`] states, to tell whether the shape
     /// changed since the last one shipped.
     pub(crate) fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
@@ -51,14 +49,20 @@ impl Rel {
         hex::encode(&h.finalize()[..8])
     }
 
-    pub(crate) fn schema_columns(&self) -> Vec<SchemaColumn> {
+    /// The columns in neutral terms. Under `REPLICA IDENTITY FULL` pgoutput
+    /// flags every column as identity, which is no key at all (columns may be
+    /// NULL, rows may repeat): such a table has no key column, and its updates
+    /// and deletes carry the whole old row to find it by.
+    pub(crate) fn table_columns(&self) -> Vec<TableColumn> {
+        let full = self.replica_identity == "full";
         self.cols
             .iter()
-            .map(|c| SchemaColumn {
-                name: c.name.clone(),
-                type_name: c.type_name.clone(),
-                type_oid: c.type_oid,
-                key: c.key,
+            .map(|c| {
+                NeutralType::from_postgres(c.type_oid, &c.type_name).to_column(
+                    &c.name,
+                    &c.type_name,
+                    c.key && !full,
+                )
             })
             .collect()
     }
@@ -67,38 +71,41 @@ impl Rel {
         Record {
             time_unix_ms: now_unix_ms(),
             position: format!("lsn={} schema {}", fmt_lsn(lsn), self.name()),
-            body: Some(record::Body::SchemaChange(SchemaChange {
+            body: Some(record::Body::Table(Table {
                 schema: self.schema.clone(),
                 table: self.table.clone(),
-                columns: self.schema_columns(),
-                replica_identity: self.replica_identity.to_string(),
-                commit_lsn: lsn,
+                columns: self.table_columns(),
+                identity: self.replica_identity.to_string(),
+                position: lsn_position(lsn),
+                source: POSTGRES.to_string(),
             })),
         }
     }
 }
 
-fn column(c: &ColInfo, value: column::Value) -> Column {
-    Column {
+fn column(c: &ColInfo, value: field::Value) -> Field {
+    Field {
         name: c.name.clone(),
-        type_name: c.type_name.clone(),
-        type_oid: c.type_oid,
+        value_type: postgres_value_type(c.type_oid) as i32,
         value: Some(value),
     }
 }
 
-fn decoded(c: &ColInfo, v: Option<&ColumnValue>) -> column::Value {
+fn decoded(c: &ColInfo, v: Option<&ColumnValue>) -> field::Value {
     match v {
-        None => column::Value::UnchangedToast(true),
-        Some(ColumnValue::Null) => column::Value::Null(true),
-        Some(ColumnValue::Text(b)) => text_value(c.type_oid, &String::from_utf8_lossy(b)),
-        Some(ColumnValue::Binary(b)) => column::Value::Bytes(b.to_vec()),
+        None => field::Value::Unchanged(true),
+        Some(ColumnValue::Null) => field::Value::Null(true),
+        Some(ColumnValue::Text(b)) => field_value(
+            postgres_value_type(c.type_oid) as i32,
+            &String::from_utf8_lossy(b),
+        ),
+        Some(ColumnValue::Binary(b)) => field::Value::Bytes(b.to_vec()),
     }
 }
 
 /// A new row: every published column in order; one the server left out is an
 /// unchanged TOAST value.
-pub(crate) fn row_columns(rel: &Rel, row: &RowData) -> Vec<Column> {
+pub(crate) fn row_columns(rel: &Rel, row: &RowData) -> Vec<Field> {
     rel.cols
         .iter()
         .map(|c| column(c, decoded(c, row.get(&c.name))))
@@ -110,7 +117,7 @@ pub(crate) fn old_columns(
     rel: &Rel,
     row: &RowData,
     key_columns: &[std::sync::Arc<str>],
-) -> Vec<Column> {
+) -> Vec<Field> {
     rel.cols
         .iter()
         .filter(|c| key_columns.iter().any(|k| k.as_ref() == c.name))
@@ -131,8 +138,8 @@ pub(crate) fn row_record(
     rel: &Rel,
     op: RowOp,
     stamp: &Stamp,
-    columns: Vec<Column>,
-    old_key: Vec<Column>,
+    columns: Vec<Field>,
+    old_key: Vec<Field>,
 ) -> Record {
     let position = if stamp.snapshot {
         format!("snapshot {} #{}", rel.name(), stamp.change_index)
@@ -145,21 +152,30 @@ pub(crate) fn row_record(
     Record {
         time_unix_ms: now_unix_ms(),
         position,
-        body: Some(record::Body::RowChange(RowChange {
+        body: Some(record::Body::Row(Row {
             schema: rel.schema.clone(),
             table: rel.table.clone(),
             op: op as i32,
-            xid: stamp.xid,
-            commit_lsn: stamp.commit_lsn,
+            txn: txn_id(stamp.xid),
+            position: lsn_position(stamp.commit_lsn),
             commit_time_unix_us: stamp.commit_time_unix_us,
             change_index: stamp.change_index,
             last_in_txn: stamp.snapshot,
             snapshot: stamp.snapshot,
             columns,
             old_key,
-            truncate_cascade: false,
-            truncate_restart_identity: false,
+            flags: Vec::new(),
+            source: POSTGRES.to_string(),
         })),
+    }
+}
+
+/// A [`Row::txn`]: the xid in decimal; empty for none (snapshot rows).
+pub(crate) fn txn_id(xid: u32) -> String {
+    if xid == 0 {
+        String::new()
+    } else {
+        xid.to_string()
     }
 }
 

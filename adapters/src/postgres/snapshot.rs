@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 
 use ferry_protocol::copy_text::{check_block, Fields, Lines};
-use ferry_protocol::messages::{record, Record, RowBlock, SchemaColumn};
+use ferry_protocol::messages::{record, Record, Rows, TableColumn};
 use ferry_protocol::record_buf::RecordBuf;
+use ferry_protocol::rows::{lsn_position, POSTGRES};
 use futures_util::StreamExt;
 use pg_walstream::{PgReplicationConnection, ReplicationSlotOptions, SlotType};
 use prost::Message as _;
@@ -245,7 +246,7 @@ async fn copy_pipelined(
     Ok(())
 }
 
-/// Gathers a table's COPY rows into [`RowBlock`] records, as the server wrote
+/// Gathers a table's COPY rows into [`Rows`] records, as the server wrote
 /// them (less any leading key fields): appending a row is a copy of its bytes.
 /// Its buffers are reused from block to block.
 struct BlockEncoder<'a> {
@@ -253,7 +254,7 @@ struct BlockEncoder<'a> {
     name: &'a str,
     key_at: KeyAt,
     view_lsn: u64,
-    columns: Vec<SchemaColumn>,
+    columns: Vec<TableColumn>,
     /// Largest text a block may hold: a record, with its columns, must fit in
     /// [`MAX_RECORD_BYTES`].
     max_text: usize,
@@ -269,7 +270,7 @@ struct BlockEncoder<'a> {
 
 impl<'a> BlockEncoder<'a> {
     fn new(rel: &'a Rel, name: &'a str, key_at: KeyAt, view_lsn: u64) -> Self {
-        let columns = rel.schema_columns();
+        let columns = rel.table_columns();
         let head: usize = columns.iter().map(|c| c.encoded_len() + 8).sum();
         BlockEncoder {
             rel,
@@ -380,18 +381,19 @@ impl<'a> BlockEncoder<'a> {
             let record = Record {
                 time_unix_ms: now_unix_ms(),
                 position: format!("snapshot {} #{}-{last}", self.name, self.first),
-                body: Some(record::Body::RowBlock(RowBlock {
+                body: Some(record::Body::Rows(Rows {
                     schema: self.rel.schema.clone(),
                     table: self.rel.table.clone(),
                     columns: std::mem::take(&mut self.columns),
-                    commit_lsn: self.view_lsn,
+                    position: lsn_position(self.view_lsn),
                     first_index: self.first,
                     row_count: rows,
                     copy_text: text,
+                    source: POSTGRES.to_string(),
                 })),
             };
             pending.push(&record);
-            if let Some(record::Body::RowBlock(b)) = record.body {
+            if let Some(record::Body::Rows(b)) = record.body {
                 self.columns = b.columns;
                 self.text = b.copy_text.into_bytes();
                 self.text.clear();

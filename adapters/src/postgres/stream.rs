@@ -27,10 +27,11 @@ use tracing::{error, info, warn};
 
 use super::conn::{classify_repl, Fail, Result};
 use super::position::{fmt_lsn, Partial, PgPosition, StreamPos};
-use super::records::{old_columns, row_columns, row_record, size_of, Rel, Stamp};
+use super::records::{old_columns, row_columns, row_record, size_of, txn_id, Rel, Stamp};
 use super::run::Session;
 use super::spool::Spool;
 use super::sql::ColInfo;
+use ferry_protocol::rows::lsn_position;
 
 /// A transaction goes to the buffer in one commit up to this many changes...
 pub(crate) const MAX_TXN_ROWS: usize = 10_000;
@@ -337,7 +338,7 @@ impl Streamer<'_, '_> {
                 while let Some(rec) = replay.next_record().map_err(|e| {
                     Fail::Fatal(format!("cannot read back a spooled transaction: {e}"))
                 })? {
-                    if let Some(record::Body::SchemaChange(c)) = &rec.body {
+                    if let Some(record::Body::Table(c)) = &rec.body {
                         let name = format!("{}.{}", c.schema, c.table);
                         if self.schemas.get(&name) == Some(&rec.position) {
                             continue;
@@ -601,8 +602,8 @@ impl Streamer<'_, '_> {
         &mut self,
         rel_oid: u32,
         op: RowOp,
-        columns: Vec<ferry_protocol::messages::Column>,
-        old_key: Vec<ferry_protocol::messages::Column>,
+        columns: Vec<ferry_protocol::messages::Field>,
+        old_key: Vec<ferry_protocol::messages::Field>,
         truncate: (bool, bool),
     ) -> Result<Option<u64>> {
         let Some(rel) = self.rels.get(&rel_oid) else {
@@ -617,8 +618,14 @@ impl Streamer<'_, '_> {
             snapshot: false,
         };
         let mut rec = row_record(rel, op, &stamp, columns, old_key);
-        if let Some(record::Body::RowChange(c)) = rec.body.as_mut() {
-            (c.truncate_cascade, c.truncate_restart_identity) = truncate;
+        if let Some(record::Body::Row(c)) = rec.body.as_mut() {
+            let (cascade, restart_identity) = truncate;
+            if cascade {
+                c.flags.push("cascade".to_string());
+            }
+            if restart_identity {
+                c.flags.push("restart_identity".to_string());
+            }
         }
         // pg_walstream reports a Relation message only when the shape is new to
         // it, which may have been in another transaction: each transaction makes
@@ -662,8 +669,8 @@ impl Streamer<'_, '_> {
         };
         let (xid, commit_lsn, time_us) = (t.xid, t.commit_lsn, t.time_us);
         match rec.body.as_mut() {
-            Some(record::Body::SchemaChange(c)) => {
-                c.commit_lsn = commit_lsn;
+            Some(record::Body::Table(c)) => {
+                c.position = lsn_position(commit_lsn);
                 rec.position = format!(
                     "lsn={} schema {}.{}",
                     fmt_lsn(commit_lsn),
@@ -674,7 +681,7 @@ impl Streamer<'_, '_> {
                 t.pending.push(rec);
                 return Ok(None);
             }
-            Some(record::Body::RowChange(_)) => {}
+            Some(record::Body::Row(_)) => {}
             _ => return Ok(None),
         }
         let idx = t.count;
@@ -697,9 +704,9 @@ impl Streamer<'_, '_> {
         let Some(t) = self.txn.as_mut() else {
             return Ok(None);
         };
-        if let Some(record::Body::RowChange(c)) = rec.body.as_mut() {
-            c.xid = xid;
-            c.commit_lsn = commit_lsn;
+        if let Some(record::Body::Row(c)) = rec.body.as_mut() {
+            c.txn = txn_id(xid);
+            c.position = lsn_position(commit_lsn);
             c.commit_time_unix_us = time_us;
             c.change_index = idx;
         }
@@ -726,12 +733,12 @@ impl Streamer<'_, '_> {
             // or heartbeat.
             return Ok(None);
         }
-        if let Some(record::Body::RowChange(c)) =
+        if let Some(record::Body::Row(c)) =
             t.pending
                 .iter_mut()
                 .rev()
                 .find_map(|r| match r.body.as_mut() {
-                    Some(b @ record::Body::RowChange(_)) => Some(b),
+                    Some(b @ record::Body::Row(_)) => Some(b),
                     _ => None,
                 })
         {
@@ -750,7 +757,7 @@ fn too_large(rec: &Record, size: usize, txn: &str) -> Result<()> {
         return Ok(());
     }
     let table = match &rec.body {
-        Some(record::Body::RowChange(c)) => format!("{}.{}", c.schema, c.table),
+        Some(record::Body::Row(c)) => format!("{}.{}", c.schema, c.table),
         _ => "a table".to_string(),
     };
     Err(Fail::Fatal(format!(

@@ -154,7 +154,7 @@ pub async fn catch_up(
         .unwrap();
     run.wait_for("the marker row", 60, || {
         store.any_record(|r| match &r.body {
-            Some(ferry_protocol::messages::record::Body::RowChange(c)) => c
+            Some(ferry_protocol::messages::record::Body::Row(c)) => c
                 .columns
                 .iter()
                 .any(|x| x.name == "note" && model::text(x).as_deref() == Some("marker")),

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use ferry_protocol::messages::{column, record, Column, Record, RowChange, RowOp, SchemaChange};
+use ferry_protocol::messages::{
+    field, record, Field as Column, Record, Row as RowChange, RowOp, Table as SchemaChange,
+};
 use tokio_postgres::Client;
 
 pub type Row = BTreeMap<String, Option<String>>;
@@ -11,10 +13,15 @@ pub type Row = BTreeMap<String, Option<String>>;
 /// A value as PostgreSQL's text output renders it; `None` for NULL.
 pub fn text(c: &Column) -> Option<String> {
     match c.value.as_ref() {
-        Some(column::Value::Text(t)) => Some(t.clone()),
-        Some(column::Value::Bytes(b)) => Some(format!("\\x{}", hex::encode(b))),
+        Some(field::Value::Text(t)) => Some(t.clone()),
+        Some(field::Value::Bytes(b)) => Some(format!("\\x{}", hex::encode(b))),
         _ => None,
     }
+}
+
+/// The commit LSN a PostgreSQL row's position holds.
+pub fn lsn(c: &RowChange) -> u64 {
+    ferry_protocol::rows::position_lsn(&c.position).expect("a PostgreSQL position")
 }
 
 /// Every row change, the rows of snapshot blocks each as the change it stands for.
@@ -24,9 +31,9 @@ pub fn rows(records: &[Record]) -> Vec<RowChange> {
 
 pub fn record_rows(r: &Record) -> Vec<RowChange> {
     match &r.body {
-        Some(record::Body::RowChange(c)) => vec![c.clone()],
-        Some(record::Body::RowBlock(b)) => {
-            ferry_protocol::copy_text::block_rows(b).expect("a well-formed row block")
+        Some(record::Body::Row(c)) => vec![c.clone()],
+        Some(record::Body::Rows(b)) => {
+            ferry_protocol::copy_text::rows_of(b).expect("a well-formed row block")
         }
         _ => Vec::new(),
     }
@@ -36,7 +43,7 @@ pub fn schemas(records: &[Record]) -> Vec<SchemaChange> {
     records
         .iter()
         .filter_map(|r| match &r.body {
-            Some(record::Body::SchemaChange(c)) => Some(c.clone()),
+            Some(record::Body::Table(c)) => Some(c.clone()),
             _ => None,
         })
         .collect()
@@ -60,7 +67,7 @@ impl Model {
 
     pub fn apply(&mut self, r: &Record) {
         match &r.body {
-            Some(record::Body::SchemaChange(s)) => {
+            Some(record::Body::Table(s)) => {
                 let name = format!("{}.{}", s.schema, s.table);
                 let keys = s
                     .columns
@@ -108,7 +115,7 @@ impl Model {
                 let t = self.tables.entry(name).or_default();
                 let row = t.entry(key).or_default();
                 for col in &c.columns {
-                    if !matches!(col.value, Some(column::Value::UnchangedToast(_))) {
+                    if !matches!(col.value, Some(field::Value::Unchanged(_))) {
                         row.insert(col.name.clone(), text(col));
                     }
                 }
@@ -168,13 +175,13 @@ pub fn assert_streamed_once(records: &[Record]) {
     let mut by_txn: BTreeMap<u64, Vec<(u32, bool)>> = BTreeMap::new();
     for c in rows(records).iter().filter(|c| !c.snapshot) {
         assert!(
-            seen.insert((c.commit_lsn, c.change_index)),
+            seen.insert((lsn(c), c.change_index)),
             "streamed change {}#{} appears twice",
-            c.commit_lsn,
+            lsn(c),
             c.change_index
         );
         by_txn
-            .entry(c.commit_lsn)
+            .entry(lsn(c))
             .or_default()
             .push((c.change_index, c.last_in_txn));
     }

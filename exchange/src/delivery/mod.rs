@@ -295,10 +295,7 @@ fn read_chunk(
                 read += 1;
                 bytes += prost::Message::encoded_len(&r.record);
                 chunk.last = r.seq;
-                let ends_txn = match &r.record.body {
-                    Some(Body::RowChange(c)) => c.last_in_txn,
-                    _ => true,
-                };
+                let ends_txn = ferry_protocol::rows::ends_txn(&r.record);
                 if keep(r.seq, &r.record) {
                     chunk.records.push((r.seq, r.record));
                     chunk.stored.push(stored_ms);
@@ -506,10 +503,7 @@ impl KindFilter {
         match self {
             KindFilter::Files => matches!(&r.body, Some(Body::FileChunk(c)) if c.end.is_some()),
             KindFilter::All => true,
-            KindFilter::Rows => matches!(
-                &r.body,
-                Some(Body::RowChange(_) | Body::SchemaChange(_) | Body::RowBlock(_))
-            ),
+            KindFilter::Rows => ferry_protocol::rows::is_row_record(r),
         }
     }
 }

@@ -26,7 +26,7 @@
 //! * Ferry streaming: a fresh `ferry-exchange` + `ferry-agent` (release build) with a
 //!   postgres stream on the third slot (`snapshot = "never"`): changes/s from agent
 //!   start until the exchange acknowledged every change (plus the table's one
-//!   SchemaChange record), durable in the agent's buffer and in the exchange's store.
+//!   Table record), durable in the agent's buffer and in the exchange's store.
 //! * Initial snapshot: a fresh exchange + agent with `snapshot = "initial"` (default
 //!   chunk size) on the loaded table: rows/s from agent start until the exchange
 //!   acknowledged every row, next to `psql -c "COPY t TO STDOUT" > /dev/null`;
@@ -233,7 +233,7 @@ struct FerryRun {
     exchange_cpu: f64,
 }
 
-/// Agent start until the exchange acknowledged `changes` + the SchemaChange.
+/// Agent start until the exchange acknowledged `changes` + the Table record.
 fn ferry_stream(dir: &Path, server: &PgServer, slot: &str, changes: u64) -> Result<FerryRun> {
     let mut pair = Pair::new(dir, &pg_stream(server, slot, "snapshot = \"never\""))?;
     let want = changes + 1;
@@ -249,7 +249,7 @@ fn ferry_stream(dir: &Path, server: &PgServer, slot: &str, changes: u64) -> Resu
     let agent_cpu = cpu_secs(pid);
     let exchange_cpu = cpu_secs(pair.exchange.0.id());
     if s["head_seq"].as_u64() != Some(want) {
-        bail!("expected {changes} changes and one SchemaChange record, the agent buffered: {s}");
+        bail!("expected {changes} changes and one Table record, the agent buffered: {s}");
     }
     pair.stop_agent();
     drop_slot(server, slot)?;
@@ -288,7 +288,7 @@ fn ferry_snapshot(dir: &Path, server: &PgServer, slot: &str, rows: u64) -> Resul
     let agent_cpu = cpu_secs(pid);
     let exchange_cpu = cpu_secs(pair.exchange.0.id());
     if s["acked_seq"].as_u64().unwrap_or(0) < 2 {
-        bail!("expected a SchemaChange record and the snapshot's rows: {s}");
+        bail!("expected a Table record and the snapshot's rows: {s}");
     }
     pair.stop_agent();
     if std::env::var_os("FERRY_BENCH_LOG").is_some() {
