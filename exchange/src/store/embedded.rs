@@ -567,40 +567,7 @@ impl Ledger for Embedded {
         let _commits = self.lock_commits()?;
         let next_seq = self.next_synced(agent, stream)?;
         let mut meta = self.stream_meta(agent, stream)?;
-        let Some(hold) = meta.hold.clone() else {
-            return Err(StoreError::Invalid(format!(
-                "stream {stream} of agent {agent} is not held"
-            )));
-        };
-        match decision {
-            Decision::Accept => {
-                // The buffer's acked+1 is stored as next_seq.
-                let offset = (next_seq - 1).saturating_sub(hold.acked_seq);
-                meta.boundaries.push(Boundary {
-                    from_seq: next_seq,
-                    incarnation: hold.incarnation.clone(),
-                    offset,
-                    accepted_unix_ms: now_unix_ms(),
-                    replaced: meta.incarnation.clone(),
-                });
-                meta.incarnation = hold.incarnation;
-                meta.offset = offset;
-                meta.hold = None;
-                warn!(
-                    agent,
-                    stream,
-                    from_seq = next_seq,
-                    offset,
-                    "held stream accepted as a continuation"
-                );
-            }
-            Decision::Refuse(why) => {
-                if let Some(h) = meta.hold.as_mut() {
-                    h.refused = Some(why.clone());
-                }
-                warn!(agent, stream, reason = %why, "held stream refused");
-            }
-        }
+        meta.resolve(agent, stream, next_seq, decision)?;
         self.put_stream_meta(agent, stream, &meta)?;
         Ok(meta)
     }

@@ -277,6 +277,53 @@ impl StreamMeta {
     /// first buffer is remembered; a new incarnation or a buffer behind is held
     /// until an operator decides. Every backend persists the record when
     /// `changed`.
+    /// Applies an operator's decision on the held stream, the stream's next seq
+    /// being `next_seq`: accepting makes the held buffer a continuation from
+    /// `next_seq` (its acked seq + 1 is stored there); refusing keeps the hold
+    /// with the reason. Every backend persists the record after.
+    pub fn resolve(
+        &mut self,
+        agent: &str,
+        stream: &str,
+        next_seq: u64,
+        decision: &Decision,
+    ) -> Result<(), StoreError> {
+        let Some(hold) = self.hold.clone() else {
+            return Err(StoreError::Invalid(format!(
+                "stream {stream} of agent {agent} is not held"
+            )));
+        };
+        match decision {
+            Decision::Accept => {
+                let offset = (next_seq - 1).saturating_sub(hold.acked_seq);
+                self.boundaries.push(Boundary {
+                    from_seq: next_seq,
+                    incarnation: hold.incarnation.clone(),
+                    offset,
+                    accepted_unix_ms: now_unix_ms(),
+                    replaced: self.incarnation.clone(),
+                });
+                self.incarnation = hold.incarnation;
+                self.offset = offset;
+                self.hold = None;
+                tracing::warn!(
+                    agent,
+                    stream,
+                    from_seq = next_seq,
+                    offset,
+                    "held stream accepted as a continuation"
+                );
+            }
+            Decision::Refuse(why) => {
+                if let Some(h) = self.hold.as_mut() {
+                    h.refused = Some(why.clone());
+                }
+                tracing::warn!(agent, stream, reason = %why, "held stream refused");
+            }
+        }
+        Ok(())
+    }
+
     pub fn judge(&mut self, next_seq: u64, decl: &StreamDecl) -> Judged {
         let rec = StreamRecord {
             next_seq,

@@ -7,7 +7,7 @@
 use ferry_protocol::messages::StreamDecl;
 use ferry_protocol::session::StreamPlan;
 use futures_util::StreamExt;
-use tracing::{error, warn};
+use tracing::error;
 
 use super::{names, Inner};
 use crate::store::*;
@@ -86,45 +86,10 @@ impl Inner {
         let next_seq = self.fresh_next(agent, stream).await?;
         let ((), meta) = self
             .update_meta(agent, stream, |meta| {
-                let Some(hold) = meta.hold.clone() else {
-                    return Err(StoreError::Invalid(format!(
-                        "stream {stream} of agent {agent} is not held"
-                    )));
-                };
-                match decision {
-                    Decision::Accept => {
-                        // The buffer's acked+1 is stored as next_seq.
-                        let offset = (next_seq - 1).saturating_sub(hold.acked_seq);
-                        meta.boundaries.push(Boundary {
-                            from_seq: next_seq,
-                            incarnation: hold.incarnation.clone(),
-                            offset,
-                            accepted_unix_ms: now_unix_ms(),
-                            replaced: meta.incarnation.clone(),
-                        });
-                        meta.incarnation = hold.incarnation;
-                        meta.offset = offset;
-                        meta.hold = None;
-                    }
-                    Decision::Refuse(why) => {
-                        if let Some(h) = meta.hold.as_mut() {
-                            h.refused = Some(why.clone());
-                        }
-                    }
-                }
+                meta.resolve(agent, stream, next_seq, decision)?;
                 Ok((true, ()))
             })
             .await?;
-        match decision {
-            Decision::Accept => warn!(
-                agent,
-                stream,
-                from_seq = next_seq,
-                offset = meta.offset,
-                "held stream accepted as a continuation"
-            ),
-            Decision::Refuse(why) => warn!(agent, stream, reason = %why, "held stream refused"),
-        }
         Ok(meta)
     }
 
