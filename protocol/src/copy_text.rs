@@ -249,7 +249,7 @@ pub fn check_block(text: &str, ncols: usize, rows: u64) -> Result<(), String> {
 /// Calls `row(i, values)` for every line of a block's COPY text, with each
 /// field's unescaped text (`None` for NULL), after holding the text to
 /// `ncols` fields and `rows` lines.
-fn each_line(
+pub(crate) fn each_line(
     text: &str,
     ncols: usize,
     rows: u32,

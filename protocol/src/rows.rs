@@ -16,7 +16,7 @@
 //! [`RowBlock`]: crate::messages::RowBlock
 //! [`Rows`]: crate::messages::Rows
 
-use crate::copy_text::rows_of;
+use crate::copy_text::{each_line, field_value};
 use crate::messages::{
     column, field, record::Body, Column, Field, Record, Row, RowChange, RowOp, Rows, SchemaChange,
     SchemaColumn, Table, TableColumn, ValueType,
@@ -295,13 +295,7 @@ pub fn row_events(record: &Record) -> Result<Vec<RowEvent>, RowsError> {
     match &record.body {
         Some(Body::Row(r)) => Ok(vec![row_event(r)?]),
         Some(Body::Table(t)) => Ok(vec![RowEvent::Shape(table_shape(t))]),
-        Some(Body::Rows(b)) => {
-            let rows = rows_of(b).map_err(|reason| RowsError::Block {
-                table: format!("{}.{}", b.schema, b.table),
-                reason,
-            })?;
-            rows.iter().map(row_event).collect()
-        }
+        Some(Body::Rows(b)) => block_events(b),
         Some(old @ (Body::RowChange(_) | Body::SchemaChange(_) | Body::RowBlock(_))) => {
             row_events(&Record {
                 body: envelope_of(old),
@@ -310,6 +304,41 @@ pub fn row_events(record: &Record) -> Result<Vec<RowEvent>, RowsError> {
         }
         Some(Body::Line(_) | Body::FileChunk(_) | Body::FileAbort(_)) | None => Ok(Vec::new()),
     }
+}
+
+/// The upserts a block of snapshot rows stands for (the events of
+/// [`rows_of`]'s rows, without building those first: a block holds thousands).
+fn block_events(b: &Rows) -> Result<Vec<RowEvent>, RowsError> {
+    let mut out = Vec::with_capacity(b.row_count as usize);
+    each_line(&b.copy_text, b.columns.len(), b.row_count, |_, values| {
+        let columns = b
+            .columns
+            .iter()
+            .zip(values)
+            .map(|(c, v)| {
+                let v = match v {
+                    None => Value::Null,
+                    Some(v) => match field_value(c.value_type, v) {
+                        field::Value::Bytes(b) => Value::Bytes(b),
+                        _ => Value::Text(v.to_string()),
+                    },
+                };
+                (c.name.clone(), v)
+            })
+            .collect();
+        out.push(RowEvent::Upsert {
+            namespace: b.schema.clone(),
+            table: b.table.clone(),
+            columns,
+            old_key: Vec::new(),
+            end_of_txn: true,
+        });
+    })
+    .map_err(|reason| RowsError::Block {
+        table: format!("{}.{}", b.schema, b.table),
+        reason,
+    })?;
+    Ok(out)
 }
 
 /// The source-neutral twin of a version 3 row record's body: a [`RowChange`]
