@@ -4,6 +4,7 @@ mod admin;
 mod buffer;
 mod committer;
 mod config;
+mod logfile;
 mod metrics;
 mod run;
 mod shipper;
@@ -15,6 +16,24 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+
+use crate::logfile::LogFile;
+
+/// EX_CONFIG (sysexits.h): the configuration is missing or invalid. The unit's
+/// `RestartPreventExitStatus=78` keeps systemd from restarting into the same
+/// error every few seconds: only an edited file can fix it.
+const EX_CONFIG: u8 = 78;
+
+/// Where `--daemon` without `--log-file` sends the log (glibc's syslog()).
+const SYSLOG_SOCKET: &str = "/dev/log";
+
+/// A configuration that `run` or `check-config` refuses: the process exits with
+/// [`EX_CONFIG`]. (`status`, `doctor` and `salvage` keep exiting 1.)
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct InvalidConfig(#[from] config::ConfigError);
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +58,11 @@ enum Command {
         /// With --daemon: where to write the pid.
         #[arg(long)]
         pid_file: Option<PathBuf>,
+        /// Write the log to this file (appended to, created mode 0640) instead of
+        /// stderr; SIGUSR1 or SIGHUP reopen it after logrotate renamed it. With
+        /// --daemon and no --log-file the log goes to syslog (/dev/log).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
@@ -86,19 +110,67 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
+/// Where `run` logs.
+enum LogTarget {
+    /// stderr: the journal under systemd, the terminal in the foreground.
+    Stderr,
+    /// `--log-file`, reopened on SIGUSR1 and SIGHUP.
+    File(LogFile),
+    /// `--daemon` without `--log-file`: stderr is /dev/null then.
+    Syslog,
+}
+
+impl LogTarget {
+    /// Settled before `--daemon` detaches, so a log file that cannot be opened, or
+    /// a host without syslog, is reported on the operator's terminal.
+    fn choose(log_file: Option<&Path>, daemon: bool) -> Result<LogTarget> {
+        match log_file {
+            Some(p) => LogFile::open(p)
+                .map(LogTarget::File)
+                .with_context(|| format!("opening the log file (--log-file {})", p.display())),
+            None if daemon => {
+                if !Path::new(SYSLOG_SOCKET).exists() {
+                    anyhow::bail!(
+                        "--daemon without --log-file logs to syslog, but {SYSLOG_SOCKET} does not exist on this host: pass --log-file PATH"
+                    );
+                }
+                Ok(LogTarget::Syslog)
+            }
+            None => Ok(LogTarget::Stderr),
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, target: &LogTarget) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The journal, log files and syslog want plain text; colours only on a terminal.
+    let (writer, ansi) = match target {
+        LogTarget::Stderr => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ),
+        LogTarget::File(f) => (BoxMakeWriter::new(f.clone()), false),
+        LogTarget::Syslog => {
+            let syslog = syslog_tracing::Syslog::new(
+                c"ferry-agent",
+                syslog_tracing::Options::LOG_PID,
+                syslog_tracing::Facility::Daemon,
+            )
+            .context("opening syslog: it is already open in this process")?;
+            (BoxMakeWriter::new(syslog), false)
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // The journal and log files want plain text; colours only on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
     ferry_transport::failpoint::setup();
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -108,8 +180,9 @@ fn main() -> ExitCode {
             config,
             daemon,
             pid_file,
+            log_file,
             log_format,
-        } => cmd_run(&config, daemon, pid_file, log_format),
+        } => cmd_run(&config, daemon, pid_file, log_file.as_deref(), log_format),
         Command::CheckConfig { config, strict } => match config::load(
             &config,
             if strict {
@@ -131,7 +204,7 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Err(e) => Err(anyhow::Error::new(e)),
+            Err(e) => Err(InvalidConfig(e).into()),
         },
         Command::Status { config, json } => return cmd_status(&config, json),
         Command::Doctor { config } => return cmd_doctor(&config),
@@ -141,14 +214,25 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry-agent: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<InvalidConfig>() {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
-fn cmd_run(path: &Path, daemon: bool, pid_file: Option<PathBuf>, log: LogFormat) -> Result<()> {
+fn cmd_run(
+    path: &Path,
+    daemon: bool,
+    pid_file: Option<PathBuf>,
+    log_file: Option<&Path>,
+    log: LogFormat,
+) -> Result<()> {
     // Configuration errors are reported before detaching, on the operator's terminal.
-    let loaded = config::load(path, config::Host::Required)?;
+    let loaded = config::load(path, config::Host::Required).map_err(InvalidConfig)?;
+    let target = LogTarget::choose(log_file, daemon)?;
     if daemon {
         let mut d = daemonize::Daemonize::new().working_directory("/");
         if let Some(p) = pid_file {
@@ -156,7 +240,7 @@ fn cmd_run(path: &Path, daemon: bool, pid_file: Option<PathBuf>, log: LogFormat)
         }
         d.start().context("daemonizing")?;
     }
-    init_logging(log);
+    init_logging(log, &target)?;
     bound_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -171,6 +255,9 @@ fn cmd_run(path: &Path, daemon: bool, pid_file: Option<PathBuf>, log: LogFormat)
             wait_for_signal().await;
             signals.cancel();
         });
+        if let LogTarget::File(f) = target {
+            tokio::spawn(reopen_on_signals(f)?);
+        }
         run::run(loaded, shutdown).await
     })
 }
@@ -211,6 +298,35 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// With `--log-file`: reopens the file on every SIGUSR1 and SIGHUP (logrotate's
+/// `postrotate`). The agent has no configuration reload, so SIGHUP means only this.
+/// The handlers are installed before the agent runs, so an early signal cannot
+/// take the default action and end the process.
+fn reopen_on_signals(log: LogFile) -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1()).context("handling SIGUSR1")?;
+    let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+    Ok(async move {
+        loop {
+            let which = tokio::select! {
+                Some(()) = usr1.recv() => "SIGUSR1",
+                Some(()) = hup.recv() => "SIGHUP",
+                else => return,
+            };
+            // Said after the swap, so the line is the new file's first.
+            match log.reopen() {
+                Ok(()) => info!(signal = which, path = %log.path().display(), "log file reopened"),
+                Err(e) => warn!(
+                    signal = which,
+                    path = %log.path().display(),
+                    error = %e,
+                    "cannot reopen the log file; still writing to the old one"
+                ),
+            }
+        }
+    })
 }
 
 /// Exit 0 when every check passes, 1 otherwise.

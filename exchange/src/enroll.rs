@@ -33,7 +33,8 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     })
 }
 
-pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
+/// `store_dir` goes into the config as given: a relative one is relative to `dir`.
+pub fn init(dir: &Path, store_dir: &Path, names: &[String], listen: &str) -> Result<()> {
     let config_path = dir.join("exchange.toml");
     if config_path.exists() {
         bail!(
@@ -68,7 +69,7 @@ pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
             key: "exchange.key".into(),
             trust_dir: "trust".into(),
         },
-        store: StoreSection::embedded("store".into()),
+        store: StoreSection::embedded(store_dir.to_path_buf()),
         limits: Default::default(),
         deliveries: Vec::new(),
     };
@@ -87,6 +88,7 @@ pub fn init(dir: &Path, names: &[String], listen: &str) -> Result<()> {
         names.join(", ")
     );
     println!("  configuration:        {}", config_path.display());
+    println!("  store:                {}", dir.join(store_dir).display());
     println!(
         "next: ferry-exchange serve --config {}",
         config_path.display()

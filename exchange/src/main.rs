@@ -8,6 +8,7 @@ mod records;
 mod server;
 mod store;
 mod trust;
+mod watchdog;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,22 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+
+/// Where the packaged unit (`systemd/ferry-exchange.service`) and `init` without
+/// `--dir` keep the configuration, and where the unit's `StateDirectory=` is.
+const SYSTEM_CONFIG_DIR: &str = "/etc/ferry";
+const SYSTEM_CONFIG: &str = "/etc/ferry/exchange.toml";
+const SYSTEM_STORE_DIR: &str = "/var/lib/ferry-exchange";
+
+/// EX_CONFIG (sysexits.h): the configuration is missing or invalid. The unit's
+/// `RestartPreventExitStatus=78` keeps systemd from restarting into the same
+/// error every few seconds: only an edited file can fix it.
+const EX_CONFIG: u8 = 78;
+
+/// A configuration `serve` refuses: the process exits with [`EX_CONFIG`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct InvalidConfig(String);
 
 #[derive(Parser)]
 #[command(
@@ -32,8 +49,13 @@ struct Cli {
 enum Command {
     /// Create a CA, the exchange's server certificate and DIR/exchange.toml.
     Init {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG_DIR)]
         dir: PathBuf,
+        /// The embedded store's directory, written into exchange.toml (a relative
+        /// one is relative to DIR). Default: /var/lib/ferry-exchange (the unit's
+        /// StateDirectory) with --dir /etc/ferry, DIR/store with any other --dir.
+        #[arg(long)]
+        store_dir: Option<PathBuf>,
         /// DNS name or IP address agents use to reach the exchange (repeatable).
         #[arg(long = "name")]
         names: Vec<String>,
@@ -42,12 +64,12 @@ enum Command {
     },
     /// Run the exchange.
     Serve {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
     },
     /// Issue an agent's key and certificate and write a starter DIR/agent.toml.
     Enroll {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
         #[arg(long)]
         agent_id: String,
@@ -66,7 +88,7 @@ enum Command {
     /// Revoke an agent's certificates: the exchange refuses them from now on and
     /// closes their open connections. Prints one JSON line per certificate revoked.
     Revoke {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
         /// Revoke every certificate issued to this agent.
         #[arg(long)]
@@ -81,7 +103,7 @@ enum Command {
     },
     /// Print stored records of a stream in seq order, one JSON line each.
     Records {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
         #[arg(long)]
         agent: String,
@@ -92,7 +114,7 @@ enum Command {
     },
     /// Write the received files of a stream into a directory.
     Export {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
         #[arg(long)]
         agent: String,
@@ -103,7 +125,7 @@ enum Command {
     },
     /// List the agents the exchange has seen, one JSON line each.
     Agents {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
     },
     /// Decide on a stream the exchange holds (a wiped, restored or cloned agent
@@ -111,7 +133,7 @@ enum Command {
     /// continuation from the next seq (a boundary is recorded), or refuse it.
     /// Prints the stream's record as one JSON line.
     Resolve {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
         #[arg(long)]
         agent: String,
@@ -131,11 +153,11 @@ enum Command {
     /// Where each `[[delivery]]` stands: one JSON line per (delivery, agent,
     /// stream) with its checkpoint (seq), lag in records and seconds, and last error.
     Deliveries {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
     },
     Gaps {
-        #[arg(long)]
+        #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
         #[arg(long)]
         agent: String,
@@ -147,7 +169,15 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Init { dir, names, listen } => enroll::init(&dir, &names, &listen),
+        Command::Init {
+            dir,
+            store_dir,
+            names,
+            listen,
+        } => {
+            let store_dir = store_dir.unwrap_or_else(|| default_store_dir(&dir));
+            enroll::init(&dir, &store_dir, &names, &listen)
+        }
         Command::Serve { config } => serve(&config),
         Command::Enroll {
             config,
@@ -224,13 +254,28 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry-exchange: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<InvalidConfig>() {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
+/// `init`'s store when `--store-dir` is not given: the unit's state directory for
+/// the system layout (/etc/ferry is read-only to the service), else beside the
+/// configuration (relative, so the directory can be moved whole).
+fn default_store_dir(dir: &Path) -> PathBuf {
+    if dir == Path::new(SYSTEM_CONFIG_DIR) {
+        PathBuf::from(SYSTEM_STORE_DIR)
+    } else {
+        PathBuf::from("store")
+    }
+}
+
 fn serve(path: &Path) -> Result<()> {
-    let cfg = config::load(path)?;
+    let cfg = config::load(path).map_err(|e| InvalidConfig(format!("{e:#}")))?;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -245,6 +290,7 @@ fn serve(path: &Path) -> Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
+        watchdog::spawn(cfg.admin_socket(), shutdown.clone());
         let s = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
@@ -256,6 +302,7 @@ fn serve(path: &Path) -> Result<()> {
             } else {
                 let _ = tokio::signal::ctrl_c().await;
             }
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
             s.cancel();
         });
         server::serve(cfg, shutdown).await
@@ -353,4 +400,26 @@ fn ask_or_open(
         out,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `init` with no `--dir` writes the layout the unit expects; any other
+    /// directory keeps its store beside the configuration.
+    #[test]
+    fn init_defaults_match_the_unit() {
+        assert_eq!(
+            default_store_dir(Path::new(SYSTEM_CONFIG_DIR)),
+            Path::new("/var/lib/ferry-exchange")
+        );
+        assert_eq!(
+            default_store_dir(Path::new("/srv/exchange")),
+            Path::new("store")
+        );
+        let unit = include_str!("../../systemd/ferry-exchange.service");
+        assert!(unit.contains(&format!("--config {SYSTEM_CONFIG}\n")));
+        assert!(unit.contains("StateDirectory=ferry-exchange\n"));
+    }
 }

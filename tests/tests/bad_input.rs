@@ -175,7 +175,7 @@ fn agent_id_must_match_its_certificate() {
 
     let out = Agent::check_config(&agent.config);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "check-config refuses: {err}");
+    assert_eq!(out.status.code(), Some(78), "check-config refuses: {err}");
     assert!(
         err.contains("hp-mz-02") && err.contains("hp-mz-01") && err.contains("does not match"),
         "the message names the mismatch: {err}"
@@ -206,7 +206,8 @@ fn variant(agent: &Agent, t: &TestDir, name: &str, f: impl FnOnce(String) -> Str
 }
 
 /// What `check-config` (plain and `--strict`) and `run` say about a broken config:
-/// all exit 1, and the message names `PATH:LINE:` and contains each of `needles`.
+/// all exit 78 (EX_CONFIG), and the message names `PATH:LINE:` and contains each of
+/// `needles`.
 fn assert_refused(config: &Path, line: usize, needles: &[&str]) -> String {
     let at = format!("{}:{line}:", config.display());
     let mut err = String::new();
@@ -219,7 +220,7 @@ fn assert_refused(config: &Path, line: usize, needles: &[&str]) -> String {
         err = String::from_utf8_lossy(&out.stderr).to_string();
         assert_eq!(
             out.status.code(),
-            Some(1),
+            Some(78),
             "check-config (strict: {strict}) exit code for {}: {err}",
             config.display()
         );
@@ -232,7 +233,7 @@ fn assert_refused(config: &Path, line: usize, needles: &[&str]) -> String {
     let run_err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(78),
         "run refuses {}: {run_err}",
         config.display()
     );
@@ -309,7 +310,7 @@ fn config_errors_name_file_line_and_problem() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(78),
         "check-config --strict refuses: {err}"
     );
     assert!(
@@ -318,7 +319,7 @@ fn config_errors_name_file_line_and_problem() {
     );
     let out = Agent::run_to_exit(&cfg, SHORT);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "run refuses: {err}");
+    assert_eq!(out.status.code(), Some(78), "run refuses: {err}");
     assert!(
         err.contains(&at) && err.contains(&missing.display().to_string()),
         "names {at} and the path: {err}"
