@@ -96,6 +96,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
     if let Some(alarm) = status::cert_alarm(cert_not_after_unix, status::now_unix()) {
         warn!("{alarm}");
     }
+    let report = Arc::new(std::sync::OnceLock::new());
     let shipper = tokio::spawn(
         Shipper {
             address: cfg.exchange.address.clone(),
@@ -110,6 +111,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             space,
             board: board.clone(),
             cert_not_after_unix,
+            report: report.clone(),
         }
         .run(shutdown.clone())
         .instrument(info_span!("shipper", exchange = %cfg.exchange.address)),
@@ -240,6 +242,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             r
         }) as admin::Reporter
     };
+    let _ = report.set(reporter.clone());
     let metrics_task = metrics_listener
         .map(|l| tokio::spawn(metrics::serve(l, reporter.clone(), shutdown.clone())));
     let admin_task = tokio::spawn(admin::serve(listener, reporter, shutdown.clone()));

@@ -62,6 +62,8 @@ pub struct Shipper {
     pub board: Arc<Board>,
     /// When this agent's certificate expires (Unix seconds), for the heartbeat.
     pub cert_not_after_unix: u64,
+    /// What `status` reports, for the heartbeat (set once the agent runs).
+    pub report: Arc<std::sync::OnceLock<crate::admin::Reporter>>,
 }
 
 /// Exponential backoff with full jitter, 200 ms up to 30 s.
@@ -515,30 +517,74 @@ impl Shipper {
         Ok(())
     }
 
+    /// The heartbeat: what `ferry-agent status` shows, per stream and for the
+    /// buffer, typed.
     fn heartbeat(&self) -> Status {
-        let states = self.buffer.states();
-        Status {
+        let mut status = Status {
             time_unix_ms: ferry_adapters::now_unix_ms(),
-            streams: self
-                .names
-                .iter()
-                .map(|n| {
-                    let s = states.get(n).copied().unwrap_or_default();
-                    StreamStatus {
-                        name: n.clone(),
-                        buffered_batches: s.batches,
-                        buffered_bytes: s.bytes,
-                        acked_seq: s.acked,
-                        head_seq: s.head,
-                        ..Default::default()
-                    }
-                })
-                .collect(),
             buffer_full: self.board.buffer_full() || self.board.disk_low(),
+            disk_low: self.board.disk_low(),
             software: env!("CARGO_PKG_VERSION").to_string(),
             cert_not_after_unix: self.cert_not_after_unix,
+            host: host_name(),
+            ..Default::default()
+        };
+        match self.report.get() {
+            Some(report) => {
+                let r = report();
+                status.started_unix = r.started_unix;
+                status.buffer_bytes = r.buffer.bytes;
+                status.buffer_max_bytes = r.buffer.max_bytes;
+                status.streams = r
+                    .streams
+                    .into_iter()
+                    .map(|v| StreamStatus {
+                        name: v.name,
+                        buffered_batches: v.buffered_batches,
+                        buffered_bytes: v.buffered_bytes,
+                        acked_seq: v.acked_seq,
+                        head_seq: v.head_seq,
+                        position: v.position,
+                        error: v.source_error.unwrap_or_default(),
+                        kind: v.kind,
+                        lost: v
+                            .lost
+                            .iter()
+                            .map(|&[from, to]| ferry_protocol::messages::SeqRange { from, to })
+                            .collect(),
+                        gauges: v.gauges,
+                        ship_error: v.ship_error.unwrap_or_default(),
+                    })
+                    .collect();
+            }
+            None => {
+                let states = self.buffer.states();
+                status.streams = self
+                    .names
+                    .iter()
+                    .map(|n| {
+                        let s = states.get(n).copied().unwrap_or_default();
+                        StreamStatus {
+                            name: n.clone(),
+                            buffered_batches: s.batches,
+                            buffered_bytes: s.bytes,
+                            acked_seq: s.acked,
+                            head_seq: s.head,
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+            }
         }
+        status
     }
+}
+
+/// This host's name, as the kernel has it.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn error_code(code: i32) -> &'static str {

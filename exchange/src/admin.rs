@@ -53,6 +53,14 @@ pub enum Request {
         #[serde(default)]
         reason: String,
     },
+    /// `ferry-exchange user …` (password hashes, never passwords).
+    User {
+        op: crate::users::UserOp,
+    },
+    /// The audit log from seq `from` on.
+    Audit {
+        from: u64,
+    },
 }
 
 /// What the server does for a [`Request::Reload`]: the number of connections it
@@ -160,6 +168,8 @@ pub fn execute(
         }
         // No exchange is serving: it reads the list when it starts.
         Request::Reload => Ok(0),
+        Request::User { op } => crate::users::execute(&**store, op, out),
+        Request::Audit { from } => crate::audit::write_entries(&**store, *from, out),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExchangeConfig {
     pub exchange: ExchangeSection,
@@ -19,6 +19,74 @@ pub struct ExchangeConfig {
     /// Where stored records go on to (`[[delivery]]`, none by default).
     #[serde(default, rename = "delivery", skip_serializing_if = "Vec::is_empty")]
     pub deliveries: Vec<DeliverySection>,
+    /// The fleet dashboard over HTTPS (off unless `listen` is set).
+    #[serde(default, skip_serializing_if = "DashboardSection::is_off")]
+    pub dashboard: DashboardSection,
+}
+
+/// `[dashboard]`: the fleet at a glance over HTTPS, its JSON API and alarms.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardSection {
+    /// `ADDR:PORT` to serve HTTPS on; unset: no dashboard.
+    pub listen: Option<String>,
+    /// Certificate and key to serve with; unset: the exchange's own
+    /// (`[tls] cert`/`key`).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// An agent with no open connection for this long is offline (and alarms).
+    #[serde(default = "default_offline_after", with = "humantime_serde_lite")]
+    pub offline_after: std::time::Duration,
+    /// Alarm when a stream's backlog (buffered at the agent, not yet
+    /// acknowledged) exceeds this many bytes.
+    #[serde(default = "default_backlog_alarm", with = "bytes")]
+    pub backlog_alarm: u64,
+    /// Alarm when an agent's certificate expires within this.
+    #[serde(default = "default_cert_alarm", with = "humantime_serde_lite")]
+    pub cert_expiry_alarm: std::time::Duration,
+    /// Alarm when a PostgreSQL source's slot retains more WAL than this.
+    #[serde(default = "default_wal_alarm", with = "bytes")]
+    pub retained_wal_alarm: u64,
+    /// Idle web sessions end after this.
+    #[serde(default = "default_session_idle", with = "humantime_serde_lite")]
+    pub session_idle: std::time::Duration,
+}
+
+impl Default for DashboardSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            cert: None,
+            key: None,
+            offline_after: default_offline_after(),
+            backlog_alarm: default_backlog_alarm(),
+            cert_expiry_alarm: default_cert_alarm(),
+            retained_wal_alarm: default_wal_alarm(),
+            session_idle: default_session_idle(),
+        }
+    }
+}
+
+impl DashboardSection {
+    fn is_off(&self) -> bool {
+        self.listen.is_none()
+    }
+}
+
+fn default_offline_after() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
+}
+fn default_backlog_alarm() -> u64 {
+    1 << 30
+}
+fn default_cert_alarm() -> std::time::Duration {
+    std::time::Duration::from_secs(30 * 86_400)
+}
+fn default_wal_alarm() -> u64 {
+    10 << 30
+}
+fn default_session_idle() -> std::time::Duration {
+    std::time::Duration::from_secs(30 * 60)
 }
 
 /// One `[[delivery]]`: a subscriber fed every record of the streams it names,
@@ -87,7 +155,7 @@ pub enum DeliveryKind {
 /// `[limits]`: bounds in bytes and time on what agents may make the exchange
 /// hold. An agent over one is slowed (budgets) or disconnected with an error
 /// naming the limit; the others go on.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     /// Open agent connections in all; more are refused until some close.
@@ -215,7 +283,7 @@ mod humantime_serde_lite {
     }
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExchangeSection {
     /// Address the QUIC endpoint listens on (UDP); the TCP fallback listens on
@@ -225,7 +293,7 @@ pub struct ExchangeSection {
     pub public_address: String,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     pub ca: PathBuf,
@@ -244,7 +312,7 @@ fn default_trust_dir() -> PathBuf {
     "trust".into()
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     /// The backend: `embedded` (sled and files under `dir`, the default) or
@@ -378,9 +446,14 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
             }
         }
     }
-    for p in [cfg.store.credentials.as_mut(), cfg.store.tls_ca.as_mut()]
-        .into_iter()
-        .flatten()
+    for p in [
+        cfg.store.credentials.as_mut(),
+        cfg.store.tls_ca.as_mut(),
+        cfg.dashboard.cert.as_mut(),
+        cfg.dashboard.key.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
     {
         if p.is_relative() {
             *p = base.join(&*p);
@@ -388,6 +461,21 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
     }
     check_store(&cfg.store).map_err(|e| anyhow::anyhow!("{}: [store] {e}", path.display()))?;
     check_deliveries(&cfg.deliveries).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let d = &cfg.dashboard;
+    if let Some(listen) = &d.listen {
+        listen.parse::<std::net::SocketAddr>().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: [dashboard] listen {listen:?} is not an address:port",
+                path.display()
+            )
+        })?;
+    }
+    if d.cert.is_some() != d.key.is_some() {
+        anyhow::bail!(
+            "{}: [dashboard] cert and key go together: set both, or neither for the exchange's own",
+            path.display()
+        );
+    }
     let l = &cfg.limits;
     let frame = ferry_protocol::frame::MAX_FRAME as u64;
     if l.max_connection_bytes < frame || l.max_queued_bytes < l.max_connection_bytes {

@@ -72,6 +72,7 @@ pub fn init(dir: &Path, store_dir: &Path, names: &[String], listen: &str) -> Res
         store: StoreSection::embedded(store_dir.to_path_buf()),
         limits: Default::default(),
         deliveries: Vec::new(),
+        dashboard: Default::default(),
     };
     let text = format!(
         "# Ferry exchange configuration, written by `ferry-exchange init`.\n\

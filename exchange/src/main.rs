@@ -1,13 +1,18 @@
 //! `ferry-exchange`: the municipal end of Ferry.
 
 mod admin;
+mod alarms;
+mod audit;
 mod config;
+mod dashboard;
 mod delivery;
 mod enroll;
+mod fleet;
 mod records;
 mod server;
 mod store;
 mod trust;
+mod users;
 mod watchdog;
 
 use std::io::Write;
@@ -164,6 +169,21 @@ enum Command {
         #[arg(long)]
         stream: String,
     },
+    /// Manage the exchange's users (add, passwd, remove, list).
+    User {
+        #[command(subcommand)]
+        command: users::UserCommand,
+    },
+    /// Print the audit log from seq --from on, one JSON line per entry; with
+    /// --verify, check its hash chain first (fails naming the first broken seq).
+    Audit {
+        #[arg(long, default_value = SYSTEM_CONFIG)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long)]
+        verify: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -233,6 +253,12 @@ fn main() -> ExitCode {
             agent,
             stream,
         } => query(&config, admin::Request::Gaps { agent, stream }),
+        Command::User { command } => users::cli(command),
+        Command::Audit {
+            config,
+            from,
+            verify,
+        } => audit::cli(&config, from, verify),
         Command::Resolve {
             config,
             agent,

@@ -148,6 +148,26 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
             shutdown.clone(),
         )
     });
+    let alarms = crate::alarms::Alarms::open(&cfg.store.dir);
+    let alarm_task = crate::alarms::start(
+        alarms.clone(),
+        store.clone(),
+        live.fleet(),
+        deliveries.clone(),
+        cfg.dashboard.clone(),
+        shutdown.clone(),
+    );
+    let dashboard_task = crate::dashboard::start(
+        crate::dashboard::Parts {
+            store: store.clone(),
+            fleet: live.fleet(),
+            alarms,
+            cfg: Arc::new(cfg.clone()),
+            reloads: reloads.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await?;
     let admin_task = tokio::spawn(crate::admin::serve(
         admin,
         store.clone(),
@@ -265,6 +285,10 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     drop(commits);
     let _ = admin_task.await;
+    let _ = alarm_task.await;
+    if let Some(t) = dashboard_task {
+        let _ = t.await;
+    }
     for t in delivery_tasks.into_iter().chain(retention) {
         let _ = t.await;
     }
@@ -313,6 +337,7 @@ type LiveConn = (String, String, Link);
 pub(crate) struct Live(
     Arc<std::sync::Mutex<std::collections::HashMap<usize, LiveConn>>>,
     Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+    Arc<crate::fleet::Fleet>,
 );
 
 /// Connections one agent may have open at once: after `Hello` a new one replaces
@@ -326,6 +351,11 @@ struct ConnLimits {
 }
 
 impl Live {
+    /// Who is connected, since when, over what (for the dashboard and alarms).
+    pub(crate) fn fleet(&self) -> Arc<crate::fleet::Fleet> {
+        self.2.clone()
+    }
+
     fn count(&self) -> usize {
         self.0.lock().map_or(0, |m| m.len())
     }
@@ -352,9 +382,12 @@ impl Live {
             conn.stable_id(),
             (serial.to_string(), agent.to_string(), conn.clone()),
         );
+        self.2
+            .connected(agent, conn.transport(), &conn.remote_address().to_string());
         Some(LiveGuard {
             live: self.clone(),
             id: conn.stable_id(),
+            agent: agent.to_string(),
         })
     }
 
@@ -398,6 +431,7 @@ impl Live {
 struct LiveGuard {
     live: Live,
     id: usize,
+    agent: String,
 }
 
 impl Drop for LiveGuard {
@@ -405,6 +439,7 @@ impl Drop for LiveGuard {
         if let Ok(mut m) = self.live.0.lock() {
             m.remove(&self.id);
         }
+        self.live.2.disconnected(&self.agent);
     }
 }
 
@@ -594,14 +629,8 @@ async fn connection(
                 frame = control_in.next() => match frame {
                     Ok(Some(Msg::Status(status))) => {
                         record.last_seen_unix_ms = now_unix_ms();
-                        record.status = Some(serde_json::json!({
-                            "buffer_full": status.buffer_full,
-                            "cert_not_after_unix": status.cert_not_after_unix,
-                            "streams": status.streams.iter().map(|s| serde_json::json!({
-                                "name": s.name, "head_seq": s.head_seq, "acked_seq": s.acked_seq,
-                                "buffered_batches": s.buffered_batches, "buffered_bytes": s.buffered_bytes,
-                            })).collect::<Vec<_>>(),
-                        }));
+                        let heartbeat = crate::store::Heartbeat::from_status(&status, record.last_seen_unix_ms);
+                        record.status = Some(heartbeat);
                         put_agent(&store, &record).await?;
                     }
                     Ok(Some(_)) => {

@@ -159,6 +159,29 @@ pub struct StreamStatus {
     pub position: String,
     #[prost(string, tag = "7")]
     pub error: String,
+    /// Source kind (`directory`, `tail`, `postgres`, ...).
+    #[prost(string, tag = "8")]
+    pub kind: String,
+    /// Seq ranges declared lost (buffer damage recovered by `salvage`).
+    #[prost(message, repeated, tag = "9")]
+    pub lost: Vec<SeqRange>,
+    /// Figures of the source's durable position (PostgreSQL: `retained_wal_bytes`,
+    /// `snapshot_rows_done`, `snapshot_rows_estimate`, ...), as the agent's
+    /// `status` shows them.
+    #[prost(btree_map = "string, uint64", tag = "10")]
+    pub gauges: std::collections::BTreeMap<String, u64>,
+    /// Why the stream does not ship, if it does not (refused or held).
+    #[prost(string, tag = "11")]
+    pub ship_error: String,
+}
+
+/// Seqs `from ..= to`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SeqRange {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub to: u64,
 }
 
 /// Periodic heartbeat from agent to exchange on the control stream.
@@ -174,6 +197,20 @@ pub struct Status {
     pub software: String,
     #[prost(uint64, tag = "5")]
     pub cert_not_after_unix: u64,
+    /// The agent's host name.
+    #[prost(string, tag = "6")]
+    pub host: String,
+    /// When the agent process started, Unix seconds.
+    #[prost(uint64, tag = "7")]
+    pub started_unix: u64,
+    /// Bytes in the agent's buffer, and the most it may hold.
+    #[prost(uint64, tag = "8")]
+    pub buffer_bytes: u64,
+    #[prost(uint64, tag = "9")]
+    pub buffer_max_bytes: u64,
+    /// The buffer's disk is nearly full.
+    #[prost(bool, tag = "10")]
+    pub disk_low: bool,
 }
 
 /// Records `first_seq .. first_seq + record_count` of one stream.

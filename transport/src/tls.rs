@@ -114,6 +114,25 @@ pub fn tcp_server_config(
     })
 }
 
+/// The dashboard's HTTPS config: `cert`/`key` (the exchange's own unless the
+/// operator names others), TLS 1.2 and 1.3 for browsers, no client
+/// certificates (users log in), ALPN `http/1.1`.
+pub fn https_server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_context(|| {
+            format!(
+                "the dashboard certificate {} does not match its key {}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
 /// TLS 1.3 only, client certificates required and verified against the CA (and
 /// the revocation list), ALPN `ferry/1`, no 0-RTT: one config for both transports.
 fn server_tls(files: &TlsFiles<'_>, crl: Option<&Path>) -> Result<rustls::ServerConfig> {

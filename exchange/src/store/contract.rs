@@ -13,12 +13,32 @@ use super::*;
 
 /// Opens (or reopens) a backend over `dir`.
 type Open = fn(&Path) -> SharedStore;
+/// A second handle on the store `open` made over `dir`, as another exchange
+/// node would hold it where the backend has nodes (else the same handle).
+type Another = fn(&Path, &SharedStore) -> SharedStore;
 
 /// Runs every contract test against one backend.
 macro_rules! contract {
-    ($backend:ident, $open:expr) => {
+    ($backend:ident, $open:expr, $another:expr) => {
         mod $backend {
             const OPEN: super::Open = $open;
+            const ANOTHER: super::Another = $another;
+            #[test]
+            fn users_are_kept_listed_changed_and_removed() {
+                super::users_are_kept_listed_changed_and_removed(OPEN)
+            }
+            #[test]
+            fn five_failed_logins_lock_an_account_until_passwd() {
+                super::five_failed_logins_lock_an_account_until_passwd(OPEN)
+            }
+            #[test]
+            fn concurrent_audit_appends_make_one_unbroken_chain() {
+                super::concurrent_audit_appends_make_one_unbroken_chain(OPEN, ANOTHER)
+            }
+            #[test]
+            fn a_changed_audit_entry_breaks_the_chain_at_its_seq() {
+                super::a_changed_audit_entry_breaks_the_chain_at_its_seq(OPEN)
+            }
             #[test]
             fn batches_read_back_in_order_and_resends_are_duplicates() {
                 super::batches_read_back_in_order_and_resends_are_duplicates(OPEN)
@@ -55,11 +75,36 @@ macro_rules! contract {
     };
 }
 
-contract!(embedded, |dir| std::sync::Arc::new(
-    super::Embedded::open(dir, 1 << 20).unwrap()
-));
-// A nats-server of its own per test (started at the first open of a directory).
-contract!(jetstream, crate::store::jetstream::tests::open_for);
+contract!(
+    embedded,
+    super::open_embedded,
+    // One process holds the store: its threads share the handle.
+    |_, store| store.clone()
+);
+// A nats-server of its own per test (started at the first open of a directory);
+// another open is another node on that server.
+contract!(
+    jetstream,
+    crate::store::jetstream::tests::open_for,
+    |dir, _| crate::store::jetstream::tests::open_for(dir)
+);
+
+/// Opens the embedded store over `dir`. A handle just dropped may still hold
+/// sled's file lock for a moment (its I/O threads finish their work first),
+/// so a reopen waits for it.
+fn open_embedded(dir: &Path) -> SharedStore {
+    let mut waited = 0;
+    loop {
+        match Embedded::open(dir, 1 << 20) {
+            Ok(s) => return std::sync::Arc::new(s),
+            Err(e) if waited < 100 && e.to_string().contains("could not acquire lock") => {
+                waited += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening the embedded store: {e}"),
+        }
+    }
+}
 
 /// Lines that do not compress, so the batch entry is far over `INLINE_MAX`.
 fn noisy_lines(first: u64, n: u64) -> Vec<Vec<u8>> {
@@ -459,4 +504,214 @@ pub(super) fn the_registry_keeps_the_last_record_of_each_agent(open: Open) {
     );
     assert_eq!(store.agent("a2").unwrap().unwrap().department, "210100-MZ");
     assert!(store.agent("a3").unwrap().is_none());
+}
+
+fn user(name: &str, role: crate::users::Role, password: &str) -> User {
+    User::new(
+        name,
+        role,
+        crate::users::hash_password(password).unwrap(),
+        now_unix_ms(),
+    )
+    .unwrap()
+}
+
+/// Users are kept across a reopen, listed, changed in place and removed;
+/// removing one that is not there says so.
+pub(super) fn users_are_kept_listed_changed_and_removed(open: Open) {
+    use crate::users::Role;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        assert!(store.users().unwrap().is_empty());
+        store
+            .put_user(&user("li.wei", Role::Admin, "password-1"))
+            .unwrap();
+        store
+            .put_user(&user("wang_fang-2", Role::Auditor, "password-2"))
+            .unwrap();
+    }
+    let store = open(dir.path());
+    let mut names: Vec<String> = store.users().unwrap().into_iter().map(|u| u.name).collect();
+    names.sort();
+    assert_eq!(names, vec!["li.wei", "wang_fang-2"]);
+    let mut u = store.user("wang_fang-2").unwrap().unwrap();
+    assert_eq!((u.role, u.language.as_str()), (Role::Auditor, "zh"));
+    assert!(crate::users::verify_password(
+        &u.password_hash,
+        "password-2"
+    ));
+    u.role = Role::Operator;
+    u.language = "en".into();
+    store.put_user(&u).unwrap();
+    assert_eq!(store.user("wang_fang-2").unwrap().unwrap(), u);
+    assert!(store.remove_user("li.wei").unwrap());
+    assert!(!store.remove_user("li.wei").unwrap());
+    assert!(store.user("li.wei").unwrap().is_none());
+    assert_eq!(store.users().unwrap().len(), 1);
+}
+
+/// Five wrong passwords in a row lock the account for 15 minutes (even the
+/// right password is refused then); every attempt is audited; a new password
+/// (`user passwd`) unlocks it; a success resets the count.
+pub(super) fn five_failed_logins_lock_an_account_until_passwd(open: Open) {
+    use crate::users::{login, set_password, LoginError, Role, LOCKOUT_MS};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .put_user(&user("zhao", Role::Operator, "right-password"))
+        .unwrap();
+    let t = 1_000_000;
+    assert!(matches!(
+        login(&*store, "nobody", "right-password", t),
+        Err(LoginError::Unknown)
+    ));
+    // Four failures, then a success: the count starts again.
+    for _ in 0..4 {
+        assert!(matches!(
+            login(&*store, "zhao", "wrong", t),
+            Err(LoginError::WrongPassword)
+        ));
+    }
+    assert_eq!(store.user("zhao").unwrap().unwrap().failed_logins, 4);
+    login(&*store, "zhao", "right-password", t).unwrap();
+    assert_eq!(store.user("zhao").unwrap().unwrap().failed_logins, 0);
+    // Five in a row lock it.
+    for _ in 0..5 {
+        assert!(matches!(
+            login(&*store, "zhao", "wrong", t),
+            Err(LoginError::WrongPassword)
+        ));
+    }
+    let until = t + LOCKOUT_MS;
+    assert_eq!(
+        store.user("zhao").unwrap().unwrap().locked_until_unix_ms,
+        until
+    );
+    match login(&*store, "zhao", "right-password", t + 60_000) {
+        Err(LoginError::Locked { until_ms }) => assert_eq!(until_ms, until),
+        other => panic!("{other:?}"),
+    }
+    // The lock runs out by itself...
+    login(&*store, "zhao", "right-password", until).unwrap();
+    for _ in 0..5 {
+        let _ = login(&*store, "zhao", "wrong", until);
+    }
+    assert!(matches!(
+        login(&*store, "zhao", "right-password", until + 1),
+        Err(LoginError::Locked { .. })
+    ));
+    // ...or a new password lifts it.
+    assert!(set_password(
+        &*store,
+        "zhao",
+        crate::users::hash_password("new-password").unwrap()
+    )
+    .unwrap());
+    let u = login(&*store, "zhao", "new-password", until + 2).unwrap();
+    assert_eq!((u.failed_logins, u.locked_until_unix_ms), (0, 0));
+    assert!(!set_password(&*store, "nobody", String::new()).unwrap());
+    // Every attempt is in the audit log.
+    let log = crate::audit::read_all(&*store, 1).unwrap();
+    let count = |action: &str| log.iter().filter(|e| e.action == action).count();
+    assert_eq!(
+        (count("login"), count("login_failed"), count("login_locked")),
+        (3, 15, 2)
+    );
+    assert_eq!(log[0].actor, "web:nobody");
+    crate::audit::verify_chain(&log).unwrap();
+}
+
+/// Appenders on several threads, half of them through a second handle (a
+/// second node where the backend has nodes), take seqs 1..=N once each and
+/// leave one unbroken chain.
+pub(super) fn concurrent_audit_appends_make_one_unbroken_chain(open: Open, another: Another) {
+    const THREADS: usize = 6;
+    const EACH: usize = 15;
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path());
+    let second = another(dir.path(), &first);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let store = if t % 2 == 0 {
+                first.clone()
+            } else {
+                second.clone()
+            };
+            s.spawn(move || {
+                for i in 0..EACH {
+                    store
+                        .append_audit(
+                            &format!("cli:t{t}"),
+                            "user_add",
+                            &format!("u{t}-{i}"),
+                            serde_json::json!({"i": i}),
+                        )
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let n = (THREADS * EACH) as u64;
+    for store in [&first, &second] {
+        let log = crate::audit::read_all(&**store, 1).unwrap();
+        assert_eq!(
+            log.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=n).collect::<Vec<_>>()
+        );
+        crate::audit::verify_chain(&log).unwrap();
+        let mut targets: Vec<&str> = log.iter().map(|e| e.target.as_str()).collect();
+        targets.sort();
+        targets.dedup();
+        assert_eq!(
+            targets.len() as u64,
+            n,
+            "an append was stored twice or lost"
+        );
+    }
+    // Paging: a window from the middle.
+    let page = first.audit(11, 5).unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![11, 12, 13, 14, 15]
+    );
+    assert!(first.audit(n + 1, 5).unwrap().is_empty());
+    // The next append continues the chain, from either handle.
+    let e = second
+        .append_audit("cli:root", "revoke", "a1", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(e.seq, n + 1);
+    assert_eq!(e.prev_hash, first.audit(n, 1).unwrap()[0].hash);
+}
+
+/// What the store gives back verifies; an entry changed after the fact (here
+/// in what was read) breaks the chain at its seq or the next.
+pub(super) fn a_changed_audit_entry_breaks_the_chain_at_its_seq(open: Open) {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        for i in 0..5 {
+            store
+                .append_audit(
+                    "cli:root",
+                    "user_add",
+                    &format!("u{i}"),
+                    serde_json::json!({"role": "admin"}),
+                )
+                .unwrap();
+        }
+    }
+    let store = open(dir.path());
+    let log = crate::audit::read_all(&*store, 1).unwrap();
+    assert_eq!(log.len(), 5);
+    crate::audit::verify_chain(&log).unwrap();
+    let mut changed = log.clone();
+    changed[2].detail = serde_json::json!({"role": "auditor"});
+    assert!(crate::audit::verify_chain(&changed)
+        .unwrap_err()
+        .starts_with("seq 3:"));
+    changed[2].hash = changed[2].computed_hash();
+    assert!(crate::audit::verify_chain(&changed)
+        .unwrap_err()
+        .starts_with("seq 4:"));
 }

@@ -14,6 +14,8 @@
 //! "s:" agent 0x00 stream                           StreamMeta (JSON): buffer incarnation,
 //!                                                  offset, hold, accepted boundaries
 //! "a:" agent                                       AgentRecord (JSON): the fleet registry
+//! "u:" user name                                   User (JSON): a user of the exchange
+//! "l:" seq (u64 BE)                                AuditEntry (JSON): the audit log
 //! ```
 //! `STORE/files/AGENT/STREAM/FILE_ID` holds the bytes of received files, written
 //! at their offsets (all-zero chunks are left as holes).
@@ -59,6 +61,7 @@ use tracing::{error, warn};
 use super::*;
 
 mod files;
+mod users;
 
 pub struct Embedded {
     dir: PathBuf,
@@ -75,6 +78,9 @@ pub struct Embedded {
     poisoned: std::sync::atomic::AtomicBool,
     /// Bumped after every durable commit ([`Ledger::subscribe`]).
     commits: tokio::sync::watch::Sender<u64>,
+    /// Held by an audit append from reading the last entry to the end of its
+    /// sync: one appender at a time, so the chain never forks.
+    audit_lock: Mutex<()>,
 }
 
 /// Entries larger than this go to segment files.
@@ -181,6 +187,7 @@ impl Embedded {
             commit_lock: Mutex::new(()),
             poisoned: std::sync::atomic::AtomicBool::new(false),
             commits: tokio::sync::watch::Sender::new(0),
+            audit_lock: Mutex::new(()),
         })
     }
 
@@ -855,6 +862,36 @@ impl Registry for Embedded {
             }
         }
         Ok(out)
+    }
+
+    fn put_user(&self, user: &User) -> Result<(), StoreError> {
+        users::put_user(self, user)
+    }
+
+    fn user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        users::user(self, name)
+    }
+
+    fn users(&self) -> Result<Vec<User>, StoreError> {
+        users::users(self)
+    }
+
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        users::remove_user(self, name)
+    }
+
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<AuditEntry, StoreError> {
+        users::append_audit(self, actor, action, target, detail)
+    }
+
+    fn audit(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        users::audit(self, from_seq, limit)
     }
 }
 

@@ -17,6 +17,9 @@
 //! bucket FERRY_rejected              AGENT.STREAM          [{seq, file_id}]: files whose bytes
 //!                                                          did not match their SHA-256
 //! bucket FERRY_agents                AGENT                 AgentRecord (JSON): the registry
+//! bucket FERRY_users                 USER                  User (JSON): users of the exchange
+//! stream FERRY_audit, subject        (one subject)         AuditEntry (JSON), one per message,
+//!   FERRY.audit                                            in seq order (users.rs)
 //! ```
 //! `AGENT`, `STREAM` and `FILE` are names made into one subject token each
 //! (`names.rs`). File bytes stay in the record messages (any node reads them);
@@ -70,6 +73,7 @@ mod meta;
 mod names;
 mod read;
 mod runtime;
+mod users;
 mod varz;
 mod wire;
 
@@ -111,6 +115,9 @@ pub(super) struct Inner {
     gaps: Bucket,
     rejected: Bucket,
     agents: Bucket,
+    users: Bucket,
+    /// The audit log's stream (`users.rs`).
+    audit: stream::Stream,
     /// Per (agent, stream): its tip, under a lock held while publishing to it
     /// (one publish in flight per subject).
     subjects: Mutex<HashMap<(String, String), commit::SharedState>>,
@@ -238,6 +245,10 @@ impl Inner {
             gaps: bucket("gaps").await?,
             rejected: bucket("rejected").await?,
             agents: bucket("agents").await?,
+            users: bucket("users").await?,
+            audit: users::ensure_audit_stream(&js, &names, cfg.replicas)
+                .await
+                .map_err(|e| remote("opening the audit stream", &e))?,
             names,
             server: url.to_string(),
             dir: cfg.dir.clone(),
@@ -490,6 +501,36 @@ impl Registry for JetStream {
 
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         self.block(self.inner.agents())
+    }
+
+    fn put_user(&self, user: &User) -> Result<(), StoreError> {
+        self.block(self.inner.put_user(user))
+    }
+
+    fn user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        self.block(self.inner.user(name))
+    }
+
+    fn users(&self) -> Result<Vec<User>, StoreError> {
+        self.block(self.inner.users())
+    }
+
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError> {
+        self.block(self.inner.remove_user(name))
+    }
+
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<AuditEntry, StoreError> {
+        self.block(self.inner.append_audit(actor, action, target, detail))
+    }
+
+    fn audit(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.block(self.inner.audit(from_seq, limit))
     }
 }
 

@@ -3,7 +3,8 @@
 //! Everything the QUIC server, the admin socket, the command line and the
 //! deliveries need from storage is in two traits: [`Ledger`] (what agents
 //! shipped: admission, the batch log, declared losses, received files, holds)
-//! and [`Registry`] (the fleet: who connected, from where, with what). A
+//! and [`Registry`] (the fleet: who connected, from where, with what; the
+//! exchange's users; the hash-chained audit log, `audit.rs`). A
 //! backend implements both ([`Backend`]); the rest of the exchange holds a
 //! [`SharedStore`] and never names a backend. Methods block: async callers go
 //! through `spawn_blocking` or the committer thread.
@@ -17,6 +18,10 @@
 //!   stores nothing more in this process;
 //! * a stream's records read back in seq order, with file chunks' bytes
 //!   available from [`Ledger::open_file`] once the file is complete.
+//! * audit entries take seqs 1, 2, 3, … once each and each names the one
+//!   before by its hash, whichever node or thread appends
+//!   ([`Registry::append_audit`]); users and audit entries are durable when
+//!   the call returns.
 //!
 //! Backends: `embedded` ([`embedded::Embedded`], sled and files under
 //! `[store] dir`), the default; `jetstream` ([`jetstream::JetStream`], a NATS
@@ -37,6 +42,8 @@ use ferry_protocol::messages::{Batch, Lost, Record, Sharing, StreamDecl};
 use ferry_protocol::session::{continuity, Continuity, StreamPlan, StreamRecord};
 use serde::{Deserialize, Serialize};
 
+pub use crate::audit::AuditEntry;
+pub use crate::users::User;
 pub use embedded::Embedded;
 pub use jetstream::{subject_token, JetStream};
 
@@ -156,6 +163,80 @@ pub enum Decision {
     Refuse(String),
 }
 
+/// An agent's heartbeat as the registry keeps it (the wire's `Status`, typed;
+/// fields an older agent does not send stay at their defaults).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Heartbeat {
+    /// When the exchange received it, Unix ms.
+    pub received_unix_ms: u64,
+    pub host: String,
+    pub software: String,
+    /// Agent process start, Unix seconds.
+    pub started_unix: u64,
+    pub buffer_full: bool,
+    pub disk_low: bool,
+    pub buffer_bytes: u64,
+    pub buffer_max_bytes: u64,
+    pub cert_not_after_unix: u64,
+    pub streams: Vec<StreamHeartbeat>,
+}
+
+/// One stream of a [`Heartbeat`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct StreamHeartbeat {
+    pub name: String,
+    pub kind: String,
+    pub head_seq: u64,
+    pub acked_seq: u64,
+    pub buffered_batches: u64,
+    pub buffered_bytes: u64,
+    /// The source's durable position, described.
+    pub position: String,
+    /// The source's last error (empty: none).
+    pub error: String,
+    /// Why the stream does not ship (empty: it does).
+    pub ship_error: String,
+    /// Seq ranges declared lost, `[from, to]`.
+    pub lost: Vec<[u64; 2]>,
+    /// Figures of the source's position (PostgreSQL: `retained_wal_bytes`, ...).
+    pub gauges: std::collections::BTreeMap<String, u64>,
+}
+
+impl Heartbeat {
+    pub fn from_status(s: &ferry_protocol::messages::Status, received_unix_ms: u64) -> Self {
+        Heartbeat {
+            received_unix_ms,
+            host: s.host.clone(),
+            software: s.software.clone(),
+            started_unix: s.started_unix,
+            buffer_full: s.buffer_full,
+            disk_low: s.disk_low,
+            buffer_bytes: s.buffer_bytes,
+            buffer_max_bytes: s.buffer_max_bytes,
+            cert_not_after_unix: s.cert_not_after_unix,
+            streams: s
+                .streams
+                .iter()
+                .map(|t| StreamHeartbeat {
+                    name: t.name.clone(),
+                    kind: t.kind.clone(),
+                    head_seq: t.head_seq,
+                    acked_seq: t.acked_seq,
+                    buffered_batches: t.buffered_batches,
+                    buffered_bytes: t.buffered_bytes,
+                    position: t.position.clone(),
+                    error: t.error.clone(),
+                    ship_error: t.ship_error.clone(),
+                    lost: t.lost.iter().map(|r| [r.from, r.to]).collect(),
+                    gauges: t.gauges.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One entry of the fleet registry.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AgentRecord {
@@ -166,8 +247,8 @@ pub struct AgentRecord {
     pub software: String,
     pub config_digest: String,
     pub streams: Vec<String>,
-    /// The last heartbeat, as JSON.
-    pub status: Option<serde_json::Value>,
+    /// The last heartbeat.
+    pub status: Option<Heartbeat>,
     /// Serial (hex) of the certificate the agent last connected with.
     #[serde(default)]
     pub cert_serial: String,
@@ -470,11 +551,36 @@ pub trait Ledger: Send + Sync {
     fn sync(&self) -> Result<(), StoreError>;
 }
 
-/// The fleet registry: one record per agent, rebuilt by its next heartbeat.
+/// The fleet registry (one record per agent, rebuilt by its next heartbeat),
+/// the exchange's users and its audit log.
 pub trait Registry: Send + Sync {
     fn put_agent(&self, rec: &AgentRecord) -> Result<(), StoreError>;
     fn agent(&self, agent: &str) -> Result<Option<AgentRecord>, StoreError>;
     fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Writes a user's record (a new one, or a change), durably; every node
+    /// sees it. The caller checked the name (`users::check_name`).
+    fn put_user(&self, user: &User) -> Result<(), StoreError>;
+    fn user(&self, name: &str) -> Result<Option<User>, StoreError>;
+    /// Every user, in no particular order.
+    fn users(&self) -> Result<Vec<User>, StoreError>;
+    /// Removes a user durably; `false` when there was none of that name.
+    fn remove_user(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Appends an entry to the audit log, durably, and returns it: the
+    /// backend assigns the next seq (1 for the first), the time and the hashes
+    /// (`audit.rs`) atomically with every other appender, on this node or
+    /// another sharing the store, so seqs run 1, 2, 3, … once each and the
+    /// chain is never forked.
+    fn append_audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: serde_json::Value,
+    ) -> Result<AuditEntry, StoreError>;
+    /// At most `limit` entries from seq `from_seq` on, in seq order.
+    fn audit(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 /// A system of record: both halves.

@@ -112,3 +112,29 @@ fn trimming_deletes_emptied_segments_and_removed_files() {
     assert!(store.file("a1", "s", "f1").unwrap().is_none());
     assert_eq!(store.next_expected("a1", "s").unwrap(), 2002);
 }
+
+/// An audit entry rewritten in the store's files (here through a test hook)
+/// is caught by `verify_chain`, which names its seq; so is one whose hash was
+/// recomputed to match, at the seq after it.
+#[test]
+fn a_tampered_audit_entry_is_caught_by_its_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Embedded::open(dir.path(), 1 << 20).unwrap();
+    for i in 0..4 {
+        store
+            .append_audit(
+                "cli:root",
+                "user_add",
+                &format!("u{i}"),
+                serde_json::json!({"role": "operator"}),
+            )
+            .unwrap();
+    }
+    crate::audit::verify_chain(&store.audit(1, 100).unwrap()).unwrap();
+    store.tamper_audit(2, |e| e.target = "intruder".into());
+    let err = crate::audit::verify_chain(&store.audit(1, 100).unwrap()).unwrap_err();
+    assert!(err.starts_with("seq 2:"), "{err}");
+    store.tamper_audit(2, |e| e.hash = e.computed_hash());
+    let err = crate::audit::verify_chain(&store.audit(1, 100).unwrap()).unwrap_err();
+    assert!(err.starts_with("seq 3:"), "{err}");
+}

@@ -130,6 +130,13 @@ impl Inner {
             .map_err(|e| self.remote(format!("writing {key} to {}", b.name), e))
     }
 
+    /// Deletes `key` (a delete marker: readers then find nothing).
+    pub(super) async fn kv_delete(&self, b: &Bucket, key: &str) -> Result<(), StoreError> {
+        b.kv.delete(key)
+            .await
+            .map_err(|e| self.remote(format!("deleting {key} from {}", b.name), e))
+    }
+
     /// Every key matching `filter` (a subject pattern over keys, `>` for all)
     /// with its current value; deleted keys are left out.
     pub(super) async fn kv_scan(

@@ -81,6 +81,16 @@ impl Names {
         Some((decode(a)?, decode(s)?))
     }
 
+    /// The stream of the audit log: `STREAM_audit`.
+    pub fn audit_stream(&self) -> String {
+        format!("{}_audit", self.stream)
+    }
+
+    /// The one subject of the audit log: `STREAM.audit`.
+    pub fn audit_subject(&self) -> String {
+        format!("{}.audit", self.stream)
+    }
+
     /// A key-value bucket: `STREAM_what`.
     pub fn bucket(&self, what: &str) -> String {
         format!("{}_{what}", self.stream)

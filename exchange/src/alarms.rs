@@ -1,0 +1,409 @@
+//! Alarms the exchange raises about its fleet, evaluated every
+//! [`EVALUATE_EVERY`] from the registry, this node's connections, held streams
+//! and the deliveries, against `[dashboard]`'s thresholds.
+//!
+//! An alarm is identified by its kind, agent and stream (`offline:hp-01:`), so a
+//! condition that stays true stays one alarm. When the condition ends the alarm
+//! clears and moves to the history; an operator acknowledges an active alarm with
+//! a note, which stays with it. Raised and cleared alarms go to the journal
+//! (`ALARM` at warn level). State is this node's, kept in `alarms.json` in the
+//! store directory (written whole, atomically, on every change) so a restart
+//! keeps acknowledgements and history.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::DashboardSection;
+use crate::delivery::Statuses;
+use crate::fleet::{Fleet, State};
+use crate::store::{now_unix_ms, SharedStore};
+
+/// How often the conditions are looked at.
+pub const EVALUATE_EVERY: Duration = Duration::from_secs(2);
+/// Cleared alarms kept in the history.
+const HISTORY: usize = 10_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ack {
+    pub by: String,
+    pub note: String,
+    pub at_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Alarm {
+    /// `kind:agent:stream`.
+    pub id: String,
+    /// `offline`, `backlog`, `buffer_full`, `retained_wal`, `cert_expiring`,
+    /// `seq_gap`, `held`, `source_error`, `delivery`.
+    pub kind: String,
+    pub agent: String,
+    /// Empty for alarms about the whole agent.
+    pub stream: String,
+    pub message: String,
+    pub since_unix_ms: u64,
+    /// Set once the condition ended.
+    pub cleared_unix_ms: Option<u64>,
+    pub acknowledged: Option<Ack>,
+}
+
+impl Alarm {
+    pub fn active(&self) -> bool {
+        self.cleared_unix_ms.is_none()
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Book {
+    active: BTreeMap<String, Alarm>,
+    history: VecDeque<Alarm>,
+}
+
+/// The alarms of this node.
+pub struct Alarms {
+    book: Mutex<Book>,
+    path: PathBuf,
+}
+
+/// A condition that holds now.
+struct Condition {
+    kind: &'static str,
+    agent: String,
+    stream: String,
+    message: String,
+}
+
+impl Alarms {
+    /// Opens the alarm book in `dir` (a damaged file is set aside, not fatal).
+    pub fn open(dir: &std::path::Path) -> Arc<Alarms> {
+        let path = dir.join("alarms.json");
+        let book = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                warn!(path = %path.display(), error = %e, "the alarm book cannot be read; starting a new one (the old one is kept as alarms.json.damaged)");
+                let _ = std::fs::rename(&path, path.with_extension("json.damaged"));
+                Book::default()
+            }),
+            Err(_) => Book::default(),
+        };
+        Arc::new(Alarms {
+            book: Mutex::new(book),
+            path,
+        })
+    }
+
+    /// Active alarms first (newest first), then the history (newest first).
+    pub fn list(&self) -> Vec<Alarm> {
+        let Ok(b) = self.book.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<Alarm> = b.active.values().cloned().collect();
+        out.sort_by_key(|a| std::cmp::Reverse(a.since_unix_ms));
+        out.extend(b.history.iter().rev().cloned());
+        out
+    }
+
+    /// Acknowledges the active alarm `id`.
+    pub fn acknowledge(&self, id: &str, by: &str, note: &str) -> Result<Alarm, String> {
+        let mut b = self
+            .book
+            .lock()
+            .map_err(|_| "the alarm book is poisoned".to_string())?;
+        let Some(a) = b.active.get_mut(id) else {
+            return Err(format!("no active alarm {id:?}"));
+        };
+        a.acknowledged = Some(Ack {
+            by: by.to_string(),
+            note: note.to_string(),
+            at_unix_ms: now_unix_ms(),
+        });
+        let a = a.clone();
+        info!(alarm = %id, by, note, "alarm acknowledged");
+        self.save(&b);
+        Ok(a)
+    }
+
+    /// Raises what newly holds and clears what no longer does.
+    fn apply(&self, now: u64, conditions: Vec<Condition>) {
+        let Ok(mut b) = self.book.lock() else {
+            return;
+        };
+        let mut holding = BTreeMap::new();
+        for c in conditions {
+            let id = format!("{}:{}:{}", c.kind, c.agent, c.stream);
+            holding.insert(id, c);
+        }
+        let mut changed = false;
+        let ended: Vec<String> = b
+            .active
+            .keys()
+            .filter(|id| !holding.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in ended {
+            if let Some(mut a) = b.active.remove(&id) {
+                a.cleared_unix_ms = Some(now);
+                warn!(alarm = %a.id, kind = %a.kind, agent = %a.agent, stream = %a.stream, "ALARM cleared: {}", a.message);
+                b.history.push_back(a);
+                if b.history.len() > HISTORY {
+                    b.history.pop_front();
+                }
+                changed = true;
+            }
+        }
+        for (id, c) in holding {
+            match b.active.get_mut(&id) {
+                Some(a) => {
+                    if a.message != c.message {
+                        a.message = c.message;
+                        changed = true;
+                    }
+                }
+                None => {
+                    warn!(alarm = %id, kind = c.kind, agent = %c.agent, stream = %c.stream, "ALARM: {}", c.message);
+                    b.active.insert(
+                        id.clone(),
+                        Alarm {
+                            id,
+                            kind: c.kind.to_string(),
+                            agent: c.agent,
+                            stream: c.stream,
+                            message: c.message,
+                            since_unix_ms: now,
+                            cleared_unix_ms: None,
+                            acknowledged: None,
+                        },
+                    );
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.save(&b);
+        }
+    }
+
+    fn save(&self, b: &Book) {
+        let tmp = self.path.with_extension("json.tmp");
+        let r = serde_json::to_vec(b)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = r {
+            warn!(path = %self.path.display(), error = %e, "cannot write the alarm book");
+        }
+    }
+}
+
+/// What holds now, from the registry, the connections, holds and deliveries.
+fn conditions(
+    store: &SharedStore,
+    fleet: &Fleet,
+    deliveries: &Statuses,
+    cfg: &DashboardSection,
+    now: u64,
+) -> Vec<Condition> {
+    let mut out = Vec::new();
+    let mut push = |kind, agent: &str, stream: &str, message: String| {
+        out.push(Condition {
+            kind,
+            agent: agent.to_string(),
+            stream: stream.to_string(),
+            message,
+        })
+    };
+    let agents = store.agents().unwrap_or_else(|e| {
+        warn!(error = %e, "alarms: cannot read the registry");
+        Vec::new()
+    });
+    for rec in &agents {
+        let a = rec.agent_id.as_str();
+        let conn = fleet.connection(rec, now, cfg.offline_after);
+        if conn.state == State::Offline {
+            push(
+                "offline",
+                a,
+                "",
+                format!(
+                    "no connection since {}",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_millis(conn.since_unix_ms)
+                    )
+                ),
+            );
+        }
+        let Some(hb) = &rec.status else { continue };
+        if hb.buffer_full || hb.disk_low {
+            push(
+                "buffer_full",
+                a,
+                "",
+                if hb.disk_low {
+                    "the agent's disk is nearly full".into()
+                } else {
+                    format!(
+                        "the agent's buffer is full ({} of {} bytes)",
+                        hb.buffer_bytes, hb.buffer_max_bytes
+                    )
+                },
+            );
+        } else if hb.buffer_max_bytes > 0 && hb.buffer_bytes * 10 >= hb.buffer_max_bytes * 8 {
+            push(
+                "buffer_full",
+                a,
+                "",
+                format!(
+                    "the agent's buffer is above 80 % ({} of {} bytes)",
+                    hb.buffer_bytes, hb.buffer_max_bytes
+                ),
+            );
+        }
+        let expires_ms = hb.cert_not_after_unix.saturating_mul(1000);
+        if hb.cert_not_after_unix > 0
+            && expires_ms.saturating_sub(now) < cfg.cert_expiry_alarm.as_millis() as u64
+        {
+            push(
+                "cert_expiring",
+                a,
+                "",
+                format!(
+                    "the agent's certificate expires {}",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(hb.cert_not_after_unix)
+                    )
+                ),
+            );
+        }
+        for s in &hb.streams {
+            if s.buffered_bytes > cfg.backlog_alarm {
+                push(
+                    "backlog",
+                    a,
+                    &s.name,
+                    format!(
+                        "{} bytes in {} batches wait at the agent (seqs {}..{})",
+                        s.buffered_bytes,
+                        s.buffered_batches,
+                        s.acked_seq + 1,
+                        s.head_seq
+                    ),
+                );
+            }
+            if let Some(&wal) = s.gauges.get("retained_wal_bytes") {
+                if wal > cfg.retained_wal_alarm {
+                    push(
+                        "retained_wal",
+                        a,
+                        &s.name,
+                        format!("the replication slot retains {wal} bytes of WAL"),
+                    );
+                }
+            }
+            if !s.error.is_empty() {
+                push("source_error", a, &s.name, s.error.clone());
+            }
+            if !s.lost.is_empty() {
+                let ranges: Vec<String> =
+                    s.lost.iter().map(|[f, t]| format!("{f}..={t}")).collect();
+                push(
+                    "seq_gap",
+                    a,
+                    &s.name,
+                    format!("seqs declared lost: {}", ranges.join(", ")),
+                );
+            }
+        }
+    }
+    match store.holds() {
+        Ok(holds) => {
+            for (agent, stream, hold) in holds {
+                push("held", &agent, &stream, hold.reason.clone());
+            }
+        }
+        Err(e) => warn!(error = %e, "alarms: cannot read held streams"),
+    }
+    for d in deliveries.snapshot() {
+        if let Some(e) = &d.last_error {
+            push(
+                "delivery",
+                &d.agent,
+                &d.stream,
+                format!("delivery {}: {e}", d.delivery),
+            );
+        }
+    }
+    out
+}
+
+/// Evaluates the alarms every [`EVALUATE_EVERY`] until `shutdown`.
+pub fn start(
+    alarms: Arc<Alarms>,
+    store: SharedStore,
+    fleet: Arc<Fleet>,
+    deliveries: Statuses,
+    cfg: DashboardSection,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVALUATE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (alarms, store, fleet, deliveries, cfg) = (
+                alarms.clone(),
+                store.clone(),
+                fleet.clone(),
+                deliveries.clone(),
+                cfg.clone(),
+            );
+            let _ = tokio::task::spawn_blocking(move || {
+                let now = now_unix_ms();
+                let c = conditions(&store, &fleet, &deliveries, &cfg, now);
+                alarms.apply(now, c);
+            })
+            .await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cond(kind: &'static str, agent: &str) -> Condition {
+        Condition {
+            kind,
+            agent: agent.into(),
+            stream: String::new(),
+            message: format!("{kind} of {agent}"),
+        }
+    }
+
+    #[test]
+    fn raised_acknowledged_cleared_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Alarms::open(dir.path());
+        a.apply(1, vec![cond("offline", "a1"), cond("held", "a2")]);
+        a.apply(2, vec![cond("offline", "a1"), cond("held", "a2")]);
+        assert_eq!(a.list().iter().filter(|x| x.active()).count(), 2);
+        a.acknowledge("offline:a1:", "duty", "城东机房断电")
+            .unwrap();
+        assert!(a.acknowledge("offline:zz:", "duty", "x").is_err());
+        a.apply(3, vec![cond("held", "a2")]);
+        let l = a.list();
+        let off = l.iter().find(|x| x.id == "offline:a1:").unwrap();
+        assert_eq!(off.cleared_unix_ms, Some(3));
+        assert_eq!(off.acknowledged.as_ref().unwrap().note, "城东机房断电");
+        // A restart keeps the book.
+        let again = Alarms::open(dir.path());
+        assert_eq!(again.list(), l);
+    }
+}

@@ -1,0 +1,237 @@
+// The Ferry dashboard: one page, reading the JSON API. Every string comes from
+// the catalogue of the user's language (/assets/i18n/{zh,en}.json).
+"use strict";
+
+const S = { user: null, lang: "zh", t: {}, sort: { key: "id", dir: 1 }, filter: "", timer: null };
+
+function t(key, vars) {
+  let s = S.t[key] || key;
+  for (const [k, v] of Object.entries(vars || {})) s = s.split("{" + k + "}").join(String(v));
+  return s;
+}
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+
+async function api(method, path, body) {
+  const headers = { "Accept": "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET" && S.user) headers["X-CSRF-Token"] = S.user.csrf;
+  const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), credentials: "same-origin" });
+  const data = await r.json().catch(() => ({}));
+  if (r.status === 401 && path !== "/api/login") { S.user = null; render(); throw new Error(data.error || "401"); }
+  if (!r.ok) throw new Error(data.error || String(r.status));
+  return data;
+}
+
+async function loadLanguage(lang) {
+  S.lang = lang === "en" ? "en" : "zh";
+  S.t = await (await fetch("/assets/i18n/" + S.lang + ".json")).json();
+  document.documentElement.lang = S.lang === "zh" ? "zh-CN" : "en";
+  document.querySelectorAll("[data-t]").forEach(n => { n.textContent = t(n.dataset.t); });
+  document.getElementById("lang").textContent = t("lang.switch");
+}
+
+function time(ms) {
+  if (!ms) return t("never");
+  const d = new Date(ms);
+  const p = n => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}
+
+function badge(kind, key) { return el("span", { class: "badge " + kind }, t(key)); }
+
+function table(cols, rows, onSort) {
+  const head = el("tr", {}, cols.map(c => el("th", {
+    class: (c.num ? "num " : "") + (onSort && c.key ? "sort" : ""),
+    "data-key": c.key || "",
+    onclick: () => onSort && c.key && onSort(c.key),
+  }, t(c.title))));
+  const body = rows.length ? rows.map(r => el("tr", {}, cols.map(c => el("td", { class: c.num ? "num" : "" }, c.cell(r)))))
+    : [el("tr", {}, el("td", { colspan: cols.length, class: "muted" }, t("empty")))];
+  return el("table", {}, el("thead", {}, head), el("tbody", {}, body));
+}
+
+function main(...kids) {
+  const m = document.getElementById("main");
+  m.replaceChildren(...kids);
+}
+
+function loginPage(message) {
+  document.getElementById("top").hidden = true;
+  const name = el("input", { type: "text", id: "name", autocomplete: "username" });
+  const pass = el("input", { type: "password", id: "password", autocomplete: "current-password" });
+  const err = el("div", { class: "error", id: "login-error" }, message || "");
+  const form = el("form", {
+    class: "login", id: "login", onsubmit: async ev => {
+      ev.preventDefault();
+      try {
+        S.user = await api("POST", "/api/login", { name: name.value, password: pass.value });
+        await loadLanguage(S.user.language);
+        render();
+      } catch (e) { err.textContent = e.message; }
+    }
+  }, el("h1", {}, t("login.title")), el("label", { for: "name" }, t("login.name")), name,
+    el("label", { for: "password" }, t("login.password")), pass,
+    el("button", { class: "primary", type: "submit", id: "login-submit" }, t("login.submit")), err);
+  main(form);
+}
+
+async function overview() {
+  const [o, agents] = await Promise.all([api("GET", "/api/overview"), api("GET", "/api/agents")]);
+  const cards = el("div", { class: "cards" }, ["healthy", "lagging", "offline", "alarm"].map(h =>
+    el("div", { class: "card " + h, id: "count-" + h }, el("div", { class: "n" }, o.counts[h]), el("div", { class: "l" }, t("health." + h)))));
+  const filter = el("input", { type: "text", id: "filter", placeholder: t("overview.filter"), value: S.filter });
+  const holder = el("div", { id: "agents" });
+  const draw = () => {
+    const k = S.sort.key;
+    const rows = agents.filter(a => a.department.startsWith(S.filter)).sort((a, b) => {
+      const x = a[k], y = b[k];
+      return (typeof x === "number" ? x - y : String(x).localeCompare(String(y))) * S.sort.dir;
+    });
+    holder.replaceChildren(table([
+      { key: "id", title: "col.agent", cell: a => el("a", { href: "#/agent/" + encodeURIComponent(a.id), class: "agent-link" }, a.id) },
+      { key: "department", title: "col.department", cell: a => a.department },
+      { key: "health", title: "col.health", cell: a => badge(a.health, "health." + a.health) },
+      { key: "state", title: "col.connection", cell: a => [badge(a.state, "state." + a.state), " ", el("span", { class: "muted" }, a.connection.transport)] },
+      { key: "last_seen_unix_ms", title: "col.last_seen", cell: a => time(a.last_seen_unix_ms) },
+      { key: "streams", title: "col.streams", num: true, cell: a => a.streams.length },
+      { key: "alarms", title: "col.alarms", num: true, cell: a => a.alarms },
+    ], rows, key => { S.sort = { key, dir: S.sort.key === key ? -S.sort.dir : 1 }; draw(); }));
+  };
+  filter.addEventListener("input", () => { S.filter = filter.value.trim(); draw(); });
+  draw();
+  const districts = table([
+    { title: "col.district", cell: d => d.district },
+    ...["healthy", "lagging", "offline", "alarm"].map(h => ({ title: "health." + h, num: true, cell: d => d.counts[h] })),
+  ], o.districts);
+  main(el("h1", {}, t("overview.title")), cards, el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, t("overview.agents", { n: o.agents }))),
+    holder, el("h2", {}, t("overview.districts")), districts);
+}
+
+async function agentPage(id) {
+  const r = await api("GET", "/api/agents/" + encodeURIComponent(id));
+  const a = r.agent;
+  const facts = el("dl", { class: "facts" },
+    el("dt", {}, t("col.department")), el("dd", {}, a.department),
+    el("dt", {}, t("col.connection")), el("dd", {}, badge(a.state, "state." + a.state)),
+    el("dt", {}, t("agent.transport")), el("dd", {}, a.connection.transport),
+    el("dt", {}, t("agent.remote")), el("dd", { class: "mono" }, a.connection.remote),
+    el("dt", {}, t("col.last_seen")), el("dd", {}, time(a.last_seen_unix_ms)),
+    el("dt", {}, t("agent.host")), el("dd", {}, a.host),
+    el("dt", {}, t("agent.software")), el("dd", {}, a.software),
+    el("dt", {}, t("agent.buffer")), el("dd", {}, `${a.buffer_bytes} / ${a.buffer_max_bytes}`),
+    el("dt", {}, t("agent.cert")), el("dd", { class: "mono" }, a.cert_serial),
+    el("dt", {}, t("agent.cert_expiry")), el("dd", {}, time(a.cert_not_after_unix * 1000)));
+  const streams = table([
+    { title: "col.stream", cell: s => s.name },
+    { title: "col.kind", cell: s => s.kind },
+    { title: "col.head", num: true, cell: s => s.head_seq },
+    { title: "col.acked", num: true, cell: s => s.acked_seq },
+    { title: "col.backlog", num: true, cell: s => s.backlog_bytes },
+    { title: "col.position", cell: s => el("span", { class: "mono" }, s.position) },
+    { title: "col.error", cell: s => s.error || s.ship_error },
+  ], a.streams);
+  const kids = [el("h1", {}, t("agent.title", { id: a.id })), facts, el("h2", {}, t("col.streams")), streams,
+    el("h2", {}, t("nav.alarms")), alarmTable(r.alarms, () => agentPage(id))];
+  if (S.user.role === "admin") {
+    const out = el("span", { class: "muted", id: "revoke-result" });
+    kids.push(el("h2", {}, ""), el("div", { class: "toolbar" }, el("button", {
+      class: "danger", id: "revoke", onclick: async () => {
+        if (!confirm(t("agent.revoke_confirm", { id: a.id }))) return;
+        try { const x = await api("POST", "/api/agents/" + encodeURIComponent(a.id) + "/revoke"); out.textContent = t("agent.revoked", { n: x.closed_connections }); }
+        catch (e) { out.textContent = e.message; }
+      }
+    }, t("agent.revoke")), out));
+  }
+  main(...kids);
+}
+
+function alarmTable(list, again) {
+  const canAck = S.user.role === "admin" || S.user.role === "operator";
+  return table([
+    { title: "col.kind_alarm", cell: x => el("span", {}, badge(x.active ? "active" : "cleared", x.active ? "alarms.active" : "alarms.cleared"), " ", t("alarm." + x.kind)) },
+    { title: "col.agent", cell: x => el("a", { href: "#/agent/" + encodeURIComponent(x.agent) }, x.agent) },
+    { title: "col.stream", cell: x => x.stream },
+    { title: "col.since", cell: x => time(x.since_unix_ms) },
+    { title: "col.message", cell: x => x.message },
+    { title: "col.ack", cell: x => {
+      if (x.acknowledged) return t("alarms.acked_by", { by: x.acknowledged.by, note: x.acknowledged.note });
+      if (!x.active || !canAck) return "";
+      const note = el("input", { type: "text", class: "ack-note", placeholder: t("alarms.note") });
+      return el("span", { class: "toolbar" }, note, el("button", {
+        class: "primary ack", "data-alarm": x.id, onclick: async () => {
+          await api("POST", "/api/alarms/" + encodeURIComponent(x.id) + "/ack", { note: note.value });
+          again();
+        }
+      }, t("alarms.ack")));
+    } },
+  ], list);
+}
+
+async function alarmsPage() {
+  const list = await api("GET", "/api/alarms");
+  main(el("h1", {}, t("alarms.title")), alarmTable(list, alarmsPage));
+}
+
+async function auditPage() {
+  const list = await api("GET", "/api/audit");
+  main(el("h1", {}, t("audit.title")), table([
+    { title: "#", num: true, cell: e => e.seq },
+    { title: "col.time", cell: e => time(e.time_unix_ms) },
+    { title: "col.actor", cell: e => e.actor },
+    { title: "col.action", cell: e => el("span", { class: "audit-action" }, e.action) },
+    { title: "col.target", cell: e => e.target },
+    { title: "col.detail", cell: e => el("span", { class: "mono" }, JSON.stringify(e.detail)) },
+  ], list.slice().reverse()));
+}
+
+// Every 3 s, unless someone is typing (a filter, a note).
+function refresh() {
+  const typing = document.activeElement && document.activeElement.tagName === "INPUT" && document.activeElement.value !== "";
+  if (typing) S.timer = setTimeout(refresh, 3000);
+  else render();
+}
+
+async function render() {
+  if (S.timer) { clearTimeout(S.timer); S.timer = null; }
+  if (!S.user) { loginPage(); return; }
+  document.getElementById("top").hidden = false;
+  document.getElementById("who").textContent = `${S.user.name} · ${t("role." + S.user.role)}`;
+  document.getElementById("nav-audit").hidden = !(S.user.role === "auditor" || S.user.role === "admin");
+  const route = location.hash.replace(/^#\//, "").split("/");
+  document.querySelectorAll("header nav a").forEach(a => a.classList.toggle("on", a.id === "nav-" + (route[0] || "overview")));
+  try {
+    if (route[0] === "agent" && route[1]) await agentPage(decodeURIComponent(route[1]));
+    else if (route[0] === "alarms") await alarmsPage();
+    else if (route[0] === "audit") await auditPage();
+    else await overview();
+  } catch (e) { if (S.user) main(el("div", { class: "error" }, e.message)); }
+  // Refreshed while nobody types.
+  if (S.user) S.timer = setTimeout(refresh, 3000);
+}
+
+window.addEventListener("hashchange", render);
+window.addEventListener("DOMContentLoaded", async () => {
+  document.getElementById("lang").addEventListener("click", async () => {
+    const next = S.lang === "zh" ? "en" : "zh";
+    if (S.user) { await api("POST", "/api/language", { language: next }); S.user.language = next; }
+    await loadLanguage(next);
+    render();
+  });
+  document.getElementById("logout").addEventListener("click", async () => {
+    try { await api("POST", "/api/logout"); } catch (e) { /* gone already */ }
+    S.user = null; render();
+  });
+  try { S.user = await api("GET", "/api/session"); } catch (e) { S.user = null; }
+  await loadLanguage(S.user ? S.user.language : "zh");
+  render();
+});

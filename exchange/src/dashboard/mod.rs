@@ -1,0 +1,704 @@
+//! The fleet dashboard: HTTPS (axum over tokio-rustls), the pages and the JSON
+//! API behind them, served by `ferry-exchange serve` when `[dashboard] listen`
+//! is set.
+//!
+//! Every page is one embedded single-page application (`assets/`: HTML, CSS,
+//! JS, one string catalogue per language) that reads the API; nothing is fetched
+//! from elsewhere, so it works with no internet access. Sessions: `POST
+//! /api/login` checks the user (`users::login`: argon2, lockout, audit) and sets
+//! the `ferry_session` cookie (HttpOnly, Secure, SameSite=Strict) and returns a
+//! CSRF token, which every state-changing request must carry in `X-CSRF-Token`.
+//! No session → 401; a role without the right → 403; bad input → 4xx with a
+//! message. `api/openapi.json` documents the API (kept in the repo as
+//! `exchange/src/dashboard/openapi.json`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::alarms::Alarms;
+use crate::config::ExchangeConfig;
+use crate::fleet::{ConnectionView, Fleet, State as Presence};
+use crate::store::{now_unix_ms, AgentRecord, SharedStore, StreamHeartbeat};
+use crate::users::{Action, LoginError, Role};
+
+const INDEX: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const APP_CSS: &str = include_str!("assets/app.css");
+const ZH: &str = include_str!("assets/zh.json");
+const EN: &str = include_str!("assets/en.json");
+const OPENAPI: &str = include_str!("openapi.json");
+
+const COOKIE: &str = "ferry_session";
+
+#[derive(Clone)]
+struct Session {
+    name: String,
+    role: Role,
+    language: String,
+    csrf: String,
+    last_used_ms: u64,
+}
+
+struct Inner {
+    store: SharedStore,
+    fleet: Arc<Fleet>,
+    alarms: Arc<Alarms>,
+    cfg: Arc<ExchangeConfig>,
+    reloads: crate::admin::Reloads,
+    sessions: Mutex<HashMap<String, Session>>,
+}
+
+type App = Arc<Inner>;
+
+/// An API error: its status and a message for the user.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    warn!(error = %e, "dashboard request failed");
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the exchange could not answer: {e}"),
+    )
+}
+
+/// Everything the dashboard needs from the running exchange.
+pub struct Parts {
+    pub store: SharedStore,
+    pub fleet: Arc<Fleet>,
+    pub alarms: Arc<Alarms>,
+    pub cfg: Arc<ExchangeConfig>,
+    pub reloads: crate::admin::Reloads,
+}
+
+/// Binds `[dashboard] listen` (an error names the address) and serves until
+/// `shutdown`.
+pub async fn start(
+    parts: Parts,
+    shutdown: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(listen) = parts.cfg.dashboard.listen.clone() else {
+        return Ok(None);
+    };
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("[dashboard] listen {listen:?} is not an address:port"))?;
+    let (cert, key) = match (&parts.cfg.dashboard.cert, &parts.cfg.dashboard.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => (parts.cfg.tls.cert.clone(), parts.cfg.tls.key.clone()),
+    };
+    let tls = ferry_transport::tls::https_server_config(&cert, &key)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("[dashboard] listening on {addr}"))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    info!(listen = %local, "dashboard serving (https)");
+    let app = Arc::new(Inner {
+        store: parts.store,
+        fleet: parts.fleet,
+        alarms: parts.alarms,
+        cfg: parts.cfg,
+        reloads: parts.reloads,
+        sessions: Mutex::new(HashMap::new()),
+    });
+    let router = router(app);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    Ok(Some(tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "dashboard: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "dashboard: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    r = conn => if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "dashboard connection ended");
+                    },
+                }
+            });
+        }
+    })))
+}
+
+fn router(app: App) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { page(INDEX, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/assets/app.js",
+            get(|| async { page(APP_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/assets/app.css",
+            get(|| async { page(APP_CSS, "text/css; charset=utf-8") }),
+        )
+        .route(
+            "/assets/i18n/zh.json",
+            get(|| async { page(ZH, "application/json") }),
+        )
+        .route(
+            "/assets/i18n/en.json",
+            get(|| async { page(EN, "application/json") }),
+        )
+        .route(
+            "/api/openapi.json",
+            get(|| async { page(OPENAPI, "application/json") }),
+        )
+        .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
+        .route("/api/session", get(session_info))
+        .route("/api/language", post(language))
+        .route("/api/overview", get(overview))
+        .route("/api/agents", get(agents))
+        .route("/api/agents/{id}", get(agent))
+        .route("/api/agents/{id}/revoke", post(revoke))
+        .route("/api/alarms", get(alarms))
+        .route("/api/alarms/{id}/ack", post(acknowledge))
+        .route("/api/audit", get(audit))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page".into()) })
+        .with_state(app)
+}
+
+fn page(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; frame-ancestors 'none'",
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn token() -> String {
+    let mut b = [0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut b[..]);
+    hex::encode(b)
+}
+
+fn cookie_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+impl Inner {
+    /// The request's session, refreshed; 401 without one.
+    fn session(&self, headers: &HeaderMap) -> Result<(String, Session), ApiError> {
+        let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "log in first".into());
+        let id = cookie_of(headers).ok_or_else(unauthorized)?;
+        let now = now_unix_ms();
+        let idle = self.cfg.dashboard.session_idle.as_millis() as u64;
+        let mut m = self
+            .sessions
+            .lock()
+            .map_err(|_| internal("sessions poisoned"))?;
+        m.retain(|_, s| now.saturating_sub(s.last_used_ms) < idle);
+        let s = m.get_mut(&id).ok_or_else(unauthorized)?;
+        s.last_used_ms = now;
+        Ok((id, s.clone()))
+    }
+
+    /// The session, if its role may do `action` (403 if not).
+    fn allowed(&self, headers: &HeaderMap, action: Action) -> Result<Session, ApiError> {
+        let (_, s) = self.session(headers)?;
+        if !s.role.can(action) {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("the {} role may not do this", s.role.as_str()),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// As [`Inner::allowed`], for a state change: the CSRF token must match.
+    fn changing(&self, headers: &HeaderMap, action: Action) -> Result<Session, ApiError> {
+        let (_, s) = self.session(headers)?;
+        let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
+        if sent != Some(s.csrf.as_str()) {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "missing or wrong X-CSRF-Token".into(),
+            ));
+        }
+        self.allowed(headers, action)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Inner) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(internal)?
+    }
+
+    fn audit(&self, actor: &str, action: &str, target: &str, detail: Value) {
+        if let Err(e) = self.store.append_audit(actor, action, target, detail) {
+            warn!(error = %e, action, target, "cannot append to the audit log");
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    name: String,
+    password: String,
+}
+
+async fn login(State(app): State<App>, Json(body): Json<LoginBody>) -> Result<Response, ApiError> {
+    let user = app
+        .blocking(move |app| {
+            crate::users::login(&*app.store, &body.name, &body.password, now_unix_ms()).map_err(
+                |e| match e {
+                    LoginError::Store(e) => internal(e),
+                    other => ApiError(StatusCode::UNAUTHORIZED, other.to_string()),
+                },
+            )
+        })
+        .await?;
+    let id = token();
+    let s = Session {
+        name: user.name.clone(),
+        role: user.role,
+        language: user.language.clone(),
+        csrf: token(),
+        last_used_ms: now_unix_ms(),
+    };
+    let body =
+        json!({"name": s.name, "role": s.role.as_str(), "language": s.language, "csrf": s.csrf});
+    app.sessions
+        .lock()
+        .map_err(|_| internal("sessions poisoned"))?
+        .insert(id.clone(), s);
+    let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; Secure; SameSite=Strict");
+    let mut r = Json(body).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(internal)?,
+    );
+    Ok(r)
+}
+
+async fn logout(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let s = app.changing(&headers, Action::Read)?;
+    if let Some(id) = cookie_of(&headers) {
+        if let Ok(mut m) = app.sessions.lock() {
+            m.remove(&id);
+        }
+    }
+    app.blocking(move |app| {
+        app.audit(&format!("web:{}", s.name), "logout", "", json!({}));
+        Ok(())
+    })
+    .await?;
+    let mut r = Json(json!({})).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "ferry_session=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0",
+        ),
+    );
+    Ok(r)
+}
+
+async fn session_info(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let (_, s) = app.session(&headers)?;
+    Ok(Json(
+        json!({"name": s.name, "role": s.role.as_str(), "language": s.language, "csrf": s.csrf}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct LanguageBody {
+    language: String,
+}
+
+/// The user's language, kept with the user.
+async fn language(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Json(body): Json<LanguageBody>,
+) -> Result<Json<Value>, ApiError> {
+    let s = app.changing(&headers, Action::Read)?;
+    if !matches!(body.language.as_str(), "zh" | "en") {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("language {:?}: zh or en", body.language),
+        ));
+    }
+    if let (Some(id), Ok(mut m)) = (cookie_of(&headers), app.sessions.lock()) {
+        if let Some(sess) = m.get_mut(&id) {
+            sess.language = body.language.clone();
+        }
+    }
+    let lang = body.language.clone();
+    app.blocking(move |app| {
+        if let Some(mut u) = app.store.user(&s.name).map_err(internal)? {
+            u.language = lang;
+            app.store.put_user(&u).map_err(internal)?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({"language": body.language})))
+}
+
+/// A stream as the dashboard shows it.
+#[derive(Serialize)]
+struct StreamView {
+    #[serde(flatten)]
+    heartbeat: StreamHeartbeat,
+    /// Seqs buffered at the agent and not acknowledged.
+    backlog_records: u64,
+    backlog_bytes: u64,
+}
+
+/// An agent as `GET /api/agents` returns it.
+#[derive(Serialize)]
+struct AgentView {
+    id: String,
+    department: String,
+    /// The department code's first six characters: its county-level
+    /// division (GB/T 2260).
+    district: String,
+    online: bool,
+    state: Presence,
+    last_seen: String,
+    last_seen_unix_ms: u64,
+    connection: ConnectionView,
+    host: String,
+    software: String,
+    config_digest: String,
+    up_since_unix: u64,
+    cert_serial: String,
+    cert_not_after_unix: u64,
+    buffer_bytes: u64,
+    buffer_max_bytes: u64,
+    buffer_full: bool,
+    streams: Vec<StreamView>,
+    /// Active alarms about this agent.
+    alarms: usize,
+    /// `healthy`, `lagging`, `offline` or `alarm`.
+    health: &'static str,
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    if ms == 0 {
+        return String::new();
+    }
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn view(app: &Inner, rec: AgentRecord, now: u64, alarms: &[crate::alarms::Alarm]) -> AgentView {
+    let connection = app
+        .fleet
+        .connection(&rec, now, app.cfg.dashboard.offline_after);
+    let hb = rec.status.clone().unwrap_or_default();
+    let streams: Vec<StreamView> = hb
+        .streams
+        .iter()
+        .map(|s| StreamView {
+            backlog_records: s.head_seq.saturating_sub(s.acked_seq),
+            backlog_bytes: s.buffered_bytes,
+            heartbeat: s.clone(),
+        })
+        .collect();
+    let active = alarms
+        .iter()
+        .filter(|a| a.active() && a.agent == rec.agent_id)
+        .count();
+    let lagging = streams.iter().any(|s| {
+        s.backlog_bytes > app.cfg.dashboard.backlog_alarm / 4 || !s.heartbeat.ship_error.is_empty()
+    });
+    let health = if connection.state == Presence::Offline {
+        "offline"
+    } else if active > 0 {
+        "alarm"
+    } else if lagging || connection.state == Presence::Reconnecting {
+        "lagging"
+    } else {
+        "healthy"
+    };
+    AgentView {
+        district: rec.department.chars().take(6).collect(),
+        department: rec.department,
+        online: connection.online,
+        state: connection.state,
+        last_seen: rfc3339_ms(rec.last_seen_unix_ms),
+        last_seen_unix_ms: rec.last_seen_unix_ms,
+        connection,
+        host: hb.host.clone(),
+        software: if hb.software.is_empty() {
+            rec.software
+        } else {
+            hb.software.clone()
+        },
+        config_digest: rec.config_digest,
+        up_since_unix: hb.started_unix,
+        cert_serial: rec.cert_serial,
+        cert_not_after_unix: hb.cert_not_after_unix,
+        buffer_bytes: hb.buffer_bytes,
+        buffer_max_bytes: hb.buffer_max_bytes,
+        buffer_full: hb.buffer_full,
+        streams,
+        alarms: active,
+        health,
+        id: rec.agent_id,
+    }
+}
+
+fn all_views(app: &Inner) -> Result<Vec<AgentView>, ApiError> {
+    let now = now_unix_ms();
+    let alarms = app.alarms.list();
+    let mut out: Vec<AgentView> = app
+        .store
+        .agents()
+        .map_err(internal)?
+        .into_iter()
+        .map(|r| view(app, r, now, &alarms))
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+async fn agents(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    app.allowed(&headers, Action::Read)?;
+    let views = app.blocking(all_views).await?;
+    Ok(Json(json!(views)))
+}
+
+async fn agent(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    app.allowed(&headers, Action::Read)?;
+    let found = app
+        .blocking(move |app| {
+            let now = now_unix_ms();
+            let alarms = app.alarms.list();
+            Ok(app
+                .store
+                .agent(&id)
+                .map_err(internal)?
+                .map(|r| (view(app, r, now, &alarms), alarms)))
+        })
+        .await?;
+    let Some((v, alarms)) = found else {
+        return Err(ApiError(StatusCode::NOT_FOUND, "no such agent".into()));
+    };
+    let mine: Vec<_> = alarms
+        .into_iter()
+        .filter(|a| a.agent == v.id)
+        .take(50)
+        .collect();
+    Ok(Json(json!({"agent": v, "alarms": mine})))
+}
+
+/// Counts by health, overall and per district.
+async fn overview(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    app.allowed(&headers, Action::Read)?;
+    let views = app.blocking(all_views).await?;
+    let mut total: HashMap<&str, usize> = HashMap::new();
+    let mut districts: std::collections::BTreeMap<String, HashMap<&str, usize>> =
+        Default::default();
+    for v in &views {
+        *total.entry(v.health).or_default() += 1;
+        *districts
+            .entry(v.district.clone())
+            .or_default()
+            .entry(v.health)
+            .or_default() += 1;
+    }
+    let counts = |m: &HashMap<&str, usize>| {
+        json!({
+            "healthy": m.get("healthy").copied().unwrap_or(0),
+            "lagging": m.get("lagging").copied().unwrap_or(0),
+            "offline": m.get("offline").copied().unwrap_or(0),
+            "alarm": m.get("alarm").copied().unwrap_or(0),
+        })
+    };
+    let by_district: Vec<Value> = districts
+        .iter()
+        .map(|(d, m)| json!({"district": d, "counts": counts(m)}))
+        .collect();
+    Ok(Json(json!({
+        "agents": views.len(),
+        "counts": counts(&total),
+        "districts": by_district,
+        "active_alarms": app.alarms.list().iter().filter(|a| a.active()).count(),
+    })))
+}
+
+async fn alarms(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    app.allowed(&headers, Action::Read)?;
+    let list: Vec<Value> = app
+        .alarms
+        .list()
+        .into_iter()
+        .take(1000)
+        .map(|a| {
+            let mut v = json!(a);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("since".into(), json!(rfc3339_ms(a.since_unix_ms)));
+                o.insert("active".into(), json!(a.active()));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+#[derive(Deserialize)]
+struct AckBody {
+    #[serde(default)]
+    note: String,
+}
+
+async fn acknowledge(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(body): Json<AckBody>,
+) -> Result<Json<Value>, ApiError> {
+    let s = app.changing(&headers, Action::Acknowledge)?;
+    if body.note.chars().count() > 2000 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "the note is longer than 2000 characters".into(),
+        ));
+    }
+    let a = app
+        .alarms
+        .acknowledge(&id, &s.name, &body.note)
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e))?;
+    let target = id.clone();
+    let note = body.note.clone();
+    app.blocking(move |app| {
+        app.audit(
+            &format!("web:{}", s.name),
+            "alarm_ack",
+            &target,
+            json!({"note": note}),
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!(a)))
+}
+
+async fn revoke(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let s = app.changing(&headers, Action::Administer)?;
+    let agent = id.clone();
+    let revoked = app
+        .blocking(move |app| {
+            let r = crate::trust::revoke(
+                &app.cfg,
+                Some(&agent),
+                None,
+                ferry_transport::pki::Reason::Unspecified,
+            )
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+            app.audit(
+                &format!("web:{}", s.name),
+                "revoke",
+                &agent,
+                json!({"serials": r.iter().map(|x| x.serial.clone()).collect::<Vec<_>>()}),
+            );
+            Ok(r)
+        })
+        .await?;
+    // The running server takes the new list and closes the agent's connections.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let closed = match app.reloads.send(tx).await {
+        Ok(()) => rx.await.ok().and_then(|r| r.ok()).unwrap_or(0),
+        Err(_) => 0,
+    };
+    Ok(Json(
+        json!({"revoked": revoked, "closed_connections": closed}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default = "one")]
+    from: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+async fn audit(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    app.allowed(&headers, Action::ReadAudit)?;
+    let entries = app
+        .blocking(move |app| app.store.audit(q.from.max(1), 1000).map_err(internal))
+        .await?;
+    Ok(Json(json!(entries)))
+}

@@ -1,0 +1,179 @@
+//! `ferry-exchange user …`: the commands, and what they ask of the store
+//! (through the running exchange's admin socket, or on the store itself).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// `ferry-exchange user …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum UserCommand {
+    /// Add a user: prints it as one JSON line.
+    Add {
+        #[arg(long, default_value = crate::SYSTEM_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// admin | operator | auditor
+        #[arg(long)]
+        role: String,
+        /// A file whose first line is the password (at least 8 characters).
+        #[arg(long)]
+        password_file: PathBuf,
+    },
+    /// Set a user's password (and unlock the account).
+    Passwd {
+        #[arg(long, default_value = crate::SYSTEM_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        password_file: PathBuf,
+    },
+    /// Remove a user.
+    Remove {
+        #[arg(long, default_value = crate::SYSTEM_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// List the users, one JSON line each (name, role, created, locked; never
+    /// the password hash).
+    List {
+        #[arg(long, default_value = crate::SYSTEM_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+/// What the admin socket carries for `user` commands: hashes, never passwords.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum UserOp {
+    Add {
+        name: String,
+        role: Role,
+        password_hash: String,
+        actor: String,
+    },
+    Passwd {
+        name: String,
+        password_hash: String,
+        actor: String,
+    },
+    Remove {
+        name: String,
+        actor: String,
+    },
+    List {
+        actor: String,
+    },
+}
+
+/// Runs `ferry-exchange user …`: through the running exchange's admin socket,
+/// or on the store itself when none runs.
+pub fn cli(cmd: UserCommand) -> Result<()> {
+    let actor = format!(
+        "cli:{}",
+        std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "root".into())
+    );
+    let (config, op) = match cmd {
+        UserCommand::Add {
+            config,
+            name,
+            role,
+            password_file,
+        } => {
+            let role: Role = role
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--role: {e}"))?;
+            check_name(&name).context("--name")?;
+            let password = read_password(&password_file)?;
+            let op = UserOp::Add {
+                name,
+                role,
+                password_hash: hash_password(&password)?,
+                actor,
+            };
+            (config, op)
+        }
+        UserCommand::Passwd {
+            config,
+            name,
+            password_file,
+        } => {
+            check_name(&name).context("--name")?;
+            let password = read_password(&password_file)?;
+            let op = UserOp::Passwd {
+                name,
+                password_hash: hash_password(&password)?,
+                actor,
+            };
+            (config, op)
+        }
+        UserCommand::Remove { config, name } => (config, UserOp::Remove { name, actor }),
+        UserCommand::List { config } => (config, UserOp::List { actor }),
+    };
+    let cfg = crate::config::load(&config)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    crate::ask_or_open(&cfg, &crate::admin::Request::User { op }, &mut out)
+}
+
+/// The password in the first line of `path` (its line ending stripped).
+fn read_password(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the password file {}", path.display()))?;
+    let first = text.lines().next().unwrap_or_default();
+    check_password(first).with_context(|| {
+        format!(
+            "the password file {} (its first line is the password)",
+            path.display()
+        )
+    })?;
+    Ok(first.to_string())
+}
+
+/// The admin socket's `user` request, on the exchange's store.
+pub fn execute(store: &dyn Registry, op: &UserOp, out: &mut dyn Write) -> Result<u64> {
+    match op {
+        UserOp::Add {
+            name,
+            role,
+            password_hash,
+            actor,
+        } => {
+            let user = add_user(store, actor, name, *role, password_hash.clone())?;
+            writeln!(out, "{}", user.listing(crate::store::now_unix_ms()))?;
+            Ok(1)
+        }
+        UserOp::Passwd {
+            name,
+            password_hash,
+            actor,
+        } => {
+            change_password(store, actor, name, password_hash.clone())?;
+            Ok(0)
+        }
+        UserOp::Remove { name, actor } => {
+            remove_user(store, actor, name)?;
+            Ok(0)
+        }
+        UserOp::List { actor } => {
+            let now = crate::store::now_unix_ms();
+            let mut users = store.users()?;
+            users.sort_by(|a, b| a.name.cmp(&b.name));
+            for u in &users {
+                writeln!(out, "{}", u.listing(now))?;
+            }
+            store.append_audit(actor, "user_list", "", serde_json::json!({}))?;
+            Ok(users.len() as u64)
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! The dashboard in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, driven over WebDriver with fantoccini) and its JSON API
+//! (ureq, trusting the exchange's own CA): an operator sees two running agents
+//! healthy; one is killed with `kill -9` and shows offline with an alarm, which
+//! the operator acknowledges; the language switches to English and back; an
+//! auditor finds the acknowledgement in the audit log and has no revoke button,
+//! and the API refuses what each role may not do. Screenshots go to
+//! `target/dashboard-screenshots/`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use ferry_tests::{
+    bin, free_tcp_port, host_has, note, tail_stream, wait_until, Exchange, TestDir, SHORT,
+};
+use hyper_util::client::legacy::connect::HttpConnector;
+use rustls_pki_types::pem::PemObject;
+use serde_json::{json, Value};
+
+fn has(path: &str) -> bool {
+    Path::new(path).exists()
+}
+
+/// `ferry-exchange user add`.
+fn add_user(ex: &Exchange, dir: &Path, name: &str, role: &str, password: &str) {
+    let file = dir.join(format!("{name}.password"));
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    let out = Command::new(bin("ferry-exchange"))
+        .args(["user", "add", "--config"])
+        .arg(&ex.config)
+        .args(["--name", name, "--role", role, "--password-file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "user add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An HTTPS client of the dashboard that trusts the exchange's CA.
+struct Api {
+    agent: ureq::Agent,
+    base: String,
+    cookie: Option<String>,
+    csrf: Option<String>,
+}
+
+impl Api {
+    fn new(ex: &Exchange, port: u16) -> Api {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(ex.dir.join("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Api {
+            agent: ureq::AgentBuilder::new().tls_config(Arc::new(tls)).build(),
+            base: format!("https://127.0.0.1:{port}"),
+            cookie: None,
+            csrf: None,
+        }
+    }
+
+    /// Status and JSON body of a request (with the session and, for a POST,
+    /// the CSRF token, when `csrf`).
+    fn call(&self, method: &str, path: &str, body: Option<Value>, csrf: bool) -> (u16, Value) {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        if let Some(c) = &self.cookie {
+            req = req.set("Cookie", c);
+        }
+        if let (true, Some(t)) = (csrf, &self.csrf) {
+            req = req.set("X-CSRF-Token", t);
+        }
+        let r = match body {
+            Some(b) => req.send_json(b),
+            None if method == "POST" => req.send_string(""),
+            None => req.call(),
+        };
+        let resp = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let cookie = resp.header("set-cookie").map(str::to_string);
+        let text = resp.into_string().unwrap_or_default();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if let (Some(c), true) = (cookie, path == "/api/login") {
+            assert!(
+                c.contains("HttpOnly") && c.contains("Secure") && c.contains("SameSite=Strict"),
+                "{c}"
+            );
+        }
+        (status, v)
+    }
+
+    fn login(&mut self, name: &str, password: &str) -> Value {
+        let mut req = self.agent.post(&format!("{}/api/login", self.base));
+        req = req.set("Content-Type", "application/json");
+        let r = req
+            .send_json(json!({"name": name, "password": password}))
+            .unwrap_or_else(|e| panic!("login {name}: {e}"));
+        let cookie = r.header("set-cookie").unwrap().to_string();
+        self.cookie = Some(cookie.split(';').next().unwrap().to_string());
+        let v: Value = r.into_json().unwrap();
+        self.csrf = Some(v["csrf"].as_str().unwrap().to_string());
+        v
+    }
+}
+
+/// chromedriver on a free port, killed on drop.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn screenshots() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    std::fs::write(screenshots().join(format!("{name}.png")), png).unwrap();
+}
+
+/// Waits until the text of the first element `css` matches `ok`.
+async fn wait_text(c: &Client, css: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+    let end = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < end {
+        if let Ok(e) = c.find(Locator::Css(css)).await {
+            if let Ok(t) = e.text().await {
+                if ok(&t) {
+                    return t;
+                }
+                last = t;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    shot(c, "failed").await;
+    let page = c.source().await.unwrap_or_default();
+    panic!("{css}: never as expected within {timeout:?}; last text {last:?}; the page:\n{page}");
+}
+
+async fn log_in(c: &Client, base: &str, name: &str, password: &str) {
+    c.goto(base).await.unwrap();
+    wait_text(c, "#login-submit", SHORT, |t| !t.is_empty()).await;
+    c.find(Locator::Css("#name"))
+        .await
+        .unwrap()
+        .send_keys(name)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#password"))
+        .await
+        .unwrap()
+        .send_keys(password)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#login-submit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+#[test]
+fn operators_watch_the_fleet_in_a_real_browser() {
+    let browser = "/usr/bin/chromium";
+    let driver_bin = "/usr/bin/chromedriver";
+    if !host_has(
+        has(browser) && has(driver_bin),
+        "headless Chromium is needed: install the Debian packages chromium and chromium-driver (and fonts-noto-cjk)",
+    ) {
+        return;
+    }
+    let t = TestDir::new("dashboard");
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    let port = free_tcp_port();
+    ex.append_config(&format!(
+        "\n[dashboard]\nlisten = \"127.0.0.1:{port}\"\noffline_after = \"3s\"\n"
+    ));
+    let secrets = t.mkdir("secrets");
+    add_user(&ex, &secrets, "chief", "admin", "chief-password-1");
+    add_user(&ex, &secrets, "duty", "operator", "duty-password-1");
+    add_user(&ex, &secrets, "audit", "auditor", "audit-password-1");
+    ex.start();
+
+    let mut agents = Vec::new();
+    for (id, dept) in [("hp-mz-01", "210102001"), ("hp-ga-02", "210103002")] {
+        let a = ex.enroll(id, dept, &t.path().join(id));
+        let log = t.path().join(format!("{id}.log"));
+        std::fs::write(&log, "第一行\n").unwrap();
+        a.add_stream(&tail_stream("events", "210000-0001", &log));
+        agents.push(a);
+    }
+    for a in &mut agents {
+        a.start();
+    }
+
+    // The API: no session, no CSRF token, wrong role, bad input.
+    let mut api = Api::new(&ex, port);
+    const GETS: &[&str] = &[
+        "/api/session",
+        "/api/overview",
+        "/api/agents",
+        "/api/agents/hp-mz-01",
+        "/api/alarms",
+        "/api/audit",
+    ];
+    const POSTS: &[&str] = &[
+        "/api/logout",
+        "/api/language",
+        "/api/agents/hp-mz-01/revoke",
+        "/api/alarms/offline:hp-mz-01:/ack",
+    ];
+    for path in GETS {
+        assert_eq!(
+            api.call("GET", path, None, false).0,
+            401,
+            "{path} without a session"
+        );
+    }
+    for path in POSTS {
+        let (st, _) = api.call(
+            "POST",
+            path,
+            Some(json!({"language": "en", "note": ""})),
+            false,
+        );
+        assert_eq!(st, 401, "{path} without a session");
+    }
+    let (st, v) = api.call(
+        "POST",
+        "/api/login",
+        Some(json!({"name": "duty", "password": "nope"})),
+        false,
+    );
+    assert_eq!(st, 401, "{v}");
+    let (st, _) = api.call("POST", "/api/login", Some(json!({"name": 3})), false);
+    assert!((400..500).contains(&st), "bad input: {st}");
+    let who = api.login("duty", "duty-password-1");
+    assert_eq!(who["role"], "operator");
+    wait_until(SHORT, "both agents online in the API", || {
+        let (st, v) = api.call("GET", "/api/agents", None, false);
+        st == 200
+            && v.as_array().is_some_and(|a| {
+                a.len() == 2
+                    && a.iter().all(|x| {
+                        x["online"] == true
+                            && x["streams"].as_array().is_some_and(|s| s.len() == 1)
+                            && x["last_seen"].as_str().is_some_and(|s| !s.is_empty())
+                    })
+            })
+    });
+    let (_, v) = api.call("GET", "/api/agents", None, false);
+    assert_eq!(v[0]["id"], "hp-ga-02");
+    assert_eq!(v[0]["department"], "210103002");
+    for path in POSTS {
+        let (st, _) = api.call(
+            "POST",
+            path,
+            Some(json!({"language": "en", "note": ""})),
+            false,
+        );
+        assert_eq!(st, 403, "{path} without the CSRF token");
+    }
+    let (st, v) = api.call(
+        "POST",
+        "/api/language",
+        Some(json!({"language": "fr"})),
+        true,
+    );
+    assert_eq!(st, 400, "{v}");
+    let (st, _) = api.call("POST", "/api/agents/hp-mz-01/revoke", None, true);
+    assert_eq!(st, 403, "an operator may not revoke");
+    let (st, _) = api.call("GET", "/api/audit", None, false);
+    assert_eq!(st, 403, "an operator may not read the audit log");
+    let (st, v) = api.call("GET", "/api/openapi.json", None, false);
+    assert_eq!((st, &v["openapi"]), (200, &json!("3.0.3")));
+
+    // The browser.
+    let driver_port = free_tcp_port();
+    let child = Command::new(driver_bin)
+        .arg(format!("--port={driver_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _driver = Driver(child);
+    let base = format!("https://127.0.0.1:{port}/");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": browser,
+                // The exchange's CA is not the browser's; the API test above
+                // verified the certificate.
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--ignore-certificate-errors", "--window-size=1360,900",
+                         "--lang=zh-CN"],
+            }),
+        );
+        let end = Instant::now() + SHORT;
+        let c = loop {
+            match ClientBuilder::new(HttpConnector::new())
+                .capabilities(caps.clone())
+                .connect(&format!("http://127.0.0.1:{driver_port}"))
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < end => {
+                    note(format!("chromedriver not ready: {e}"));
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!("chromedriver: {e}"),
+            }
+        };
+
+        log_in(&c, &base, "duty", "duty-password-1").await;
+        wait_text(&c, "#count-healthy .n", SHORT, |t| t == "2").await;
+        let nav = wait_text(&c, "#nav-alarms", SHORT, |t| !t.is_empty()).await;
+        assert_eq!(nav, "告警", "Simplified Chinese by default");
+        shot(&c, "1-overview-healthy").await;
+
+        // kill -9: offline within offline_after + 30 s (plus the page's 3 s refresh).
+        agents[1].kill9();
+        let killed = Instant::now();
+        wait_text(&c, "#count-offline .n", Duration::from_secs(90), |t| {
+            t == "1"
+        })
+        .await;
+        note(format!("killed agent offline after {:?}", killed.elapsed()));
+        assert!(killed.elapsed() < Duration::from_secs(3 + 30 + 15));
+        shot(&c, "2-overview-one-offline").await;
+
+        c.goto(&format!("{base}#/alarms")).await.unwrap();
+        let ack = "button.ack[data-alarm='offline:hp-ga-02:']";
+        wait_text(&c, ack, SHORT, |t| !t.is_empty()).await;
+        let note_input = c.find(Locator::Css(".ack-note")).await.unwrap();
+        note_input.send_keys("城东机房断电，已通知").await.unwrap();
+        c.find(Locator::Css(ack))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_text(&c, "main table", SHORT, |t| {
+            t.contains("duty 已确认：城东机房断电，已通知")
+        })
+        .await;
+        shot(&c, "3-alarm-acknowledged").await;
+
+        // English and back, per user.
+        c.find(Locator::Css("#lang"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_text(&c, "#nav-alarms", SHORT, |t| t == "Alarms").await;
+        wait_text(&c, "main h1", SHORT, |t| t == "Alarms").await;
+        shot(&c, "4-english").await;
+        c.find(Locator::Css("#lang"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_text(&c, "#nav-alarms", SHORT, |t| t == "告警").await;
+
+        // The auditor: the acknowledgement in the audit log, no revoke button.
+        c.find(Locator::Css("#logout"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_text(&c, "#login-submit", SHORT, |t| !t.is_empty()).await;
+        log_in(&c, &base, "audit", "audit-password-1").await;
+        wait_text(&c, "#count-healthy .n", SHORT, |t| !t.is_empty()).await;
+        c.goto(&format!("{base}#/audit")).await.unwrap();
+        wait_text(&c, "main table", SHORT, |t| {
+            t.contains("alarm_ack") && t.contains("offline:hp-ga-02:")
+        })
+        .await;
+        shot(&c, "5-audit-log").await;
+        c.goto(&format!("{base}#/agent/hp-mz-01")).await.unwrap();
+        wait_text(&c, "main h1", SHORT, |t| t.contains("hp-mz-01")).await;
+        assert!(
+            c.find(Locator::Css("#revoke")).await.is_err(),
+            "an auditor sees no revoke button"
+        );
+        shot(&c, "6-agent-as-auditor").await;
+        c.close().await.unwrap();
+    });
+
+    // The auditor's API: reads the audit log, may not revoke.
+    let mut auditor = Api::new(&ex, port);
+    auditor.login("audit", "audit-password-1");
+    let (st, log) = auditor.call("GET", "/api/audit", None, false);
+    assert_eq!(st, 200);
+    assert!(
+        log.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "alarm_ack" && e["actor"] == "web:duty"),
+        "{log}"
+    );
+    let (st, _) = auditor.call("POST", "/api/agents/hp-mz-01/revoke", None, true);
+    assert_eq!(st, 403);
+    let (st, alarms) = auditor.call("GET", "/api/alarms", None, false);
+    assert_eq!(st, 200);
+    let off = alarms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == "offline:hp-ga-02:")
+        .unwrap_or_else(|| panic!("{alarms}"));
+    assert_eq!(off["kind"], "offline");
+    assert_eq!(off["agent"], "hp-ga-02");
+    assert_eq!(off["acknowledged"]["by"], "duty");
+    assert!(off["since"].as_str().is_some_and(|s| !s.is_empty()));
+    // The live agent never flapped.
+    assert!(
+        !alarms
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["agent"] == "hp-mz-01" && a["kind"] == "offline"),
+        "{alarms}"
+    );
+    // The admin revokes the killed agent.
+    let mut chief = Api::new(&ex, port);
+    chief.login("chief", "chief-password-1");
+    let (st, v) = chief.call("POST", "/api/agents/hp-ga-02/revoke", None, true);
+    assert_eq!(st, 200, "{v}");
+    assert!(!v["revoked"].as_array().unwrap().is_empty(), "{v}");
+}
