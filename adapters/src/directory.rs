@@ -96,7 +96,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tracing::Instrument;
 
-use crate::{Duration, Size, Source, SourceContext, SourceFuture};
+use crate::{Duration, KindConfig, Size, Source, SourceContext, SourceFuture, SourceKind};
 
 mod fsops;
 mod position;
@@ -277,9 +277,9 @@ impl DirectorySource {
 }
 
 impl Source for DirectorySource {
-    fn run(self: Box<Self>, ctx: SourceContext) -> SourceFuture {
+    fn run(&self, ctx: SourceContext) -> SourceFuture {
         let span = tracing::info_span!("source", stream = %ctx.name, kind = "directory");
-        Box::pin(runner::run(self.config, ctx).instrument(span))
+        Box::pin(runner::run(self.config.clone(), ctx).instrument(span))
     }
 }
 
@@ -287,4 +287,35 @@ impl Source for DirectorySource {
 /// 2 files awaiting ack`.
 pub fn describe_position(position: &[u8]) -> String {
     position::describe(position)
+}
+
+/// The `directory` kind (registered in `kind.rs`).
+pub struct Directory;
+
+impl SourceKind for Directory {
+    fn name(&self) -> &'static str {
+        "directory"
+    }
+
+    fn describe_position(&self, position: &[u8]) -> String {
+        describe_position(position)
+    }
+}
+
+impl KindConfig for DirectoryConfig {
+    fn kind(&self) -> &'static dyn SourceKind {
+        &Directory
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        DirectoryConfig::validate(self)
+    }
+
+    fn check_environment(&self) -> Result<(), String> {
+        DirectoryConfig::check_environment(self)
+    }
+
+    fn build(&self) -> Box<dyn Source> {
+        Box::new(DirectorySource::new(self.clone()))
+    }
 }

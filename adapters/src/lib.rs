@@ -9,8 +9,11 @@
 //! They see a bounded channel (`commit` waits while the buffer is full: that is the
 //! backpressure of invariant 4) and a watermark of acknowledged seqs.
 //!
-//! Adding a source: a module here, a variant in [`SourceConfig`], one arm in
-//! [`SourceConfig::build`].
+//! Each kind of source is a folder here implementing the traits of [`kind`]
+//! ([`SourceKind`], [`KindConfig`]) and registered by one line in `kind.rs`; the
+//! agent runs every source through [`supervise`] (restart with [`Backoff`] after a
+//! retryable error, stop with an alarm after a fatal one). A source's errors say
+//! which they are: [`SourceError::is_fatal`].
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -19,15 +22,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_protocol::messages::Record;
 use ferry_protocol::record_buf::RecordBuf;
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+mod backoff;
 pub mod directory;
+pub mod kind;
 pub mod postgres;
+pub mod supervise;
 pub mod tail;
 mod units;
 
+pub use backoff::Backoff;
+pub use kind::{
+    all_gauges, DoctorCheck, DoctorFuture, GaugeDef, Gauges, KindConfig, SourceConfig, SourceKind,
+    KINDS,
+};
+pub use supervise::{supervise, Ended, Event};
 pub use units::{parse_duration, parse_size, Duration, Size};
 
 /// Records seqs `first ..= last` were given when they became durable.
@@ -105,11 +116,12 @@ pub struct CommitRequest {
     pub ticket: Ticket,
 }
 
-/// Counts a source's commits not yet answered.
+/// Counts a source's commits not yet answered, and those that became durable.
 #[derive(Debug, Default)]
 struct Outstanding {
     n: std::sync::atomic::AtomicUsize,
     zero: tokio::sync::Notify,
+    durable: AtomicU64,
 }
 
 /// One outstanding commit; dropping it (after the answer) counts it as settled.
@@ -148,6 +160,12 @@ impl CommitTracker {
             notified.await;
         }
     }
+
+    /// How many of the source's commits became durable (the source made
+    /// progress: [`supervise`] counts it as healthy).
+    pub fn durable_commits(&self) -> u64 {
+        self.0.durable.load(Ordering::Acquire)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,8 +178,16 @@ pub enum SourceError {
     },
     #[error("the agent's buffer failed: {0}")]
     Buffer(String),
+    /// Anything else a new instance of the source may get past (a server
+    /// restarting, a file briefly gone): the source is restarted with backoff.
     #[error("{0}")]
     Other(String),
+    /// Starting the source again cannot help: the configuration or what the source
+    /// reads must change first (a table that does not exist, a replication slot
+    /// that was dropped). The message names the cause and the fix. The agent stops
+    /// the stream with an alarm instead of restarting it.
+    #[error("{0}")]
+    Fatal(String),
     /// Shutdown was requested; not an error for the operator.
     #[error("shutting down")]
     Shutdown,
@@ -173,6 +199,11 @@ impl SourceError {
             what: what.into(),
             source,
         }
+    }
+
+    /// Whether restarting the source cannot help (see [`SourceError::Fatal`]).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::Fatal(_))
     }
 }
 
@@ -306,7 +337,10 @@ impl SourceContext {
             _ = self.shutdown.cancelled() => return Err(SourceError::Shutdown),
             r = self.commits.send(req) => r.map_err(|_| SourceError::Shutdown)?,
         }
-        Ok(PendingCommit { rx })
+        Ok(PendingCommit {
+            rx,
+            outstanding: std::sync::Arc::clone(&self.outstanding),
+        })
     }
 
     /// Waits until the exchange acknowledged every seq `<= seq`.
@@ -324,6 +358,7 @@ impl SourceContext {
 #[must_use = "a position is durable only once its commit resolved"]
 pub struct PendingCommit {
     rx: oneshot::Receiver<Result<Option<Committed>, String>>,
+    outstanding: std::sync::Arc<Outstanding>,
 }
 
 impl PendingCommit {
@@ -332,7 +367,10 @@ impl PendingCommit {
     /// is durable.
     pub async fn durable(self) -> Result<Option<Committed>, SourceError> {
         match self.rx.await {
-            Ok(Ok(c)) => Ok(c),
+            Ok(Ok(c)) => {
+                self.outstanding.durable.fetch_add(1, Ordering::AcqRel);
+                Ok(c)
+            }
             Ok(Err(e)) => Err(SourceError::Buffer(e)),
             Err(_) => Err(SourceError::Shutdown),
         }
@@ -414,102 +452,21 @@ impl<T> Inflight<T> {
 
 pub type SourceFuture = Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
 
-/// A running adapter.
-pub trait Source: Send {
-    /// Runs until shutdown (returning `Err(SourceError::Shutdown)` or `Ok(())`) or a
-    /// fatal error. Transient trouble (a file briefly missing) is logged and retried
-    /// inside the source, not returned.
-    fn run(self: Box<Self>, ctx: SourceContext) -> SourceFuture;
-}
-
-/// The `source = { kind = ..., ... }` table of a `[[stream]]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum SourceConfig {
-    Directory(directory::DirectoryConfig),
-    Tail(tail::TailConfig),
-    Postgres(postgres::PostgresConfig),
-}
-
-impl SourceConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SourceConfig::Directory(_) => "directory",
-            SourceConfig::Tail(_) => "tail",
-            SourceConfig::Postgres(_) => "postgres",
-        }
-    }
-
-    /// Checks what can be checked without running (paths, patterns). The message
-    /// names the offending key.
-    pub fn validate(&self) -> Result<(), String> {
-        match self {
-            SourceConfig::Directory(c) => c.validate(),
-            SourceConfig::Tail(c) => c.validate(),
-            SourceConfig::Postgres(c) => c.validate(),
-        }
-    }
-
-    /// Checks what this host must provide (folders that must exist). Kept apart from
-    /// [`Self::validate`] so a configuration can be checked on another machine.
-    pub fn check_environment(&self) -> Result<(), String> {
-        match self {
-            SourceConfig::Directory(c) => c.check_environment(),
-            SourceConfig::Tail(_) => Ok(()),
-            SourceConfig::Postgres(c) => c.check_environment(),
-        }
-    }
-
-    pub fn build(&self) -> Box<dyn Source> {
-        match self {
-            SourceConfig::Directory(c) => Box::new(directory::DirectorySource::new(c.clone())),
-            SourceConfig::Tail(c) => Box::new(tail::TailSource::new(c.clone())),
-            SourceConfig::Postgres(c) => Box::new(postgres::PostgresSource::new(c.clone())),
-        }
-    }
-
-    /// A one-line, human-readable rendering of a stored position, for `status`.
-    pub fn describe_position(&self, position: &[u8]) -> String {
-        match self {
-            SourceConfig::Directory(_) => directory::describe_position(position),
-            SourceConfig::Tail(_) => tail::describe_position(position),
-            SourceConfig::Postgres(_) => postgres::describe_position(position),
-        }
-    }
-}
-
-/// Figures a source's position holds, for metrics: `(name, value)`, the name
-/// one of [`GAUGES`].
-pub type Gauges = Vec<(&'static str, u64)>;
-
-/// Every gauge a source can report, with its help text.
-pub const GAUGES: &[(&str, &str)] = &[
-    (
-        "postgres_retained_wal_bytes",
-        "WAL the stream's replication slot keeps on the database server, bytes",
-    ),
-    (
-        "postgres_durable_lsn",
-        "WAL position up to which every change is durable in the buffer (and confirmed to the slot)",
-    ),
-    (
-        "postgres_snapshot_rows_done",
-        "Rows of the table being copied by the initial snapshot that are durable",
-    ),
-    (
-        "postgres_snapshot_rows_estimate",
-        "Estimated rows of the table being copied by the initial snapshot",
-    ),
-];
-
-impl SourceConfig {
-    /// The figures of a stored position, for metrics.
-    pub fn position_gauges(&self, position: &[u8]) -> Gauges {
-        match self {
-            SourceConfig::Postgres(_) => postgres::position_gauges(position),
-            SourceConfig::Directory(_) | SourceConfig::Tail(_) => Vec::new(),
-        }
-    }
+/// A source, built once from its configuration ([`KindConfig::build`]) and run
+/// by [`supervise`] once per instance.
+///
+/// Contract: [`Self::run`] starts one instance, which resumes at
+/// [`SourceContext::resume`] (the last durable position) and runs until shutdown
+/// (returning `Err(SourceError::Shutdown)` or `Ok(())`) or an error. An error ends
+/// the instance; it is either retryable (any variant but
+/// [`SourceError::Fatal`]: the supervisor runs a new instance after a backoff, with
+/// a fresh context) or fatal (the source is not run again until the agent
+/// restarts). A source keeps no retry loop of its own; trouble it can wait out
+/// without losing its place (a file briefly missing between two polls) it may
+/// still wait out inside. State that must outlive an instance (PostgreSQL: whether
+/// to receive transactions in progress) lives in the value behind `&self`.
+pub trait Source: Send + Sync {
+    fn run(&self, ctx: SourceContext) -> SourceFuture;
 }
 
 /// Milliseconds since the Unix epoch, for `Record::time_unix_ms`.

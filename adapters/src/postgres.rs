@@ -94,11 +94,16 @@
 //! warned about above `max_retained_wal`, and shown in the position.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use tracing::Instrument;
 
-use crate::{Duration, Size, Source, SourceContext, SourceFuture};
+use crate::{
+    DoctorFuture, Duration, GaugeDef, Gauges, KindConfig, Size, Source, SourceContext,
+    SourceFuture, SourceKind,
+};
 
 mod conn;
 mod doctor;
@@ -112,7 +117,8 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-pub use doctor::{doctor, DoctorCheck};
+pub use crate::DoctorCheck;
+pub use doctor::doctor;
 
 /// Most rows per snapshot chunk a configuration may ask for.
 pub const MAX_SNAPSHOT_CHUNK_ROWS: usize = 100_000;
@@ -279,18 +285,89 @@ pub(crate) fn split_table(t: &str) -> Result<(&str, &str), String> {
 /// The running PostgreSQL source; see the module doc.
 pub struct PostgresSource {
     config: PostgresConfig,
+    /// What outlives one instance (one session with the server).
+    state: Arc<run::Lasting>,
 }
 
 impl PostgresSource {
     pub fn new(config: PostgresConfig) -> Self {
-        Self { config }
+        let state = Arc::new(run::Lasting {
+            in_progress: AtomicBool::new(config.stream_in_progress),
+            retained: AtomicU64::new(run::UNKNOWN),
+        });
+        Self { config, state }
     }
 }
 
 impl Source for PostgresSource {
-    fn run(self: Box<Self>, ctx: SourceContext) -> SourceFuture {
+    fn run(&self, ctx: SourceContext) -> SourceFuture {
         let span = tracing::info_span!("source", stream = %ctx.name, kind = "postgres", slot = %self.config.slot);
-        Box::pin(run::run(self.config, ctx).instrument(span))
+        Box::pin(run::run(self.config.clone(), ctx, Arc::clone(&self.state)).instrument(span))
+    }
+}
+
+/// The `postgres` kind (registered in `kind.rs`).
+pub struct Postgres;
+
+/// The gauges a postgres position holds.
+const GAUGES: &[GaugeDef] = &[
+    (
+        "postgres_retained_wal_bytes",
+        "WAL the stream's replication slot keeps on the database server, bytes",
+    ),
+    (
+        "postgres_durable_lsn",
+        "WAL position up to which every change is durable in the buffer (and confirmed to the slot)",
+    ),
+    (
+        "postgres_snapshot_rows_done",
+        "Rows of the table being copied by the initial snapshot that are durable",
+    ),
+    (
+        "postgres_snapshot_rows_estimate",
+        "Estimated rows of the table being copied by the initial snapshot",
+    ),
+];
+
+impl SourceKind for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn describe_position(&self, position: &[u8]) -> String {
+        describe_position(position)
+    }
+
+    fn gauges(&self) -> &'static [GaugeDef] {
+        GAUGES
+    }
+
+    fn position_gauges(&self, position: &[u8]) -> Gauges {
+        position_gauges(position)
+    }
+}
+
+impl KindConfig for PostgresConfig {
+    fn kind(&self) -> &'static dyn SourceKind {
+        &Postgres
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        PostgresConfig::validate(self)
+    }
+
+    fn check_environment(&self) -> Result<(), String> {
+        PostgresConfig::check_environment(self)
+    }
+
+    /// wal_level, slots and WAL senders, the role's privileges, the publication,
+    /// each table's replica identity: see [`doctor`].
+    fn doctor(&self) -> DoctorFuture<'_> {
+        Box::pin(doctor::doctor(self))
+    }
+
+    fn build(&self) -> Box<dyn Source> {
+        Box::new(PostgresSource::new(self.clone()))
     }
 }
 
@@ -301,7 +378,7 @@ pub fn describe_position(position: &[u8]) -> String {
     position::describe(position)
 }
 
-/// The figures of a stored position, for metrics (see [`crate::GAUGES`]).
+/// The figures of a stored position, for metrics (see [`Postgres`]'s gauges).
 pub fn position_gauges(position: &[u8]) -> crate::Gauges {
     position::gauges(position)
 }

@@ -57,10 +57,11 @@
 //!    gone, or a compressed copy (`.gz`, `.xz`, `.bz2`, `.zst`, or compressed data
 //!    under another name) sits in the chain, the source logs an `ALARM` naming the
 //!    files, commits the position of the next readable file, and ends with that
-//!    error, which the agent shows in `status` and metrics; started again, it goes
-//!    on from there. A compressed copy of a file already read whole (logrotate's
-//!    `compress` right after the rotation: the copy keeps the original's
-//!    modification time) is no loss and raises nothing.
+//!    (retryable) error, which the agent shows in `status` and metrics until the
+//!    next instance, started after the backoff, goes on from there. A compressed
+//!    copy of a file already read whole (logrotate's `compress` right after the
+//!    rotation: the copy keeps the original's modification time) is no loss and
+//!    raises nothing.
 //! 5. Filesystem events only hasten the next look; a poll every `poll_interval` is
 //!    what guarantees progress (inotify is blind on NFS/CIFS).
 
@@ -69,7 +70,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use tracing::Instrument;
 
-use crate::{Duration, Size, Source, SourceContext, SourceFuture};
+use crate::{Duration, KindConfig, Size, Source, SourceContext, SourceFuture, SourceKind};
 
 mod chain;
 mod file;
@@ -216,13 +217,40 @@ impl TailSource {
 }
 
 impl Source for TailSource {
-    fn run(self: Box<Self>, ctx: SourceContext) -> SourceFuture {
+    fn run(&self, ctx: SourceContext) -> SourceFuture {
         let span = tracing::info_span!("source", stream = %ctx.name, kind = "tail", path = %self.config.path.display());
-        Box::pin(follow::run(self.config, ctx).instrument(span))
+        Box::pin(follow::run(self.config.clone(), ctx).instrument(span))
     }
 }
 
 /// One line for `status`: `ino=<ino> off=<offset>`.
 pub fn describe_position(position: &[u8]) -> String {
     position::describe(position)
+}
+
+/// The `tail` kind (registered in `kind.rs`).
+pub struct Tail;
+
+impl SourceKind for Tail {
+    fn name(&self) -> &'static str {
+        "tail"
+    }
+
+    fn describe_position(&self, position: &[u8]) -> String {
+        describe_position(position)
+    }
+}
+
+impl KindConfig for TailConfig {
+    fn kind(&self) -> &'static dyn SourceKind {
+        &Tail
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        TailConfig::validate(self)
+    }
+
+    fn build(&self) -> Box<dyn Source> {
+        Box::new(TailSource::new(self.clone()))
+    }
 }

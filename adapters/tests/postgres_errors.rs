@@ -5,8 +5,11 @@
 
 mod support;
 
-use ferry_adapters::postgres::{doctor, SnapshotMode};
-use ferry_adapters::SourceError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use ferry_adapters::postgres::{doctor, PostgresSource, SnapshotMode};
+use ferry_adapters::{Source, SourceContext, SourceError, SourceFuture};
 use ferry_tests::pg::PgServer;
 use support::committer::Store;
 use support::config;
@@ -26,11 +29,112 @@ async fn drop_slot(db: &tokio_postgres::Client, slot: &str) {
     panic!("replication slot {slot} stayed active for 30 s");
 }
 
+/// The message of a fatal error: the run under the supervisor ended on it (a
+/// retryable one would have been retried instead).
 fn message(r: Result<(), SourceError>) -> String {
     match r {
-        Err(SourceError::Other(m)) => m,
-        other => panic!("expected an error with a message, got {other:?}"),
+        Err(SourceError::Fatal(m)) => m,
+        other => panic!("expected a fatal error with a message, got {other:?}"),
     }
+}
+
+/// A source that counts its instances.
+struct Counted {
+    inner: PostgresSource,
+    runs: Arc<AtomicUsize>,
+}
+
+impl Source for Counted {
+    fn run(&self, ctx: SourceContext) -> SourceFuture {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.inner.run(ctx)
+    }
+}
+
+/// A table that does not exist cannot appear by restarting the source: the error
+/// is fatal, names the table and the fix, and the source is run once, not
+/// restarted every few seconds for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_is_fatal_and_not_restarted() {
+    let server = PgServer::start();
+    let db = server.database("d5").await;
+    db.batch_execute(
+        "CREATE TABLE public.a (id int PRIMARY KEY);
+         CREATE PUBLICATION ferry_pub FOR TABLE public.a;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&server, "d5", &["public.a", "public.gone"], "s5");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = Store::new();
+    let r = store
+        .start_source(Box::new(Counted {
+            inner: PostgresSource::new(cfg),
+            runs: Arc::clone(&runs),
+        }))
+        .ended(30)
+        .await;
+    let e = r.unwrap_err();
+    assert!(e.is_fatal(), "{e:?}");
+    let m = e.to_string();
+    assert!(
+        m.contains("table public.gone (source.tables) does not exist"),
+        "{m}"
+    );
+    assert!(m.contains("remove it from source.tables"), "{m}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "restarted after a fatal error"
+    );
+    assert!(store.position().is_none(), "nothing was committed");
+}
+
+/// A server that is not there yet is retryable: the same run keeps trying (with
+/// backoff) and captures once it is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_retried_until_it_answers() {
+    let server = PgServer::start();
+    let db = server.database("d6").await;
+    support::acct(&db, 3).await;
+    let mut cfg = config(&server, "d6", &["public.acct"], "s6");
+    cfg.snapshot = SnapshotMode::Never;
+    // Nothing listens on `port` until the forwarder below starts.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cfg.dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=d6");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = Store::new();
+    let mut run = store.start_source(Box::new(Counted {
+        inner: PostgresSource::new(cfg),
+        runs: Arc::clone(&runs),
+    }));
+    run.wait_for("a few attempts", 30, || runs.load(Ordering::SeqCst) >= 3)
+        .await;
+    assert!(store.position().is_none());
+    // The server "comes up": the port now leads to it.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let to = server.port;
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    run.wait_for("streaming", 60, || {
+        store.phase().as_deref() == Some("streaming")
+    })
+    .await;
+    assert!(matches!(run.stop().await, Err(SourceError::Shutdown)));
+    forwarder.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ mod logfile;
 mod metrics;
 mod run;
 mod shipper;
+mod sources;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -352,33 +353,20 @@ fn cmd_doctor(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Each kind's own checks (`KindConfig::doctor`): a database source's settings
+    // and grants, the host's folders and files for the others.
     for s in &loaded.config.streams {
-        match s.source() {
-            ferry_adapters::SourceConfig::Postgres(pg) => {
-                for c in rt.block_on(ferry_adapters::postgres::doctor(pg)) {
-                    println!(
-                        "{}  stream {}: {}: {}",
-                        if c.ok { "ok  " } else { "FAIL" },
-                        s.name(),
-                        c.name,
-                        c.detail
-                    );
-                    if let Some(fix) = c.fix.filter(|_| !c.ok) {
-                        println!("      fix: {fix}");
-                    }
-                    failures += usize::from(!c.ok);
-                }
+        for c in rt.block_on(s.source().doctor()) {
+            let status = if c.ok { "ok  " } else { "FAIL" };
+            if c.detail.is_empty() {
+                println!("{status}  stream {}: {}", s.name(), c.name);
+            } else {
+                println!("{status}  stream {}: {}: {}", s.name(), c.name, c.detail);
             }
-            other => println!(
-                "{}  stream {}: {} source",
-                if other.check_environment().is_ok() {
-                    "ok  "
-                } else {
-                    "FAIL"
-                },
-                s.name(),
-                other.kind()
-            ),
+            if let Some(fix) = c.fix.filter(|_| !c.ok) {
+                println!("      fix: {fix}");
+            }
+            failures += usize::from(!c.ok);
         }
     }
     if failures == 0 {

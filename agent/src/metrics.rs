@@ -198,10 +198,10 @@ pub fn render(s: &AgentStatus) -> String {
             f.sample(name, labels, pick(v));
         }
     }
-    for (name, help) in ferry_adapters::GAUGES {
+    for (name, help) in ferry_adapters::all_gauges() {
         let with: Vec<_> = streams
             .iter()
-            .filter_map(|(l, v)| v.gauges.get(*name).map(|n| (l, *n)))
+            .filter_map(|(l, v)| v.gauges.get(name).map(|n| (l, *n)))
             .collect();
         if with.is_empty() {
             continue;

@@ -5,17 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_adapters::{SourceContext, SourceError};
 use ferry_protocol::messages::{Hello, StreamDecl};
 use ferry_transport::tls::{client_config, tcp_client_config, TlsFiles};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::buffer::Buffer;
 use crate::committer::Committer;
 use crate::config::Loaded;
 use crate::shipper::Shipper;
+use crate::sources::StreamSource;
 use crate::status::{AgentStatus, Board, BufferStatus, StreamView};
 use crate::{admin, metrics, status};
 
@@ -117,68 +117,25 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
         .instrument(info_span!("shipper", exchange = %cfg.exchange.address)),
     );
 
-    let mut sources = Vec::new();
-    for (i, s) in cfg.streams.iter().enumerate() {
-        let name = s.name().to_string();
-        let source_cfg = s.source().clone();
-        let buffer = buffer.clone();
-        let board = board.clone();
-        let acked = acked_rx[i].clone();
-        let commits = commit_tx.clone();
-        let shutdown = shutdown.clone();
-        let spool_dir = data_dir.join("spool");
-        let span = info_span!("stream", stream = %name, kind = source_cfg.kind());
-        sources.push(tokio::spawn(
-            async move {
-                info!("source starting");
-                loop {
-                    let resume = match buffer.position(&name) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            error!(error = %e, "cannot read the source position");
-                            board.set_source_error(i, Some(e.to_string()));
-                            return;
-                        }
-                    };
-                    let mut ctx = SourceContext::new(
-                        i,
-                        name.clone(),
-                        resume,
-                        buffer.state(&name).head,
-                        acked.clone(),
-                        shutdown.clone(),
-                        commits.clone(),
-                    );
-                    ctx.spool_dir = Some(spool_dir.clone());
-                    ctx.failpoint = ferry_transport::failpoint::hit;
-                    ctx.rejected_files = Some(buffer.clone());
-                    let tracker = ctx.tracker();
-                    let result = source_cfg.build().run(ctx).await;
-                    // What this instance handed over must be written (or refused)
-                    // before the next one reads its resume position from the buffer.
-                    tracker.settled().await;
-                    match result {
-                        Ok(()) | Err(SourceError::Shutdown) if shutdown.is_cancelled() => return,
-                        Ok(()) => {
-                            info!("source finished");
-                            return;
-                        }
-                        Err(e) => {
-                            // Restarting resumes from the last durable position, so
-                            // a failed source loses nothing.
-                            error!(error = %e, "source failed; restarting in 5s from its last durable position");
-                            board.set_source_error(i, Some(e.to_string()));
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                            }
-                        }
-                    }
-                }
+    let sources: Vec<_> = cfg
+        .streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            StreamSource {
+                index: i,
+                name: s.name().to_string(),
+                config: s.source().clone(),
+                buffer: buffer.clone(),
+                board: board.clone(),
+                acked: acked_rx[i].clone(),
+                commits: commit_tx.clone(),
+                shutdown: shutdown.clone(),
+                spool_dir: data_dir.join("spool"),
             }
-            .instrument(span),
-        ));
-    }
+            .spawn()
+        })
+        .collect();
     drop(commit_tx);
 
     let reporter = {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_adapters::Backoff;
 use ferry_protocol::batch::join_payloads;
 use ferry_protocol::entry::StoredBatch;
 use ferry_protocol::frame::MAX_FRAME;
@@ -25,7 +26,6 @@ use ferry_protocol::messages::{frame::Msg, Batch, ErrorCode, Hello, Lost, Status
 use ferry_protocol::session::{AgentSession, LocalStream, Next, ResumeVerdict};
 use ferry_transport::link::TcpClientConfig;
 use ferry_transport::{FrameReader, FrameWriter, Link};
-use rand::Rng;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -66,17 +66,9 @@ pub struct Shipper {
     pub report: Arc<std::sync::OnceLock<crate::admin::Reporter>>,
 }
 
-/// Exponential backoff with full jitter, 200 ms up to 30 s.
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let cap = 200u64.saturating_mul(1 << self.attempt.min(8)).min(30_000);
-        self.attempt = self.attempt.saturating_add(1);
-        Duration::from_millis(rand::rng().random_range(cap / 2..=cap))
-    }
+/// Reconnect delays: full jitter, ceiling 200 ms doubling up to 30 s.
+fn reconnect_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(30))
 }
 
 enum Event {
@@ -102,7 +94,7 @@ enum QuicAttempt {
 
 impl Shipper {
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff { attempt: 0 };
+        let mut backoff = reconnect_backoff();
         let mut attempts = 0u64;
         let mut transport: Option<&'static str> = None;
         loop {
@@ -137,7 +129,7 @@ impl Shipper {
             };
             warn!(exchange = %self.address, error = %msg, "not connected to the exchange; buffering");
             self.board.disconnected(msg);
-            let delay = backoff.next() + extra;
+            let delay = backoff.next_delay() + extra;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
@@ -342,7 +334,7 @@ impl Shipper {
                 }
             }
         }
-        *backoff = Backoff { attempt: 0 };
+        backoff.reset();
         self.board.connected(&self.address, conn.transport());
         info!(exchange = %self.address, %addr, transport = conn.transport(), "connected to the exchange");
 

@@ -97,7 +97,7 @@ pub struct StreamView {
     /// yet acknowledged past.
     #[serde(default)]
     pub lost: Vec<[u64; 2]>,
-    /// Figures of the source's durable position (`ferry_adapters::GAUGES`).
+    /// Figures of the source's durable position (`ferry_adapters::all_gauges`).
     #[serde(default)]
     pub gauges: std::collections::BTreeMap<String, u64>,
 }

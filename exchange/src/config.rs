@@ -642,6 +642,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The packaged example (`packaging/exchange.toml`) is a valid config, with
+    /// its optional sections as documented.
+    #[test]
+    fn the_packaged_example_parses() {
+        let text = include_str!("../../packaging/exchange.toml");
+        let cfg: ExchangeConfig = toml::from_str(text).unwrap();
+        assert_eq!(
+            cfg.dashboard.offline_after,
+            std::time::Duration::from_secs(300)
+        );
+        assert_eq!(cfg.dashboard.backlog_alarm, 1 << 30);
+        assert!(cfg.dashboard.listen.is_none());
+    }
+
     fn load_with_store(store: &str) -> Result<ExchangeConfig> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("exchange.toml");

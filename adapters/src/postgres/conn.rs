@@ -151,12 +151,20 @@ pub(crate) fn classify_sql(target: &Target, what: &str, e: &tokio_postgres::Erro
             target.desc
         ));
     }
+    // Connection trouble, rollbacks (serialization, deadlock), resources (disk,
+    // memory, connections), operator intervention (shutdown), objects busy or
+    // locked, the server's own I/O and internal errors: another session may get
+    // past them. Everything else (a missing object, a privilege) needs the
+    // operator.
     let class = &code.code()[..2];
-    if matches!(class, "08" | "40" | "53" | "57") {
+    if matches!(class, "08" | "40" | "53" | "57" | "58" | "XX")
+        || *code == SqlState::OBJECT_IN_USE
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+    {
         return Fail::Retry(format!("{what} ({}): {msg}", target.desc));
     }
     Fail::Fatal(format!(
-        "{what} ({}): {msg} [SQLSTATE {}]",
+        "{what} ({}): {msg} [SQLSTATE {}]. `ferry-agent doctor` checks what the source needs and prints the fix for each problem",
         target.desc,
         code.code()
     ))

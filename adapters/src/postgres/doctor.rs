@@ -6,16 +6,7 @@ use pg_walstream::PgReplicationConnection;
 use super::conn::{self, Fail};
 use super::sql::{qualified, quote_ident, quote_literal, Sql};
 use super::{split_table, PostgresConfig};
-
-/// One check of `doctor`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DoctorCheck {
-    pub name: String,
-    pub ok: bool,
-    pub detail: String,
-    /// What to run or change when `ok` is false.
-    pub fix: Option<String>,
-}
+use crate::DoctorCheck;
 
 fn check(
     name: impl Into<String>,

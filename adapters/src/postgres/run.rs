@@ -1,13 +1,15 @@
-//! The source's outer loop: sessions (connect, check, snapshot or stream) retried
-//! with backoff while the server is unreachable, each resuming from the last
-//! durable position.
+//! One instance of the source: a session (connect, check, snapshot or stream)
+//! from the last durable position. When it fails, the error says whether a new
+//! instance may get past it (`Fail::Retry`: the server unreachable or
+//! restarting) or the operator must act (`Fail::Fatal`); the agent's supervisor
+//! (`crate::supervise`) restarts the first with backoff and stops on the second.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferry_protocol::messages::Record;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::conn::{self, Fail, Result, Target};
 use super::position::{fmt_lsn, PgPosition, StreamPos};
@@ -15,64 +17,51 @@ use super::sql::{qualified, quote_ident, quote_literal, Sql, TableInfo};
 use super::{snapshot, split_table, stream, PostgresConfig, SnapshotMode};
 use crate::{Inflight, SourceContext, SourceError};
 
-/// Sessions that may fail in a row (with backoff 1 s … 30 s) before the error is
-/// handed to the agent (which shows it and restarts the source).
-const MAX_FAILURES: u32 = 6;
 /// How long a slot held by another connection is waited for.
 const SLOT_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// `retained` when not measured yet.
-const UNKNOWN: u64 = u64::MAX;
+pub(super) const UNKNOWN: u64 = u64::MAX;
+
+/// What outlives one instance of the source.
+pub(crate) struct Lasting {
+    /// Receive large transactions in progress (pgoutput v2 streaming); cleared
+    /// for the rest of the process when a streamed one rolled back to a savepoint.
+    pub in_progress: AtomicBool,
+    /// WAL the slot retains, as last measured ([`UNKNOWN`] before).
+    pub retained: AtomicU64,
+}
+
+impl From<Fail> for SourceError {
+    fn from(f: Fail) -> Self {
+        match f {
+            Fail::Retry(m) => SourceError::Other(m),
+            Fail::Fatal(m) => SourceError::Fatal(m),
+            Fail::Source(e) => e,
+        }
+    }
+}
 
 pub(crate) async fn run(
     cfg: PostgresConfig,
     ctx: SourceContext,
+    lasting: Arc<Lasting>,
 ) -> std::result::Result<(), SourceError> {
-    cfg.validate().map_err(SourceError::Other)?;
+    cfg.validate().map_err(SourceError::Fatal)?;
     let mut durable = match &ctx.resume {
         Some(b) => Some(PgPosition::decode(b).map_err(SourceError::Other)?),
         None => None,
     };
-    let retained = Arc::new(AtomicU64::new(UNKNOWN));
-    let mut failures = 0;
-    let mut in_progress = cfg.stream_in_progress;
-    loop {
-        let mut progress = false;
-        let r = session(
-            &cfg,
-            &ctx,
-            &mut durable,
-            &retained,
-            &mut progress,
-            &mut in_progress,
-        )
-        .await;
-        if progress {
-            failures = 0;
-        }
-        let msg = match r {
-            Ok(()) => return Ok(()),
-            Err(Fail::Source(e)) => return Err(e),
-            Err(Fail::Fatal(m)) => {
-                error!(error = %m, "postgres source stopped");
-                return Err(SourceError::Other(m));
-            }
-            Err(Fail::Retry(m)) => m,
-        };
-        if ctx.shutdown.is_cancelled() {
-            return Err(SourceError::Shutdown);
-        }
-        failures += 1;
-        if failures >= MAX_FAILURES {
-            return Err(SourceError::Other(format!(
-                "{msg} (gave up after {failures} attempts)"
-            )));
-        }
-        let delay = std::time::Duration::from_secs((1u64 << (failures - 1)).min(30));
-        warn!(error = %msg, retry_in = ?delay, "PostgreSQL unavailable; will resume from the last durable position");
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Err(SourceError::Shutdown),
-            _ = tokio::time::sleep(delay) => {}
-        }
+    let retained = Arc::new(AtomicU64::new(lasting.retained.load(Ordering::Relaxed)));
+    let mut in_progress = lasting.in_progress.load(Ordering::Relaxed);
+    let r = session(&cfg, &ctx, &mut durable, &retained, &mut in_progress).await;
+    lasting.in_progress.store(in_progress, Ordering::Relaxed);
+    lasting
+        .retained
+        .store(retained.load(Ordering::Relaxed), Ordering::Relaxed);
+    match r {
+        Ok(()) => Ok(()),
+        Err(_) if ctx.shutdown.is_cancelled() => Err(SourceError::Shutdown),
+        Err(f) => Err(f.into()),
     }
 }
 
@@ -86,7 +75,6 @@ pub(crate) struct Session<'a> {
     pub tables: Vec<TableInfo>,
     pub durable: &'a mut Option<PgPosition>,
     retained: Arc<AtomicU64>,
-    progress: &'a mut bool,
     /// Receive large transactions in progress (pgoutput v2 streaming); cleared
     /// for the rest of the process when a streamed one rolled back to a savepoint.
     pub in_progress: &'a mut bool,
@@ -97,7 +85,6 @@ impl Session<'_> {
     pub(crate) async fn commit(&mut self, records: Vec<Record>, pos: &PgPosition) -> Result<()> {
         self.ctx.commit(records, pos.encode()?).await?;
         *self.durable = Some(pos.clone());
-        *self.progress = true;
         Ok(())
     }
 
@@ -126,7 +113,6 @@ impl Session<'_> {
     fn settled(&mut self, done: Vec<(Option<crate::Committed>, PgPosition)>) {
         if let Some((_, pos)) = done.into_iter().next_back() {
             *self.durable = Some(pos);
-            *self.progress = true;
         }
     }
 
@@ -144,7 +130,6 @@ async fn session(
     ctx: &SourceContext,
     durable: &mut Option<PgPosition>,
     retained: &Arc<AtomicU64>,
-    progress: &mut bool,
     in_progress: &mut bool,
 ) -> Result<()> {
     let target = conn::target(cfg).map_err(Fail::Fatal)?;
@@ -201,7 +186,6 @@ async fn session(
         tables,
         durable,
         retained: Arc::clone(retained),
-        progress,
         in_progress,
     };
     let gone = |what: &str| {
@@ -303,7 +287,7 @@ async fn check_tables(
         let pt = publ.get(t);
         let info = sql.table_info(schema, table, pt).await?.ok_or_else(|| {
             Fail::Fatal(format!(
-                "table {t} (source.tables) does not exist in database {db:?}"
+                "table {t} (source.tables) does not exist in database {db:?}. Create it, or remove it from source.tables"
             ))
         })?;
         if pt.is_none() {

@@ -1,12 +1,14 @@
 //! A stand-in for the agent's buffer: dense seqs, the last position, and crashes
 //! (cancel the source; what was not answered is not durable) followed by restarts
-//! from the last durable position.
+//! from the last durable position. Sources run under `ferry_adapters::supervise`,
+//! as in the agent: a retryable error starts a new instance after a backoff, and
+//! only shutdown, a crash or a fatal error ends the run.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_adapters::postgres::{PostgresConfig, PostgresSource};
-use ferry_adapters::{CommitRequest, Source, SourceContext, SourceError};
+use ferry_adapters::{supervise, CommitRequest, Source, SourceContext, SourceError};
 use ferry_protocol::messages::Record;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -52,18 +54,26 @@ impl Store {
     pub fn start_source(&self, source: Box<dyn Source>) -> Running {
         let (tx, mut rx) = mpsc::channel::<CommitRequest>(4);
         let shutdown = CancellationToken::new();
-        let (resume, head, spool_dir) = {
-            let d = self.durable.lock().unwrap();
-            (
-                d.position.clone(),
-                d.records.len() as u64,
-                d.spool_dir.clone(),
-            )
-        };
         let (_acked_tx, acked) = watch::channel(0);
-        let mut ctx =
-            SourceContext::new(0, "test".into(), resume, head, acked, shutdown.clone(), tx);
-        ctx.spool_dir = spool_dir;
+        // Each instance resumes from what is durable now.
+        let context = {
+            let durable = Arc::clone(&self.durable);
+            let shutdown = shutdown.clone();
+            move || {
+                let d = durable.lock().unwrap();
+                let mut ctx = SourceContext::new(
+                    0,
+                    "test".into(),
+                    d.position.clone(),
+                    d.records.len() as u64,
+                    acked.clone(),
+                    shutdown.clone(),
+                    tx.clone(),
+                );
+                ctx.spool_dir = d.spool_dir.clone();
+                Ok(ctx)
+            }
+        };
         let durable = Arc::clone(&self.durable);
         let stop = shutdown.clone();
         let committer = tokio::spawn(async move {
@@ -106,7 +116,12 @@ impl Store {
                 let _ = req.done.send(Ok(answer));
             }
         });
-        let source = tokio::spawn(source.run(ctx));
+        let stop = shutdown.clone();
+        let source = tokio::spawn(async move {
+            supervise(&*source, context, &stop, |_| {})
+                .await
+                .into_result()
+        });
         Running {
             shutdown,
             source,
