@@ -22,6 +22,25 @@ pub struct ExchangeConfig {
     /// The fleet dashboard over HTTPS (off unless `listen` is set).
     #[serde(default, skip_serializing_if = "DashboardSection::is_off")]
     pub dashboard: DashboardSection,
+    /// Prometheus metrics over plain HTTP (off unless `listen` is set).
+    #[serde(default, skip_serializing_if = "MetricsSection::is_off")]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the fleet, the store and the deliveries as Prometheus metrics
+/// at `GET /metrics` (`metrics.rs`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `ADDR:PORT` to serve plain HTTP on; unset: no metrics. No TLS and no
+    /// login, like the agent's: bind it to a monitoring network or loopback.
+    pub listen: Option<String>,
+}
+
+impl MetricsSection {
+    fn is_off(&self) -> bool {
+        self.listen.is_none()
+    }
 }
 
 /// `[dashboard]`: the fleet at a glance over HTTPS, its JSON API and alarms.
@@ -383,6 +402,14 @@ impl StoreSection {
     }
 }
 
+impl StoreSection {
+    /// Where the records themselves are on this node's disk: `dir` for the
+    /// embedded store, `None` for JetStream (only node-local state is in `dir`).
+    pub fn local_dir(&self) -> Option<&Path> {
+        (self.kind == "embedded").then_some(self.dir.as_path())
+    }
+}
+
 fn default_store_kind() -> String {
     "embedded".into()
 }
@@ -466,6 +493,14 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
         listen.parse::<std::net::SocketAddr>().map_err(|_| {
             anyhow::anyhow!(
                 "{}: [dashboard] listen {listen:?} is not an address:port",
+                path.display()
+            )
+        })?;
+    }
+    if let Some(listen) = &cfg.metrics.listen {
+        listen.parse::<std::net::SocketAddr>().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: [metrics] listen {listen:?} is not an address:port",
                 path.display()
             )
         })?;
@@ -654,6 +689,7 @@ mod tests {
         );
         assert_eq!(cfg.dashboard.backlog_alarm, 1 << 30);
         assert!(cfg.dashboard.listen.is_none());
+        assert!(cfg.metrics.listen.is_none());
     }
 
     fn load_with_store(store: &str) -> Result<ExchangeConfig> {
@@ -669,6 +705,16 @@ mod tests {
         )
         .unwrap();
         load(&path)
+    }
+
+    /// `[metrics] listen` is off by default and must be an address:port.
+    #[test]
+    fn metrics_listen_is_checked() {
+        assert!(load_with_store("").unwrap().metrics.listen.is_none());
+        let c = load_with_store("[metrics]\nlisten = \"127.0.0.1:9465\"\n").unwrap();
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9465"));
+        let e = load_with_store("[metrics]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(e.to_string().contains("[metrics] listen"), "{e}");
     }
 
     /// `[store] kind = "jetstream"` needs its server and monitor; its keys are

@@ -73,6 +73,7 @@ pub fn init(dir: &Path, store_dir: &Path, names: &[String], listen: &str) -> Res
         limits: Default::default(),
         deliveries: Vec::new(),
         dashboard: Default::default(),
+        metrics: Default::default(),
     };
     let text = format!(
         "# Ferry exchange configuration, written by `ferry-exchange init`.\n\

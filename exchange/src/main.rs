@@ -8,6 +8,8 @@ mod dashboard;
 mod delivery;
 mod enroll;
 mod fleet;
+mod history;
+mod metrics;
 mod records;
 mod server;
 mod store;

@@ -45,11 +45,13 @@ struct StoreRequest {
 /// group with one sync, then answers each.
 fn spawn_committer(
     store: SharedStore,
+    stored: crate::metrics::StoredCounts,
 ) -> (mpsc::Sender<StoreRequest>, std::thread::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<StoreRequest>(4096);
     let handle = std::thread::Builder::new()
         .name("store-committer".into())
         .spawn(move || {
+            let mut counting = crate::metrics::Counting::new(stored);
             while let Some(first) = rx.blocking_recv() {
                 let mut group = vec![first];
                 let mut bytes = 0usize;
@@ -64,7 +66,9 @@ fn spawn_committer(
                 }
                 let (items, replies): (Vec<Incoming>, Vec<Reply>) =
                     group.into_iter().map(|r| (r.incoming, r.reply)).unzip();
+                counting.before(&*store, &items);
                 let results = store.commit_group(&items);
+                counting.after(&items, &results);
                 for ((reply, item), result) in replies.into_iter().zip(&items).zip(results) {
                     let result = result.map(|up_to| (up_to, rejected_in(&*store, item)));
                     let _ = reply.send(result.map_err(|e| match e {
@@ -125,7 +129,8 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
         .await
         .with_context(|| format!("listening on {tcp_listen} (TCP)"))?;
     let tcp_tls = Arc::new(std::sync::RwLock::new(tcp_config(&cfg)?));
-    let (commits, committer) = spawn_committer(store.clone());
+    let stored = crate::metrics::StoredCounts::default();
+    let (commits, committer) = spawn_committer(store.clone(), stored.clone());
     // What all connections together may make the exchange hold (see [limits]).
     let shared = Budget::shared(cfg.limits.max_queued_bytes);
     let admin = crate::admin::bind(&cfg.admin_socket())?;
@@ -157,10 +162,32 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
         cfg.dashboard.clone(),
         shutdown.clone(),
     );
+    let metrics_task = crate::metrics::start(
+        cfg.metrics.listen.as_deref(),
+        crate::metrics::Parts {
+            store: store.clone(),
+            fleet: live.fleet(),
+            alarms: alarms.clone(),
+            deliveries: deliveries.clone(),
+            stored,
+            connections: Box::new({
+                let live = live.clone();
+                move || live.count()
+            }),
+            offline_after: cfg.dashboard.offline_after,
+            store_dir: cfg.store.local_dir().map(Into::into),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let history = crate::history::History::open(&cfg.store.dir)
+        .with_context(|| format!("opening the fleet history in {}", cfg.store.dir.display()))?;
+    let history_task = crate::history::start(history.clone(), store.clone(), shutdown.clone());
     let dashboard_task = crate::dashboard::start(
         crate::dashboard::Parts {
             store: store.clone(),
             fleet: live.fleet(),
+            history,
             alarms,
             cfg: Arc::new(cfg.clone()),
             reloads: reloads.clone(),
@@ -286,7 +313,8 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     drop(commits);
     let _ = admin_task.await;
     let _ = alarm_task.await;
-    if let Some(t) = dashboard_task {
+    let _ = history_task.await;
+    for t in dashboard_task.into_iter().chain(metrics_task) {
         let _ = t.await;
     }
     for t in delivery_tasks.into_iter().chain(retention) {

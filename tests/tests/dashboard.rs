@@ -225,6 +225,7 @@ fn operators_watch_the_fleet_in_a_real_browser() {
         "/api/overview",
         "/api/agents",
         "/api/agents/hp-mz-01",
+        "/api/agents/hp-mz-01/history",
         "/api/alarms",
         "/api/audit",
     ];
@@ -296,6 +297,10 @@ fn operators_watch_the_fleet_in_a_real_browser() {
     assert_eq!(st, 403, "an operator may not revoke");
     let (st, _) = api.call("GET", "/api/audit", None, false);
     assert_eq!(st, 403, "an operator may not read the audit log");
+    let (st, v) = api.call("GET", "/api/agents/hp-mz-01/history?hours=24", None, false);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["streams"][0]["stream"], "events", "{v}");
+    assert_eq!(api.call("GET", "/api/agents/nobody", None, false).0, 404);
     let (st, v) = api.call("GET", "/api/openapi.json", None, false);
     assert_eq!((st, &v["openapi"]), (200, &json!("3.0.3")));
 
@@ -455,9 +460,28 @@ fn operators_watch_the_fleet_in_a_real_browser() {
             .any(|a| a["agent"] == "hp-mz-01" && a["kind"] == "offline"),
         "{alarms}"
     );
-    // The admin revokes the killed agent.
+    // Users: administrators only; never a hash.
+    assert_eq!(auditor.call("GET", "/api/users", None, false).0, 403);
     let mut chief = Api::new(&ex, port);
     chief.login("chief", "chief-password-1");
+    let new = json!({"name": "night", "role": "operator", "password": "night-shift-1"});
+    assert_eq!(auditor.call("POST", "/api/users", Some(new.clone()), true).0, 403);
+    let (st, v) = chief.call("POST", "/api/users", Some(new.clone()), true);
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = chief.call("POST", "/api/users", Some(new), true);
+    assert_eq!(st, 400, "a second user of one name: {v}");
+    let bad = json!({"name": "x", "role": "boss", "password": "long-enough"});
+    assert_eq!(chief.call("POST", "/api/users", Some(bad), true).0, 400);
+    let (st, users) = chief.call("GET", "/api/users", None, false);
+    assert_eq!(st, 200);
+    assert_eq!(users.as_array().unwrap().len(), 4, "{users}");
+    assert!(!users.to_string().contains("argon2"), "{users}");
+    let mut night = Api::new(&ex, port);
+    night.login("night", "night-shift-1");
+    assert_eq!(night.call("GET", "/api/agents", None, false).0, 200);
+    let (st, _) = chief.call("POST", "/api/users/night/remove", None, true);
+    assert_eq!(st, 200);
+    // The admin revokes the killed agent.
     let (st, v) = chief.call("POST", "/api/agents/hp-ga-02/revoke", None, true);
     assert_eq!(st, 200, "{v}");
     assert!(!v["revoked"].as_array().unwrap().is_empty(), "{v}");

@@ -55,6 +55,7 @@ struct Session {
 struct Inner {
     store: SharedStore,
     fleet: Arc<Fleet>,
+    history: Arc<crate::history::History>,
     alarms: Arc<Alarms>,
     cfg: Arc<ExchangeConfig>,
     reloads: crate::admin::Reloads,
@@ -84,6 +85,7 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 pub struct Parts {
     pub store: SharedStore,
     pub fleet: Arc<Fleet>,
+    pub history: Arc<crate::history::History>,
     pub alarms: Arc<Alarms>,
     pub cfg: Arc<ExchangeConfig>,
     pub reloads: crate::admin::Reloads,
@@ -114,6 +116,7 @@ pub async fn start(
     let app = Arc::new(Inner {
         store: parts.store,
         fleet: parts.fleet,
+        history: parts.history,
         alarms: parts.alarms,
         cfg: parts.cfg,
         reloads: parts.reloads,
@@ -198,9 +201,12 @@ fn router(app: App) -> Router {
         .route("/api/agents", get(agents))
         .route("/api/agents/{id}", get(agent))
         .route("/api/agents/{id}/revoke", post(revoke))
+        .route("/api/agents/{id}/history", get(history))
         .route("/api/alarms", get(alarms))
         .route("/api/alarms/{id}/ack", post(acknowledge))
         .route("/api/audit", get(audit))
+        .route("/api/users", get(users).post(add_user))
+        .route("/api/users/{name}/remove", post(remove_user))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page".into()) })
         .with_state(app)
 }
@@ -679,6 +685,130 @@ async fn revoke(
     Ok(Json(
         json!({"revoked": revoked, "closed_connections": closed}),
     ))
+}
+
+/// Every user (never a password hash): administrators only.
+async fn users(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    app.allowed(&headers, Action::Administer)?;
+    let list = app
+        .blocking(|app| {
+            let now = now_unix_ms();
+            let mut users = app.store.users().map_err(internal)?;
+            users.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(users.iter().map(|u| u.listing(now)).collect::<Vec<_>>())
+        })
+        .await?;
+    Ok(Json(json!(list)))
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    name: String,
+    role: String,
+    password: String,
+}
+
+async fn add_user(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Json(body): Json<NewUser>,
+) -> Result<Json<Value>, ApiError> {
+    let s = app.changing(&headers, Action::Administer)?;
+    let bad = |e: anyhow::Error| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}"));
+    let role: Role = body
+        .role
+        .parse()
+        .map_err(|e: String| ApiError(StatusCode::BAD_REQUEST, e))?;
+    crate::users::check_name(&body.name).map_err(bad)?;
+    crate::users::check_password(&body.password).map_err(bad)?;
+    let user = app
+        .blocking(move |app| {
+            let hash = crate::users::hash_password(&body.password).map_err(internal)?;
+            crate::users::add_user(
+                &*app.store,
+                &format!("web:{}", s.name),
+                &body.name,
+                role,
+                hash,
+            )
+            .map_err(bad)
+        })
+        .await?;
+    Ok(Json(user.listing(now_unix_ms())))
+}
+
+async fn remove_user(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let s = app.changing(&headers, Action::Administer)?;
+    if name == s.name {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "you cannot remove yourself".into(),
+        ));
+    }
+    app.blocking(move |app| {
+        crate::users::remove_user(&*app.store, &format!("web:{}", s.name), &name)
+            .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{e:#}")))
+    })
+    .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    #[serde(default = "day")]
+    hours: u64,
+}
+
+fn day() -> u64 {
+    24
+}
+
+/// Per stream of the agent, a point per minute over the last `hours` (at most
+/// a week): acknowledged records in that minute, and the backlog.
+async fn history(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    app.allowed(&headers, Action::Read)?;
+    let hours = q.hours.clamp(1, 7 * 24);
+    let out = app
+        .blocking(move |app| {
+            let rec = app
+                .store
+                .agent(&id)
+                .map_err(internal)?
+                .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such agent".into()))?;
+            let since = now_unix_ms().saturating_sub(hours * 3_600_000);
+            let streams: Vec<Value> = rec
+                .status
+                .map(|h| h.streams)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| {
+                    let points = app.history.points(&id, &s.name, since);
+                    let series: Vec<Value> = points
+                        .windows(2)
+                        .map(|w| {
+                            json!({
+                                "t": w[1].t,
+                                "records": w[1].acked_seq.saturating_sub(w[0].acked_seq),
+                                "backlog_bytes": w[1].backlog_bytes,
+                            })
+                        })
+                        .collect();
+                    json!({"stream": s.name, "points": series})
+                })
+                .collect();
+            Ok(json!({"agent": id, "hours": hours, "streams": streams}))
+        })
+        .await?;
+    Ok(Json(out))
 }
 
 #[derive(Deserialize)]

@@ -140,7 +140,9 @@ async function agentPage(id) {
     { title: "col.position", cell: s => el("span", { class: "mono" }, s.position) },
     { title: "col.error", cell: s => s.error || s.ship_error },
   ], a.streams);
+  const charts = await historyCharts(a.id);
   const kids = [el("h1", {}, t("agent.title", { id: a.id })), facts, el("h2", {}, t("col.streams")), streams,
+    el("h2", {}, t("chart.title")), ...charts,
     el("h2", {}, t("nav.alarms")), alarmTable(r.alarms, () => agentPage(id))];
   if (S.user.role === "admin") {
     const out = el("span", { class: "muted", id: "revoke-result" });
@@ -153,6 +155,47 @@ async function agentPage(id) {
     }, t("agent.revoke")), out));
   }
   main(...kids);
+}
+
+// A line chart of `values` over `times` (Unix ms), drawn as SVG here.
+function chart(title, times, values) {
+  const W = 560, H = 140, L = 56, B = 22, T = 10;
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("class", "chart");
+  const add = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    svg.append(e);
+    return e;
+  };
+  const max = Math.max(1, ...values);
+  const t0 = times[0], t1 = Math.max(times[times.length - 1], t0 + 1);
+  const x = t => L + (W - L - 8) * (t - t0) / (t1 - t0);
+  const y = v => T + (H - T - B) * (1 - v / max);
+  add("line", { x1: L, y1: y(0), x2: W - 8, y2: y(0), class: "axis" });
+  add("line", { x1: L, y1: y(max), x2: W - 8, y2: y(max), class: "grid" });
+  add("text", { x: L - 6, y: y(max) + 4, "text-anchor": "end", class: "tick" }, max.toLocaleString());
+  add("text", { x: L - 6, y: y(0) + 4, "text-anchor": "end", class: "tick" }, "0");
+  add("text", { x: L, y: H - 4, class: "tick" }, time(t0).slice(11, 16));
+  add("text", { x: W - 8, y: H - 4, "text-anchor": "end", class: "tick" }, time(t1).slice(11, 16));
+  add("polyline", { points: times.map((t, i) => `${x(t).toFixed(1)},${y(values[i]).toFixed(1)}`).join(" "), class: "line" });
+  return el("figure", { class: "chart" }, el("figcaption", {}, title), svg);
+}
+
+async function historyCharts(id) {
+  const h = await api("GET", "/api/agents/" + encodeURIComponent(id) + "/history?hours=24");
+  const out = [];
+  for (const s of h.streams) {
+    if (s.points.length < 2) continue;
+    const times = s.points.map(p => p.t);
+    out.push(el("div", { class: "charts" }, el("h3", {}, s.stream),
+      chart(t("chart.throughput"), times, s.points.map(p => p.records)),
+      chart(t("chart.backlog"), times, s.points.map(p => p.backlog_bytes))));
+  }
+  return out.length ? out : [el("p", { class: "muted" }, t("chart.none"))];
 }
 
 function alarmTable(list, again) {
@@ -201,18 +244,42 @@ function refresh() {
   else render();
 }
 
+async function usersPage() {
+  const list = await api("GET", "/api/users");
+  const name = el("input", { type: "text", id: "new-name", placeholder: t("login.name") });
+  const role = el("select", { id: "new-role" }, ["operator", "auditor", "admin"].map(r => el("option", { value: r }, t("role." + r))));
+  const pass = el("input", { type: "password", id: "new-password", placeholder: t("login.password") });
+  const err = el("span", { class: "error", id: "users-error" });
+  const add = el("button", { class: "primary", id: "add-user", onclick: async () => {
+    try { await api("POST", "/api/users", { name: name.value, role: role.value, password: pass.value }); usersPage(); }
+    catch (e) { err.textContent = e.message; }
+  } }, t("users.add"));
+  main(el("h1", {}, t("users.title")), table([
+    { title: "login.name", cell: u => u.name },
+    { title: "users.role", cell: u => t("role." + u.role) },
+    { title: "users.created", cell: u => time(u.created_unix_ms) },
+    { title: "users.locked", cell: u => u.locked ? time(u.locked_until_unix_ms) : "" },
+    { title: "", cell: u => u.name === S.user.name ? "" : el("button", { class: "link", onclick: async () => {
+      if (!confirm(t("users.remove_confirm", { name: u.name }))) return;
+      await api("POST", "/api/users/" + encodeURIComponent(u.name) + "/remove"); usersPage();
+    } }, t("users.remove")) },
+  ], list), el("h2", {}, t("users.add")), el("div", { class: "toolbar" }, name, role, pass, add, err));
+}
+
 async function render() {
   if (S.timer) { clearTimeout(S.timer); S.timer = null; }
   if (!S.user) { loginPage(); return; }
   document.getElementById("top").hidden = false;
   document.getElementById("who").textContent = `${S.user.name} · ${t("role." + S.user.role)}`;
   document.getElementById("nav-audit").hidden = !(S.user.role === "auditor" || S.user.role === "admin");
+  document.getElementById("nav-users").hidden = S.user.role !== "admin";
   const route = location.hash.replace(/^#\//, "").split("/");
   document.querySelectorAll("header nav a").forEach(a => a.classList.toggle("on", a.id === "nav-" + (route[0] || "overview")));
   try {
     if (route[0] === "agent" && route[1]) await agentPage(decodeURIComponent(route[1]));
     else if (route[0] === "alarms") await alarmsPage();
     else if (route[0] === "audit") await auditPage();
+    else if (route[0] === "users") await usersPage();
     else await overview();
   } catch (e) { if (S.user) main(el("div", { class: "error" }, e.message)); }
   // Refreshed while nobody types.
