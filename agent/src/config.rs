@@ -19,6 +19,9 @@ pub struct AgentConfig {
     pub buffer: BufferSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// A cap on what is sent to the exchange, optionally by schedule.
+    #[serde(default)]
+    pub bandwidth: crate::bandwidth::BandwidthSection,
     #[serde(default, rename = "stream")]
     pub streams: Vec<StreamConfig>,
 }
@@ -211,6 +214,9 @@ pub fn load(path: &Path, host: Host) -> Result<Loaded, ConfigError> {
                 ),
             ));
         }
+    }
+    if let Err((offset, message)) = config.bandwidth.schedule(0) {
+        return Err(err_at(&text, offset, message));
     }
     if config.agent.id.is_empty() {
         return Err(err_at(&text, key_offset("id"), "agent.id is empty".into()));

@@ -1,6 +1,7 @@
 //! `ferry-agent`: the Ferry edge agent.
 
 mod admin;
+mod bandwidth;
 mod buffer;
 mod committer;
 mod config;
@@ -233,6 +234,7 @@ fn cmd_run(
 ) -> Result<()> {
     // Configuration errors are reported before detaching, on the operator's terminal.
     let loaded = config::load(path, config::Host::Required).map_err(InvalidConfig)?;
+    bandwidth::read_local_offset();
     let target = LogTarget::choose(log_file, daemon)?;
     if daemon {
         let mut d = daemonize::Daemonize::new().working_directory("/");
@@ -508,6 +510,22 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
             .as_ref()
             .map(|e| format!(", last error: {e}"))
             .unwrap_or_default()
+    );
+    let bw = &report.bandwidth;
+    println!(
+        "bandwidth: {} ({}), {} sent, held back {:.1} s",
+        bw.cap_bytes_per_second
+            .map_or("no cap".to_string(), |c| format!(
+                "cap {}/s",
+                human_bytes(c)
+            )),
+        if bw.rule.is_empty() {
+            "limit"
+        } else {
+            &bw.rule
+        },
+        human_bytes(bw.sent_bytes),
+        bw.held_back_seconds
     );
     println!(
         "buffer: {} of {}{}{}{}",

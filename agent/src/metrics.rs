@@ -125,6 +125,21 @@ pub fn render(s: &AgentStatus) -> String {
         s.buffer.bytes,
     );
     f.one(
+        "bandwidth_cap_bytes_per_second",
+        "The [bandwidth] cap in force, bytes per second (0: none)",
+        s.bandwidth.cap_bytes_per_second.unwrap_or(0),
+    );
+    f.one(
+        "bandwidth_sent_bytes",
+        "Batch bytes sent to the exchange since the start",
+        s.bandwidth.sent_bytes,
+    );
+    f.one(
+        "bandwidth_held_back_milliseconds",
+        "Time spent waiting for the [bandwidth] cap since the start, milliseconds",
+        (s.bandwidth.held_back_seconds * 1000.0) as u64,
+    );
+    f.one(
         "buffer_max_bytes",
         "The buffer's bound ([buffer] max_size), bytes",
         s.buffer.max_bytes,

@@ -97,6 +97,11 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
         warn!("{alarm}");
     }
     let report = Arc::new(std::sync::OnceLock::new());
+    let throttle = Arc::new(crate::bandwidth::Throttle::new(
+        cfg.bandwidth
+            .schedule(crate::bandwidth::local_offset_secs())
+            .map_err(|(_, e)| anyhow::anyhow!(e))?,
+    ));
     let shipper = tokio::spawn(
         Shipper {
             address: cfg.exchange.address.clone(),
@@ -112,6 +117,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
             board: board.clone(),
             cert_not_after_unix,
             report: report.clone(),
+            throttle: throttle.clone(),
         }
         .run(shutdown.clone())
         .instrument(info_span!("shipper", exchange = %cfg.exchange.address)),
@@ -139,6 +145,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
     drop(commit_tx);
 
     let reporter = {
+        let throttle = throttle.clone();
         let buffer = buffer.clone();
         let board = board.clone();
         let views: Vec<StreamView> = cfg
@@ -196,6 +203,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
                 };
             }
             board.fill(&mut r);
+            r.bandwidth = throttle.status();
             r
         }) as admin::Reporter
     };

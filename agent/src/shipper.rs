@@ -64,6 +64,8 @@ pub struct Shipper {
     pub cert_not_after_unix: u64,
     /// What `status` reports, for the heartbeat (set once the agent runs).
     pub report: Arc<std::sync::OnceLock<crate::admin::Reporter>>,
+    /// The `[bandwidth]` cap batches are sent under.
+    pub throttle: Arc<crate::bandwidth::Throttle>,
 }
 
 /// Reconnect delays: full jitter, ceiling 200 ms doubling up to 30 s.
@@ -438,6 +440,18 @@ impl Shipper {
                     let (send, recv) = conn.open_bi().await.context("opening a data stream")?;
                     spawn_reader(FrameReader::new(recv, MAX_FRAME), events.clone());
                     writers[i] = Some(FrameWriter::new(send));
+                }
+                if let Msg::Batch(b) = &msg {
+                    // Over QUIC the cap counts what went on the wire since the
+                    // last batch (packets, acks, retransmissions); over TCP
+                    // the batch's bytes.
+                    let bytes = match conn.wire_bytes_sent() {
+                        Some(total) => {
+                            total.saturating_sub(self.throttle.charge_to(conn.stable_id(), total))
+                        }
+                        None => b.payload.len() as u64,
+                    };
+                    self.throttle.take(bytes as usize).await;
                 }
                 if let Some(w) = writers[i].as_mut() {
                     w.send(msg).await?;

@@ -17,6 +17,9 @@ pub struct AgentStatus {
     /// When the agent's certificate expires, Unix seconds (0 when unreadable).
     #[serde(default)]
     pub cert_not_after_unix: u64,
+    /// The `[bandwidth]` cap in force and what it held back.
+    #[serde(default)]
+    pub bandwidth: crate::bandwidth::BandwidthStatus,
 }
 
 /// Warn this long before the agent's certificate expires: re-enrolling takes the

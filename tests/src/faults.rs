@@ -54,6 +54,8 @@ pub struct ProxyStats {
     pub dropped: AtomicU64,
     pub duplicated: AtomicU64,
     pub reordered: AtomicU64,
+    /// Bytes of the datagrams clients sent toward the upstream (before faults).
+    pub upstream_bytes: AtomicU64,
 }
 
 impl fmt::Display for ProxyStats {
@@ -313,6 +315,9 @@ fn client_side(s: &Arc<Shared>, listen: &Arc<UdpSocket>, upstream: SocketAddr) {
             sock
         });
         let up = Arc::clone(up);
+        s.stats
+            .upstream_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
         s.offer(&up, upstream, &buf[..n]);
     }
     for r in repliers {

@@ -465,7 +465,12 @@ fn operators_watch_the_fleet_in_a_real_browser() {
     let mut chief = Api::new(&ex, port);
     chief.login("chief", "chief-password-1");
     let new = json!({"name": "night", "role": "operator", "password": "night-shift-1"});
-    assert_eq!(auditor.call("POST", "/api/users", Some(new.clone()), true).0, 403);
+    assert_eq!(
+        auditor
+            .call("POST", "/api/users", Some(new.clone()), true)
+            .0,
+        403
+    );
     let (st, v) = chief.call("POST", "/api/users", Some(new.clone()), true);
     assert_eq!(st, 200, "{v}");
     let (st, v) = chief.call("POST", "/api/users", Some(new), true);

@@ -140,6 +140,16 @@ impl Link {
         }
     }
 
+    /// Bytes this end put on the wire so far: QUIC's UDP payloads (every
+    /// packet: data, acknowledgements, retransmissions), or `None` over TCP,
+    /// whose bytes the kernel frames.
+    pub fn wire_bytes_sent(&self) -> Option<u64> {
+        match self {
+            Link::Quic(c) => Some(c.stats().udp_tx.bytes),
+            Link::Tcp(_) => None,
+        }
+    }
+
     /// `"quic"` or `"tcp"`, for logs and `status`.
     pub fn transport(&self) -> &'static str {
         match self {
