@@ -106,6 +106,15 @@ impl Api {
         (status, v)
     }
 
+    /// The status of a POST to each of `paths`, without the CSRF token.
+    fn post_all_without_csrf<'p>(&self, paths: &[&'p str]) -> Vec<(&'p str, u16)> {
+        let body = json!({"language": "en", "note": ""});
+        paths
+            .iter()
+            .map(|p| (*p, self.call("POST", p, Some(body.clone()), false).0))
+            .collect()
+    }
+
     fn login(&mut self, name: &str, password: &str) -> Value {
         let mut req = self.agent.post(&format!("{}/api/login", self.base));
         req = req.set("Content-Type", "application/json");
@@ -242,13 +251,7 @@ fn operators_watch_the_fleet_in_a_real_browser() {
             "{path} without a session"
         );
     }
-    for path in POSTS {
-        let (st, _) = api.call(
-            "POST",
-            path,
-            Some(json!({"language": "en", "note": ""})),
-            false,
-        );
+    for (path, st) in api.post_all_without_csrf(POSTS) {
         assert_eq!(st, 401, "{path} without a session");
     }
     let (st, v) = api.call(
@@ -277,13 +280,7 @@ fn operators_watch_the_fleet_in_a_real_browser() {
     let (_, v) = api.call("GET", "/api/agents", None, false);
     assert_eq!(v[0]["id"], "hp-ga-02");
     assert_eq!(v[0]["department"], "210103002");
-    for path in POSTS {
-        let (st, _) = api.call(
-            "POST",
-            path,
-            Some(json!({"language": "en", "note": ""})),
-            false,
-        );
+    for (path, st) in api.post_all_without_csrf(POSTS) {
         assert_eq!(st, 403, "{path} without the CSRF token");
     }
     let (st, v) = api.call(

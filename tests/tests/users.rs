@@ -109,77 +109,27 @@ fn users_are_managed_from_the_command_line_and_audited() {
         ],
     );
 
-    // Refusals, each saying why.
-    let e = refused(
-        &ex,
-        &[
+    // Refusals, each saying why: (name, role, password file, what it says).
+    for (name, role, file, why) in [
+        ("zhao", "chief", &good, "admin, operator or auditor"),
+        ("zhao", "operator", &short, "too short"),
+        ("zhao", "operator", &empty, "empty"),
+        ("li wei", "operator", &good, "not allowed"),
+        ("li.wei", "operator", &good, "exists already"),
+    ] {
+        let args = [
             "user",
             "add",
             "--name",
-            "zhao",
+            name,
             "--role",
-            "chief",
+            role,
             "--password-file",
-            &good,
-        ],
-    );
-    assert!(e.contains("admin, operator or auditor"), "{e}");
-    let e = refused(
-        &ex,
-        &[
-            "user",
-            "add",
-            "--name",
-            "zhao",
-            "--role",
-            "operator",
-            "--password-file",
-            &short,
-        ],
-    );
-    assert!(e.contains("too short"), "{e}");
-    let e = refused(
-        &ex,
-        &[
-            "user",
-            "add",
-            "--name",
-            "zhao",
-            "--role",
-            "operator",
-            "--password-file",
-            &empty,
-        ],
-    );
-    assert!(e.contains("empty"), "{e}");
-    let e = refused(
-        &ex,
-        &[
-            "user",
-            "add",
-            "--name",
-            "li wei",
-            "--role",
-            "operator",
-            "--password-file",
-            &good,
-        ],
-    );
-    assert!(e.contains("not allowed"), "{e}");
-    let e = refused(
-        &ex,
-        &[
-            "user",
-            "add",
-            "--name",
-            "li.wei",
-            "--role",
-            "operator",
-            "--password-file",
-            &good,
-        ],
-    );
-    assert!(e.contains("exists already"), "{e}");
+            file,
+        ];
+        let e = refused(&ex, &args);
+        assert!(e.contains(why), "{args:?}: {e}");
+    }
 
     // The list: names, roles, no hash.
     let list = ok(&ex, &["user", "list"]);
