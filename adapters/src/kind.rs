@@ -24,7 +24,7 @@ use std::pin::Pin;
 
 use serde::Deserialize;
 
-use crate::{directory, postgres, tail, Source};
+use crate::{directory, mysql, postgres, tail, Source};
 
 /// Figures a source's position holds, for metrics: `(name, value)`, the name one
 /// of its kind's [`SourceKind::gauges`].
@@ -142,6 +142,8 @@ register! {
     Tail(tail::TailConfig) => tail::Tail,
     /// Row changes of PostgreSQL tables, by logical replication.
     Postgres(postgres::PostgresConfig) => postgres::Postgres,
+    /// Row changes of MySQL/MariaDB tables, from the binary log.
+    Mysql(mysql::MysqlConfig) => mysql::Mysql,
 }
 
 impl SourceConfig {

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 mod backoff;
 pub mod directory;
 pub mod kind;
+pub mod mysql;
 pub mod postgres;
 pub mod supervise;
 pub mod tail;

@@ -1,0 +1,55 @@
+//! Row images of a rows event as [`Field`]s in table column order.
+
+use ferry_protocol::messages::Field;
+use mysql_async::binlog::row::BinlogRow;
+
+use super::schema::Shape;
+use super::values;
+
+/// A column bitmap (which columns an image holds) as plain flags.
+pub(crate) fn bools<I, B>(bits: Option<I>) -> Option<Vec<bool>>
+where
+    I: IntoIterator<Item = B>,
+    B: std::ops::Deref<Target = bool>,
+{
+    bits.map(|b| b.into_iter().map(|x| *x).collect())
+}
+
+/// A row image: per table column, its field when the image holds it.
+pub(crate) fn image(
+    shape: &Shape,
+    row: &BinlogRow,
+    bits: Option<&[bool]>,
+) -> Result<Vec<Option<Field>>, String> {
+    let mut j = 0;
+    let mut out = Vec::with_capacity(shape.cols.len());
+    for (i, c) in shape.cols.iter().enumerate() {
+        let present = bits.is_none_or(|b| b.get(i).copied().unwrap_or(false));
+        if !present {
+            out.push(None);
+            continue;
+        }
+        let v = row
+            .as_ref(j)
+            .ok_or_else(|| format!("column {} is missing from the row image", c.name))?;
+        j += 1;
+        out.push(Some(Field {
+            name: c.name.clone(),
+            value_type: Shape::neutral(c).value_type() as i32,
+            value: Some(values::decode(c, v)?),
+        }));
+    }
+    Ok(out)
+}
+
+/// The old row's key columns, or the whole old row of a table without a key.
+pub(crate) fn old_image(shape: &Shape, before: &[Option<Field>]) -> Vec<Field> {
+    let keyed = shape.has_key();
+    shape
+        .cols
+        .iter()
+        .zip(before)
+        .filter(|(c, _)| !keyed || c.key)
+        .filter_map(|(_, f)| f.clone())
+        .collect()
+}

@@ -1,0 +1,633 @@
+//! One instance of the source: connect, check, resume, read binlog events into
+//! transactions, commit each with the position after it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_protocol::messages::{field, record, Field, Record, Row, RowOp};
+use futures_util::StreamExt;
+use mysql_async::binlog::events::{Event, EventData, RowsEventData, TableMapEvent};
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
+
+use super::conn::{self, classify, variable};
+use super::gtid::{mysql_gtid, parse_gtid_event, Gtid, GtidState, MARIADB_GTID};
+use super::image::{bools, image, old_image};
+use super::position::{MyPosition, Partial};
+use super::schema::{self, Shape, MYSQL};
+use super::table_map;
+use super::{doctor, split_table, MysqlConfig};
+use crate::{now_unix_ms, Inflight, SourceContext, SourceError};
+
+/// A transaction is committed in pieces of at most this many changes...
+const MAX_PIECE_ROWS: usize = 10_000;
+/// ...or about this many bytes of records.
+const MAX_PIECE_BYTES: usize = 4 << 20;
+/// A transaction held in memory may not grow past this (module doc, invariant 4).
+const MAX_TXN_BYTES: usize = 1 << 30;
+/// The server is asked for a heartbeat every second; this much silence means
+/// the connection is gone.
+const SILENCE: Duration = Duration::from_secs(30);
+/// How often a position moved only by transactions of other tables is committed.
+const IDLE_COMMIT: Duration = Duration::from_secs(1);
+/// Commits in flight.
+const INFLIGHT: usize = 4;
+
+pub(crate) async fn run(cfg: MysqlConfig, ctx: SourceContext) -> Result<(), SourceError> {
+    let (opts, dsn) = conn::opts(&cfg)?;
+    let mut sql = conn::connect(&opts, &dsn).await?;
+    doctor::preflight(&mut sql, &cfg).await?;
+    let mariadb = doctor::is_mariadb(&mut sql).await?;
+    let checksum = variable(&mut sql, "binlog_checksum")
+        .await?
+        .is_some_and(|v| !v.eq_ignore_ascii_case("NONE"));
+    let start = match &ctx.resume {
+        Some(b) => MyPosition::decode(b).map_err(SourceError::Fatal)?,
+        None => {
+            let p = current_position(&mut sql, mariadb).await?;
+            // Durable at once: a restart before the first change must not
+            // start over at a later "current" position.
+            ctx.commit(Vec::<Record>::new(), p.encode()?).await?;
+            tracing::info!(position = %p.at(), gtid = %p.gtid, "starting at the server's current position");
+            p
+        }
+    };
+    let gtid = GtidState::parse(&start.gtid)
+        .map_err(|e| SourceError::Fatal(format!("the stored mysql position: {e}")))?;
+
+    let mut binlog = conn::connect(&opts, &dsn).await?;
+    let mut setup = vec![
+        // Real MariaDB GTID events, not their rewrites for an old replica.
+        "SET @mariadb_slave_capability=4".to_string(),
+        // A heartbeat every second while idle (nanoseconds).
+        "SET @master_heartbeat_period=1000000000".to_string(),
+    ];
+    let by_gtid = mariadb && !gtid.is_empty();
+    if by_gtid {
+        setup.push(format!("SET @slave_connect_state='{gtid}'"));
+    }
+    for s in &setup {
+        binlog
+            .query_drop(s)
+            .await
+            .map_err(|e| classify("preparing the binlog connection", e))?;
+    }
+    let file = start.file.clone().into_bytes();
+    let mut req = BinlogStreamRequest::new(cfg.server_id);
+    if !by_gtid {
+        req = req.with_filename(&file).with_pos(start.pos);
+    }
+    let stream = binlog
+        .get_binlog_stream(req)
+        .await
+        .map_err(|e| classify(&format!("requesting the binlog from {}", start.at()), e))?;
+    tracing::info!(from = %start.at(), gtid = %gtid, by_gtid, "reading the binlog");
+
+    let wanted = cfg.tables.iter().cloned().collect();
+    let mut reader = Reader {
+        ctx: &ctx,
+        opts,
+        dsn,
+        sql,
+        wanted,
+        checksum,
+        file: start.file.clone(),
+        seen_fde: false,
+        shipped: start.schemas.clone(),
+        resume_partial: start.partial.clone(),
+        submitted: start.clone(),
+        read: start,
+        gtid,
+        shapes: HashMap::new(),
+        collations: HashMap::new(),
+        stale: false,
+        txn: None,
+        inflight: Inflight::new(INFLIGHT),
+    };
+    reader.run(stream).await
+}
+
+/// `SHOW MASTER STATUS` (`SHOW BINARY LOG STATUS` on MySQL 8.4+), with the
+/// GTID state of that exact point on MariaDB.
+async fn current_position(sql: &mut Conn, mariadb: bool) -> Result<MyPosition, SourceError> {
+    let row: Option<mysql_async::Row> = match sql.query_first("SHOW MASTER STATUS").await {
+        Ok(r) => r,
+        // ER_PARSE_ERROR: a MySQL that only knows the new name.
+        Err(mysql_async::Error::Server(s)) if s.code == 1064 => sql
+            .query_first("SHOW BINARY LOG STATUS")
+            .await
+            .map_err(|e| classify("SHOW BINARY LOG STATUS", e))?,
+        Err(e) => return Err(classify("SHOW MASTER STATUS", e)),
+    };
+    let row = row.ok_or_else(|| {
+        SourceError::Fatal(
+            "SHOW MASTER STATUS returned nothing: the server's binary log is off; start it with log_bin"
+                .into(),
+        )
+    })?;
+    let file: Option<String> = row.get(0);
+    let pos: Option<u64> = row.get(1);
+    let (Some(file), Some(pos)) = (file, pos) else {
+        return Err(SourceError::Other(
+            "SHOW MASTER STATUS: no file and position".into(),
+        ));
+    };
+    let gtid = if mariadb {
+        let g: Option<Option<String>> = sql
+            .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (&file, pos))
+            .await
+            .map_err(|e| classify("BINLOG_GTID_POS", e))?;
+        g.flatten().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(MyPosition {
+        file,
+        pos,
+        gtid,
+        partial: None,
+        schemas: BTreeMap::new(),
+    })
+}
+
+/// A transaction being read.
+struct Txn {
+    /// `Row::txn`.
+    id: String,
+    mariadb_gtid: Option<Gtid>,
+    /// Inside `BEGIN ... COMMIT` (else a lone statement, ended by its query).
+    began: bool,
+    records: Vec<Record>,
+    /// Table records among `records`: index → (table, fingerprint).
+    tables: HashMap<usize, (String, String)>,
+    changes: u32,
+    bytes: usize,
+    /// `shipped` when the transaction began.
+    shipped_before: BTreeMap<String, String>,
+}
+
+struct Reader<'a> {
+    ctx: &'a SourceContext,
+    opts: mysql_async::Opts,
+    dsn: conn::Dsn,
+    /// Catalogue queries.
+    sql: Conn,
+    wanted: HashSet<String>,
+    checksum: bool,
+    /// The binlog file events come from now.
+    file: String,
+    seen_fde: bool,
+    /// After the last transaction read whole (durable or about to be).
+    read: MyPosition,
+    /// The last position handed to the buffer.
+    submitted: MyPosition,
+    gtid: GtidState,
+    /// Fingerprint of the shape last shipped per table (including the open
+    /// transaction's).
+    shipped: BTreeMap<String, String>,
+    /// Table → shape and its fingerprint.
+    shapes: HashMap<String, (Arc<Shape>, String)>,
+    /// Collation id → character set, read when first needed.
+    collations: HashMap<u16, String>,
+    /// A DDL statement went by: shapes are read again at the next table map.
+    stale: bool,
+    txn: Option<Txn>,
+    resume_partial: Option<Partial>,
+    inflight: Inflight<()>,
+}
+
+enum Step {
+    Event(Event),
+    Tick,
+}
+
+impl Reader<'_> {
+    async fn run(&mut self, mut stream: BinlogStream) -> Result<(), SourceError> {
+        let mut tick = tokio::time::interval(IDLE_COMMIT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let step = tokio::select! {
+                biased;
+                // 1. Shutdown: what is in flight still completes.
+                _ = self.ctx.shutdown.cancelled() => {
+                    self.inflight.drain().await?;
+                    return Err(SourceError::Shutdown);
+                }
+                // 2. The next event, or the connection's silence.
+                ev = tokio::time::timeout(SILENCE, stream.next()) => match ev {
+                    Err(_) => return Err(SourceError::Other(format!(
+                        "no binlog event or heartbeat from the server for {} s", SILENCE.as_secs()))),
+                    Ok(None) => return Err(SourceError::Other("the server ended the binlog stream".into())),
+                    Ok(Some(Err(e))) => return Err(classify("reading the binlog", e)),
+                    Ok(Some(Ok(ev))) => Step::Event(ev),
+                },
+                // 3. Idle: move the position past other tables' transactions.
+                _ = tick.tick() => Step::Tick,
+            };
+            match step {
+                Step::Event(ev) => self.event(&stream, ev).await?,
+                Step::Tick => self.idle().await?,
+            }
+        }
+    }
+
+    async fn idle(&mut self) -> Result<(), SourceError> {
+        if self.txn.is_none() && self.read != self.submitted && self.resume_partial.is_none() {
+            let mut p = self.read.clone();
+            p.schemas = self.shipped.clone();
+            self.submit(Vec::new(), p).await?;
+        }
+        self.inflight.drain().await?;
+        Ok(())
+    }
+
+    async fn submit(&mut self, records: Vec<Record>, p: MyPosition) -> Result<(), SourceError> {
+        let bytes = p.encode()?;
+        self.inflight.push(self.ctx, records, bytes, ()).await?;
+        self.submitted = p;
+        Ok(())
+    }
+
+    fn at(&self, pos: u64) -> String {
+        format!("{}:{pos}", self.file)
+    }
+
+    async fn event(&mut self, stream: &BinlogStream, ev: Event) -> Result<(), SourceError> {
+        let h = ev.header();
+        let log_pos = u64::from(h.log_pos());
+        if h.event_type_raw() == MARIADB_GTID {
+            let (g, standalone) = parse_gtid_event(ev.data(), h.server_id()).ok_or_else(|| {
+                SourceError::Other(format!(
+                    "a MariaDB GTID event at {} is too short",
+                    self.at(log_pos)
+                ))
+            })?;
+            self.begin(g.to_string(), Some(g), !standalone)?;
+            return Ok(());
+        }
+        let data = match ev.read_data() {
+            Ok(Some(d)) => d,
+            // GTID_LIST, binlog checkpoint and other MariaDB bookkeeping.
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(SourceError::Other(format!(
+                    "the binlog event at {} does not decode: {e}",
+                    self.at(log_pos)
+                )))
+            }
+        };
+        match data {
+            EventData::FormatDescriptionEvent(_) => self.seen_fde = true,
+            EventData::RotateEvent(r) => {
+                let mut name = r.name_raw().to_vec();
+                // The fake rotate comes before the format description, so its
+                // checksum was not cut off.
+                if log_pos == 0 && !self.seen_fde && self.checksum && name.len() > 4 {
+                    name.truncate(name.len() - 4);
+                }
+                self.file = String::from_utf8(name).map_err(|_| {
+                    SourceError::Other("a rotate event names a file that is not UTF-8".into())
+                })?;
+                if log_pos != 0 && self.txn.is_none() {
+                    // A real rotate ends the old file.
+                    self.read.file = self.file.clone();
+                    self.read.pos = r.position();
+                    self.read.partial = None;
+                }
+                tracing::debug!(file = %self.file, fake = log_pos == 0, "binlog rotate");
+            }
+            EventData::GtidEvent(g) => self.begin(mysql_gtid(g.sid(), g.gno()), None, false)?,
+            EventData::QueryEvent(q) => {
+                let text = q.query();
+                let s = text.trim();
+                if s.eq_ignore_ascii_case("BEGIN") {
+                    match &mut self.txn {
+                        Some(t) => t.began = true,
+                        None => self.begin(String::new(), None, true)?,
+                    }
+                } else if s.eq_ignore_ascii_case("COMMIT") || s.eq_ignore_ascii_case("ROLLBACK") {
+                    // A ROLLBACK in the binlog only follows changes to
+                    // non-transactional tables, which did happen.
+                    self.finish(log_pos, h.timestamp()).await?;
+                } else {
+                    // DDL (or another statement logged as text).
+                    self.stale = true;
+                    match &self.txn {
+                        Some(t) if t.began => {}
+                        Some(_) => self.finish(log_pos, h.timestamp()).await?,
+                        None => {
+                            self.read.file = self.file.clone();
+                            self.read.pos = log_pos;
+                        }
+                    }
+                }
+            }
+            EventData::XidEvent(_) => self.finish(log_pos, h.timestamp()).await?,
+            EventData::TableMapEvent(t) => self.table_map(&t, log_pos).await?,
+            EventData::RowsEvent(re) => self.rows(stream, &re, log_pos)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A transaction starts. One still open with changes never ended: an XA
+    /// transaction's `XA PREPARE`, whose changes commit later by a separate
+    /// `XA COMMIT`; refused rather than lose or misplace them.
+    fn begin(
+        &mut self,
+        id: String,
+        mariadb_gtid: Option<Gtid>,
+        began: bool,
+    ) -> Result<(), SourceError> {
+        if let Some(open) = self.txn.as_ref().filter(|t| t.changes > 0) {
+            return Err(SourceError::Fatal(format!(
+                "transaction {} in {} changed captured tables but did not commit before the next one began \
+                 (an XA transaction?): XA transactions are not supported by the mysql source",
+                open.id, self.file
+            )));
+        }
+        self.txn = Some(Txn {
+            id,
+            mariadb_gtid,
+            began,
+            records: Vec::new(),
+            tables: HashMap::new(),
+            changes: 0,
+            bytes: 0,
+            shipped_before: self.shipped.clone(),
+        });
+        Ok(())
+    }
+
+    async fn table_map(&mut self, t: &TableMapEvent<'_>, log_pos: u64) -> Result<(), SourceError> {
+        let name = format!("{}.{}", t.database_name(), t.table_name());
+        if !self.wanted.contains(&name) {
+            return Ok(());
+        }
+        if self.stale {
+            self.shapes.clear();
+            self.stale = false;
+        }
+        if self.shapes.get(&name).is_some_and(|(s, _)| s.matches(t)) {
+            return Ok(());
+        }
+        let (db, table) = split_table(&name).map_err(SourceError::Fatal)?;
+        let loaded = match schema::load(&mut self.sql, db, table).await {
+            // The catalogue connection may have timed out while idle
+            // (wait_timeout): once more on a new one.
+            Err(e) if !e.is_fatal() => {
+                self.sql = conn::connect(&self.opts, &self.dsn).await?;
+                schema::load(&mut self.sql, db, table).await?
+            }
+            r => r?,
+        };
+        let now = loaded.as_ref().map(|s| s.cols.len());
+        let shape = match loaded.filter(|s| s.matches(t)) {
+            Some(s) => s,
+            None => {
+                // Rows of an older shape: the table was altered (or dropped)
+                // since. The table map itself names the columns when
+                // binlog_row_metadata = FULL.
+                if self.collations.is_empty() {
+                    self.collations = table_map::collations(&mut self.sql).await?;
+                }
+                match table_map::from_table_map(t, &self.collations)? {
+                    Some(old) if old.matches(t) => {
+                        tracing::info!(table = %name, at = %self.at(log_pos), "rows of an earlier shape: columns from the table map");
+                        old
+                    }
+                    _ => {
+                        let table_now = match now {
+                            Some(n) => format!("differ from the table's {n} columns now"),
+                            None => "belong to a table that no longer exists".to_string(),
+                        };
+                        return Err(SourceError::Fatal(format!(
+                            "the binlog's rows of {name} at {} have {} columns that {table_now}, and the table map \
+                             does not name them: SET GLOBAL binlog_row_metadata = 'FULL' on the server lets such \
+                             changes be read (later ones), or remove {name} from source.tables",
+                            self.at(log_pos),
+                            t.columns_count(),
+                        )));
+                    }
+                }
+            }
+        };
+        let fp = shape.fingerprint();
+        self.shapes.insert(name, (Arc::new(shape), fp));
+        Ok(())
+    }
+
+    fn rows(
+        &mut self,
+        stream: &BinlogStream,
+        re: &RowsEventData<'_>,
+        log_pos: u64,
+    ) -> Result<(), SourceError> {
+        let Some(tme) = stream.get_tme(re.table_id()) else {
+            return Err(SourceError::Other(format!(
+                "a rows event at {} names table id {} without a table map",
+                self.at(log_pos),
+                re.table_id()
+            )));
+        };
+        let name = format!("{}.{}", tme.database_name(), tme.table_name());
+        if !self.wanted.contains(&name) {
+            return Ok(());
+        }
+        let Some((shape, fp)) = self.shapes.get(&name).cloned() else {
+            return Err(SourceError::Other(format!(
+                "rows of {name} at {} before its table map",
+                self.at(log_pos)
+            )));
+        };
+        if self.txn.is_none() {
+            self.begin(String::new(), None, false)?;
+        }
+        let at = self.at(log_pos);
+        let ship_table = self.shipped.get(&name) != Some(&fp);
+        if ship_table {
+            self.shipped.insert(name.clone(), fp.clone());
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(());
+        };
+        if ship_table {
+            let r = shape.table_record(&at);
+            txn.tables.insert(txn.records.len(), (name.clone(), fp));
+            txn.bytes += prost::Message::encoded_len(&r);
+            txn.records.push(r);
+        }
+        let op = match re {
+            RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => RowOp::Insert,
+            RowsEventData::UpdateRowsEventV1(_)
+            | RowsEventData::UpdateRowsEvent(_)
+            | RowsEventData::PartialUpdateRowsEvent(_) => RowOp::Update,
+            RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => {
+                RowOp::Delete
+            }
+        };
+        let before_bits = bools(re.columns_before_image());
+        let after_bits = bools(re.columns_after_image());
+        for row in re.rows(tme) {
+            let (before, after) = row.map_err(|e| {
+                SourceError::Other(format!("a row of {name} at {at} does not decode: {e}"))
+            })?;
+            let bad = |e: String| SourceError::Fatal(format!("{name} at {at}: {e}"));
+            let before = before
+                .map(|b| image(&shape, &b, before_bits.as_deref()))
+                .transpose()
+                .map_err(bad)?;
+            let after = after
+                .map(|a| image(&shape, &a, after_bits.as_deref()))
+                .transpose()
+                .map_err(bad)?;
+            let columns: Vec<Field> = match (&after, op) {
+                (Some(a), RowOp::Insert | RowOp::Update) => shape
+                    .cols
+                    .iter()
+                    .zip(a)
+                    .map(|(c, f)| {
+                        f.clone().unwrap_or_else(|| Field {
+                            name: c.name.clone(),
+                            value_type: Shape::neutral(c).value_type() as i32,
+                            value: Some(field::Value::Unchanged(true)),
+                        })
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let old_key = match (&before, op) {
+                (Some(b), RowOp::Delete) => old_image(&shape, b),
+                (Some(b), RowOp::Update) => {
+                    let changed =
+                        !shape.has_key()
+                            || shape.cols.iter().enumerate().filter(|(_, c)| c.key).any(
+                                |(i, _)| {
+                                    let new = after.as_ref().and_then(|a| a[i].as_ref());
+                                    new.is_some_and(|n| {
+                                        b[i].as_ref().is_some_and(|o| o.value != n.value)
+                                    })
+                                },
+                            );
+                    if changed {
+                        old_image(&shape, b)
+                    } else {
+                        Vec::new()
+                    }
+                }
+                _ => Vec::new(),
+            };
+            let r = Record {
+                time_unix_ms: now_unix_ms(),
+                position: String::new(),
+                body: Some(record::Body::Row(Row {
+                    schema: shape.database.clone(),
+                    table: shape.table.clone(),
+                    op: op as i32,
+                    txn: txn.id.clone(),
+                    position: Vec::new(),
+                    commit_time_unix_us: 0,
+                    change_index: txn.changes,
+                    last_in_txn: false,
+                    snapshot: false,
+                    columns,
+                    old_key,
+                    flags: Vec::new(),
+                    source: MYSQL.to_string(),
+                })),
+            };
+            txn.changes += 1;
+            txn.bytes += prost::Message::encoded_len(&r);
+            txn.records.push(r);
+            if txn.bytes > MAX_TXN_BYTES {
+                return Err(SourceError::Fatal(format!(
+                    "transaction {} at {at} holds more than {} MiB of changes of the captured tables, \
+                     more than the mysql source keeps in memory; it cannot be captured",
+                    txn.id,
+                    MAX_TXN_BYTES >> 20
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The transaction ends with the event ending at `log_pos`: stamp its rows
+    /// and commit them, in pieces if large, with the position after it.
+    async fn finish(&mut self, log_pos: u64, timestamp: u32) -> Result<(), SourceError> {
+        let Some(txn) = self.txn.take() else {
+            return Ok(());
+        };
+        if let Some(g) = txn.mariadb_gtid {
+            self.gtid.advance(g);
+        }
+        let end = self.at(log_pos);
+        let mut skip = 0;
+        if let Some(p) = self.resume_partial.take() {
+            if p.end != end {
+                return Err(SourceError::Fatal(format!(
+                    "the stored position says the first {} changes of the transaction ending at {} are durable, \
+                     but the binlog's next transaction ends at {end}: the server's binlog is not the one \
+                     the position was taken from",
+                    p.done, p.end
+                )));
+            }
+            skip = p.done;
+        }
+        let before = MyPosition {
+            schemas: txn.shipped_before.clone(),
+            partial: None,
+            ..self.read.clone()
+        };
+        self.read = MyPosition {
+            file: self.file.clone(),
+            pos: log_pos,
+            gtid: self.gtid.to_string(),
+            partial: None,
+            schemas: self.shipped.clone(),
+        };
+        if txn.records.is_empty() {
+            return Ok(());
+        }
+        let commit_us = i64::from(timestamp) * 1_000_000;
+        let last = txn.changes.checked_sub(1);
+        let mut schemas = txn.shipped_before;
+        let mut piece = Vec::new();
+        let (mut rows, mut bytes, mut done) = (0usize, 0usize, 0u32);
+        for (i, mut r) in txn.records.into_iter().enumerate() {
+            if let Some(record::Body::Row(row)) = r.body.as_mut() {
+                if row.change_index < skip {
+                    continue;
+                }
+                if rows >= MAX_PIECE_ROWS || bytes >= MAX_PIECE_BYTES {
+                    let p = MyPosition {
+                        partial: Some(Partial {
+                            end: end.clone(),
+                            done,
+                        }),
+                        schemas: schemas.clone(),
+                        ..before.clone()
+                    };
+                    self.submit(std::mem::take(&mut piece), p).await?;
+                    (rows, bytes) = (0, 0);
+                }
+                row.position = end.as_bytes().to_vec();
+                row.commit_time_unix_us = commit_us;
+                row.last_in_txn = Some(row.change_index) == last;
+                r.position = format!("{end} n={}", row.change_index);
+                done = row.change_index + 1;
+                rows += 1;
+            } else if let Some((name, fp)) = txn.tables.get(&i) {
+                schemas.insert(name.clone(), fp.clone());
+                if let Some(record::Body::Table(t)) = r.body.as_mut() {
+                    t.position = end.as_bytes().to_vec();
+                    r.position = format!("{end} schema {name}");
+                }
+            }
+            bytes += prost::Message::encoded_len(&r);
+            piece.push(r);
+        }
+        let p = self.read.clone();
+        self.submit(piece, p).await
+    }
+}

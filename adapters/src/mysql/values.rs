@@ -1,0 +1,284 @@
+//! Binlog row values in MySQL's text rendering (see the module doc of
+//! `mysql.rs` for each type's form).
+
+use ferry_protocol::messages::field;
+use mysql_async::binlog::value::BinlogValue;
+use mysql_async::Value;
+
+use super::schema::{Charset, Col, Kind};
+
+/// A value of `col` as it travels in a [`Field`](ferry_protocol::messages::Field).
+pub(crate) fn decode(col: &Col, v: &BinlogValue<'_>) -> Result<field::Value, String> {
+    let v = match v {
+        BinlogValue::Value(v) => v,
+        BinlogValue::Jsonb(_) => {
+            return match Value::try_from(v.clone()) {
+                Ok(Value::Bytes(b)) => {
+                    Ok(field::Value::Text(String::from_utf8_lossy(&b).into_owned()))
+                }
+                Ok(Value::NULL) => Ok(field::Value::Null(true)),
+                Ok(other) => Ok(field::Value::Text(other.as_sql(true))),
+                Err(e) => Err(format!(
+                    "column {}: JSON value does not decode: {e}",
+                    col.name
+                )),
+            };
+        }
+        BinlogValue::JsonDiff(_) => {
+            return Err(format!(
+                "column {}: a partial JSON update, which cannot be applied without the old value; \
+                 set binlog_row_value_options = '' on the server",
+                col.name
+            ))
+        }
+    };
+    Ok(match (v, &col.kind) {
+        (Value::NULL, _) => field::Value::Null(true),
+        (Value::Int(i), Kind::Enum(m)) => field::Value::Text(member(m, *i as u64)),
+        (Value::Int(i), Kind::Timestamp(fsp)) => field::Value::Text(instant(*i, 0, *fsp)),
+        (
+            Value::Int(i),
+            Kind::Int {
+                bytes,
+                unsigned: true,
+            },
+        ) if *i < 0 && *bytes < 8 => {
+            field::Value::Text((*i + (1i64 << (8 * u32::from(*bytes)))).to_string())
+        }
+        (Value::Int(i), Kind::Int { unsigned: true, .. }) if *i < 0 => {
+            field::Value::Text((*i as u64).to_string())
+        }
+        (Value::Int(i), _) => field::Value::Text(i.to_string()),
+        (Value::UInt(u), _) => field::Value::Text(u.to_string()),
+        (Value::Float(f), _) => field::Value::Text(f.to_string()),
+        (Value::Double(f), _) => field::Value::Text(f.to_string()),
+        (Value::Date(y, mo, d, ..), Kind::Date) => {
+            field::Value::Text(format!("{y:04}-{mo:02}-{d:02}"))
+        }
+        (Value::Date(y, mo, d, h, mi, s, us), kind) => {
+            let fsp = match kind {
+                Kind::DateTime(f) | Kind::Timestamp(f) => *f,
+                _ => 0,
+            };
+            field::Value::Text(format!(
+                "{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}{}",
+                fraction(*us, fsp)
+            ))
+        }
+        (Value::Time(neg, days, h, mi, s, us), kind) => {
+            let fsp = if let Kind::Time(f) = kind { *f } else { 0 };
+            let hours = days * 24 + u32::from(*h);
+            field::Value::Text(format!(
+                "{}{hours:02}:{mi:02}:{s:02}{}",
+                if *neg { "-" } else { "" },
+                fraction(*us, fsp)
+            ))
+        }
+        (Value::Bytes(b), kind) => match kind {
+            Kind::Text(cs) => field::Value::Text(text(*cs, b)),
+            Kind::Json => field::Value::Text(String::from_utf8_lossy(b).into_owned()),
+            Kind::Binary | Kind::OtherBytes => field::Value::Bytes(b.clone()),
+            Kind::Timestamp(fsp) => {
+                // TIMESTAMP2 arrives as `seconds[.micros]` since the epoch.
+                let s = String::from_utf8_lossy(b);
+                let (sec, us) = match s.split_once('.') {
+                    Some((a, f)) => (a.parse().ok(), f.parse().ok()),
+                    None => (s.parse().ok(), Some(0)),
+                };
+                match (sec, us) {
+                    (Some(sec), Some(us)) => field::Value::Text(instant(sec, us, *fsp)),
+                    _ => {
+                        return Err(format!(
+                            "column {}: TIMESTAMP {s:?} does not parse",
+                            col.name
+                        ))
+                    }
+                }
+            }
+            Kind::Bit => field::Value::Text(
+                b.iter()
+                    .fold(0u128, |n, byte| (n << 8) | u128::from(*byte))
+                    .to_string(),
+            ),
+            Kind::Set(m) => {
+                let mut bits = 0u64;
+                for (i, byte) in b.iter().take(8).enumerate() {
+                    bits |= u64::from(*byte) << (8 * i);
+                }
+                let names: Vec<&str> = m
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| bits & (1 << i) != 0)
+                    .map(|(_, n)| n.as_str())
+                    .collect();
+                field::Value::Text(names.join(","))
+            }
+            // DECIMAL, YEAR, and what else mysql_common renders as text.
+            _ => field::Value::Text(String::from_utf8_lossy(b).into_owned()),
+        },
+    })
+}
+
+/// ENUM member `i` (1-based; 0 is the empty string MySQL stores for an
+/// invalid value).
+fn member(m: &[String], i: u64) -> String {
+    (i as usize)
+        .checked_sub(1)
+        .and_then(|i| m.get(i))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// `.fff` with `fsp` digits of `micros`; empty for `fsp` 0.
+fn fraction(micros: u32, fsp: u8) -> String {
+    if fsp == 0 {
+        return String::new();
+    }
+    let digits = format!("{micros:06}");
+    format!(".{}", &digits[..usize::from(fsp.min(6))])
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS[.f]+00` (UTC).
+fn instant(secs: i64, micros: u32, fsp: u8) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}{}+00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        fraction(micros, fsp)
+    )
+}
+
+/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to a date.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Character data in `cs`, as UTF-8 (malformed sequences replaced, as the
+/// server itself would show them).
+fn text(cs: Charset, b: &[u8]) -> String {
+    match cs {
+        Charset::Utf8 => String::from_utf8_lossy(b).into_owned(),
+        Charset::Other(enc) => enc.decode_without_bom_handling(b).0.into_owned(),
+        Charset::Utf32 => b
+            .chunks(4)
+            .map(|c| {
+                let mut w = [0u8; 4];
+                w[4 - c.len()..].copy_from_slice(c);
+                char::from_u32(u32::from_be_bytes(w)).unwrap_or('\u{FFFD}')
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn col(kind: Kind) -> Col {
+        Col {
+            name: "c".into(),
+            data_type: String::new(),
+            column_type: String::new(),
+            charset: None,
+            precision: None,
+            scale: None,
+            key: false,
+            kind,
+        }
+    }
+
+    fn t(kind: Kind, v: Value) -> String {
+        match decode(&col(kind), &BinlogValue::Value(v)).unwrap() {
+            field::Value::Text(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn values_render_as_mysql_does() {
+        assert_eq!(
+            t(Kind::DateTime(3), Value::Date(2026, 1, 2, 3, 4, 5, 678_000)),
+            "2026-01-02 03:04:05.678"
+        );
+        assert_eq!(
+            t(Kind::DateTime(0), Value::Date(2026, 1, 2, 3, 4, 5, 0)),
+            "2026-01-02 03:04:05"
+        );
+        assert_eq!(
+            t(Kind::Date, Value::Date(2026, 1, 2, 0, 0, 0, 0)),
+            "2026-01-02"
+        );
+        assert_eq!(
+            t(Kind::Time(0), Value::Time(true, 1, 2, 3, 4, 0)),
+            "-26:03:04"
+        );
+        assert_eq!(
+            t(
+                Kind::Timestamp(2),
+                Value::Bytes(b"1767236645.120000".to_vec())
+            ),
+            "2026-01-01 03:04:05.12+00"
+        );
+        assert_eq!(
+            t(
+                Kind::Int {
+                    bytes: 1,
+                    unsigned: true
+                },
+                Value::Int(-1)
+            ),
+            "255"
+        );
+        assert_eq!(
+            t(Kind::Enum(vec!["a".into(), "b".into()]), Value::Int(2)),
+            "b"
+        );
+        assert_eq!(
+            t(
+                Kind::Set(vec!["a".into(), "b".into(), "c".into()]),
+                Value::Bytes(vec![5])
+            ),
+            "a,c"
+        );
+        assert_eq!(t(Kind::Bit, Value::Bytes(vec![1, 2])), "258");
+        assert_eq!(
+            t(
+                Kind::Text(Charset::Other(encoding_rs::GB18030)),
+                Value::Bytes(vec![0xc9, 0xf2, 0xd1, 0xf4, 0xca, 0xd0])
+            ),
+            "沈阳市"
+        );
+        assert_eq!(
+            t(
+                Kind::Text(Charset::Other(encoding_rs::WINDOWS_1252)),
+                Value::Bytes(vec![0x80])
+            ),
+            "€"
+        );
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert!(matches!(
+            decode(
+                &col(Kind::Binary),
+                &BinlogValue::Value(Value::Bytes(vec![0, 1]))
+            )
+            .unwrap(),
+            field::Value::Bytes(_)
+        ));
+    }
+}

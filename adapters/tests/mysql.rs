@@ -1,0 +1,615 @@
+//! The mysql source against a real MariaDB server (see `ferry_tests::mysql`), with
+//! the in-test buffer of `support::committer` that can crash and restart it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use ferry_adapters::mysql::{MysqlConfig, MysqlSource};
+use ferry_adapters::KindConfig;
+use ferry_protocol::messages::{Record, RowOp, ValueType};
+use ferry_tests::mysql::MariaDb;
+use support::committer::{Running, Store};
+use support::model::{rows, schemas, text, Model, Row};
+
+const PLACE: &str = "CREATE TABLE shop.place (
+    id INT PRIMARY KEY,
+    name_gbk VARCHAR(32) CHARACTER SET gbk,
+    name_utf8 VARCHAR(64) CHARACTER SET utf8mb4,
+    amount DECIMAL(30,10),
+    at DATETIME(3),
+    data BLOB) ENGINE=InnoDB";
+
+const COLUMNS: [&str; 6] = ["id", "name_gbk", "name_utf8", "amount", "at", "data"];
+
+/// A server with database `shop`, table `shop.place`, and the replication user
+/// `ferry` whose password is in a file; the source's config for it.
+fn setup() -> (MariaDb, MysqlConfig, tempfile::TempDir) {
+    let db = MariaDb::start();
+    db.replication_user("shop", "ferry", "s3cret");
+    db.sql(PLACE);
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let mut cfg = MysqlConfig::new(db.dsn("ferry", "shop"), &["shop.place"], 4242);
+    cfg.password_file = Some(pw);
+    cfg.validate().unwrap();
+    (db, cfg, dir)
+}
+
+fn start(store: &Store, cfg: &MysqlConfig) -> Running {
+    store.start_source(Box::new(MysqlSource::new(cfg.clone())))
+}
+
+/// The table as the server has it, keyed and rendered like the model
+/// (`data` as `\x` + hex, as the model renders bytes).
+fn db_state(db: &MariaDb, extra: &[&str]) -> BTreeMap<Vec<String>, Row> {
+    let mut cols: Vec<&str> = COLUMNS.to_vec();
+    cols.extend(extra);
+    let select: Vec<String> = cols
+        .iter()
+        .map(|c| match *c {
+            "at" => "CAST(at AS CHAR)".to_string(),
+            "data" => "LOWER(HEX(data))".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    let out = db.sql(&format!(
+        "SELECT {} FROM shop.place ORDER BY id",
+        select.join(", ")
+    ));
+    let mut state = BTreeMap::new();
+    for line in out.lines().filter(|l| !l.is_empty()) {
+        let mut row = Row::new();
+        for (c, v) in cols.iter().zip(line.split('\t')) {
+            let v = (v != "NULL").then(|| {
+                if *c == "data" {
+                    format!("\\x{v}")
+                } else {
+                    v.to_string()
+                }
+            });
+            row.insert(c.to_string(), v);
+        }
+        state.insert(vec![row["id"].clone().unwrap()], row);
+    }
+    state
+}
+
+/// Inserts a marker row and waits until the capture has it: everything
+/// committed before it has arrived too.
+async fn catch_up(db: &MariaDb, run: &mut Running, store: &Store, id: i32) {
+    db.sql(&format!(
+        "INSERT INTO shop.place (id, name_utf8) VALUES ({id}, 'marker')"
+    ));
+    let want = id.to_string();
+    run.wait_for("the marker row", 60, || {
+        store.any_record(|r| {
+            support::model::record_rows(r).iter().any(|c| {
+                c.columns
+                    .iter()
+                    .any(|f| f.name == "id" && text(f).as_deref() == Some(want.as_str()))
+            })
+        })
+    })
+    .await;
+}
+
+/// Every change appears once, and each transaction's changes are numbered
+/// 0.. with `last_in_txn` on the last, all sharing one position and txn.
+fn assert_transactions_whole(records: &[Record]) {
+    let mut by_pos: BTreeMap<Vec<u8>, Vec<(u32, bool, String)>> = BTreeMap::new();
+    for c in rows(records) {
+        assert_eq!(c.source, "mysql");
+        by_pos.entry(c.position.clone()).or_default().push((
+            c.change_index,
+            c.last_in_txn,
+            c.txn.clone(),
+        ));
+    }
+    for (pos, changes) in by_pos {
+        let pos = String::from_utf8(pos).unwrap();
+        assert!(pos.starts_with("binlog.") && pos.contains(':'), "{pos}");
+        let idx: Vec<u32> = changes.iter().map(|c| c.0).collect();
+        let want: Vec<u32> = (0..changes.len() as u32).collect();
+        assert_eq!(
+            idx, want,
+            "transaction at {pos}: changes missing, repeated or out of order"
+        );
+        let lasts: Vec<bool> = changes.iter().map(|c| c.1).collect();
+        let mut want_last = vec![false; changes.len()];
+        *want_last.last_mut().unwrap() = true;
+        assert_eq!(
+            lasts, want_last,
+            "transaction at {pos}: last_in_txn misplaced"
+        );
+        let txn = &changes[0].2;
+        assert!(
+            txn.split('-').count() == 3 && changes.iter().all(|c| &c.2 == txn),
+            "transaction at {pos}: txn {txn:?} is not one MariaDB GTID"
+        );
+    }
+}
+
+/// Inserts, updates (one of them changing the key) and deletes across a few
+/// transactions, with GBK and utf8mb4 text, an exact decimal, a DATETIME(3) and
+/// a BLOB, then a column added by DDL: the records, applied by key, give the
+/// table the server has, with the shape announced before the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_arrive_as_the_table_has_them() {
+    let (db, cfg, _dir) = setup();
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+
+    db.sql(
+        "BEGIN;
+         INSERT INTO shop.place VALUES
+           (1, '沈阳市', '沈阳 😀', 12345.6789, '2026-01-02 03:04:05.678', X'00ff10'),
+           (2, '大连', 'Dalian', -0.0000000001, '2026-02-03 04:05:06.000', X''),
+           (3, '哈尔滨', '哈尔滨', 99999999999999999999.9999999999, '1999-12-31 23:59:59.999', NULL);
+         COMMIT;",
+    );
+    db.sql(
+        "BEGIN;
+         UPDATE shop.place SET amount = amount + 1, name_gbk = '大连市' WHERE id = 2;
+         UPDATE shop.place SET id = 20 WHERE id = 2;
+         DELETE FROM shop.place WHERE id = 3;
+         COMMIT;",
+    );
+    db.sql("INSERT INTO shop.place (id, name_gbk) VALUES (4, NULL), (5, '沈阳市')");
+    db.sql("ALTER TABLE shop.place ADD COLUMN note VARCHAR(10) CHARACTER SET latin1");
+    db.sql("UPDATE shop.place SET note = 'café'");
+    catch_up(&db, &mut run, &store, 999).await;
+    run.stop().await.unwrap_err();
+
+    let records = store.records();
+    let model = Model::apply_all(&records);
+    let expected = db_state(&db, &["note"]);
+    support::model::assert_same(&model.table("shop.place"), &expected);
+    assert_eq!(
+        expected[&vec!["1".to_string()]]["name_gbk"].as_deref(),
+        Some("沈阳市")
+    );
+    assert_eq!(
+        expected[&vec!["20".to_string()]]["name_gbk"].as_deref(),
+        Some("大连市")
+    );
+    assert_transactions_whole(&records);
+
+    // The shape, before the first row, and again after the DDL.
+    let tables = schemas(&records);
+    assert!(tables.len() >= 2, "{tables:?}");
+    let first = &tables[0];
+    let ty = |name: &str| first.columns.iter().find(|c| c.name == name).unwrap();
+    assert!(ty("id").key && !ty("name_gbk").key);
+    assert_eq!(ty("amount").value_type, ValueType::Decimal as i32);
+    assert_eq!(
+        (ty("amount").precision, ty("amount").scale),
+        (Some(30), Some(10))
+    );
+    assert_eq!(ty("name_gbk").value_type, ValueType::Text as i32);
+    assert_eq!(ty("data").value_type, ValueType::Bytes as i32);
+    assert_eq!(ty("at").value_type, ValueType::Timestamp as i32);
+    assert_eq!(ty("at").source_type, "datetime(3)");
+    assert_eq!(first.identity, "primary key");
+    assert!(tables
+        .last()
+        .unwrap()
+        .columns
+        .iter()
+        .any(|c| c.name == "note"));
+
+    // old_key: the key update and the delete carry the old key only.
+    let changes = rows(&records);
+    let key_update = changes
+        .iter()
+        .find(|c| {
+            c.op == RowOp::Update as i32
+                && c.columns
+                    .iter()
+                    .any(|f| f.name == "id" && text(f).as_deref() == Some("20"))
+                && !c.old_key.is_empty()
+        })
+        .expect("the update that changed the key");
+    assert_eq!(key_update.old_key.len(), 1);
+    assert_eq!(text(&key_update.old_key[0]).as_deref(), Some("2"));
+    let delete = changes
+        .iter()
+        .find(|c| c.op == RowOp::Delete as i32)
+        .unwrap();
+    assert_eq!(text(&delete.old_key[0]).as_deref(), Some("3"));
+    let plain_update = changes
+        .iter()
+        .find(|c| c.op == RowOp::Update as i32 && c.old_key.is_empty());
+    assert!(
+        plain_update.is_some(),
+        "an update that kept its key has no old_key"
+    );
+
+    // status and metrics read the stored position.
+    let p = store.raw_position().unwrap();
+    let kind = cfg.kind();
+    assert!(
+        kind.describe_position(&p).starts_with("binlog binlog."),
+        "{}",
+        kind.describe_position(&p)
+    );
+    assert!(kind
+        .position_gauges(&p)
+        .iter()
+        .any(|(n, v)| *n == "mysql_binlog_pos" && *v > 4));
+}
+
+/// A crash in the middle of a transaction split over several commits, and
+/// binlog rotations before and while the source is down: after the restart
+/// nothing is missing and nothing is there twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_and_rotations_lose_and_repeat_nothing() {
+    let (db, cfg, _dir) = setup();
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+
+    for i in 1..=3 {
+        db.sql(&format!(
+            "INSERT INTO shop.place (id, name_gbk, amount) VALUES ({i}, '哈尔滨', {i}.5)"
+        ));
+    }
+    db.sql("FLUSH BINARY LOGS");
+    db.sql("UPDATE shop.place SET name_utf8 = 'rotated' WHERE id = 1");
+    catch_up(&db, &mut run, &store, 100).await;
+    assert!(
+        store.position().unwrap()["file"].as_str().unwrap() != "binlog.000001",
+        "the position followed the rotation: {:?}",
+        store.position()
+    );
+
+    // 12,000 rows in one transaction: two commits; the second one crashes.
+    store.crash_after(1);
+    db.sql(
+        "INSERT INTO shop.place (id, name_gbk, name_utf8, amount)
+         SELECT 1000 + seq, '大连', CONCAT('row ', seq), seq / 7 FROM shop.seq_1_to_12000",
+    );
+    run.ended(60).await.unwrap_err();
+    let p = store.position().unwrap();
+    assert_eq!(p["partial"]["done"].as_u64(), Some(10_000), "{p}");
+
+    // While the source is down: more changes and another rotation.
+    db.sql("UPDATE shop.place SET amount = amount * 2 WHERE id BETWEEN 1001 AND 1100");
+    db.sql("FLUSH BINARY LOGS");
+    db.sql("DELETE FROM shop.place WHERE id BETWEEN 2001 AND 2500");
+    db.sql("BEGIN; UPDATE shop.place SET id = 5 WHERE id = 3; DELETE FROM shop.place WHERE id = 2; COMMIT;");
+
+    let mut run = start(&store, &cfg);
+    catch_up(&db, &mut run, &store, 200).await;
+    run.stop().await.unwrap_err();
+
+    let records = store.records();
+    assert_transactions_whole(&records);
+    let big = rows(&records)
+        .into_iter()
+        .filter(|c| {
+            c.op == RowOp::Insert as i32
+                && text(&c.columns[0])
+                    .and_then(|id| id.parse::<i32>().ok())
+                    .is_some_and(|id| (1001..=13000).contains(&id))
+        })
+        .count();
+    assert_eq!(big, 12_000, "every row of the split transaction, once");
+    let model = Model::apply_all(&records);
+    support::model::assert_same(&model.table("shop.place"), &db_state(&db, &[]));
+}
+
+/// A table of `source.tables` that does not exist stops the stream with a
+/// fatal error that names it, rather than a restart loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_is_fatal_and_named() {
+    let (db, mut cfg, _dir) = setup();
+    cfg.tables.push("shop.nope".into());
+    let store = Store::new();
+    let run = start(&store, &cfg);
+    let e = run.ended(30).await.unwrap_err();
+    assert!(e.is_fatal(), "{e}");
+    assert!(e.to_string().contains("shop.nope"), "{e}");
+
+    // doctor says the same, with the fix, and finds the rest in order.
+    let checks = cfg.doctor().await;
+    let bad: Vec<_> = checks.iter().filter(|c| !c.ok).collect();
+    assert_eq!(bad.len(), 1, "{checks:?}");
+    assert!(
+        bad[0].detail.contains("shop.nope") && bad[0].fix.is_some(),
+        "{bad:?}"
+    );
+    drop(db);
+}
+
+/// The same server id as the server's own, a wrong password: fatal, each
+/// saying what to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_settings_are_fatal_with_their_fix() {
+    let (_db, cfg, dir) = setup();
+    let mut same_id = cfg.clone();
+    same_id.server_id = 1;
+    let e = start(&Store::new(), &same_id).ended(30).await.unwrap_err();
+    assert!(e.is_fatal() && e.to_string().contains("server_id"), "{e}");
+
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "nope\n").unwrap();
+    let mut bad_pw = cfg.clone();
+    bad_pw.password_file = Some(wrong);
+    let e = start(&Store::new(), &bad_pw).ended(30).await.unwrap_err();
+    assert!(e.is_fatal() && e.to_string().contains("password"), "{e}");
+}
+
+/// An idle server keeps the stream alive with heartbeats: the binlog dump
+/// session is the same one after longer than the source's 30 s silence limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_is_kept_alive_by_heartbeats() {
+    let (db, cfg, _dir) = setup();
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    let dump = "SELECT ID FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'";
+    run.wait_for("the binlog dump session", 30, || !db.sql(dump).is_empty())
+        .await;
+    let before = db.sql(dump);
+    tokio::time::sleep(std::time::Duration::from_secs(35)).await;
+    assert_eq!(db.sql(dump), before, "the binlog connection was replaced");
+    catch_up(&db, &mut run, &store, 1).await;
+    run.stop().await.unwrap_err();
+}
+
+/// The server killed and started again under a running stream: the source
+/// reconnects (a retryable error) and resumes where its durable position is,
+/// with nothing lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_is_retried_without_loss() {
+    let (mut db, cfg, _dir) = setup();
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    db.sql("INSERT INTO shop.place (id, name_gbk) VALUES (1, '沈阳市'), (2, '大连')");
+    catch_up(&db, &mut run, &store, 100).await;
+    db.restart();
+    db.sql("UPDATE shop.place SET name_gbk = '哈尔滨' WHERE id = 2");
+    db.sql("DELETE FROM shop.place WHERE id = 1");
+    catch_up(&db, &mut run, &store, 101).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    assert_transactions_whole(&records);
+    support::model::assert_same(
+        &Model::apply_all(&records).table("shop.place"),
+        &db_state(&db, &[]),
+    );
+}
+
+/// Runs one instance of the source from `resume`, answering every commit at
+/// once, until `done` holds for what it committed; returns the records.
+async fn run_once_from(
+    cfg: &MysqlConfig,
+    resume: Vec<u8>,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    use ferry_adapters::{CommitRequest, Source, SourceContext};
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<CommitRequest>(4);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (_acked_tx, acked) = tokio::sync::watch::channel(0);
+    let ctx = SourceContext::new(0, "t".into(), Some(resume), 0, acked, shutdown.clone(), tx);
+    let task = tokio::spawn(MysqlSource::new(cfg.clone()).run(ctx));
+    let mut records = Vec::new();
+    while !done(&records) {
+        let req = tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())
+            .await
+            .expect("a commit within 30 s")
+            .expect("the source is running");
+        records.extend(req.records.into_list().unwrap());
+        let _ = req.done.send(Ok(None));
+    }
+    shutdown.cancel();
+    let _ = task.await.unwrap();
+    records
+}
+
+/// A stored position without a GTID state (a MySQL server, or MariaDB before
+/// its first GTID) resumes by binlog file and offset, across a rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_without_gtid_resumes_by_file_and_offset() {
+    let (db, cfg, _dir) = setup();
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    db.sql("INSERT INTO shop.place (id, name_gbk) VALUES (1, '沈阳市')");
+    catch_up(&db, &mut run, &store, 100).await;
+    run.stop().await.unwrap_err();
+    let mut p = store.position().unwrap();
+    assert!(!p["gtid"].as_str().unwrap().is_empty(), "{p}");
+    p.as_object_mut().unwrap().remove("gtid");
+
+    db.sql("INSERT INTO shop.place (id, name_gbk) VALUES (2, '大连')");
+    db.sql("FLUSH BINARY LOGS");
+    db.sql("UPDATE shop.place SET name_gbk = '哈尔滨' WHERE id = 1");
+    db.sql("INSERT INTO shop.place (id, name_utf8) VALUES (101, 'marker')");
+    let mut all = store.records();
+    let later = run_once_from(&cfg, serde_json::to_vec(&p).unwrap(), |r| {
+        rows(r).iter().any(|c| {
+            c.columns
+                .iter()
+                .any(|f| f.name == "id" && text(f).as_deref() == Some("101"))
+        })
+    })
+    .await;
+    let ids: Vec<String> = rows(&later)
+        .iter()
+        .map(|c| text(&c.columns[0]).unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["2", "1", "101"],
+        "exactly the changes after the position"
+    );
+    all.extend(later);
+    assert_transactions_whole(&all);
+    support::model::assert_same(
+        &Model::apply_all(&all).table("shop.place"),
+        &db_state(&db, &[]),
+    );
+}
+
+/// Changes read after the table was altered (the source was down during the
+/// migration): rows of the old shape are labelled from the table map's own
+/// metadata (`binlog_row_metadata = FULL`), later ones from information_schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_before_an_alter_are_read_after_it() {
+    let (db, cfg, _dir) = setup();
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    db.sql("INSERT INTO shop.place (id, name_gbk, amount) VALUES (1, '沈阳市', 1.5)");
+    catch_up(&db, &mut run, &store, 100).await;
+    run.stop().await.unwrap_err();
+
+    db.sql(
+        "INSERT INTO shop.place (id, name_gbk, at) VALUES (2, '大连', '2026-03-04 05:06:07.890')",
+    );
+    db.sql("UPDATE shop.place SET name_gbk = '哈尔滨', data = X'01' WHERE id = 1");
+    db.sql("ALTER TABLE shop.place ADD COLUMN note VARCHAR(10) CHARACTER SET gbk");
+    db.sql("UPDATE shop.place SET note = '大连'");
+    db.sql("INSERT INTO shop.place (id, note) VALUES (3, '沈阳')");
+
+    let mut run = start(&store, &cfg);
+    catch_up(&db, &mut run, &store, 101).await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    assert_transactions_whole(&records);
+    support::model::assert_same(
+        &Model::apply_all(&records).table("shop.place"),
+        &db_state(&db, &["note"]),
+    );
+    let tables = schemas(&records);
+    let from_map = tables
+        .iter()
+        .find(|t| t.columns.iter().any(|c| c.source_type == "varchar"))
+        .expect("the old shape, from the table map");
+    assert_eq!(from_map.columns.len(), 6);
+    assert!(from_map.columns[0].key);
+    assert_eq!(from_map.columns[3].source_type, "decimal(30,10)");
+    assert!(tables
+        .last()
+        .unwrap()
+        .columns
+        .iter()
+        .any(|c| c.name == "note"));
+}
+
+/// An XA transaction's changes are not supported: the stream stops with a
+/// fatal error saying so rather than lose or misplace them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xa_transaction_is_refused_not_lost() {
+    let (db, cfg, _dir) = setup();
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    db.sql("XA START 'x1'; INSERT INTO shop.place (id) VALUES (1); XA END 'x1'; XA PREPARE 'x1'; XA COMMIT 'x1';");
+    db.sql("INSERT INTO shop.place (id) VALUES (2)");
+    let e = run.ended(30).await.unwrap_err();
+    assert!(e.is_fatal() && e.to_string().contains("XA"), "{e}");
+}
+
+/// Each column type arrives with its neutral type and in MySQL's text form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_renders_as_mysql_does() {
+    let (db, mut cfg, _dir) = setup();
+    db.sql(
+        "CREATE TABLE shop.kinds (id INT PRIMARY KEY, ts TIMESTAMP(2) NULL, e ENUM('a','b'),
+           s SET('x','y','z'), j JSON, u INT UNSIGNED, bu BIGINT UNSIGNED, ti TINYINT,
+           t TIME(3), d DATE, f FLOAT, dbl DOUBLE, y YEAR, b BIT(10),
+           lat VARCHAR(10) CHARACTER SET latin1, bin VARBINARY(4), tx TEXT CHARACTER SET gb2312)",
+    );
+    cfg.tables = vec!["shop.kinds".into()];
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    db.sql(
+        "SET time_zone = '+08:00';
+         INSERT INTO shop.kinds VALUES (1, '2026-01-01 11:04:05.12', 'b', 'x,z', '{\"k\": [1, 2]}',
+           4294967295, 18446744073709551615, -128, '-26:03:04.5', '2026-02-28', 1.5, 2.25,
+           2026, b'1000000001', 'café', X'00ff', '哈尔滨')",
+    );
+    run.wait_for("the row", 30, || !rows(&store.records()).is_empty())
+        .await;
+    run.stop().await.unwrap_err();
+    let records = store.records();
+    let row = &rows(&records)[0];
+    let get = |n: &str| {
+        let f = row.columns.iter().find(|f| f.name == n).unwrap();
+        (text(f).unwrap(), ValueType::try_from(f.value_type).unwrap())
+    };
+    let want = [
+        ("ts", "2026-01-01 03:04:05.12+00", ValueType::TimestampTz),
+        ("e", "b", ValueType::Other),
+        ("s", "x,z", ValueType::Other),
+        ("u", "4294967295", ValueType::Int64),
+        ("bu", "18446744073709551615", ValueType::Decimal),
+        ("ti", "-128", ValueType::Int16),
+        ("t", "-26:03:04.500", ValueType::Time),
+        ("d", "2026-02-28", ValueType::Date),
+        ("f", "1.5", ValueType::Float32),
+        ("dbl", "2.25", ValueType::Float64),
+        ("y", "2026", ValueType::Int16),
+        ("b", "513", ValueType::Other),
+        ("lat", "café", ValueType::Text),
+        ("bin", "\\x00ff", ValueType::Bytes),
+        ("tx", "哈尔滨", ValueType::Text),
+    ];
+    for (n, v, ty) in want {
+        assert_eq!(get(n), (v.to_string(), ty), "column {n}");
+    }
+    let (j, jt) = get("j");
+    assert_eq!(jt, ValueType::Json);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&j).unwrap(),
+        serde_json::json!({"k": [1, 2]})
+    );
+    let table = &schemas(&records)[0];
+    assert_eq!(table.columns[2].source_type, "enum('a','b')");
+
+    // TIME(1) and TIME(2) are refused, naming the column (see schema.rs).
+    db.sql("CREATE TABLE shop.times (id INT PRIMARY KEY, t TIME(2))");
+    cfg.tables = vec!["shop.times".into()];
+    let mut run = start(&store, &cfg);
+    run.wait_for("the source to start", 30, || store.commits() > 1)
+        .await;
+    db.sql("INSERT INTO shop.times VALUES (1, '-01:00:00.5')");
+    let e = run.ended(30).await.unwrap_err();
+    assert!(
+        e.is_fatal() && e.to_string().contains("shop.times.t"),
+        "{e}"
+    );
+}
