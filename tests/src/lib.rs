@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 
 pub mod bench;
 pub mod faults;
+pub mod fleet;
 pub mod mysql;
 pub mod nats;
 pub mod pg;
