@@ -11,8 +11,14 @@ use ferry_protocol::messages::frame::Msg;
 pub struct FrameReader {
     recv: RecvHalf,
     decoder: FrameDecoder,
+    /// What one read takes: [`READ_MIN`] at first, doubled up to [`READ_MAX`]
+    /// while reads fill it, so an exchange with thousands of quiet streams does
+    /// not hold the largest buffer for each.
     buf: Vec<u8>,
 }
+
+const READ_MIN: usize = 4 * 1024;
+const READ_MAX: usize = 64 * 1024;
 
 impl FrameReader {
     /// Over any receive half: a quinn `RecvStream`, a [`RecvHalf`] of a link.
@@ -20,7 +26,7 @@ impl FrameReader {
         Self {
             recv: Box::new(recv),
             decoder: FrameDecoder::new(limit),
-            buf: vec![0; 64 * 1024],
+            buf: vec![0; READ_MIN],
         }
     }
 
@@ -35,8 +41,17 @@ impl FrameReader {
                     self.decoder.finish()?;
                     return Ok(None);
                 }
-                n => self.decoder.push(&self.buf[..n]),
+                n => self.pushed(n),
             }
+        }
+    }
+
+    /// Hands the `n` bytes read to the decoder; a read that filled the buffer
+    /// doubles it for the next.
+    fn pushed(&mut self, n: usize) {
+        self.decoder.push(&self.buf[..n]);
+        if n == self.buf.len() && self.buf.len() < READ_MAX {
+            self.buf.resize(self.buf.len() * 2, 0);
         }
     }
 
@@ -86,7 +101,7 @@ impl FrameReader {
                     self.decoder.finish()?;
                     return Ok(None);
                 }
-                n => self.decoder.push(&self.buf[..n]),
+                n => self.pushed(n),
             }
         }
     }
