@@ -197,7 +197,8 @@ pub struct BandwidthStatus {
     pub cap_bytes_per_second: Option<u64>,
     /// The rule in force: a schedule window, or `limit`.
     pub rule: String,
-    /// Batch bytes sent since the start.
+    /// Bytes charged against a cap since the start (on the wire over QUIC; 0
+    /// while no cap was in force).
     pub sent_bytes: u64,
     /// Time spent waiting for the cap since the start, seconds.
     pub held_back_seconds: f64,
@@ -265,6 +266,11 @@ impl Throttle {
         let before = if c.0 == conn { c.1.min(total) } else { 0 };
         *c = (conn, total);
         before
+    }
+
+    /// Whether a cap is in force now.
+    pub fn capped(&self) -> bool {
+        self.limiter().0.is_some()
     }
 
     /// Waits until `bytes` may be sent under the cap in force.

@@ -513,7 +513,7 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
     );
     let bw = &report.bandwidth;
     println!(
-        "bandwidth: {} ({}), {} sent, held back {:.1} s",
+        "bandwidth: {} ({}), {} sent under it, held back {:.1} s",
         bw.cap_bytes_per_second
             .map_or("no cap".to_string(), |c| format!(
                 "cap {}/s",

@@ -131,7 +131,7 @@ pub fn render(s: &AgentStatus) -> String {
     );
     f.one(
         "bandwidth_sent_bytes",
-        "Batch bytes sent to the exchange since the start",
+        "Bytes charged against a [bandwidth] cap since the start (on the wire over QUIC)",
         s.bandwidth.sent_bytes,
     );
     f.one(

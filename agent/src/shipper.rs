@@ -45,6 +45,8 @@ const COALESCE_BELOW: usize = 256 << 10;
 const COALESCE_RAW: usize = 1 << 20;
 /// ... and this many parts.
 const COALESCE_MAX_PARTS: usize = 64;
+/// Under a `[bandwidth]` cap, batches leave in pieces of this size.
+const PACE_PIECE: usize = 16 * 1024;
 
 pub struct Shipper {
     pub address: String,
@@ -441,20 +443,25 @@ impl Shipper {
                     spawn_reader(FrameReader::new(recv, MAX_FRAME), events.clone());
                     writers[i] = Some(FrameWriter::new(send));
                 }
-                if let Msg::Batch(b) = &msg {
-                    // Over QUIC the cap counts what went on the wire since the
-                    // last batch (packets, acks, retransmissions); over TCP
-                    // the batch's bytes.
-                    let bytes = match conn.wire_bytes_sent() {
-                        Some(total) => {
-                            total.saturating_sub(self.throttle.charge_to(conn.stable_id(), total))
-                        }
-                        None => b.payload.len() as u64,
-                    };
-                    self.throttle.take(bytes as usize).await;
-                }
                 if let Some(w) = writers[i].as_mut() {
-                    w.send(msg).await?;
+                    if matches!(msg, Msg::Batch(_)) && self.throttle.capped() {
+                        // Paced in pieces, so a large batch does not leave in
+                        // one burst. Over QUIC each piece pays for what went
+                        // on the wire since the last (packets, acks,
+                        // retransmissions); over TCP for its own bytes.
+                        let throttle = &self.throttle;
+                        w.send_paced(msg, PACE_PIECE, |n| async move {
+                            let bytes = match conn.wire_bytes_sent() {
+                                Some(total) => total
+                                    .saturating_sub(throttle.charge_to(conn.stable_id(), total)),
+                                None => n as u64,
+                            };
+                            throttle.take(bytes as usize).await;
+                        })
+                        .await?;
+                    } else {
+                        w.send(msg).await?;
+                    }
                 }
             }
         }

@@ -140,6 +140,26 @@ impl FrameWriter {
         self.send.flush().await.context("sending a frame")
     }
 
+    /// As [`send`](Self::send), the frame's bytes written in pieces of at most
+    /// `piece` bytes, each after `pace(len)` returned: a rate limit that spreads
+    /// a large frame over time instead of letting it leave in one burst.
+    pub async fn send_paced<F, Fut>(&mut self, msg: Msg, piece: usize, mut pace: F) -> Result<()>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        self.buf.clear();
+        frame::encode(msg, &mut self.buf);
+        for chunk in self.buf.chunks(piece.max(1)) {
+            pace(chunk.len()).await;
+            self.send
+                .write_all(chunk)
+                .await
+                .context("sending a frame")?;
+        }
+        self.send.flush().await.context("sending a frame")
+    }
+
     /// Ends the stream: the peer reads its end after the frames sent (for quinn,
     /// `shutdown` is `finish`; for yamux, a FIN).
     pub async fn finish(&mut self) {
