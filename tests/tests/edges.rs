@@ -209,9 +209,11 @@ fn a_crash_between_moving_a_sent_file_and_recording_it_sends_nothing_twice() {
         sums.push(sha256_hex(&data));
         write_atomic(&outbox, &format!("f{i}.bin"), &data);
     }
+    // The first round of moves crashes: how many rounds the acknowledgements
+    // make depends on timing (all six files may be acknowledged at once).
     agent.set_env(
         "FERRY_FAILPOINTS",
-        "directory-after-move-before-record=1*off->1*return(crash)",
+        "directory-after-move-before-record=return(crash)",
     );
     agent.spawn();
     assert_armed(|| agent.log_since_start());
