@@ -65,6 +65,14 @@ struct Book {
     history: VecDeque<Alarm>,
 }
 
+impl Book {
+    fn active_newest_first(&self) -> Vec<Alarm> {
+        let mut out: Vec<Alarm> = self.active.values().cloned().collect();
+        out.sort_by_key(|a| std::cmp::Reverse(a.since_unix_ms));
+        out
+    }
+}
+
 /// The alarms of this node.
 pub struct Alarms {
     book: Mutex<Book>,
@@ -97,13 +105,20 @@ impl Alarms {
         })
     }
 
+    /// The active alarms, newest first (no copy of the history).
+    pub fn active(&self) -> Vec<Alarm> {
+        self.book
+            .lock()
+            .map(|b| b.active_newest_first())
+            .unwrap_or_default()
+    }
+
     /// Active alarms first (newest first), then the history (newest first).
     pub fn list(&self) -> Vec<Alarm> {
         let Ok(b) = self.book.lock() else {
             return Vec::new();
         };
-        let mut out: Vec<Alarm> = b.active.values().cloned().collect();
-        out.sort_by_key(|a| std::cmp::Reverse(a.since_unix_ms));
+        let mut out = b.active_newest_first();
         out.extend(b.history.iter().rev().cloned());
         out
     }

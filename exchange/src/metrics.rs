@@ -460,7 +460,7 @@ impl LiveState {
         for kind in ALARM_KINDS {
             snap.alarms.insert(kind.to_string(), 0);
         }
-        for a in p.alarms.list().into_iter().filter(|a| a.active()) {
+        for a in p.alarms.active() {
             *snap.alarms.entry(a.kind).or_default() += 1;
         }
         snap.deliveries = p

@@ -513,7 +513,7 @@ fn view(app: &Inner, rec: AgentRecord, now: u64, alarms: &[crate::alarms::Alarm]
 
 fn all_views(app: &Inner) -> Result<Vec<AgentView>, ApiError> {
     let now = now_unix_ms();
-    let alarms = app.alarms.list();
+    let alarms = app.alarms.active();
     let mut out: Vec<AgentView> = app
         .store
         .agents()
@@ -590,7 +590,7 @@ async fn overview(State(app): State<App>, headers: HeaderMap) -> Result<Json<Val
         "agents": views.len(),
         "counts": counts(&total),
         "districts": by_district,
-        "active_alarms": app.alarms.list().iter().filter(|a| a.active()).count(),
+        "active_alarms": app.alarms.active().len(),
     })))
 }
 
