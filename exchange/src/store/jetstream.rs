@@ -287,30 +287,14 @@ async fn ensure_stream(
     names: &Names,
     replicas: usize,
 ) -> Result<stream::Stream, String> {
-    let config = stream::Config {
-        name: names.stream.clone(),
-        description: Some("Ferry: records agents shipped, one subject per agent and stream".into()),
-        subjects: vec![names.record_filter()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        retention: stream::RetentionPolicy::Limits,
-        discard: stream::DiscardPolicy::New,
-        allow_direct: true,
-        deny_delete: true,
-        deny_purge: true,
-        ..Default::default()
-    };
-    let stream = match js.get_stream(&names.stream).await {
-        Ok(s) => s,
-        Err(_) => match js.create_stream(config).await {
-            Ok(s) => s,
-            // Another node may have created it meanwhile.
-            Err(e) => js
-                .get_stream(&names.stream)
-                .await
-                .map_err(|_| format!("creating stream {}: {e}", names.stream))?,
-        },
-    };
+    let stream = open_stream(
+        js,
+        &names.stream,
+        "Ferry: records agents shipped, one subject per agent and stream",
+        names.record_filter(),
+        replicas,
+    )
+    .await?;
     let c = &stream.cached_info().config;
     if !c.subjects.contains(&names.record_filter()) || !c.allow_direct {
         return Err(format!(
@@ -322,6 +306,42 @@ async fn ensure_stream(
         ));
     }
     Ok(stream)
+}
+
+/// Gets the file stream `name`, or creates it: `subject`, `replicas`, nothing
+/// ever deleted or purged, direct gets allowed. Another node creating it at the
+/// same moment is fine. The caller checks an existing stream's settings.
+pub(super) async fn open_stream(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    subject: String,
+    replicas: usize,
+) -> Result<stream::Stream, String> {
+    if let Ok(s) = js.get_stream(name).await {
+        return Ok(s);
+    }
+    let config = stream::Config {
+        name: name.to_string(),
+        description: Some(description.into()),
+        subjects: vec![subject],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::New,
+        allow_direct: true,
+        deny_delete: true,
+        deny_purge: true,
+        ..Default::default()
+    };
+    match js.create_stream(config).await {
+        Ok(s) => Ok(s),
+        // Another node may have created it meanwhile.
+        Err(e) => js
+            .get_stream(name)
+            .await
+            .map_err(|_| format!("creating stream {name}: {e}")),
+    }
 }
 
 /// Bumps the commit counter for every record message any node stores: a

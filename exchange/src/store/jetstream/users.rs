@@ -38,30 +38,14 @@ pub(super) async fn ensure_audit_stream(
     replicas: usize,
 ) -> Result<stream::Stream, String> {
     let name = names.audit_stream();
-    let config = stream::Config {
-        name: name.clone(),
-        description: Some("Ferry: the exchange's audit log, hash-chained".into()),
-        subjects: vec![names.audit_subject()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        retention: stream::RetentionPolicy::Limits,
-        discard: stream::DiscardPolicy::New,
-        allow_direct: true,
-        deny_delete: true,
-        deny_purge: true,
-        ..Default::default()
-    };
-    let stream = match js.get_stream(&name).await {
-        Ok(s) => s,
-        Err(_) => match js.create_stream(config).await {
-            Ok(s) => s,
-            // Another node may have created it meanwhile.
-            Err(e) => js
-                .get_stream(&name)
-                .await
-                .map_err(|_| format!("creating stream {name}: {e}"))?,
-        },
-    };
+    let stream = super::open_stream(
+        js,
+        &name,
+        "Ferry: the exchange's audit log, hash-chained",
+        names.audit_subject(),
+        replicas,
+    )
+    .await?;
     if !stream
         .cached_info()
         .config
