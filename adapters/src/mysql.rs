@@ -25,7 +25,10 @@
 //!   `latin1` as windows-1252 (MySQL's latin1), `ucs2`/`utf16`/`utf16le`/`utf32`,
 //!   `big5`, `sjis`, `euckr` and the other character sets `encoding_rs` knows by
 //!   name; a column in any other character set stops the stream (fatal, naming
-//!   the column) rather than ship garbled text. `BINARY`, `VARBINARY` and `BLOB`
+//!   the column) rather than ship garbled text. A value whose bytes are not
+//!   text in its column's character set is never replaced or dropped: it
+//!   travels as those bytes, and the row's `flags` hold `raw:COLUMN` (a
+//!   warning in the log names table, column and position). `BINARY`, `VARBINARY` and `BLOB`
 //!   travel as bytes. A `TIME(1)` or `TIME(2)` column stops the stream (fatal,
 //!   naming it): `mysql_common` 0.37 decodes their negative values wrongly.
 //!
@@ -40,6 +43,16 @@
 //!   changes, right before the first row with the new shape. `key` marks the
 //!   primary-key columns; `identity` is `primary key`, or `full` for a table
 //!   without one.
+//!
+//! * [`Rows`](ferry_protocol::messages::Rows) blocks of initial-snapshot rows
+//!   (`snapshot = "initial"`): up to `snapshot_chunk_rows` rows (or 4 MiB) of
+//!   one table per record, in COPY text, each standing for a `Row` with
+//!   `snapshot = true`, `op = INSERT`, `position` the snapshot's binlog
+//!   position and `change_index` its row number in the table's copy; values
+//!   exactly as a streamed row of the same content has them (the query reads
+//!   through the binary protocol with `character_set_results = NULL` and
+//!   `time_zone = '+00:00'`, and the same decoder renders both). A snapshot row
+//!   with a raw value (above) travels as a `Row` of its own.
 //!
 //! Column names, types, keys and character sets come from `information_schema`
 //! (`COLUMNS`, `KEY_COLUMN_USAGE`, and on MariaDB `CHECK_CONSTRAINTS` for its
@@ -74,6 +87,35 @@
 //! ends at: its first `done` changes are durable. `schemas` holds a fingerprint
 //! of the shape last shipped per table.
 //!
+//! While an initial snapshot runs the position also holds
+//! `"snapshot":{"tables":[...],"table":0,"last_key":[{"text":"42"}],"rows_done":
+//! 42,"rows_estimate":1000}`, and `file`/`pos`/`gtid` are the binlog position
+//! the snapshot is consistent with.
+//!
+//! # Initial snapshot
+//!
+//! With `snapshot = "initial"` and no stored position, one connection starts
+//! `START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY` (repeatable read)
+//! and reads the binlog position it is consistent with: MariaDB states it
+//! without any lock (`binlog_snapshot_file`/`binlog_snapshot_position`, and the
+//! GTID state there); MySQL holds `FLUSH TABLES WITH READ LOCK` only while it
+//! reads `SHOW MASTER STATUS` and starts the transaction (the user then needs
+//! `RELOAD`; not run here). That position is committed at once with the
+//! snapshot's state, then each table is read in primary-key order by one
+//! streamed query and committed in pieces whose position records the last key.
+//! Then the stream starts at the snapshot's position: every change after it
+//! arrives once, nothing before it does.
+//!
+//! A crash mid-copy loses the transaction, so the rest of the table (after the
+//! last durable key) is copied under a fresh consistent snapshot, and the stream
+//! still starts at the first snapshot's position. Rows copied after the crash
+//! may already hold changes that the stream then replays: applied by primary
+//! key (insert/update = upsert, delete = remove) they converge, as for
+//! PostgreSQL. A table without a primary key cannot be resumed by key: it is
+//! copied again from its first row (row numbers from 0 again), so its rows
+//! copied before the crash arrive twice. A table added to `tables` after the
+//! snapshot began is streamed only.
+//!
 //! # Invariants
 //!
 //! 1. Records and the position after them are committed together
@@ -87,7 +129,8 @@
 //!    server's current position (`SHOW MASTER STATUS`, on newer MySQL `SHOW
 //!    BINARY LOG STATUS`, with the GTID state of that exact point from
 //!    `BINLOG_GTID_POS`) and commits it at once, so a restart before the first
-//!    change does not skip what came in between.
+//!    change does not skip what came in between (with `snapshot = "initial"`,
+//!    at the snapshot's position, above).
 //! 3. A stored position the server no longer has (binlogs purged, a GTID not in
 //!    its binlogs) is refused with a fatal error: what was between is gone.
 //! 4. A transaction is held in memory until its commit event (the binary log
@@ -124,6 +167,7 @@ mod gtid;
 mod image;
 mod position;
 mod schema;
+mod snapshot;
 mod stream;
 mod table_map;
 mod values;
@@ -145,13 +189,26 @@ pub struct MysqlConfig {
     pub tables: Vec<String>,
     /// Required, so a later default cannot change what a configuration means.
     pub snapshot: SnapshotMode,
+    /// Rate limit of the initial snapshot, rows per second.
+    pub snapshot_rows_per_second: Option<u64>,
+    /// Rows per commit of the initial snapshot (also cut at 4 MiB).
+    #[serde(default = "default_snapshot_chunk_rows")]
+    pub snapshot_chunk_rows: usize,
 }
+
+/// As for PostgreSQL: pieces of a few megabytes.
+fn default_snapshot_chunk_rows() -> usize {
+    50_000
+}
+
+/// Most rows per snapshot piece a configuration may ask for.
+const MAX_SNAPSHOT_CHUNK_ROWS: usize = 1_000_000;
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotMode {
-    /// Copy the tables' current rows first: not supported by this source yet,
-    /// refused by validation.
+    /// Copy the tables' current rows first, consistently with the binlog
+    /// position the stream then starts at.
     Initial,
     /// Only changes from the moment the stream first starts.
     Never,
@@ -167,6 +224,8 @@ impl MysqlConfig {
             server_id,
             tables: tables.iter().map(|t| t.to_string()).collect(),
             snapshot: SnapshotMode::Never,
+            snapshot_rows_per_second: None,
+            snapshot_chunk_rows: default_snapshot_chunk_rows(),
         }
     }
 
@@ -193,10 +252,17 @@ impl MysqlConfig {
                 return Err(format!("source.tables: {t:?} is listed twice"));
             }
         }
-        if self.snapshot == SnapshotMode::Initial {
-            return Err("source.snapshot: \"initial\" is not supported by the mysql source yet; \
-                        set snapshot = \"never\" (only changes from the stream's first start are captured)"
-                .into());
+        if !(1..=MAX_SNAPSHOT_CHUNK_ROWS).contains(&self.snapshot_chunk_rows) {
+            return Err(format!(
+                "source.snapshot_chunk_rows: must be between 1 and {MAX_SNAPSHOT_CHUNK_ROWS}, got {}",
+                self.snapshot_chunk_rows
+            ));
+        }
+        if self.snapshot_rows_per_second == Some(0) {
+            return Err(
+                "source.snapshot_rows_per_second: must be at least 1 (leave it out for no limit)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -246,6 +312,14 @@ const GAUGES: &[GaugeDef] = &[
     (
         "mysql_binlog_pos",
         "Byte offset in that binlog file up to which every change is durable in the buffer",
+    ),
+    (
+        "mysql_snapshot_rows_done",
+        "Rows of the table being copied by the initial snapshot that are durable",
+    ),
+    (
+        "mysql_snapshot_rows_estimate",
+        "Estimated rows of the table being copied by the initial snapshot",
     ),
 ];
 
@@ -337,11 +411,12 @@ mod tests {
         let base = r#"dsn = "mysql://ferry@db1:3306/shop"
                       server_id = 7
                       tables = ["shop.orders"]"#;
-        let e = parse(&format!("{base}\nsnapshot = \"initial\"")).unwrap_err();
-        assert!(
-            e.contains("source.snapshot") && e.contains("not supported"),
-            "{e}"
-        );
+        parse(&format!("{base}\nsnapshot = \"initial\"")).unwrap();
+        let e = parse(&format!(
+            "{base}\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 0"
+        ))
+        .unwrap_err();
+        assert!(e.contains("source.snapshot_chunk_rows"), "{e}");
         let e = parse(base).unwrap_err();
         assert!(e.contains("snapshot"), "{e}");
         let e = parse(

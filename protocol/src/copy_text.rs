@@ -340,6 +340,43 @@ pub fn rows_of(b: &Rows) -> Result<Vec<Row>, String> {
     Ok(out)
 }
 
+/// Appends `v` as one field of COPY text: `\N` for NULL, the text with
+/// backslash, tab, newline and carriage return escaped (what [`Fields`] reads
+/// back as `v`).
+pub fn push_text(out: &mut Vec<u8>, v: Option<&str>) {
+    let Some(s) = v else {
+        out.extend_from_slice(b"\\N");
+        return;
+    };
+    let special = |b: &u8| matches!(b, b'\\' | b'\t' | b'\n' | b'\r');
+    if !s.as_bytes().iter().any(special) {
+        out.extend_from_slice(s.as_bytes());
+        return;
+    }
+    for &byte in s.as_bytes() {
+        match byte {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(byte),
+        }
+    }
+}
+
+/// Appends `b` as one field of COPY text in binary text output: `\x` + hex,
+/// its backslash escaped (read back by [`field_value`] for a
+/// [`ValueType::Bytes`] column).
+pub fn push_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(3 + 2 * b.len());
+    out.extend_from_slice(b"\\\\x");
+    for byte in b {
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0xf)]);
+    }
+}
+
 /// Binary text output: `\x` + an even number of hex digits, as its bytes.
 fn hex_bytes(v: &str) -> Option<Vec<u8>> {
     v.strip_prefix("\\x").and_then(|h| hex::decode(h).ok())
@@ -509,6 +546,31 @@ mod tests {
                 assert_eq!(l.unfinished(), 0);
             }
         }
+    }
+
+    #[test]
+    fn written_fields_read_back() {
+        let mut line = Vec::new();
+        push_text(&mut line, Some("a\tb\nc\\d\re"));
+        line.push(b'\t');
+        push_text(&mut line, None);
+        line.push(b'\t');
+        push_bytes(&mut line, &[0, 0xff]);
+        line.push(b'\t');
+        push_text(&mut line, Some("\\N"));
+        assert_eq!(
+            fields(&line, 4),
+            vec![
+                Some("a\tb\nc\\d\re".into()),
+                None,
+                Some("\\x00ff".into()),
+                Some("\\N".into())
+            ]
+        );
+        assert_eq!(
+            field_value(ValueType::Bytes as i32, "\\x00ff"),
+            field::Value::Bytes(vec![0, 0xff])
+        );
     }
 
     proptest::proptest! {

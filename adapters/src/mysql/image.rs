@@ -1,9 +1,9 @@
 //! Row images of a rows event as [`Field`]s in table column order.
 
-use ferry_protocol::messages::Field;
+use ferry_protocol::messages::{field, Field};
 use mysql_async::binlog::row::BinlogRow;
 
-use super::schema::Shape;
+use super::schema::{Kind, Shape};
 use super::values;
 
 /// A column bitmap (which columns an image holds) as plain flags.
@@ -52,4 +52,28 @@ pub(crate) fn old_image(shape: &Shape, before: &[Option<Field>]) -> Vec<Field> {
         .filter(|(c, _)| !keyed || c.key)
         .filter_map(|(_, f)| f.clone())
         .collect()
+}
+
+/// `raw:COLUMN` for each character column of `fields` whose bytes are not text
+/// in its character set and so travel as bytes (`values::decode`): a consumer
+/// sees which values are raw, and nothing was replaced or dropped.
+pub(crate) fn raw_flags<'a>(
+    shape: &Shape,
+    fields: impl IntoIterator<Item = &'a Field>,
+) -> Vec<String> {
+    let mut flags: Vec<String> = Vec::new();
+    for f in fields {
+        if !matches!(f.value, Some(field::Value::Bytes(_))) {
+            continue;
+        }
+        let text = shape
+            .cols
+            .iter()
+            .any(|c| c.name == f.name && matches!(c.kind, Kind::Text(_)));
+        let flag = format!("raw:{}", f.name);
+        if text && !flags.contains(&flag) {
+            flags.push(flag);
+        }
+    }
+    flags
 }

@@ -104,6 +104,8 @@ pub(crate) struct Shape {
     pub database: String,
     pub table: String,
     pub cols: Vec<Col>,
+    /// The primary key's columns (indexes into `cols`) in the key's order.
+    pub pk: Vec<usize>,
 }
 
 impl Shape {
@@ -411,10 +413,15 @@ pub(crate) async fn load(
             kind,
         });
     }
+    let pk = keys
+        .iter()
+        .filter_map(|k| cols.iter().position(|c: &Col| &c.name == k))
+        .collect();
     Ok(Some(Shape {
         database: database.to_string(),
         table: table.to_string(),
         cols,
+        pk,
     }))
 }
 

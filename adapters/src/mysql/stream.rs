@@ -13,11 +13,11 @@ use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
 
 use super::conn::{self, classify, variable};
 use super::gtid::{mysql_gtid, parse_gtid_event, Gtid, GtidState, MARIADB_GTID};
-use super::image::{bools, image, old_image};
+use super::image::{bools, image, old_image, raw_flags};
 use super::position::{MyPosition, Partial};
 use super::schema::{self, Shape, MYSQL};
 use super::table_map;
-use super::{doctor, split_table, MysqlConfig};
+use super::{doctor, snapshot, split_table, MysqlConfig, SnapshotMode};
 use crate::{now_unix_ms, Inflight, SourceContext, SourceError};
 
 /// A transaction is committed in pieces of at most this many changes...
@@ -42,8 +42,18 @@ pub(crate) async fn run(cfg: MysqlConfig, ctx: SourceContext) -> Result<(), Sour
     let checksum = variable(&mut sql, "binlog_checksum")
         .await?
         .is_some_and(|v| !v.eq_ignore_ascii_case("NONE"));
-    let start = match &ctx.resume {
-        Some(b) => MyPosition::decode(b).map_err(SourceError::Fatal)?,
+    let resume = match &ctx.resume {
+        Some(b) => Some(MyPosition::decode(b).map_err(SourceError::Fatal)?),
+        None => None,
+    };
+    let start = match resume {
+        Some(p) if p.snapshot.is_some() => {
+            snapshot::run(&cfg, &ctx, &opts, &dsn, mariadb, Some(p)).await?
+        }
+        Some(p) => p,
+        None if cfg.snapshot == SnapshotMode::Initial => {
+            snapshot::run(&cfg, &ctx, &opts, &dsn, mariadb, None).await?
+        }
         None => {
             let p = current_position(&mut sql, mariadb).await?;
             // Durable at once: a restart before the first change must not
@@ -110,7 +120,10 @@ pub(crate) async fn run(cfg: MysqlConfig, ctx: SourceContext) -> Result<(), Sour
 
 /// `SHOW MASTER STATUS` (`SHOW BINARY LOG STATUS` on MySQL 8.4+), with the
 /// GTID state of that exact point on MariaDB.
-async fn current_position(sql: &mut Conn, mariadb: bool) -> Result<MyPosition, SourceError> {
+pub(crate) async fn current_position(
+    sql: &mut Conn,
+    mariadb: bool,
+) -> Result<MyPosition, SourceError> {
     let row: Option<mysql_async::Row> = match sql.query_first("SHOW MASTER STATUS").await {
         Ok(r) => r,
         // ER_PARSE_ERROR: a MySQL that only knows the new name.
@@ -134,11 +147,7 @@ async fn current_position(sql: &mut Conn, mariadb: bool) -> Result<MyPosition, S
         ));
     };
     let gtid = if mariadb {
-        let g: Option<Option<String>> = sql
-            .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (&file, pos))
-            .await
-            .map_err(|e| classify("BINLOG_GTID_POS", e))?;
-        g.flatten().unwrap_or_default()
+        gtid_at(sql, &file, pos).await?
     } else {
         String::new()
     };
@@ -146,9 +155,17 @@ async fn current_position(sql: &mut Conn, mariadb: bool) -> Result<MyPosition, S
         file,
         pos,
         gtid,
-        partial: None,
-        schemas: BTreeMap::new(),
+        ..MyPosition::default()
     })
+}
+
+/// MariaDB's GTID state at `file:pos` (`BINLOG_GTID_POS`); empty without GTIDs.
+pub(crate) async fn gtid_at(sql: &mut Conn, file: &str, pos: u64) -> Result<String, SourceError> {
+    let g: Option<Option<String>> = sql
+        .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (file, pos))
+        .await
+        .map_err(|e| classify("BINLOG_GTID_POS", e))?;
+    Ok(g.flatten().unwrap_or_default())
 }
 
 /// A transaction being read.
@@ -518,6 +535,11 @@ impl Reader<'_> {
                 }
                 _ => Vec::new(),
             };
+            let flags = raw_flags(&shape, columns.iter().chain(&old_key));
+            if !flags.is_empty() {
+                tracing::warn!(table = %name, at = %at, columns = ?flags,
+                    "values that are not text in their column's character set: shipped as their bytes, marked in the row's flags");
+            }
             let r = Record {
                 time_unix_ms: now_unix_ms(),
                 position: String::new(),
@@ -533,7 +555,7 @@ impl Reader<'_> {
                     snapshot: false,
                     columns,
                     old_key,
-                    flags: Vec::new(),
+                    flags,
                     source: MYSQL.to_string(),
                 })),
             };
@@ -585,6 +607,7 @@ impl Reader<'_> {
             gtid: self.gtid.to_string(),
             partial: None,
             schemas: self.shipped.clone(),
+            snapshot: None,
         };
         if txn.records.is_empty() {
             return Ok(());

@@ -197,10 +197,16 @@ pub(crate) fn from_table_map(
             kind,
         });
     }
+    // The table map lists the key's columns in the key's order.
+    let pk = keys
+        .iter()
+        .filter_map(|&k| usize::try_from(k).ok().filter(|&k| k < cols.len()))
+        .collect();
     Ok(Some(Shape {
         database: tme.database_name().into_owned(),
         table: tme.table_name().into_owned(),
         cols,
+        pk,
     }))
 }
 

@@ -56,12 +56,15 @@ pub(crate) fn decode(col: &Col, v: &BinlogValue<'_>) -> Result<field::Value, Str
             field::Value::Text(format!("{y:04}-{mo:02}-{d:02}"))
         }
         (Value::Date(y, mo, d, h, mi, s, us), kind) => {
-            let fsp = match kind {
-                Kind::DateTime(f) | Kind::Timestamp(f) => *f,
-                _ => 0,
+            // A TIMESTAMP arrives as a date and time only from a query (the
+            // snapshot's), in the session's time zone, which it sets to UTC.
+            let (fsp, zone) = match kind {
+                Kind::DateTime(f) => (*f, ""),
+                Kind::Timestamp(f) => (*f, "+00"),
+                _ => (0, ""),
             };
             field::Value::Text(format!(
-                "{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}{}",
+                "{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}{}{zone}",
                 fraction(*us, fsp)
             ))
         }
@@ -75,7 +78,12 @@ pub(crate) fn decode(col: &Col, v: &BinlogValue<'_>) -> Result<field::Value, Str
             ))
         }
         (Value::Bytes(b), kind) => match kind {
-            Kind::Text(cs) => field::Value::Text(text(*cs, b)),
+            // Bytes that are not text in the column's character set travel as
+            // they are: never replaced, never dropped (see `image::raw_flags`).
+            Kind::Text(cs) => match text(*cs, b) {
+                Some(t) => field::Value::Text(t),
+                None => field::Value::Bytes(b.clone()),
+            },
             Kind::Json => field::Value::Text(String::from_utf8_lossy(b).into_owned()),
             Kind::Binary | Kind::OtherBytes => field::Value::Bytes(b.clone()),
             Kind::Timestamp(fsp) => {
@@ -166,20 +174,44 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Character data in `cs`, as UTF-8 (malformed sequences replaced, as the
-/// server itself would show them).
-fn text(cs: Charset, b: &[u8]) -> String {
+/// Character data in `cs`, as UTF-8; `None` when the bytes are not well
+/// formed in it.
+fn text(cs: Charset, b: &[u8]) -> Option<String> {
     match cs {
-        Charset::Utf8 => String::from_utf8_lossy(b).into_owned(),
-        Charset::Other(enc) => enc.decode_without_bom_handling(b).0.into_owned(),
-        Charset::Utf32 => b
-            .chunks(4)
-            .map(|c| {
-                let mut w = [0u8; 4];
-                w[4 - c.len()..].copy_from_slice(c);
-                char::from_u32(u32::from_be_bytes(w)).unwrap_or('\u{FFFD}')
-            })
-            .collect(),
+        Charset::Utf8 => std::str::from_utf8(b).ok().map(str::to_owned),
+        Charset::Other(enc) => enc
+            .decode_without_bom_handling_and_without_replacement(b)
+            .map(std::borrow::Cow::into_owned),
+        Charset::Utf32 => {
+            if !b.len().is_multiple_of(4) {
+                return None;
+            }
+            b.chunks_exact(4)
+                .map(|c| char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
+                .collect()
+        }
+    }
+}
+
+/// A value the snapshot's query read, in the form the binlog carries it, so
+/// that [`decode`] renders both alike: the query selects `ENUM` and `SET`
+/// columns as `col+0`, their member number and bit set.
+pub(crate) fn from_query(col: &Col, v: Value) -> Value {
+    let n = match v {
+        Value::Int(i) => i as u64,
+        Value::UInt(u) => u,
+        // `col+0` arrives as DOUBLE on some servers.
+        Value::Double(f) if f >= 0.0 => f as u64,
+        Value::Bytes(ref b) => match std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()) {
+            Some(n) => n,
+            None => return v,
+        },
+        other => return other,
+    };
+    match col.kind {
+        Kind::Enum(_) => Value::Int(n as i64),
+        Kind::Set(_) => Value::Bytes(n.to_le_bytes().to_vec()),
+        _ => v,
     }
 }
 
@@ -270,8 +302,41 @@ mod tests {
             ),
             "€"
         );
+        // What a query returns: a TIMESTAMP in the session's zone (UTC).
+        assert_eq!(
+            t(
+                Kind::Timestamp(2),
+                Value::Date(2026, 1, 1, 3, 4, 5, 120_000)
+            ),
+            "2026-01-01 03:04:05.12+00"
+        );
+        let set = col(Kind::Set(vec!["a".into(), "b".into(), "c".into()]));
+        match decode(&set, &BinlogValue::Value(from_query(&set, Value::UInt(5)))).unwrap() {
+            field::Value::Text(s) => assert_eq!(s, "a,c"),
+            other => panic!("{other:?}"),
+        }
+        let e = col(Kind::Enum(vec!["a".into(), "b".into()]));
+        match decode(&e, &BinlogValue::Value(from_query(&e, Value::UInt(2)))).unwrap() {
+            field::Value::Text(s) => assert_eq!(s, "b"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        // Bytes that are not text in the column's character set stay bytes.
+        for (cs, bad) in [
+            (Charset::Utf8, vec![b'a', 0xff]),
+            (Charset::Other(encoding_rs::GB18030), vec![0x81, 0x20]),
+            (Charset::Utf32, vec![0, 0x11, 0, 0]),
+        ] {
+            assert_eq!(
+                decode(
+                    &col(Kind::Text(cs)),
+                    &BinlogValue::Value(Value::Bytes(bad.clone()))
+                )
+                .unwrap(),
+                field::Value::Bytes(bad)
+            );
+        }
         assert!(matches!(
             decode(
                 &col(Kind::Binary),

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 
+use ferry_protocol::copy_text::{push_bytes, push_text};
 use ferry_protocol::rows::Value;
 use tokio_postgres::types::ToSql;
 
@@ -125,40 +126,14 @@ pub(super) fn copy_field(
     c: usize,
     v: &Value,
 ) -> Result<(), MirrorError> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     if t.columns[c].bytea {
         match bytes_of(t, c, v)? {
-            None => buf.extend_from_slice(b"\\N"),
-            Some(b) => {
-                // `\x` escaped for COPY, then hex.
-                buf.extend_from_slice(b"\\\\x");
-                for byte in b.iter() {
-                    buf.push(HEX[usize::from(byte >> 4)]);
-                    buf.push(HEX[usize::from(byte & 0xf)]);
-                }
-            }
+            None => push_text(buf, None),
+            Some(b) => push_bytes(buf, &b),
         }
         return Ok(());
     }
-    match text_of(t, c, v)? {
-        None => buf.extend_from_slice(b"\\N"),
-        Some(s) => {
-            let special = |b: &u8| matches!(b, b'\\' | b'\t' | b'\n' | b'\r');
-            if !s.as_bytes().iter().any(special) {
-                buf.extend_from_slice(s.as_bytes());
-                return Ok(());
-            }
-            for &byte in s.as_bytes() {
-                match byte {
-                    b'\\' => buf.extend_from_slice(b"\\\\"),
-                    b'\t' => buf.extend_from_slice(b"\\t"),
-                    b'\n' => buf.extend_from_slice(b"\\n"),
-                    b'\r' => buf.extend_from_slice(b"\\r"),
-                    _ => buf.push(byte),
-                }
-            }
-        }
-    }
+    push_text(buf, text_of(t, c, v)?);
     Ok(())
 }
 
