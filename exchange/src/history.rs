@@ -52,10 +52,11 @@ fn key(agent: &str, stream: &str, minute: u64) -> Vec<u8> {
 
 impl History {
     pub fn open(dir: &Path) -> Result<Arc<History>, sled::Error> {
-        let db = sled::Config::new()
-            .path(dir.join("history"))
-            .cache_capacity(8 << 20)
-            .open()?;
+        let db = ferry_transport::durable::open_sled(
+            &sled::Config::new()
+                .path(dir.join("history"))
+                .cache_capacity(8 << 20),
+        )?;
         Ok(Arc::new(History { db }))
     }
 

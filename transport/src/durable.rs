@@ -113,6 +113,26 @@ pub fn clear_torn_snapshots(dir: &Path) -> io::Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Opens a sled database, waiting up to 3 s for its file lock. sled releases
+/// the lock from its own I/O threads shortly after the last handle is dropped,
+/// so a database closed and opened again in one process (a component that
+/// restarts, a test) can find it still held for a moment; one that another
+/// process holds still fails, after the wait, with sled's error.
+pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -149,6 +169,26 @@ mod tests {
         std::fs::remove_file(&blob).unwrap();
         syncer.sync(&db).unwrap();
         assert!(syncer.synced_blobs.is_empty());
+    }
+
+    #[test]
+    fn a_reopen_waits_for_the_lock_a_dropped_handle_still_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sled::Config::new().path(dir.path().join("db"));
+        let held = config.open().unwrap();
+        let started = std::time::Instant::now();
+        // Held throughout: refused, after the wait.
+        let e = open_sled(&config).unwrap_err();
+        assert!(e.to_string().contains("could not acquire lock"), "{e}");
+        assert!(started.elapsed() >= std::time::Duration::from_secs(2));
+        // Released a moment later: opened.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let db = open_sled(&config).unwrap();
+        release.join().unwrap();
+        db.insert(b"k", b"v").unwrap();
     }
 
     #[test]

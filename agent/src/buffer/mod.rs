@@ -224,20 +224,21 @@ impl Buffer {
         })? {
             warn!(file = %name, "removed a snapshot file a crash left half-written");
         }
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            // Batches are committed and synced explicitly; a background flusher would
-            // only add writes.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Corruption { .. } => BufferError::Damaged {
-                    dir: dir.to_path_buf(),
-                    detail: e.to_string(),
-                },
-                e => sled_err(e),
-            })?;
+        let db = ferry_transport::durable::open_sled(
+            &sled::Config::new()
+                .path(dir)
+                .cache_capacity(cache_bytes)
+                // Batches are committed and synced explicitly; a background flusher
+                // would only add writes.
+                .flush_every_ms(None),
+        )
+        .map_err(|e| match e {
+            sled::Error::Corruption { .. } => BufferError::Damaged {
+                dir: dir.to_path_buf(),
+                detail: e.to_string(),
+            },
+            e => sled_err(e),
+        })?;
         let syncer = Syncer::open(dir).map_err(|source| BufferError::Sync {
             dir: dir.to_path_buf(),
             source,

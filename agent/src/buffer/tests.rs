@@ -16,22 +16,10 @@ fn records(n: usize, tag: &str) -> EncodedRecords {
     .unwrap()
 }
 
-/// Opens the buffer again after a drop. sled releases its file lock from its own
-/// threads shortly after the last handle is dropped, so a reopen at once may find
-/// it still held.
+/// Opens the buffer again after a drop (`open_sled` waits for the lock a
+/// dropped handle's threads may still hold).
 fn reopen(path: &std::path::Path) -> Result<Buffer, BufferError> {
-    let mut tries = 0;
-    loop {
-        match Buffer::open(path, 1 << 20) {
-            Err(BufferError::Sled { source, .. })
-                if tries < 50 && source.to_string().contains("could not acquire lock") =>
-            {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            r => return r,
-        }
-    }
+    Buffer::open(path, 1 << 20)
 }
 
 #[test]

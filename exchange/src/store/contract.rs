@@ -89,20 +89,11 @@ contract!(
     |dir, _| crate::store::jetstream::tests::open_for(dir)
 );
 
-/// Opens the embedded store over `dir`. A handle just dropped may still hold
-/// sled's file lock for a moment (its I/O threads finish their work first),
-/// so a reopen waits for it.
+/// Opens the embedded store over `dir`.
 fn open_embedded(dir: &Path) -> SharedStore {
-    let mut waited = 0;
-    loop {
-        match Embedded::open(dir, 1 << 20) {
-            Ok(s) => return std::sync::Arc::new(s),
-            Err(e) if waited < 100 && e.to_string().contains("could not acquire lock") => {
-                waited += 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("opening the embedded store: {e}"),
-        }
+    match Embedded::open(dir, 1 << 20) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => panic!("opening the embedded store: {e}"),
     }
 }
 

@@ -157,15 +157,16 @@ impl Embedded {
         })? {
             warn!(file = %name, "removed a snapshot file a crash left half-written");
         }
-        let db = sled::Config::new()
-            .path(&db_dir)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Sled {
-                dir: db_dir.clone(),
-                source,
-            })?;
+        let db = ferry_transport::durable::open_sled(
+            &sled::Config::new()
+                .path(&db_dir)
+                .cache_capacity(cache_bytes)
+                .flush_every_ms(None),
+        )
+        .map_err(|source| StoreError::Sled {
+            dir: db_dir.clone(),
+            source,
+        })?;
         let syncer = Syncer::open(&db_dir).map_err(|source| StoreError::Io {
             dir: db_dir.clone(),
             what: "opening the log for syncing".into(),
