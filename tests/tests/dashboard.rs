@@ -488,3 +488,28 @@ fn operators_watch_the_fleet_in_a_real_browser() {
     assert_eq!(st, 200, "{v}");
     assert!(!v["revoked"].as_array().unwrap().is_empty(), "{v}");
 }
+
+/// A request the API refuses before reading its body (no session) still has
+/// its body read, so the connection stays usable: a client that reuses it for
+/// the next request (as ureq and browsers do) is not answered with a closed
+/// connection.
+#[test]
+fn a_refused_request_leaves_its_connection_usable() {
+    let t = TestDir::new("dashboard-keepalive");
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    let port = free_tcp_port();
+    ex.append_config(&format!("\n[dashboard]\nlisten = \"127.0.0.1:{port}\"\n"));
+    ex.start();
+    let api = Api::new(&ex, port);
+    wait_until(SHORT, "the dashboard", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    // Larger than what the server reads along with the headers.
+    let body = json!({"language": "en", "note": "备注".repeat(20_000)});
+    for round in 0..6 {
+        for path in ["/api/logout", "/api/language", "/api/alarms/x/ack"] {
+            let (st, v) = api.call("POST", path, Some(body.clone()), false);
+            assert_eq!(st, 401, "round {round}, {path}: {v}");
+        }
+    }
+}

@@ -208,7 +208,30 @@ fn router(app: App) -> Router {
         .route("/api/users", get(users).post(add_user))
         .route("/api/users/{name}/remove", post(remove_user))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page".into()) })
+        .layer(axum::middleware::map_request(read_body))
         .with_state(app)
+}
+
+/// Largest request body the API takes.
+const MAX_BODY: usize = 1 << 20;
+
+/// Reads a request's whole body before it is routed. A handler that refuses a
+/// request without looking at its body (no session, no CSRF token) would
+/// otherwise leave it unread, and the server then closes the connection after
+/// answering: a client reusing that connection for its next request (as
+/// browsers and HTTP libraries do) finds it closed.
+async fn read_body(req: axum::extract::Request) -> Result<axum::extract::Request, ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a request body is at most {MAX_BODY} bytes"),
+        )
+    })?;
+    Ok(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
 }
 
 fn page(body: &'static str, content_type: &'static str) -> Response {
