@@ -3,6 +3,7 @@
 mod admin;
 mod bandwidth;
 mod buffer;
+mod cli;
 mod committer;
 mod config;
 mod logfile;
@@ -16,11 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
+use crate::cli::{Cli, Command, LogFormat};
 use crate::logfile::LogFile;
 
 /// EX_CONFIG (sysexits.h): the configuration is missing or invalid. The unit's
@@ -36,81 +38,6 @@ const SYSLOG_SOCKET: &str = "/dev/log";
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
 struct InvalidConfig(#[from] config::ConfigError);
-
-#[derive(Parser)]
-#[command(
-    name = "ferry-agent",
-    version,
-    about = "Ferry edge agent: captures department data and ships it to the exchange"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the agent (as a systemd service, in the foreground, or with --daemon).
-    Run {
-        #[arg(long, default_value = "/etc/ferry/agent.toml")]
-        config: PathBuf,
-        /// Detach and run in the background (for systems without systemd).
-        #[arg(long)]
-        daemon: bool,
-        /// With --daemon: where to write the pid.
-        #[arg(long)]
-        pid_file: Option<PathBuf>,
-        /// Write the log to this file (appended to, created mode 0640) instead of
-        /// stderr; SIGUSR1 or SIGHUP reopen it after logrotate renamed it. With
-        /// --daemon and no --log-file the log goes to syslog (/dev/log).
-        #[arg(long)]
-        log_file: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
-    },
-    /// Validate the configuration; errors name file:line:column. Missing
-    /// certificate files or source folders on this host are warnings (errors with
-    /// --strict), so a configuration can be checked before it is deployed.
-    CheckConfig {
-        #[arg(long, default_value = "/etc/ferry/agent.toml")]
-        config: PathBuf,
-        /// Treat what this host lacks (certificates, folders) as errors.
-        #[arg(long)]
-        strict: bool,
-    },
-    /// Check what the configured sources need on this host and on the databases
-    /// they read (for PostgreSQL: wal_level, slots, privileges, publication, replica
-    /// identity), printing the exact fix for each problem.
-    Doctor {
-        #[arg(long, default_value = "/etc/ferry/agent.toml")]
-        config: PathBuf,
-    },
-    /// Recover a buffer the agent refuses to open as damaged: intact batches go to
-    /// a fresh buffer, every damaged seq range is reported by stream (and shown by
-    /// the exchange as a gap), the damaged buffer is kept beside it. The agent must
-    /// be stopped.
-    Salvage {
-        #[arg(long, default_value = "/etc/ferry/agent.toml")]
-        config: PathBuf,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Per stream: source position, buffered batches/bytes, acked seq, connection.
-    Status {
-        #[arg(long, default_value = "/etc/ferry/agent.toml")]
-        config: PathBuf,
-        /// Print the raw JSON report.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Where `run` logs.
 enum LogTarget {
@@ -185,7 +112,11 @@ fn main() -> ExitCode {
             log_file,
             log_format,
         } => cmd_run(&config, daemon, pid_file, log_file.as_deref(), log_format),
-        Command::CheckConfig { config, strict } => match config::load(
+        Command::CheckConfig {
+            config,
+            strict,
+            has_streams,
+        } => match config::load(
             &config,
             if strict {
                 config::Host::Required
@@ -196,6 +127,15 @@ fn main() -> ExitCode {
             Ok(l) => {
                 for w in &l.warnings {
                     eprintln!("warning: {w}");
+                }
+                if has_streams && l.config.streams.is_empty() {
+                    // Exit 1, not 78: the file is valid, there is just nothing to
+                    // run yet (an ExecCondition= then skips the start quietly).
+                    eprintln!(
+                        "ferry-agent: {} declares no [[stream]]: nothing to ship yet. Add one (see the examples in the file), then start the agent",
+                        config.display()
+                    );
+                    return ExitCode::FAILURE;
                 }
                 println!(
                     "{}: OK (agent {}, {} stream{})",

@@ -37,10 +37,7 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 pub fn init(dir: &Path, store_dir: &Path, names: &[String], listen: &str) -> Result<()> {
     let config_path = dir.join("exchange.toml");
     if config_path.exists() {
-        bail!(
-            "{} already exists; refusing to replace an existing exchange's CA",
-            config_path.display()
-        );
+        return init_with_config(&config_path, names);
     }
     let listen_addr: std::net::SocketAddr = listen
         .parse()
@@ -91,6 +88,76 @@ pub fn init(dir: &Path, store_dir: &Path, names: &[String], listen: &str) -> Res
     );
     println!("  configuration:        {}", config_path.display());
     println!("  store:                {}", dir.join(store_dir).display());
+    println!(
+        "next: ferry-exchange serve --config {}",
+        config_path.display()
+    );
+    Ok(())
+}
+
+/// `init` where `exchange.toml` is already in place (the packages install the
+/// documented example as /etc/ferry/exchange.toml): creates the CA and the
+/// server certificate at the paths its `[tls]` names and keeps the file as it
+/// is (`--listen` and `--store-dir` are not applied: the file says). Refuses
+/// when any of those files exists: an existing exchange's CA is never replaced.
+fn init_with_config(config_path: &Path, names: &[String]) -> Result<()> {
+    let cfg = config::load(config_path)?;
+    let tls = &cfg.tls;
+    for p in [&tls.ca, &tls.ca_key, &tls.cert, &tls.key] {
+        if p.exists() {
+            bail!(
+                "{} already exists and {} too; refusing to replace an existing exchange's CA",
+                config_path.display(),
+                p.display()
+            );
+        }
+    }
+    let names: Vec<String> = if names.is_empty() {
+        vec!["localhost".into(), "127.0.0.1".into()]
+    } else {
+        names.to_vec()
+    };
+    for p in [&tls.ca, &tls.ca_key, &tls.cert, &tls.key] {
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+    }
+    let ca = pki::create_ca("Ferry exchange CA")?;
+    let server = pki::issue_server(&ca, &names)?;
+    write_new(&tls.ca, &ca.cert_pem, 0o644)?;
+    write_new(&tls.ca_key, &ca.key_pem, 0o600)?;
+    write_new(&tls.cert, &server.cert_pem, 0o644)?;
+    write_new(&tls.key, &server.key_pem, 0o600)?;
+    println!(
+        "exchange initialised with the configuration already in {} (kept as it is)",
+        config_path.display()
+    );
+    println!("  CA certificate:       {}", tls.ca.display());
+    println!(
+        "  server certificate:   {} (names: {})",
+        tls.cert.display(),
+        names.join(", ")
+    );
+    println!("  store:                {}", cfg.store.dir.display());
+    println!(
+        "  listen:               {} (public_address {})",
+        cfg.exchange.listen, cfg.exchange.public_address
+    );
+    let public_host = cfg
+        .exchange
+        .public_address
+        .rsplit_once(':')
+        .map_or(cfg.exchange.public_address.as_str(), |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if !names.iter().any(|n| n == public_host) {
+        println!(
+            "note: [exchange] public_address {} (what `enroll` tells agents to dial) is not among the certificate's names: edit it in {}",
+            cfg.exchange.public_address,
+            config_path.display()
+        );
+    }
     println!(
         "next: ferry-exchange serve --config {}",
         config_path.display()

@@ -3,6 +3,7 @@
 mod admin;
 mod alarms;
 mod audit;
+mod cli;
 mod config;
 mod dashboard;
 mod delivery;
@@ -22,13 +23,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-/// Where the packaged unit (`systemd/ferry-exchange.service`) and `init` without
-/// `--dir` keep the configuration, and where the unit's `StateDirectory=` is.
-const SYSTEM_CONFIG_DIR: &str = "/etc/ferry";
-const SYSTEM_CONFIG: &str = "/etc/ferry/exchange.toml";
+use crate::cli::{Cli, Command, SYSTEM_CONFIG_DIR};
+
+/// Where the packaged unit's `StateDirectory=` is: `init`'s store without `--dir`.
 const SYSTEM_STORE_DIR: &str = "/var/lib/ferry-exchange";
 
 /// EX_CONFIG (sysexits.h): the configuration is missing or invalid. The unit's
@@ -40,153 +40,6 @@ const EX_CONFIG: u8 = 78;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct InvalidConfig(String);
-
-#[derive(Parser)]
-#[command(
-    name = "ferry-exchange",
-    version,
-    about = "Ferry exchange: receives, deduplicates and durably stores what agents ship"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Create a CA, the exchange's server certificate and DIR/exchange.toml.
-    Init {
-        #[arg(long, default_value = SYSTEM_CONFIG_DIR)]
-        dir: PathBuf,
-        /// The embedded store's directory, written into exchange.toml (a relative
-        /// one is relative to DIR). Default: /var/lib/ferry-exchange (the unit's
-        /// StateDirectory) with --dir /etc/ferry, DIR/store with any other --dir.
-        #[arg(long)]
-        store_dir: Option<PathBuf>,
-        /// DNS name or IP address agents use to reach the exchange (repeatable).
-        #[arg(long = "name")]
-        names: Vec<String>,
-        #[arg(long, default_value = "0.0.0.0:7443")]
-        listen: String,
-    },
-    /// Run the exchange.
-    Serve {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-    },
-    /// Issue an agent's key and certificate and write a starter DIR/agent.toml.
-    Enroll {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        agent_id: String,
-        #[arg(long)]
-        department: String,
-        #[arg(long)]
-        out: PathBuf,
-        /// The agent's data_dir (default: OUT/data).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Issue a certificate even though the agent id has a live one (a
-        /// reinstalled server); revoke the old one when it is no longer used.
-        #[arg(long)]
-        replace: bool,
-    },
-    /// Revoke an agent's certificates: the exchange refuses them from now on and
-    /// closes their open connections. Prints one JSON line per certificate revoked.
-    Revoke {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-        /// Revoke every certificate issued to this agent.
-        #[arg(long)]
-        agent_id: Option<String>,
-        /// Revoke this certificate file (e.g. one issued before certificates were
-        /// kept on record).
-        #[arg(long)]
-        cert: Option<PathBuf>,
-        /// key-compromise | superseded | cessation-of-operation | unspecified
-        #[arg(long, default_value = "unspecified")]
-        reason: String,
-    },
-    /// Print stored records of a stream in seq order, one JSON line each.
-    Records {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        agent: String,
-        #[arg(long)]
-        stream: String,
-        #[arg(long, default_value_t = 1)]
-        from: u64,
-    },
-    /// Write the received files of a stream into a directory.
-    Export {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        agent: String,
-        #[arg(long)]
-        stream: String,
-        #[arg(long)]
-        to: PathBuf,
-    },
-    /// List the agents the exchange has seen, one JSON line each.
-    Agents {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-    },
-    /// Decide on a stream the exchange holds (a wiped, restored or cloned agent
-    /// buffer; `agents` lists holds): accept the held buffer as the stream's
-    /// continuation from the next seq (a boundary is recorded), or refuse it.
-    /// Prints the stream's record as one JSON line.
-    Resolve {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        agent: String,
-        #[arg(long)]
-        stream: String,
-        /// Continue the stream with the held buffer.
-        #[arg(long, conflicts_with = "refuse", required_unless_present = "refuse")]
-        accept: bool,
-        /// Keep refusing it.
-        #[arg(long)]
-        refuse: bool,
-        /// Why (recorded, and shown to the agent when refused).
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
-    /// List seq ranges of a stream that never arrived, one JSON line each.
-    /// Where each `[[delivery]]` stands: one JSON line per (delivery, agent,
-    /// stream) with its checkpoint (seq), lag in records and seconds, and last error.
-    Deliveries {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-    },
-    Gaps {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        agent: String,
-        #[arg(long)]
-        stream: String,
-    },
-    /// Manage the exchange's users (add, passwd, remove, list).
-    User {
-        #[command(subcommand)]
-        command: users::UserCommand,
-    },
-    /// Print the audit log from seq --from on, one JSON line per entry; with
-    /// --verify, check its hash chain first (fails naming the first broken seq).
-    Audit {
-        #[arg(long, default_value = SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        from: u64,
-        #[arg(long)]
-        verify: bool,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -433,6 +286,7 @@ fn ask_or_open(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::SYSTEM_CONFIG;
 
     /// `init` with no `--dir` writes the layout the unit expects; any other
     /// directory keeps its store beside the configuration.

@@ -2,52 +2,14 @@
 //! (through the running exchange's admin socket, or on the store itself).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::*;
 
-/// `ferry-exchange user …`.
-#[derive(Debug, clap::Subcommand)]
-pub enum UserCommand {
-    /// Add a user: prints it as one JSON line.
-    Add {
-        #[arg(long, default_value = crate::SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        name: String,
-        /// admin | operator | auditor
-        #[arg(long)]
-        role: String,
-        /// A file whose first line is the password (at least 8 characters).
-        #[arg(long)]
-        password_file: PathBuf,
-    },
-    /// Set a user's password (and unlock the account).
-    Passwd {
-        #[arg(long, default_value = crate::SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        password_file: PathBuf,
-    },
-    /// Remove a user.
-    Remove {
-        #[arg(long, default_value = crate::SYSTEM_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        name: String,
-    },
-    /// List the users, one JSON line each (name, role, created, locked; never
-    /// the password hash).
-    List {
-        #[arg(long, default_value = crate::SYSTEM_CONFIG)]
-        config: PathBuf,
-    },
-}
+use crate::cli::UserCommand;
 
 /// What the admin socket carries for `user` commands: hashes, never passwords.
 #[derive(Debug, Serialize, Deserialize)]

@@ -357,7 +357,7 @@ pub fn remove_user(store: &dyn Registry, actor: &str, name: &str) -> Result<()> 
 }
 
 mod cli;
-pub use cli::{cli, execute, UserCommand, UserOp};
+pub use cli::{cli, execute, UserOp};
 
 #[cfg(test)]
 mod tests {
