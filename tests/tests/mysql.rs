@@ -1,0 +1,225 @@
+//! The mysql source end to end with real processes: a throwaway MariaDB
+//! (`ferry_tests::mysql`), the real agent and exchange over QUIC. While a
+//! writer keeps changing the table, the agent is killed with `kill -9` twenty
+//! times, during the initial snapshot and during streaming; at the end the
+//! exchange's records, applied by primary key, equal the table row by row, and
+//! every streamed change arrived exactly once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_tests::mysql::MariaDb;
+use ferry_tests::{note, wait_until, Exchange, TestDir, LONG};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const AGENT: &str = "hp-sb-01";
+const DEPT: &str = "210102005";
+const STREAM: &str = "residents";
+/// Rows in the table before the agent first starts.
+const ROWS: u64 = 20_000;
+
+type Row = BTreeMap<String, Option<String>>;
+
+/// `[[stream]]` for a `mysql` source.
+fn mysql_stream(dsn: &str, password_file: &std::path::Path, extra: &str) -> String {
+    format!(
+        "\n[[stream]]\nname = \"{STREAM}\"\ncatalog_id = \"210100-MZ-0007\"\nsharing = \"conditional\"\n\
+         source = {{ kind = \"mysql\", dsn = \"{dsn}\", password_file = \"{}\", server_id = 4242, \
+         tables = [\"shop.person\"], {extra} }}\n",
+        password_file.display()
+    )
+}
+
+/// Keeps changing `shop.person` in transactions of a few statements (one in
+/// ten rolled back) until `stop`; returns how many committed.
+fn write_until(db: &MariaDb, stop: &AtomicBool) -> u64 {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let mut next_id = ROWS as i64 + 1;
+    let mut committed = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..rng.random_range(1..5) {
+            let id = rng.random_range(1..next_id);
+            sql.push_str(&match rng.random_range(0..4) {
+                0 => {
+                    next_id += 1;
+                    format!(
+                        "INSERT INTO shop.person VALUES ({next_id}, '哈尔滨', {next_id}.25, 'new');"
+                    )
+                }
+                1 => format!("DELETE FROM shop.person WHERE id = {id};"),
+                2 => format!(
+                    "UPDATE shop.person SET amount = amount + 1, note = 'u{committed}' WHERE id BETWEEN {id} AND {};",
+                    id + 20
+                ),
+                _ => format!("UPDATE shop.person SET name = '大连', note = 'n{committed}' WHERE id = {id};"),
+            });
+        }
+        let rollback = rng.random_range(0..10) == 0;
+        sql.push_str(if rollback { "ROLLBACK;" } else { "COMMIT;" });
+        if db.try_sql(&sql).is_ok() && !rollback {
+            committed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..20)));
+    }
+    committed
+}
+
+/// Values of a record's `columns`/`old_key` object, as text.
+fn columns(v: &Value) -> Row {
+    v.as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Applies the exchange's records by primary key; checks that no streamed
+/// change came twice. Returns the table and (snapshot rows, streamed changes).
+fn apply(records: &[Value]) -> (BTreeMap<i64, Row>, usize, usize) {
+    let mut table = BTreeMap::new();
+    let mut seen = HashSet::new();
+    let (mut snapshot, mut streamed) = (0, 0);
+    let id_of = |r: &Row| -> i64 { r["id"].as_deref().unwrap().parse().unwrap() };
+    for r in records {
+        let Some(row) = r.get("row") else { continue };
+        if row["snapshot"] == true {
+            snapshot += 1;
+        } else {
+            streamed += 1;
+            let at = (
+                row["source_position"].as_str().unwrap().to_string(),
+                row["change"].as_u64().unwrap(),
+            );
+            assert!(seen.insert(at.clone()), "change {at:?} arrived twice");
+        }
+        match row["op"].as_str().unwrap() {
+            "insert" | "update" => {
+                if let Some(old) = row.get("old_key") {
+                    table.remove(&id_of(&columns(old)));
+                }
+                let c = columns(&row["columns"]);
+                table.insert(id_of(&c), c);
+            }
+            "delete" => {
+                table.remove(&id_of(&columns(&row["old_key"])));
+            }
+            op => panic!("unexpected op {op} in {r}"),
+        }
+    }
+    (table, snapshot, streamed)
+}
+
+/// The table as the server has it.
+fn table_rows(db: &MariaDb) -> BTreeMap<i64, Row> {
+    let out = db.sql("SELECT id, name, amount, note FROM shop.person ORDER BY id");
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let row: Row = ["id", "name", "amount", "note"]
+                .iter()
+                .zip(&f)
+                .map(|(c, v)| (c.to_string(), (*v != "NULL").then(|| v.to_string())))
+                .collect();
+            (f[0].parse().unwrap(), row)
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_during_snapshot_and_streaming_loses_and_repeats_nothing() {
+    let db = Arc::new(MariaDb::start());
+    db.replication_user("shop", "ferry", "s3cret");
+    db.sql(
+        "CREATE TABLE shop.person (id BIGINT PRIMARY KEY, name VARCHAR(32) CHARACTER SET gbk,
+           amount DECIMAL(20,4), note VARCHAR(64));",
+    );
+    db.sql(&format!(
+        "INSERT INTO shop.person SELECT seq, '沈阳市', seq / 3, CONCAT('n', seq) FROM shop.seq_1_to_{ROWS}"
+    ));
+    let t = TestDir::new("mysql-e2e");
+    let pw = t.path().join("mysql.pass");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let ex = Exchange::start_new(&t.mkdir("exchange"));
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    agent.add_stream(&mysql_stream(
+        &db.dsn("ferry", "shop"),
+        &pw,
+        "snapshot = \"initial\", snapshot_chunk_rows = 500, snapshot_rows_per_second = 3000",
+    ));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (Arc::clone(&db), Arc::clone(&stop));
+        std::thread::spawn(move || write_until(&db, &stop))
+    };
+    agent.start();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let (mut in_snapshot, mut in_stream) = (0, 0);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
+        let pos = agent.stream_status(STREAM)["position"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if pos.starts_with("initial snapshot") {
+            in_snapshot += 1;
+        } else if pos.starts_with("binlog") {
+            in_stream += 1;
+        }
+        agent.kill9();
+        agent.start();
+    }
+    note(format!(
+        "killed the agent {in_snapshot} times during the snapshot, {in_stream} while streaming"
+    ));
+    assert!(
+        in_snapshot >= 3 && in_stream >= 3,
+        "kills during the snapshot {in_snapshot}, while streaming {in_stream}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let committed = writer.join().unwrap();
+    assert!(
+        committed > 50,
+        "the writer committed {committed} transactions"
+    );
+
+    // A marker row: once it is at the exchange, so is everything before it.
+    db.sql("INSERT INTO shop.person VALUES (999999999, '标记', 0, 'marker')");
+    wait_until(LONG, "the marker row at the exchange", || {
+        let s = agent.stream_status(STREAM);
+        s["acked_seq"] == s["head_seq"]
+            && ex
+                .records(AGENT, STREAM)
+                .iter()
+                .rev()
+                .take(50)
+                .any(|r| r["row"]["columns"]["id"] == "999999999")
+    });
+    let st = agent.stream_status(STREAM);
+    assert!(
+        st["ship_error"].is_null() && st["source_error"].is_null(),
+        "the stream reports no error: {st}"
+    );
+    let records = ex.records(AGENT, STREAM);
+    let (got, snapshot, streamed) = apply(&records);
+    note(format!(
+        "{snapshot} snapshot rows and {streamed} streamed changes; {committed} transactions committed"
+    ));
+    assert!(snapshot >= ROWS as usize, "{snapshot} snapshot rows");
+    let want = table_rows(&db);
+    assert_eq!(got.len(), want.len(), "rows at the exchange vs the table");
+    for (id, row) in &want {
+        assert_eq!(got.get(id), Some(row), "row {id}");
+    }
+    assert!(ex.gaps(AGENT, STREAM).is_empty());
+}
