@@ -2,8 +2,8 @@
 //! MySQL) server by reading its binary log in ROW format as a replica would
 //! (`COM_BINLOG_DUMP` through `mysql_async`'s binlog stream). Verified against
 //! MariaDB 10.11; MySQL 8 shares the code path but has not been run here. Both
-//! connections are plain TCP: TLS is not supported yet (the DSN takes no
-//! options).
+//! connections take TLS as PostgreSQL's do: `?sslmode=require|verify-ca|verify-full`
+//! with `&sslrootcert=FILE` on the DSN (rustls; no client certificate).
 //!
 //! # Records
 //!
@@ -176,8 +176,8 @@ mod values;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MysqlConfig {
-    /// `mysql://USER@HOST:PORT/DATABASE`; the password is better given by
-    /// `password_file` or `password_env`.
+    /// `mysql://USER@HOST:PORT/DATABASE[?sslmode=...&sslrootcert=FILE]`; the
+    /// password is better given by `password_file` or `password_env`.
     pub dsn: String,
     pub password_file: Option<PathBuf>,
     /// Name of an environment variable holding the password.
@@ -269,7 +269,13 @@ impl MysqlConfig {
 
     /// The password file or variable must be there on this host.
     pub fn check_environment(&self) -> Result<(), String> {
-        conn::read_password(self).map(|_| ())
+        conn::read_password(self)?;
+        let dsn = conn::Dsn::parse(&self.dsn)?;
+        if let Some(root) = &dsn.tls.root {
+            std::fs::read(root)
+                .map_err(|e| format!("source.dsn: sslrootcert {}: {e}", root.display()))?;
+        }
+        Ok(())
     }
 }
 

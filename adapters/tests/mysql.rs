@@ -803,3 +803,76 @@ async fn snapshot_and_stream_render_every_type_alike() {
     // One table record, shipped by the snapshot and not again by the stream.
     assert_eq!(schemas(&records).len(), 1);
 }
+
+/// TLS as for PostgreSQL, against a server whose capture user must use it:
+/// plain is refused by the server, `verify-full` with the server's CA
+/// captures, a CA that did not sign the server's certificate stops the stream
+/// naming `sslrootcert`, and `require` encrypts without checking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_checks_the_server_as_sslmode_says() {
+    let (db, ca) = MariaDb::start_tls();
+    db.replication_user("shop", "ferry", "s3cret");
+    db.sql("ALTER USER 'ferry'@'127.0.0.1' REQUIRE SSL");
+    db.sql(PLACE);
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(
+        &other,
+        ferry_transport::pki::create_ca("another CA")
+            .unwrap()
+            .cert_pem,
+    )
+    .unwrap();
+    let base = db.dsn("ferry", "shop");
+    let config = |dsn: String| {
+        let mut cfg = MysqlConfig::new(dsn, &["shop.place"], 4242);
+        cfg.password_file = Some(pw.clone());
+        cfg.validate().unwrap();
+        cfg
+    };
+
+    let e = start(&Store::new(), &config(base.clone()))
+        .ended(30)
+        .await
+        .unwrap_err();
+    assert!(e.is_fatal() && e.to_string().contains("denied"), "{e}");
+
+    let e = start(
+        &Store::new(),
+        &config(format!(
+            "{base}?sslmode=verify-full&sslrootcert={}",
+            other.display()
+        )),
+    )
+    .ended(30)
+    .await
+    .unwrap_err();
+    assert!(e.is_fatal() && e.to_string().contains("sslrootcert"), "{e}");
+
+    for (i, query) in [
+        format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+        "sslmode=require".to_string(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = config(format!("{base}?{query}"));
+        cfg.check_environment().unwrap();
+        let store = Store::new();
+        let mut run = start(&store, &cfg);
+        run.wait_for("the starting position", 30, || {
+            store.raw_position().is_some()
+        })
+        .await;
+        db.sql(&format!(
+            "INSERT INTO shop.place (id, name_gbk) VALUES ({i}, '沈阳市')"
+        ));
+        run.wait_for("the row over TLS", 30, || {
+            !rows(&store.records()).is_empty()
+        })
+        .await;
+        run.stop().await.unwrap_err();
+    }
+}

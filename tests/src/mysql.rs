@@ -22,6 +22,8 @@ pub struct MariaDb {
     dir: tempfile::TempDir,
     child: Option<Child>,
     pub port: u16,
+    /// Options of `mariadbd` beyond the harness's own.
+    extra: Vec<String>,
 }
 
 /// The first of `names` found in `dirs`.
@@ -55,11 +57,48 @@ impl MariaDb {
     /// Starts a fresh server; panics (naming the package to install) when MariaDB
     /// is not installed.
     pub fn start() -> MariaDb {
+        Self::start_with(false).0
+    }
+
+    /// A fresh server that also takes TLS connections, with a certificate for
+    /// `127.0.0.1` and `localhost` signed by a CA of its own; returns the
+    /// server and the CA certificate's PEM file.
+    pub fn start_tls() -> (MariaDb, PathBuf) {
+        let (db, ca) = Self::start_with(true);
+        (db, ca.expect("the CA file"))
+    }
+
+    fn start_with(tls: bool) -> (MariaDb, Option<PathBuf>) {
         let install = need(&["mariadb-install-db", "mysql_install_db"]);
         let dir = tempfile::Builder::new()
             .prefix("ferry-mariadb-")
             .tempdir()
             .unwrap();
+        let mut extra = Vec::new();
+        let mut ca_file = None;
+        if tls {
+            let ca = ferry_transport::pki::create_ca("Ferry test MariaDB CA").unwrap();
+            let server = ferry_transport::pki::issue_server(
+                &ca,
+                &["127.0.0.1".to_string(), "localhost".to_string()],
+            )
+            .unwrap();
+            let at = dir.path().join("tls");
+            std::fs::create_dir(&at).unwrap();
+            for (name, pem) in [
+                ("ca.pem", &ca.cert_pem),
+                ("server.pem", &server.cert_pem),
+                ("server.key", &server.key_pem),
+            ] {
+                std::fs::write(at.join(name), pem).unwrap();
+            }
+            extra = vec![
+                format!("--ssl-ca={}", at.join("ca.pem").display()),
+                format!("--ssl-cert={}", at.join("server.pem").display()),
+                format!("--ssl-key={}", at.join("server.key").display()),
+            ];
+            ca_file = Some(at.join("ca.pem"));
+        }
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         if root {
@@ -75,6 +114,7 @@ impl MariaDb {
             dir,
             child: None,
             port: free_port(),
+            extra,
         };
         // A temporary folder of its own: bootstraps running side by side in
         // one /tmp collide on their internal temporary tables' names.
@@ -106,7 +146,7 @@ impl MariaDb {
             String::from_utf8_lossy(&out.stderr)
         );
         s.launch();
-        s
+        (s, ca_file)
     }
 
     fn data(&self) -> PathBuf {
@@ -158,6 +198,7 @@ impl MariaDb {
                 "--character-set-server=utf8mb4",
                 "--default-time-zone=+08:00",
             ])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

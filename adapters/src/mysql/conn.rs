@@ -1,13 +1,19 @@
 //! Where and how to connect: the DSN, the password, and what a failure means
 //! (retry, or stop with a message that tells the operator what to fix).
 
+use ferry_pg::dsn::DsnTls;
+use ferry_pg::tls::TlsMode;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, OptsBuilder};
+use mysql_async::{Conn, Opts, OptsBuilder, SslOpts};
 
 use super::MysqlConfig;
 use crate::SourceError;
 
-/// `mysql://USER[:PASSWORD]@HOST[:PORT][/DATABASE]`, parsed.
+/// `mysql://USER[:PASSWORD]@HOST[:PORT][/DATABASE][?sslmode=MODE&sslrootcert=FILE]`,
+/// parsed. TLS as for PostgreSQL (`ferry_pg::tls`): `sslmode` `disable` (the
+/// default), `require` (encrypted, the server unchecked unless `sslrootcert`
+/// is given, then as `verify-ca`), `verify-ca` (the chain up to
+/// `sslrootcert`), `verify-full` (also the host name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Dsn {
     pub user: String,
@@ -15,6 +21,7 @@ pub(crate) struct Dsn {
     pub host: String,
     pub port: u16,
     pub database: Option<String>,
+    pub tls: DsnTls,
 }
 
 impl Dsn {
@@ -25,9 +32,38 @@ impl Dsn {
         let rest = dsn
             .strip_prefix("mysql://")
             .ok_or_else(|| bad("does not start with mysql://"))?;
-        if rest.contains('?') {
-            return Err(bad("options after ? are not supported"));
-        }
+        let mut tls = DsnTls {
+            mode: TlsMode::Disable,
+            root: None,
+        };
+        let rest = match rest.split_once('?') {
+            None => rest,
+            Some((rest, query)) => {
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+                    match k {
+                        "sslmode" => tls.mode = TlsMode::parse(KEY, &v)?,
+                        "sslrootcert" => tls.root = Some(v.into_owned().into()),
+                        other => {
+                            return Err(bad(&format!(
+                                "option {other:?} is not supported (only sslmode and sslrootcert)"
+                            )))
+                        }
+                    }
+                }
+                if tls.mode == TlsMode::Disable && tls.root.is_some() {
+                    return Err(format!(
+                        "{KEY}: sslrootcert is given but sslmode is disable; set sslmode=verify-full (or verify-ca)"
+                    ));
+                }
+                if matches!(tls.mode, TlsMode::VerifyCa | TlsMode::VerifyFull) && tls.root.is_none()
+                {
+                    return Err(ferry_pg::tls::needs_root(KEY, tls.mode));
+                }
+                rest
+            }
+        };
         let (userinfo, hostpart) = rest
             .rsplit_once('@')
             .ok_or_else(|| bad("names no user (USER@ before the host)"))?;
@@ -61,6 +97,7 @@ impl Dsn {
             host: host.to_string(),
             port,
             database,
+            tls,
         })
     }
 
@@ -93,8 +130,40 @@ pub(crate) fn opts(cfg: &MysqlConfig) -> Result<(Opts, Dsn), SourceError> {
         .pass(password)
         .db_name(dsn.database.clone())
         // The server's own socket would bypass the host the operator named.
-        .prefer_socket(false);
+        .prefer_socket(false)
+        .ssl_opts(ssl_opts(&dsn.tls)?);
     Ok((Opts::from(b), dsn))
+}
+
+/// The key messages name.
+const KEY: &str = "source.dsn";
+
+/// mysql_async's TLS settings for the DSN's `sslmode`; `None` for `disable`.
+fn ssl_opts(tls: &DsnTls) -> Result<Option<SslOpts>, SourceError> {
+    let mode = match (tls.mode, &tls.root) {
+        (TlsMode::Disable, _) => return Ok(None),
+        (TlsMode::Require, Some(_)) => TlsMode::VerifyCa,
+        (m, _) => m,
+    };
+    // mysql_async builds its rustls configuration with the process's default
+    // provider, and more than one is compiled in: ring, as everywhere in Ferry.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let opts = SslOpts::default();
+    Ok(Some(match (mode, &tls.root) {
+        (TlsMode::Require, _) => opts
+            .with_danger_accept_invalid_certs(true)
+            .with_danger_skip_domain_validation(true),
+        (_, None) => return Err(SourceError::Fatal(ferry_pg::tls::needs_root(KEY, mode))),
+        (_, Some(root)) => {
+            // Read now, so a missing or unreadable file is named here.
+            let pem = std::fs::read(root).map_err(|e| {
+                SourceError::Fatal(format!("{KEY}: sslrootcert {}: {e}", root.display()))
+            })?;
+            opts.with_root_certs(vec![pem.into()])
+                .with_disable_built_in_roots(true)
+                .with_danger_skip_domain_validation(mode == TlsMode::VerifyCa)
+        }
+    }))
 }
 
 /// Opens an ordinary connection, within 10 s.
@@ -121,6 +190,12 @@ const FATAL_READING_BINLOG: u16 = 1236;
 /// Turns a driver error into a source error: what the operator must fix is
 /// fatal, with the fix; the rest (network, server restarting) is retried.
 pub(crate) fn classify(what: &str, e: mysql_async::Error) -> SourceError {
+    if refused_certificate(&e) {
+        return SourceError::Fatal(format!(
+            "{what}: the server's certificate was refused ({e}): {KEY}'s sslrootcert must be the CA \
+             that signed it, and with sslmode=verify-full the certificate must name the host"
+        ));
+    }
     if let mysql_async::Error::Server(s) = &e {
         let fix = match s.code {
             ACCESS_DENIED => {
@@ -142,6 +217,26 @@ pub(crate) fn classify(what: &str, e: mysql_async::Error) -> SourceError {
         }
     }
     SourceError::Other(format!("{what}: {e}"))
+}
+
+/// Whether `e` is the TLS handshake refusing the server's certificate
+/// (rustls's error somewhere in its chain of sources).
+fn refused_certificate(e: &mysql_async::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .map_or(err, |i| i as &(dyn std::error::Error + 'static));
+        if matches!(
+            inner.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        ) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// One value of a single-row, single-column query, as text.
@@ -195,9 +290,27 @@ mod tests {
             "mysql://@db1/shop",
             "mysql://u@db1:port/shop",
             "mysql://u@db1/shop?ssl=1",
+            "mysql://u@db1/shop?sslmode=prefer",
+            "mysql://u@db1/shop?sslmode=verify-full",
+            "mysql://u@db1/shop?sslrootcert=/ca.pem",
         ] {
             let e = Dsn::parse(bad).unwrap_err();
             assert!(e.starts_with("source.dsn:"), "{bad}: {e}");
         }
+        let d =
+            Dsn::parse("mysql://u@db1/shop?sslmode=verify-ca&sslrootcert=/etc/ferry/db%20ca.pem")
+                .unwrap();
+        assert_eq!(d.database.as_deref(), Some("shop"));
+        assert_eq!(
+            d.tls,
+            DsnTls {
+                mode: TlsMode::VerifyCa,
+                root: Some("/etc/ferry/db ca.pem".into())
+            }
+        );
+        assert_eq!(
+            Dsn::parse("mysql://u@db1/shop").unwrap().tls.mode,
+            TlsMode::Disable
+        );
     }
 }
