@@ -1,5 +1,6 @@
 //! The local admin socket (`DATA_DIR/agent.sock`, mode 0600): `ferry-agent status`
-//! asks the running agent for its report here. One request line, one JSON reply.
+//! asks the running agent for its report here, `ferry-agent reload` has it read
+//! its configuration again. One request line, one JSON reply.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -8,9 +9,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::run::Reload;
 use crate::status::AgentStatus;
 
 pub type Reporter = Arc<dyn Fn() -> AgentStatus + Send + Sync>;
@@ -34,7 +37,12 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, report: Reporter, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    report: Reporter,
+    reloads: mpsc::Sender<Reload>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -47,20 +55,34 @@ pub async fn serve(listener: UnixListener, report: Reporter, shutdown: Cancellat
             },
         };
         let report = report.clone();
+        let reloads = reloads.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, report).await {
+            if let Err(e) = answer(stream, report, reloads).await {
                 debug!(error = %e, "admin request failed");
             }
         });
     }
 }
 
-async fn answer(stream: UnixStream, report: Reporter) -> Result<()> {
+async fn answer(stream: UnixStream, report: Reporter, reloads: mpsc::Sender<Reload>) -> Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
     let reply = match line.trim() {
         "status" => serde_json::to_string(&report())?,
+        "reload" => {
+            let (tx, rx) = oneshot::channel();
+            let answer = match reloads.send(Reload { reply: Some(tx) }).await {
+                Err(_) => Err("the agent is shutting down".to_string()),
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err("the agent is shutting down".to_string())),
+            };
+            match answer {
+                Ok(changes) => serde_json::json!({ "reloaded": changes }).to_string(),
+                Err(e) => serde_json::json!({ "refused": e }).to_string(),
+            }
+        }
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
     };
     w.write_all(reply.as_bytes()).await?;
@@ -79,4 +101,34 @@ pub async fn query(path: &Path) -> Result<AgentStatus> {
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
     serde_json::from_str(&line).with_context(|| format!("unreadable reply on {}", path.display()))
+}
+
+/// How a running agent answered `reload`.
+pub enum ReloadAnswer {
+    Reloaded(String),
+    Refused(String),
+}
+
+/// Asks a running agent to read its configuration again, and waits for the
+/// outcome (its streams stopped and started again, or the file refused).
+pub async fn reload(path: &Path) -> Result<ReloadAnswer> {
+    let stream = UnixStream::connect(path)
+        .await
+        .with_context(|| format!("no agent answers on {}", path.display()))?;
+    let (r, mut w) = stream.into_split();
+    w.write_all(b"reload\n").await?;
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .with_context(|| format!("unreadable reply on {}", path.display()))?;
+    match (
+        v["reloaded"].as_str(),
+        v["refused"].as_str(),
+        v["error"].as_str(),
+    ) {
+        (Some(c), _, _) => Ok(ReloadAnswer::Reloaded(c.to_string())),
+        (_, Some(e), _) => Ok(ReloadAnswer::Refused(e.to_string())),
+        (_, _, Some(e)) => bail!("the agent on {} does not reload: {e}", path.display()),
+        _ => bail!("unexpected reply on {}: {line}", path.display()),
+    }
 }

@@ -70,6 +70,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Has the running agent read its configuration again (as SIGHUP and
+    /// `systemctl reload ferry-agent` do): added streams start, removed ones stop
+    /// once their commits in flight settle (what they buffered still ships), the
+    /// others start again from their durable positions. A file with errors is
+    /// refused with its file:line:column errors (exit 78) and the running
+    /// configuration stays.
+    Reload {
+        #[arg(long, default_value = "/etc/ferry/agent.toml")]
+        config: PathBuf,
+    },
     /// Per stream: source position, buffered batches/bytes, acked seq, connection.
     Status {
         #[arg(long, default_value = "/etc/ferry/agent.toml")]

@@ -149,6 +149,7 @@ fn main() -> ExitCode {
             Err(e) => Err(InvalidConfig(e).into()),
         },
         Command::Status { config, json } => return cmd_status(&config, json),
+        Command::Reload { config } => return cmd_reload(&config),
         Command::Doctor { config } => return cmd_doctor(&config),
         Command::Salvage { config, json } => cmd_salvage(&config, json),
     };
@@ -201,8 +202,73 @@ fn cmd_run(
         if let LogTarget::File(f) = target {
             tokio::spawn(reopen_on_signals(f)?);
         }
-        run::run(loaded, shutdown).await
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(reload_on_sighup(reload_tx.clone())?);
+        run::run(path.to_path_buf(), loaded, shutdown, reload_rx, reload_tx).await
     })
+}
+
+/// SIGHUP reads the configuration again (as `ferry-agent reload` does; the
+/// outcome is in the log). Installed before the agent runs, so an early signal
+/// cannot take the default action and end the process.
+fn reload_on_sighup(
+    reloads: tokio::sync::mpsc::Sender<run::Reload>,
+) -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+    Ok(async move {
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reading the configuration again");
+            if reloads.send(run::Reload { reply: None }).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// `reload`: exit 0 when the running agent took the file, 78 when the file (or
+/// the agent) refused it, 3 when no agent runs.
+fn cmd_reload(path: &Path) -> ExitCode {
+    let loaded = match config::load(path, config::Host::Required) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ferry-agent: {e}");
+            eprintln!("ferry-agent: not reloaded; the running configuration stays");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let socket = loaded.config.admin_socket();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(admin::reload(&socket)) {
+        Ok(admin::ReloadAnswer::Reloaded(changes)) => {
+            println!("{}: reloaded ({changes})", path.display());
+            ExitCode::SUCCESS
+        }
+        Ok(admin::ReloadAnswer::Refused(e)) => {
+            eprintln!(
+                "ferry-agent: the running agent refused {}: {e}",
+                path.display()
+            );
+            eprintln!("ferry-agent: not reloaded; the running configuration stays");
+            ExitCode::from(EX_CONFIG)
+        }
+        Err(e) => {
+            eprintln!(
+                "ferry-agent: agent {} is not running: {e:#}",
+                loaded.config.agent.id
+            );
+            ExitCode::from(3)
+        }
+    }
 }
 
 /// Keeps the allocator from hoarding memory the agent no longer uses.
@@ -244,7 +310,7 @@ async fn wait_for_signal() {
 }
 
 /// With `--log-file`: reopens the file on every SIGUSR1 and SIGHUP (logrotate's
-/// `postrotate`). The agent has no configuration reload, so SIGHUP means only this.
+/// `postrotate` sends SIGUSR1; SIGHUP also reloads the configuration).
 /// The handlers are installed before the agent runs, so an early signal cannot
 /// take the default action and end the process.
 fn reopen_on_signals(log: LogFile) -> Result<impl std::future::Future<Output = ()>> {

@@ -1,15 +1,17 @@
 //! `ferry-agent run`: wires sources → committer → buffer → shipper, serves the
 //! admin socket, talks to systemd, and shuts down in order.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_protocol::messages::{Hello, StreamDecl};
 use ferry_transport::tls::{client_config, tcp_client_config, TlsFiles};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::buffer::Buffer;
 use crate::committer::Committer;
@@ -23,226 +25,465 @@ use crate::{admin, metrics, status};
 /// sources almost at once.
 const COMMIT_QUEUE: usize = 64;
 
-pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<()> {
+/// A request to re-read the configuration (`ferry-agent reload`, SIGHUP); the
+/// answer says what happened, or why the new file was refused.
+pub struct Reload {
+    pub reply: Option<oneshot::Sender<Result<String, String>>>,
+}
+
+pub async fn run(
+    path: PathBuf,
+    loaded: Loaded,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<Reload>,
+    reload_tx: mpsc::Sender<Reload>,
+) -> Result<()> {
     let cfg = &loaded.config;
-    let data_dir = &cfg.agent.data_dir;
-    std::fs::create_dir_all(data_dir)
+    let data_dir = cfg.agent.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
-    let listener = admin::bind(&cfg.admin_socket())?;
-    let metrics_listener = match cfg.metrics_listen() {
+    let admin_path = cfg.admin_socket();
+    let listener = admin::bind(&admin_path)?;
+    let metrics_addr = cfg.metrics_listen();
+    let metrics_listener = match metrics_addr {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-
     let buffer_dir = cfg.buffer_dir();
     let cache = cfg.buffer.cache_size.0;
     let buffer =
         Arc::new(tokio::task::spawn_blocking(move || Buffer::open(&buffer_dir, cache)).await??);
-    let names: Vec<String> = cfg.streams.iter().map(|s| s.name().to_string()).collect();
-    let board = Arc::new(Board::default());
-    let durable = Arc::new(Notify::new());
-    let space = Arc::new(Notify::new());
-    let (commit_tx, commit_rx) = mpsc::channel(COMMIT_QUEUE);
-    let mut acked_tx = Vec::new();
-    let mut acked_rx = Vec::new();
-    for n in &names {
-        let (tx, rx) = watch::channel(buffer.state(n).acked);
-        acked_tx.push(tx);
-        acked_rx.push(rx);
-    }
 
-    let committer = tokio::spawn(
-        Committer {
-            buffer: buffer.clone(),
-            names: names.clone(),
-            max_size: cfg.buffer.max_size.0,
-            min_free: cfg.buffer.min_free.0,
-            rx: commit_rx,
-            durable: durable.clone(),
-            space: space.clone(),
-            board: board.clone(),
-        }
-        .run(),
-    );
-
-    let tls_files = TlsFiles {
-        ca: &cfg.exchange.ca,
-        cert: &cfg.exchange.cert,
-        key: &cfg.exchange.key,
+    // The admin socket and the metrics endpoint outlive reloads: they answer
+    // with the running generation's report.
+    let current: Arc<RwLock<Option<admin::Reporter>>> = Arc::new(RwLock::new(None));
+    let reporter: admin::Reporter = {
+        let current = current.clone();
+        Arc::new(move || {
+            current
+                .read()
+                .ok()
+                .and_then(|r| r.clone())
+                .map(|r| r())
+                .unwrap_or_default()
+        })
     };
-    let client = client_config(&tls_files)?;
-    let tcp = tcp_client_config(&tls_files)?;
-    let hello = Hello {
-        version: ferry_protocol::PROTOCOL_VERSION,
-        agent_id: cfg.agent.id.clone(),
-        department: cfg.agent.department.clone(),
-        config_digest: loaded.digest.clone(),
-        streams: cfg
+    let metrics_task = metrics_listener
+        .map(|l| tokio::spawn(metrics::serve(l, reporter.clone(), shutdown.clone())));
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        reporter,
+        reload_tx,
+        shutdown.clone(),
+    ));
+
+    let started = status::now_unix();
+    // Streams removed by a reload keep shipping what they buffered, declared
+    // as they were.
+    let mut declared: BTreeMap<String, StreamDecl> = BTreeMap::new();
+    let mut prepared = Prepared::new(loaded, &buffer, &mut declared)?;
+    let mut first = true;
+    loop {
+        let generation = shutdown.child_token();
+        let running = prepared.start(&buffer, generation.clone(), started);
+        if let Ok(mut c) = current.write() {
+            *c = Some(running.reporter.clone());
+        }
+        if first {
+            notify_systemd(&[sd_notify::NotifyState::Ready]);
+            spawn_watchdog(shutdown.clone());
+            first = false;
+        }
+        info!(
+            agent = %prepared.loaded.config.agent.id,
+            streams = prepared.loaded.config.streams.len(),
+            data_dir = %data_dir.display(),
+            "agent running"
+        );
+        // Until shutdown, or a reload with a valid configuration.
+        let next = loop {
+            let request = tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                r = reloads.recv() => match r {
+                    Some(r) => r,
+                    None => break None,
+                },
+            };
+            match reread(&path, &prepared.loaded, &data_dir, metrics_addr)
+                .and_then(|l| Prepared::new(l, &buffer, &mut declared))
+            {
+                Ok(next) => break Some((next, request)),
+                Err(e) => {
+                    error!("reload refused, the running configuration stays: {e:#}");
+                    if let Some(reply) = request.reply {
+                        let _ = reply.send(Err(format!("{e:#}")));
+                    }
+                }
+            }
+        };
+        let Some((next, request)) = next else {
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
+            info!("shutting down");
+            running.stop().await;
+            break;
+        };
+        let summary = changes(&prepared.loaded, &next.loaded);
+        info!(changes = %summary, "reloading the configuration: streams stop after their commits in flight settle, then start again from their durable positions");
+        running.stop().await;
+        prepared = next;
+        info!(changes = %summary, "configuration reloaded");
+        if let Some(reply) = request.reply {
+            let _ = reply.send(Ok(summary));
+        }
+    }
+    let _ = admin_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&admin_path);
+    tokio::task::spawn_blocking(move || buffer.close()).await??;
+    info!("stopped");
+    Ok(())
+}
+
+/// Reads the configuration again for a reload, holding it to what a running
+/// agent can change: its data directory (buffer, admin socket) and metrics
+/// address are bound for the process's life.
+fn reread(
+    path: &Path,
+    old: &Loaded,
+    data_dir: &Path,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<Loaded> {
+    let new = crate::config::load(path, crate::config::Host::Required)?;
+    let c = &new.config;
+    if c.agent.data_dir != data_dir {
+        anyhow::bail!(
+            "agent.data_dir changed ({} to {}): the buffer cannot move while the agent runs; restart it instead",
+            data_dir.display(),
+            c.agent.data_dir.display()
+        );
+    }
+    if c.metrics_listen() != metrics {
+        anyhow::bail!("metrics.listen changed: restart the agent to move the metrics endpoint");
+    }
+    if c.buffer.cache_size.0 != old.config.buffer.cache_size.0 {
+        anyhow::bail!("buffer.cache_size changed: restart the agent to resize the buffer's cache");
+    }
+    Ok(new)
+}
+
+/// What a reload changes, for the log and the `reload` command.
+fn changes(old: &Loaded, new: &Loaded) -> String {
+    let by_name = |l: &Loaded| -> BTreeMap<String, String> {
+        l.config
             .streams
             .iter()
-            .map(|s| StreamDecl {
+            .map(|s| (s.name().to_string(), format!("{s:?}")))
+            .collect()
+    };
+    let (a, b) = (by_name(old), by_name(new));
+    let mut parts = Vec::new();
+    let list = |what: &str, names: Vec<&String>| {
+        (!names.is_empty()).then(|| {
+            format!(
+                "{what} {}",
+                names
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    };
+    parts.extend(list(
+        "added",
+        b.keys().filter(|n| !a.contains_key(*n)).collect(),
+    ));
+    parts.extend(list(
+        "removed",
+        a.keys().filter(|n| !b.contains_key(*n)).collect(),
+    ));
+    parts.extend(list(
+        "changed",
+        b.iter()
+            .filter(|(n, v)| a.get(*n).is_some_and(|o| o != *v))
+            .map(|(n, _)| n)
+            .collect(),
+    ));
+    if old.digest == new.digest {
+        "the file is unchanged".to_string()
+    } else if parts.is_empty() {
+        "streams unchanged (other settings changed)".to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// One generation's configuration, with everything that can fail checked
+/// before the running generation is stopped.
+struct Prepared {
+    loaded: Loaded,
+    /// Configured streams, then streams a reload removed that still hold
+    /// unacknowledged batches (no source; the shipper sends what they hold).
+    names: Vec<String>,
+    decls: Vec<StreamDecl>,
+    client: quinn::ClientConfig,
+    tcp: ferry_transport::link::TcpClientConfig,
+    schedule: crate::bandwidth::Schedule,
+}
+
+impl Prepared {
+    fn new(
+        loaded: Loaded,
+        buffer: &Buffer,
+        declared: &mut BTreeMap<String, StreamDecl>,
+    ) -> Result<Prepared> {
+        let cfg = &loaded.config;
+        let tls_files = TlsFiles {
+            ca: &cfg.exchange.ca,
+            cert: &cfg.exchange.cert,
+            key: &cfg.exchange.key,
+        };
+        let client = client_config(&tls_files)?;
+        let tcp = tcp_client_config(&tls_files)?;
+        let schedule = cfg
+            .bandwidth
+            .schedule(crate::bandwidth::local_offset_secs())
+            .map_err(|(_, e)| anyhow::anyhow!(e))?;
+        let mut names = Vec::new();
+        let mut decls = Vec::new();
+        for s in &cfg.streams {
+            let d = StreamDecl {
                 name: s.name().to_string(),
                 catalog_id: s.catalog_id.clone(),
                 sharing: s.sharing() as i32,
                 kind: s.source().kind().to_string(),
                 // Filled per connection by the shipper, from the buffer.
                 ..Default::default()
-            })
-            .collect(),
-        software: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let cert_not_after_unix = ferry_transport::tls::identity_in_file(&cfg.exchange.cert)
-        .map_or(0, |id| id.not_after_unix.max(0) as u64);
-    if let Some(alarm) = status::cert_alarm(cert_not_after_unix, status::now_unix()) {
-        warn!("{alarm}");
-    }
-    let report = Arc::new(std::sync::OnceLock::new());
-    let throttle = Arc::new(crate::bandwidth::Throttle::new(
-        cfg.bandwidth
-            .schedule(crate::bandwidth::local_offset_secs())
-            .map_err(|(_, e)| anyhow::anyhow!(e))?,
-    ));
-    let shipper = tokio::spawn(
-        Shipper {
-            address: cfg.exchange.address.clone(),
-            server_name: cfg.server_name(),
+            };
+            declared.insert(d.name.clone(), d.clone());
+            names.push(d.name.clone());
+            decls.push(d);
+        }
+        for (name, st) in buffer.states() {
+            if names.contains(&name) || st.head <= st.acked {
+                continue;
+            }
+            match declared.get(&name) {
+                Some(d) => {
+                    warn!(stream = %name, unacknowledged = st.head - st.acked,
+                        "stream removed from the configuration: it ships what it buffered, then stays idle");
+                    names.push(name.clone());
+                    decls.push(d.clone());
+                }
+                None => warn!(stream = %name, unacknowledged = st.head - st.acked,
+                    "the buffer holds unacknowledged batches of a stream the configuration does not declare: \
+                     they wait until the stream is configured again"),
+            }
+        }
+        Ok(Prepared {
+            loaded,
+            names,
+            decls,
             client,
             tcp,
-            hello,
-            buffer: buffer.clone(),
-            names: names.clone(),
-            acked: acked_tx,
-            durable,
-            space,
-            board: board.clone(),
-            cert_not_after_unix,
-            report: report.clone(),
-            throttle: throttle.clone(),
-        }
-        .run(shutdown.clone())
-        .instrument(info_span!("shipper", exchange = %cfg.exchange.address)),
-    );
-
-    let sources: Vec<_> = cfg
-        .streams
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            StreamSource {
-                index: i,
-                name: s.name().to_string(),
-                config: s.source().clone(),
-                buffer: buffer.clone(),
-                board: board.clone(),
-                acked: acked_rx[i].clone(),
-                commits: commit_tx.clone(),
-                shutdown: shutdown.clone(),
-                spool_dir: data_dir.join("spool"),
-            }
-            .spawn()
+            schedule,
         })
-        .collect();
-    drop(commit_tx);
+    }
 
-    let reporter = {
-        let throttle = throttle.clone();
-        let buffer = buffer.clone();
-        let board = board.clone();
-        let views: Vec<StreamView> = cfg
+    /// Spawns the generation's tasks: committer, shipper, one task per
+    /// configured stream's source.
+    fn start(&self, buffer: &Arc<Buffer>, shutdown: CancellationToken, started: u64) -> Running {
+        let cfg = &self.loaded.config;
+        let names = self.names.clone();
+        let board = Arc::new(Board::default());
+        let durable = Arc::new(Notify::new());
+        let space = Arc::new(Notify::new());
+        let (commit_tx, commit_rx) = mpsc::channel(COMMIT_QUEUE);
+        let mut acked_tx = Vec::new();
+        let mut acked_rx = Vec::new();
+        for n in &names {
+            let (tx, rx) = watch::channel(buffer.state(n).acked);
+            acked_tx.push(tx);
+            acked_rx.push(rx);
+        }
+        let committer = tokio::spawn(
+            Committer {
+                buffer: buffer.clone(),
+                names: names.clone(),
+                max_size: cfg.buffer.max_size.0,
+                min_free: cfg.buffer.min_free.0,
+                rx: commit_rx,
+                durable: durable.clone(),
+                space: space.clone(),
+                board: board.clone(),
+            }
+            .run(),
+        );
+        let hello = Hello {
+            version: ferry_protocol::PROTOCOL_VERSION,
+            agent_id: cfg.agent.id.clone(),
+            department: cfg.agent.department.clone(),
+            config_digest: self.loaded.digest.clone(),
+            streams: self.decls.clone(),
+            software: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let cert_not_after_unix = ferry_transport::tls::identity_in_file(&cfg.exchange.cert)
+            .map_or(0, |id| id.not_after_unix.max(0) as u64);
+        if let Some(alarm) = status::cert_alarm(cert_not_after_unix, status::now_unix()) {
+            warn!("{alarm}");
+        }
+        let report = Arc::new(std::sync::OnceLock::new());
+        let throttle = Arc::new(crate::bandwidth::Throttle::new(self.schedule.clone()));
+        let shipper = tokio::spawn(
+            Shipper {
+                address: cfg.exchange.address.clone(),
+                server_name: cfg.server_name(),
+                client: self.client.clone(),
+                tcp: self.tcp.clone(),
+                hello,
+                buffer: buffer.clone(),
+                names: names.clone(),
+                acked: acked_tx,
+                durable,
+                space,
+                board: board.clone(),
+                cert_not_after_unix,
+                report: report.clone(),
+                throttle: throttle.clone(),
+            }
+            .run(shutdown.clone())
+            .instrument(info_span!("shipper", exchange = %cfg.exchange.address)),
+        );
+        let data_dir = &cfg.agent.data_dir;
+        let sources: Vec<_> = cfg
             .streams
             .iter()
-            .map(|s| StreamView {
-                name: s.name().to_string(),
-                kind: s.source().kind().to_string(),
-                catalog_id: s.catalog_id.clone(),
-                sharing: s.sharing().as_config().to_string(),
-                ..Default::default()
+            .enumerate()
+            .map(|(i, s)| {
+                StreamSource {
+                    index: i,
+                    name: s.name().to_string(),
+                    config: s.source().clone(),
+                    buffer: buffer.clone(),
+                    board: board.clone(),
+                    acked: acked_rx[i].clone(),
+                    commits: commit_tx.clone(),
+                    shutdown: shutdown.clone(),
+                    spool_dir: data_dir.join("spool"),
+                }
+                .spawn()
             })
             .collect();
-        let source_cfgs: Vec<_> = cfg.streams.iter().map(|s| s.source().clone()).collect();
-        let agent_id = cfg.agent.id.clone();
-        let max_bytes = cfg.buffer.max_size.0;
-        let started = status::now_unix();
-        Arc::new(move || {
-            let mut r = AgentStatus {
-                agent_id: agent_id.clone(),
-                pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                started_unix: started,
-                cert_not_after_unix,
-                buffer: BufferStatus {
-                    bytes: buffer.total_bytes(),
-                    max_bytes,
+        drop(commit_tx);
+
+        let reporter = {
+            let throttle = throttle.clone();
+            let buffer = buffer.clone();
+            let board = board.clone();
+            let views: Vec<StreamView> = self
+                .decls
+                .iter()
+                .map(|d| StreamView {
+                    name: d.name.clone(),
+                    kind: d.kind.clone(),
+                    catalog_id: d.catalog_id.clone(),
+                    sharing: ferry_protocol::messages::Sharing::try_from(d.sharing)
+                        .unwrap_or(ferry_protocol::messages::Sharing::Unspecified)
+                        .as_config()
+                        .to_string(),
                     ..Default::default()
-                },
-                streams: views.clone(),
-                ..Default::default()
-            };
-            let lost = buffer.lost_ranges();
-            for (v, sc) in r.streams.iter_mut().zip(&source_cfgs) {
-                v.lost = lost
-                    .get(&v.name)
-                    .map(|l| l.iter().map(|&(a, b)| [a, b]).collect())
-                    .unwrap_or_default();
-                let st = buffer.state(&v.name);
-                v.head_seq = st.head;
-                v.acked_seq = st.acked;
-                v.buffered_batches = st.batches;
-                v.buffered_bytes = st.bytes;
-                v.position = match buffer.position(&v.name) {
-                    Ok(Some(p)) => {
-                        v.gauges = sc
-                            .position_gauges(&p)
-                            .into_iter()
-                            .map(|(k, n)| (k.to_string(), n))
-                            .collect();
-                        sc.describe_position(&p)
-                    }
-                    Ok(None) => "not started".into(),
-                    Err(e) => format!("unreadable: {e}"),
+                })
+                .collect();
+            let source_cfgs: Vec<_> = cfg.streams.iter().map(|s| s.source().clone()).collect();
+            let agent_id = cfg.agent.id.clone();
+            let max_bytes = cfg.buffer.max_size.0;
+            Arc::new(move || {
+                let mut r = AgentStatus {
+                    agent_id: agent_id.clone(),
+                    pid: std::process::id(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    started_unix: started,
+                    cert_not_after_unix,
+                    buffer: BufferStatus {
+                        bytes: buffer.total_bytes(),
+                        max_bytes,
+                        ..Default::default()
+                    },
+                    streams: views.clone(),
+                    ..Default::default()
                 };
-            }
-            board.fill(&mut r);
-            r.bandwidth = throttle.status();
-            r
-        }) as admin::Reporter
-    };
-    let _ = report.set(reporter.clone());
-    let metrics_task = metrics_listener
-        .map(|l| tokio::spawn(metrics::serve(l, reporter.clone(), shutdown.clone())));
-    let admin_task = tokio::spawn(admin::serve(listener, reporter, shutdown.clone()));
+                let lost = buffer.lost_ranges();
+                for (i, v) in r.streams.iter_mut().enumerate() {
+                    v.lost = lost
+                        .get(&v.name)
+                        .map(|l| l.iter().map(|&(a, b)| [a, b]).collect())
+                        .unwrap_or_default();
+                    let st = buffer.state(&v.name);
+                    v.head_seq = st.head;
+                    v.acked_seq = st.acked;
+                    v.buffered_batches = st.batches;
+                    v.buffered_bytes = st.bytes;
+                    let Some(sc) = source_cfgs.get(i) else {
+                        v.position =
+                            "removed from the configuration; shipping what it buffered".into();
+                        continue;
+                    };
+                    v.position = match buffer.position(&v.name) {
+                        Ok(Some(p)) => {
+                            v.gauges = sc
+                                .position_gauges(&p)
+                                .into_iter()
+                                .map(|(k, n)| (k.to_string(), n))
+                                .collect();
+                            sc.describe_position(&p)
+                        }
+                        Ok(None) => "not started".into(),
+                        Err(e) => format!("unreadable: {e}"),
+                    };
+                }
+                board.fill(&mut r);
+                r.bandwidth = throttle.status();
+                r
+            }) as admin::Reporter
+        };
+        let _ = report.set(reporter.clone());
+        Running {
+            shutdown,
+            sources,
+            committer,
+            shipper,
+            reporter,
+        }
+    }
+}
 
-    notify_systemd(&[sd_notify::NotifyState::Ready]);
-    spawn_watchdog(shutdown.clone());
-    info!(
-        agent = %cfg.agent.id,
-        streams = names.len(),
-        data_dir = %data_dir.display(),
-        "agent running"
-    );
+/// A generation's tasks.
+struct Running {
+    shutdown: CancellationToken,
+    sources: Vec<tokio::task::JoinHandle<()>>,
+    committer: tokio::task::JoinHandle<()>,
+    shipper: tokio::task::JoinHandle<()>,
+    reporter: admin::Reporter,
+}
 
-    shutdown.cancelled().await;
-    notify_systemd(&[sd_notify::NotifyState::Stopping]);
-    info!("shutting down");
-    for s in sources {
-        let _ = s.await;
+impl Running {
+    /// Stops in order: the sources (each waits for its commits in flight), then
+    /// the committer with what was handed over, then the shipper.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for s in self.sources {
+            let _ = s.await;
+        }
+        if tokio::time::timeout(Duration::from_secs(30), self.committer)
+            .await
+            .is_err()
+        {
+            warn!("the committer did not finish within 30s");
+        }
+        let _ = self.shipper.await;
     }
-    // Sources are gone, so the committer finishes what was handed over and ends.
-    if tokio::time::timeout(Duration::from_secs(30), committer)
-        .await
-        .is_err()
-    {
-        warn!("the committer did not finish within 30s");
-    }
-    let _ = shipper.await;
-    let _ = admin_task.await;
-    if let Some(t) = metrics_task {
-        let _ = t.await;
-    }
-    let _ = std::fs::remove_file(cfg.admin_socket());
-    tokio::task::spawn_blocking(move || buffer.close()).await??;
-    info!("stopped");
-    Ok(())
 }
 
 fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {

@@ -603,7 +603,7 @@ fn daemon_log_file_is_reopened_on_sigusr1_and_sighup() {
         "the old file has no line of after: {old}"
     );
 
-    // Step 4: SIGHUP reopens too (the agent has no configuration reload).
+    // Step 4: SIGHUP reopens too (and reloads the configuration).
     std::fs::rename(&log, logs.join("agent.log.0")).unwrap();
     daemon.signal(libc::SIGHUP);
     wait_until(SHORT, "the log file reopened on SIGHUP", || {
