@@ -52,9 +52,11 @@ pub enum Command {
         #[arg(long)]
         has_streams: bool,
     },
-    /// Check what the configured sources need on this host and on the databases
-    /// they read (for PostgreSQL: wal_level, slots, privileges, publication, replica
-    /// identity), printing the exact fix for each problem.
+    /// Check the link to the exchange (certificate files and expiry, DNS, a QUIC
+    /// handshake over UDP, TLS over TCP, whether the exchange accepts this agent's
+    /// certificate) and what the configured sources need on this host and on the
+    /// databases they read (for PostgreSQL: wal_level, slots, privileges,
+    /// publication, replica identity), printing the exact fix for each problem.
     Doctor {
         #[arg(long, default_value = "/etc/ferry/agent.toml")]
         config: PathBuf,

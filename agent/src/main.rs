@@ -6,6 +6,7 @@ mod buffer;
 mod cli;
 mod committer;
 mod config;
+mod link_doctor;
 mod logfile;
 mod metrics;
 mod run;
@@ -361,20 +362,27 @@ fn cmd_doctor(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut print = |prefix: &str, c: ferry_adapters::DoctorCheck| {
+        let status = if c.ok { "ok  " } else { "FAIL" };
+        if c.detail.is_empty() {
+            println!("{status}  {prefix}{}", c.name);
+        } else {
+            println!("{status}  {prefix}{}: {}", c.name, c.detail);
+        }
+        if let Some(fix) = c.fix.filter(|_| !c.ok) {
+            println!("      fix: {fix}");
+        }
+        failures += usize::from(!c.ok);
+    };
+    // The link to the exchange: certificates, DNS, QUIC over UDP, TLS over TCP.
+    for c in rt.block_on(link_doctor::checks(&loaded.config)) {
+        print("", c);
+    }
     // Each kind's own checks (`KindConfig::doctor`): a database source's settings
     // and grants, the host's folders and files for the others.
     for s in &loaded.config.streams {
         for c in rt.block_on(s.source().doctor()) {
-            let status = if c.ok { "ok  " } else { "FAIL" };
-            if c.detail.is_empty() {
-                println!("{status}  stream {}: {}", s.name(), c.name);
-            } else {
-                println!("{status}  stream {}: {}: {}", s.name(), c.name, c.detail);
-            }
-            if let Some(fix) = c.fix.filter(|_| !c.ok) {
-                println!("      fix: {fix}");
-            }
-            failures += usize::from(!c.ok);
+            print(&format!("stream {}: ", s.name()), c);
         }
     }
     if failures == 0 {
