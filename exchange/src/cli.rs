@@ -48,6 +48,13 @@ pub enum Command {
         #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
     },
+    /// Validate the configuration as `serve` would, without serving: errors
+    /// name file:line:column, and the TLS files it names (CA, certificate, key,
+    /// revocation list) must load. Exit 78 when it would be refused.
+    CheckConfig {
+        #[arg(long, default_value = SYSTEM_CONFIG)]
+        config: PathBuf,
+    },
     /// Issue an agent's key and certificate and write a starter DIR/agent.toml.
     Enroll {
         #[arg(long, default_value = SYSTEM_CONFIG)]

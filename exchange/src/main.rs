@@ -54,6 +54,7 @@ fn main() -> ExitCode {
             enroll::init(&dir, &store_dir, &names, &listen)
         }
         Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => check_config(&config),
         Command::Enroll {
             config,
             agent_id,
@@ -155,8 +156,30 @@ fn default_store_dir(dir: &Path) -> PathBuf {
     }
 }
 
+/// `check-config`: what `serve` checks before it binds anything.
+fn check_config(path: &Path) -> Result<()> {
+    let cfg = config::load(path).map_err(|e| InvalidConfig(format!("{e:#}")))?;
+    server::check_tls(&cfg).map_err(|e| InvalidConfig(format!("{}: {e:#}", path.display())))?;
+    println!(
+        "{}: OK (listen {}, store {}, {} deliver{})",
+        path.display(),
+        cfg.exchange.listen,
+        cfg.store.dir.display(),
+        cfg.deliveries.len(),
+        if cfg.deliveries.len() == 1 {
+            "y"
+        } else {
+            "ies"
+        }
+    );
+    Ok(())
+}
+
 fn serve(path: &Path) -> Result<()> {
     let cfg = config::load(path).map_err(|e| InvalidConfig(format!("{e:#}")))?;
+    // Files the configuration names that do not load are the configuration's
+    // problem too: exit 78, no restart loop.
+    server::check_tls(&cfg).map_err(|e| InvalidConfig(format!("{}: {e:#}", path.display())))?;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

@@ -326,6 +326,14 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     Ok(())
 }
 
+/// Whether the TLS files (CA, certificate, key, revocation list) load, as
+/// `serve` loads them (`check-config`).
+pub fn check_tls(cfg: &ExchangeConfig) -> Result<()> {
+    quic_config(cfg)?;
+    tcp_config(cfg)?;
+    Ok(())
+}
+
 /// The endpoint's TLS setup, with the revocation list if there is one.
 fn quic_config(cfg: &ExchangeConfig) -> Result<quinn::ServerConfig> {
     let crl = crate::trust::crl_path(cfg);

@@ -379,8 +379,12 @@ fn agent_cmd(args: &[&str], config: &Path) -> Output {
 }
 
 fn exchange_serve(config: &Path) -> Output {
+    exchange_cmd("serve", config)
+}
+
+fn exchange_cmd(sub: &str, config: &Path) -> Output {
     Command::new(bin("ferry-exchange"))
-        .arg("serve")
+        .arg(sub)
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
@@ -450,20 +454,39 @@ fn config_errors_exit_78() {
     assert!(!good.contains("[limits]"), "{good}");
     std::fs::write(&invalid, format!("{good}\n[limits]\nmax_connections = 0\n")).unwrap();
     let nowhere = t.path().join("nowhere").join("exchange.toml");
-    for config in [&unknown, &invalid, &nowhere] {
-        let out = exchange_serve(config);
-        let err = stderr_of(&out);
-        assert_eq!(
-            out.status.code(),
-            Some(EX_CONFIG),
-            "ferry-exchange serve --config {}: {err}",
-            config.display()
-        );
-        assert!(
-            err.contains(&config.display().to_string()),
-            "names the file: {err}"
-        );
+    // A certificate file that is not there: `serve` and `check-config` both
+    // refuse it, naming it.
+    let no_cert = ex.dir.join("exchange-no-cert.toml");
+    let gone = t.path().join("gone.pem");
+    std::fs::write(
+        &no_cert,
+        replace_key(&good, "cert", &format!("\"{}\"", gone.display())),
+    )
+    .unwrap();
+    for config in [&unknown, &invalid, &nowhere, &no_cert] {
+        for sub in ["serve", "check-config"] {
+            let out = exchange_cmd(sub, config);
+            let err = stderr_of(&out);
+            assert_eq!(
+                out.status.code(),
+                Some(EX_CONFIG),
+                "ferry-exchange {sub} --config {}: {err}",
+                config.display()
+            );
+            assert!(
+                err.contains(&config.display().to_string()),
+                "names the file: {err}"
+            );
+        }
     }
+    let err = stderr_of(&exchange_cmd("check-config", &no_cert));
+    assert!(err.contains("gone.pem"), "names the certificate: {err}");
+    let out = exchange_cmd("check-config", &ex.config);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(": OK"),
+        "{}",
+        stderr_of(&out)
+    );
 
     // Not the configuration's fault: a second exchange on a store one already
     // serves (the store is locked) is refused with status 1.
