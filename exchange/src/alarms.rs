@@ -6,7 +6,8 @@
 //! condition that stays true stays one alarm. When the condition ends the alarm
 //! clears and moves to the history; an operator acknowledges an active alarm with
 //! a note, which stays with it. Raised and cleared alarms go to the journal
-//! (`ALARM` at warn level). State is this node's, kept in `alarms.json` in the
+//! (`ALARM` at warn level) and, with `[dashboard] alarm_webhook`, to a webhook
+//! (`webhook.rs`). State is this node's, kept in `alarms.json` in the
 //! store directory (written whole, atomically, on every change) so a restart
 //! keeps acknowledgements and history.
 
@@ -77,6 +78,8 @@ impl Book {
 pub struct Alarms {
     book: Mutex<Book>,
     path: PathBuf,
+    /// `[dashboard] alarm_webhook`, once set.
+    webhook: std::sync::OnceLock<crate::webhook::Webhook>,
 }
 
 /// A condition that holds now.
@@ -102,7 +105,19 @@ impl Alarms {
         Arc::new(Alarms {
             book: Mutex::new(book),
             path,
+            webhook: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sends every alarm raised, acknowledged or cleared from now on to `w` too.
+    pub fn set_webhook(&self, w: crate::webhook::Webhook) {
+        let _ = self.webhook.set(w);
+    }
+
+    fn notify(&self, event: &str, alarm: &Alarm) {
+        if let Some(w) = self.webhook.get() {
+            w.send(event, alarm);
+        }
     }
 
     /// The active alarms, newest first (no copy of the history).
@@ -140,6 +155,7 @@ impl Alarms {
         let a = a.clone();
         info!(alarm = %id, by, note, "alarm acknowledged");
         self.save(&b);
+        self.notify("acknowledged", &a);
         Ok(a)
     }
 
@@ -164,6 +180,7 @@ impl Alarms {
             if let Some(mut a) = b.active.remove(&id) {
                 a.cleared_unix_ms = Some(now);
                 warn!(alarm = %a.id, kind = %a.kind, agent = %a.agent, stream = %a.stream, "ALARM cleared: {}", a.message);
+                self.notify("cleared", &a);
                 b.history.push_back(a);
                 if b.history.len() > HISTORY {
                     b.history.pop_front();
@@ -181,19 +198,18 @@ impl Alarms {
                 }
                 None => {
                     warn!(alarm = %id, kind = c.kind, agent = %c.agent, stream = %c.stream, "ALARM: {}", c.message);
-                    b.active.insert(
-                        id.clone(),
-                        Alarm {
-                            id,
-                            kind: c.kind.to_string(),
-                            agent: c.agent,
-                            stream: c.stream,
-                            message: c.message,
-                            since_unix_ms: now,
-                            cleared_unix_ms: None,
-                            acknowledged: None,
-                        },
-                    );
+                    let a = Alarm {
+                        id: id.clone(),
+                        kind: c.kind.to_string(),
+                        agent: c.agent,
+                        stream: c.stream,
+                        message: c.message,
+                        since_unix_ms: now,
+                        cleared_unix_ms: None,
+                        acknowledged: None,
+                    };
+                    self.notify("raised", &a);
+                    b.active.insert(id, a);
                     changed = true;
                 }
             }

@@ -69,6 +69,12 @@ pub struct DashboardSection {
     /// Idle web sessions end after this.
     #[serde(default = "default_session_idle", with = "humantime_serde_lite")]
     pub session_idle: std::time::Duration,
+    /// `http://` or `https://` URL every raised and cleared alarm is POSTed to,
+    /// as JSON (`webhook.rs`); unset: none.
+    pub alarm_webhook: Option<String>,
+    /// PEM file of the CA that signed an `https://` webhook's certificate;
+    /// unset: the public web roots.
+    pub alarm_webhook_ca: Option<PathBuf>,
 }
 
 impl Default for DashboardSection {
@@ -82,6 +88,8 @@ impl Default for DashboardSection {
             cert_expiry_alarm: default_cert_alarm(),
             retained_wal_alarm: default_wal_alarm(),
             session_idle: default_session_idle(),
+            alarm_webhook: None,
+            alarm_webhook_ca: None,
         }
     }
 }
@@ -478,6 +486,7 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
         cfg.store.tls_ca.as_mut(),
         cfg.dashboard.cert.as_mut(),
         cfg.dashboard.key.as_mut(),
+        cfg.dashboard.alarm_webhook_ca.as_mut(),
     ]
     .into_iter()
     .flatten()
@@ -496,6 +505,14 @@ pub fn load(path: &Path) -> Result<ExchangeConfig> {
                 path.display()
             )
         })?;
+    }
+    if let Some(url) = &d.alarm_webhook {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            anyhow::bail!(
+                "{}: [dashboard] alarm_webhook {url:?} is not an http:// or https:// URL",
+                path.display()
+            );
+        }
     }
     if let Some(listen) = &cfg.metrics.listen {
         listen.parse::<std::net::SocketAddr>().map_err(|_| {

@@ -17,6 +17,7 @@ mod store;
 mod trust;
 mod users;
 mod watchdog;
+mod webhook;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

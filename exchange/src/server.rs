@@ -154,6 +154,13 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
         )
     });
     let alarms = crate::alarms::Alarms::open(&cfg.store.dir);
+    if let Some(url) = &cfg.dashboard.alarm_webhook {
+        alarms.set_webhook(crate::webhook::Webhook::start(
+            url,
+            cfg.dashboard.alarm_webhook_ca.as_deref(),
+            &cfg.exchange.public_address,
+        )?);
+    }
     let alarm_task = crate::alarms::start(
         alarms.clone(),
         store.clone(),
