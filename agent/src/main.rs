@@ -227,6 +227,16 @@ fn reload_on_sighup(
     })
 }
 
+/// A one-thread runtime for a command that talks to the agent or a database;
+/// `None` (said on stderr) when the system cannot start one.
+fn small_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("ferry-agent: {e}"))
+        .ok()
+}
+
 /// `reload`: exit 0 when the running agent took the file, 78 when the file (or
 /// the agent) refused it, 3 when no agent runs.
 fn cmd_reload(path: &Path) -> ExitCode {
@@ -239,15 +249,8 @@ fn cmd_reload(path: &Path) -> ExitCode {
         }
     };
     let socket = loaded.config.admin_socket();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ferry-agent: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = small_runtime() else {
+        return ExitCode::FAILURE;
     };
     match rt.block_on(admin::reload(&socket)) {
         Ok(admin::ReloadAnswer::Reloaded(changes)) => {
@@ -352,15 +355,8 @@ fn cmd_doctor(path: &Path) -> ExitCode {
     for w in &loaded.warnings {
         println!("FAIL  {w}");
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ferry-agent: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = small_runtime() else {
+        return ExitCode::FAILURE;
     };
     let mut print = |prefix: &str, c: ferry_adapters::DoctorCheck| {
         let status = if c.ok { "ok  " } else { "FAIL" };
@@ -468,15 +464,8 @@ fn cmd_status(path: &Path, json: bool) -> ExitCode {
         }
     };
     let socket = loaded.config.admin_socket();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ferry-agent: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = small_runtime() else {
+        return ExitCode::FAILURE;
     };
     let report = match rt.block_on(admin::query(&socket)) {
         Ok(r) => r,
