@@ -876,3 +876,82 @@ async fn tls_checks_the_server_as_sslmode_says() {
         run.stop().await.unwrap_err();
     }
 }
+
+/// Settings that work but risk detail or the agent's place: `doctor` reports
+/// each with its fix, and a stream still starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_advises_on_row_image_metadata_and_retention() {
+    let (db, cfg, _dir) = setup();
+    db.sql(
+        "SET GLOBAL binlog_row_image = 'MINIMAL'; SET GLOBAL binlog_row_metadata = 'MINIMAL';
+         SET GLOBAL binlog_expire_logs_seconds = 86400;",
+    );
+    let checks = cfg.doctor().await;
+    for (name, fix) in [
+        ("binlog row image", "binlog_row_image = 'FULL'"),
+        ("binlog row metadata", "binlog_row_metadata = 'FULL'"),
+        ("binlog retention", "binlog_expire_logs_seconds = 604800"),
+    ] {
+        let c = checks
+            .iter()
+            .find(|c| c.name.ends_with(name))
+            .unwrap_or_else(|| panic!("no check {name}: {checks:?}"));
+        assert!(!c.ok, "{c:?}");
+        assert!(c.fix.as_deref().unwrap_or("").contains(fix), "{c:?}");
+    }
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the stream to start anyway", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    run.stop().await.unwrap_err();
+    db.sql(
+        "SET GLOBAL binlog_row_image = 'FULL'; SET GLOBAL binlog_row_metadata = 'FULL';
+         SET GLOBAL binlog_expire_logs_seconds = 0;",
+    );
+    let checks = cfg.doctor().await;
+    assert!(checks.iter().all(|c| c.ok), "{checks:?}");
+}
+
+/// Binlogs purged past the stored position: the stream stops loudly (fatal,
+/// with the choices), never silently skipping what was in them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_position_stops_the_stream_loudly() {
+    let (db, cfg, _dir) = setup();
+    let store = Store::new();
+    let mut run = start(&store, &cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    run.stop().await.unwrap_err();
+    let before = store.commits();
+    db.sql("INSERT INTO shop.place (id, name_utf8) VALUES (1, 'lost')");
+    db.sql("FLUSH BINARY LOGS; FLUSH BINARY LOGS;");
+    let last = db.sql("SHOW MASTER STATUS");
+    let file = last.split('\t').next().unwrap().to_string();
+    // The server keeps a file a replica's dump thread still reads (the stopped
+    // source's may linger a moment): purge until the old files are gone.
+    for _ in 0..100 {
+        db.sql(&format!("PURGE BINARY LOGS TO '{file}'"));
+        if db.sql("SHOW BINARY LOGS").lines().count() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(db.sql("SHOW BINARY LOGS").lines().count(), 1, "purged");
+    let e = start(&store, &cfg).ended(30).await.unwrap_err();
+    let text = e.to_string();
+    assert!(e.is_fatal(), "{e}");
+    assert!(
+        text.contains("no longer has binlog") && text.contains("lost") && text.contains("snapshot"),
+        "{e}"
+    );
+    assert_eq!(
+        store.commits(),
+        before,
+        "nothing was committed past the gap"
+    );
+    assert!(rows(&store.records()).is_empty());
+}

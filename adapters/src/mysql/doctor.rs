@@ -31,6 +31,18 @@ pub(crate) async fn is_mariadb(c: &mut Conn) -> Result<bool, SourceError> {
         .is_some_and(|v| v.contains("MariaDB")))
 }
 
+/// Checks `doctor` reports but a starting stream does not stop for.
+const ADVISORY: &[&str] = &[
+    "privileges",
+    "binlog row image",
+    "binlog row metadata",
+    "replica server ids",
+    "binlog retention",
+];
+
+/// Binlogs kept for less than this are reported (seconds).
+const RETENTION: u64 = 7 * 86_400;
+
 /// Runs every check; `Err` only when the server cannot be asked at all.
 pub(crate) async fn problems(
     c: &mut Conn,
@@ -69,6 +81,73 @@ pub(crate) async fn problems(
                 cfg.server_id
             ),
             fix: "choose another source.server_id, unique among the server's replicas".into(),
+        }),
+    ));
+    // Advisory (`doctor` only, see `ADVISORY`): what works but risks loss of
+    // detail, a clash, or the agent's place in the binlog.
+    let image = variable(c, "binlog_row_image").await?.unwrap_or_default();
+    out.push((
+        "binlog row image",
+        (!image.is_empty() && !image.eq_ignore_ascii_case("FULL")).then(|| Problem {
+            check: "binlog row image",
+            detail: format!(
+                "binlog_row_image is {image}: updates carry only the changed columns (the others arrive as unchanged) and deletes only the key"
+            ),
+            fix: "SET GLOBAL binlog_row_image = 'FULL' (and binlog_row_image = FULL in the server's configuration)".into(),
+        }),
+    ));
+    let metadata = variable(c, "binlog_row_metadata")
+        .await?
+        .unwrap_or_default();
+    out.push((
+        "binlog row metadata",
+        (!metadata.is_empty() && !metadata.eq_ignore_ascii_case("FULL")).then(|| Problem {
+            check: "binlog row metadata",
+            detail: format!(
+                "binlog_row_metadata is {metadata}: rows the agent reads only after their table was altered cannot be labelled, and stop the stream"
+            ),
+            fix: "SET GLOBAL binlog_row_metadata = 'FULL' (and binlog_row_metadata = FULL in the server's configuration)".into(),
+        }),
+    ));
+    let replicas: Vec<mysql_async::Row> = c.query("SHOW SLAVE HOSTS").await.unwrap_or_default();
+    let clash = replicas
+        .iter()
+        .any(|r| r.get::<Option<u32>, _>(0).flatten() == Some(cfg.server_id));
+    out.push((
+        "replica server ids",
+        clash.then(|| Problem {
+            check: "replica server ids",
+            detail: format!(
+                "a replica with server id {} is connected to the server (SHOW SLAVE HOSTS); if it is not this agent, the two keep disconnecting each other",
+                cfg.server_id
+            ),
+            fix: "give source.server_id a number no replica of this server uses".into(),
+        }),
+    ));
+    let days: f64 = variable(c, "expire_logs_days")
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let seconds: u64 = variable(c, "binlog_expire_logs_seconds")
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let kept = if seconds > 0 {
+        seconds
+    } else {
+        (days * 86_400.0) as u64
+    };
+    out.push((
+        "binlog retention",
+        (kept > 0 && kept < RETENTION).then(|| Problem {
+            check: "binlog retention",
+            detail: format!(
+                "the server purges binlogs after {:.1} days: an agent that cannot read for longer (a network outage, a long weekend) loses its place and its stream stops",
+                kept as f64 / 86_400.0
+            ),
+            fix: format!(
+                "SET GLOBAL binlog_expire_logs_seconds = {RETENTION} (7 days; expire_logs_days = 7 on older servers), and the same in the server's configuration"
+            ),
         }),
     ));
     let grants: Vec<String> = c
@@ -144,7 +223,7 @@ pub(crate) async fn problems(
 /// stop a stream that works.
 pub(crate) async fn preflight(c: &mut Conn, cfg: &MysqlConfig) -> Result<(), SourceError> {
     for (check, p) in problems(c, cfg).await? {
-        if let Some(p) = p.filter(|_| check != "privileges") {
+        if let Some(p) = p.filter(|_| !ADVISORY.contains(&check)) {
             return Err(p.fatal());
         }
     }

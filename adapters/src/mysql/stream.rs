@@ -65,6 +65,7 @@ pub(crate) async fn run(cfg: MysqlConfig, ctx: SourceContext) -> Result<(), Sour
     };
     let gtid = GtidState::parse(&start.gtid)
         .map_err(|e| SourceError::Fatal(format!("the stored mysql position: {e}")))?;
+    still_there(&mut sql, &start).await?;
 
     let mut binlog = conn::connect(&opts, &dsn).await?;
     let mut setup = vec![
@@ -116,6 +117,40 @@ pub(crate) async fn run(cfg: MysqlConfig, ctx: SourceContext) -> Result<(), Sour
         inflight: Inflight::new(INFLIGHT),
     };
     reader.run(stream).await
+}
+
+/// Refuses a position in a binlog file the server no longer has (purged, or
+/// another server): what was between is lost, and reading on from the next
+/// file would hide that. The server says so itself when asked for the stream,
+/// but not always in words (MariaDB may just close the connection), so the
+/// files are looked at first. Without the privilege to list them the server's
+/// own answer decides.
+async fn still_there(sql: &mut Conn, p: &MyPosition) -> Result<(), SourceError> {
+    let files: Vec<mysql_async::Row> = match sql.query("SHOW BINARY LOGS").await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(error = %e, "SHOW BINARY LOGS refused; the binlog request will tell");
+            return Ok(());
+        }
+    };
+    let names: Vec<String> = files
+        .iter()
+        .filter_map(|r| r.get::<Option<String>, _>(0).flatten())
+        .collect();
+    if names.is_empty() || names.iter().any(|n| n == &p.file) {
+        return Ok(());
+    }
+    Err(SourceError::Fatal(format!(
+        "the server no longer has binlog {} that the stored position {} is in (it keeps {} to {}): the changes \
+         between that position and the oldest binlog are lost, and the stream does not skip them silently. Choose: \
+         copy the tables again (stop the agent, give the stream a new name in agent.toml with snapshot = \"initial\", \
+         start it), or accept the gap the same way with snapshot = \"never\"; keep binlogs longer \
+         (binlog_expire_logs_seconds) so it does not happen again",
+        p.file,
+        p.at(),
+        names.first().map_or("", String::as_str),
+        names.last().map_or("", String::as_str),
+    )))
 }
 
 /// `SHOW MASTER STATUS` (`SHOW BINARY LOG STATUS` on MySQL 8.4+), with the

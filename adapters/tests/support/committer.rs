@@ -118,9 +118,14 @@ impl Store {
         });
         let stop = shutdown.clone();
         let source = tokio::spawn(async move {
-            supervise(&*source, context, &stop, |_| {})
-                .await
-                .into_result()
+            supervise(&*source, context, &stop, |e| {
+                // Shown with --nocapture: why a source was restarted.
+                if let ferry_adapters::Event::Failed { error, .. } = e {
+                    eprintln!("source failed (restarting): {error}");
+                }
+            })
+            .await
+            .into_result()
         });
         Running {
             shutdown,
