@@ -312,7 +312,8 @@ pub struct Postgres;
 /// The gauges a postgres position holds.
 const GAUGES: &[GaugeDef] = &[
     (
-        "postgres_retained_wal_bytes",
+        // The exchange alarms on it by this name.
+        ferry_protocol::messages::RETAINED_WAL_GAUGE,
         "WAL the stream's replication slot keeps on the database server, bytes",
     ),
     (

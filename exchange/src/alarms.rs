@@ -325,7 +325,7 @@ fn conditions(
                     ),
                 );
             }
-            if let Some(&wal) = s.gauges.get("retained_wal_bytes") {
+            if let Some(&wal) = s.gauges.get(ferry_protocol::messages::RETAINED_WAL_GAUGE) {
                 if wal > cfg.retained_wal_alarm {
                     push(
                         "retained_wal",
@@ -416,6 +416,48 @@ mod tests {
             stream: String::new(),
             message: format!("{kind} of {agent}"),
         }
+    }
+
+    /// The conditions read the heartbeat's figures by the names the sources
+    /// give them: a PostgreSQL slot retaining more WAL than the threshold
+    /// raises `retained_wal`.
+    #[test]
+    fn a_slot_retaining_too_much_wal_raises_an_alarm() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::Embedded::open(&dir.path().join("store"), 1 << 20).unwrap());
+        let cfg = DashboardSection::default();
+        let now = now_unix_ms();
+        let stream = crate::store::StreamHeartbeat {
+            name: "person".into(),
+            kind: "postgres".into(),
+            gauges: [(
+                ferry_protocol::messages::RETAINED_WAL_GAUGE.to_string(),
+                cfg.retained_wal_alarm + 1,
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        store
+            .put_agent(&crate::store::AgentRecord {
+                agent_id: "a1".into(),
+                last_seen_unix_ms: now,
+                status: Some(crate::store::Heartbeat {
+                    received_unix_ms: now,
+                    streams: vec![stream],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .unwrap();
+        let c = conditions(&store, &Fleet::default(), &Statuses::default(), &cfg, now);
+        assert!(
+            c.iter()
+                .any(|c| c.kind == "retained_wal" && c.agent == "a1" && c.stream == "person"),
+            "{:?}",
+            c.iter().map(|c| (c.kind, &c.message)).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -143,6 +143,11 @@ pub struct Welcome {
     pub exchange: String,
 }
 
+/// The [`StreamStatus`] gauge a source reports the write-ahead log its
+/// replication slot retains on the database server under (bytes); the
+/// exchange alarms when it passes `[dashboard] retained_wal_alarm`.
+pub const RETAINED_WAL_GAUGE: &str = "postgres_retained_wal_bytes";
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StreamStatus {
     #[prost(string, tag = "1")]

@@ -140,7 +140,7 @@ pub(crate) fn gauges(bytes: &[u8]) -> crate::Gauges {
         }
     };
     if let Some(r) = retained {
-        g.push(("postgres_retained_wal_bytes", r));
+        g.push((ferry_protocol::messages::RETAINED_WAL_GAUGE, r));
     }
     g
 }

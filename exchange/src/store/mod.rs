@@ -200,7 +200,7 @@ pub struct StreamHeartbeat {
     pub ship_error: String,
     /// Seq ranges declared lost, `[from, to]`.
     pub lost: Vec<[u64; 2]>,
-    /// Figures of the source's position (PostgreSQL: `retained_wal_bytes`, ...).
+    /// Figures of the source's position (PostgreSQL: `postgres_retained_wal_bytes`, ...).
     pub gauges: std::collections::BTreeMap<String, u64>,
 }
 
