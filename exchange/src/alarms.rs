@@ -47,7 +47,15 @@ pub struct Alarm {
     pub agent: String,
     /// Empty for alarms about the whole agent.
     pub stream: String,
+    /// In English, for the journal, the webhook and scripts.
     pub message: String,
+    /// The message's catalogue key (`alarm_text.KEY` in the dashboard's
+    /// catalogues) and its values, so each operator reads it in their
+    /// language; empty where the text comes from elsewhere (a source's error).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub text_key: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub args: BTreeMap<String, String>,
     pub since_unix_ms: u64,
     /// Set once the condition ended.
     pub cleared_unix_ms: Option<u64>,
@@ -87,7 +95,36 @@ struct Condition {
     kind: &'static str,
     agent: String,
     stream: String,
-    message: String,
+    message: Text,
+}
+
+/// An alarm's message: English text, and its catalogue key and values.
+struct Text {
+    english: String,
+    key: &'static str,
+    args: BTreeMap<String, String>,
+}
+
+impl Text {
+    fn new(key: &'static str, args: &[(&str, String)], english: String) -> Text {
+        Text {
+            english,
+            key,
+            args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Text from elsewhere (an agent's or a delivery's error), as it is.
+    fn verbatim(english: String) -> Text {
+        Text {
+            english,
+            key: "",
+            args: BTreeMap::new(),
+        }
+    }
 }
 
 impl Alarms {
@@ -191,19 +228,23 @@ impl Alarms {
         for (id, c) in holding {
             match b.active.get_mut(&id) {
                 Some(a) => {
-                    if a.message != c.message {
-                        a.message = c.message;
+                    if a.message != c.message.english {
+                        a.message = c.message.english;
+                        a.text_key = c.message.key.to_string();
+                        a.args = c.message.args;
                         changed = true;
                     }
                 }
                 None => {
-                    warn!(alarm = %id, kind = c.kind, agent = %c.agent, stream = %c.stream, "ALARM: {}", c.message);
+                    warn!(alarm = %id, kind = c.kind, agent = %c.agent, stream = %c.stream, "ALARM: {}", c.message.english);
                     let a = Alarm {
                         id: id.clone(),
                         kind: c.kind.to_string(),
                         agent: c.agent,
                         stream: c.stream,
-                        message: c.message,
+                        message: c.message.english,
+                        text_key: c.message.key.to_string(),
+                        args: c.message.args,
                         since_unix_ms: now,
                         cleared_unix_ms: None,
                         acknowledged: None,
@@ -240,7 +281,7 @@ fn conditions(
     now: u64,
 ) -> Vec<Condition> {
     let mut out = Vec::new();
-    let mut push = |kind, agent: &str, stream: &str, message: String| {
+    let mut push = |kind, agent: &str, stream: &str, message: Text| {
         out.push(Condition {
             kind,
             agent: agent.to_string(),
@@ -256,15 +297,18 @@ fn conditions(
         let a = rec.agent_id.as_str();
         let conn = fleet.connection(rec, now, cfg.offline_after);
         if conn.state == State::Offline {
+            let since = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(conn.since_unix_ms),
+            )
+            .to_string();
             push(
                 "offline",
                 a,
                 "",
-                format!(
-                    "no connection since {}",
-                    humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + Duration::from_millis(conn.since_unix_ms)
-                    )
+                Text::new(
+                    "offline",
+                    &[("since_ms", conn.since_unix_ms.to_string())],
+                    format!("no connection since {since}"),
                 ),
             );
         }
@@ -275,11 +319,18 @@ fn conditions(
                 a,
                 "",
                 if hb.disk_low {
-                    "the agent's disk is nearly full".into()
+                    Text::new("disk_low", &[], "the agent's disk is nearly full".into())
                 } else {
-                    format!(
-                        "the agent's buffer is full ({} of {} bytes)",
-                        hb.buffer_bytes, hb.buffer_max_bytes
+                    Text::new(
+                        "buffer_full",
+                        &[
+                            ("bytes", hb.buffer_bytes.to_string()),
+                            ("max", hb.buffer_max_bytes.to_string()),
+                        ],
+                        format!(
+                            "the agent's buffer is full ({} of {} bytes)",
+                            hb.buffer_bytes, hb.buffer_max_bytes
+                        ),
                     )
                 },
             );
@@ -288,9 +339,16 @@ fn conditions(
                 "buffer_full",
                 a,
                 "",
-                format!(
-                    "the agent's buffer is above 80 % ({} of {} bytes)",
-                    hb.buffer_bytes, hb.buffer_max_bytes
+                Text::new(
+                    "buffer_high",
+                    &[
+                        ("bytes", hb.buffer_bytes.to_string()),
+                        ("max", hb.buffer_max_bytes.to_string()),
+                    ],
+                    format!(
+                        "the agent's buffer is above 80 % ({} of {} bytes)",
+                        hb.buffer_bytes, hb.buffer_max_bytes
+                    ),
                 ),
             );
         }
@@ -298,15 +356,18 @@ fn conditions(
         if hb.cert_not_after_unix > 0
             && expires_ms.saturating_sub(now) < cfg.cert_expiry_alarm.as_millis() as u64
         {
+            let at = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(hb.cert_not_after_unix),
+            )
+            .to_string();
             push(
                 "cert_expiring",
                 a,
                 "",
-                format!(
-                    "the agent's certificate expires {}",
-                    humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + Duration::from_secs(hb.cert_not_after_unix)
-                    )
+                Text::new(
+                    "cert_expiring",
+                    &[("at_ms", (hb.cert_not_after_unix * 1000).to_string())],
+                    format!("the agent's certificate expires {at}"),
                 ),
             );
         }
@@ -316,12 +377,21 @@ fn conditions(
                     "backlog",
                     a,
                     &s.name,
-                    format!(
-                        "{} bytes in {} batches wait at the agent (seqs {}..{})",
-                        s.buffered_bytes,
-                        s.buffered_batches,
-                        s.acked_seq + 1,
-                        s.head_seq
+                    Text::new(
+                        "backlog",
+                        &[
+                            ("bytes", s.buffered_bytes.to_string()),
+                            ("batches", s.buffered_batches.to_string()),
+                            ("from", (s.acked_seq + 1).to_string()),
+                            ("to", s.head_seq.to_string()),
+                        ],
+                        format!(
+                            "{} bytes in {} batches wait at the agent (seqs {}..{})",
+                            s.buffered_bytes,
+                            s.buffered_batches,
+                            s.acked_seq + 1,
+                            s.head_seq
+                        ),
                     ),
                 );
             }
@@ -331,12 +401,16 @@ fn conditions(
                         "retained_wal",
                         a,
                         &s.name,
-                        format!("the replication slot retains {wal} bytes of WAL"),
+                        Text::new(
+                            "retained_wal",
+                            &[("bytes", wal.to_string())],
+                            format!("the replication slot retains {wal} bytes of WAL"),
+                        ),
                     );
                 }
             }
             if !s.error.is_empty() {
-                push("source_error", a, &s.name, s.error.clone());
+                push("source_error", a, &s.name, Text::verbatim(s.error.clone()));
             }
             if !s.lost.is_empty() {
                 let ranges: Vec<String> =
@@ -345,7 +419,11 @@ fn conditions(
                     "seq_gap",
                     a,
                     &s.name,
-                    format!("seqs declared lost: {}", ranges.join(", ")),
+                    Text::new(
+                        "seq_gap",
+                        &[("ranges", ranges.join(", "))],
+                        format!("seqs declared lost: {}", ranges.join(", ")),
+                    ),
                 );
             }
         }
@@ -353,7 +431,7 @@ fn conditions(
     match store.holds() {
         Ok(holds) => {
             for (agent, stream, hold) in holds {
-                push("held", &agent, &stream, hold.reason.clone());
+                push("held", &agent, &stream, Text::verbatim(hold.reason.clone()));
             }
         }
         Err(e) => warn!(error = %e, "alarms: cannot read held streams"),
@@ -364,7 +442,7 @@ fn conditions(
                 "delivery",
                 &d.agent,
                 &d.stream,
-                format!("delivery {}: {e}", d.delivery),
+                Text::verbatim(format!("delivery {}: {e}", d.delivery)),
             );
         }
     }
@@ -414,7 +492,7 @@ mod tests {
             kind,
             agent: agent.into(),
             stream: String::new(),
-            message: format!("{kind} of {agent}"),
+            message: Text::verbatim(format!("{kind} of {agent}")),
         }
     }
 
@@ -456,7 +534,9 @@ mod tests {
             c.iter()
                 .any(|c| c.kind == "retained_wal" && c.agent == "a1" && c.stream == "person"),
             "{:?}",
-            c.iter().map(|c| (c.kind, &c.message)).collect::<Vec<_>>()
+            c.iter()
+                .map(|c| (c.kind, &c.message.english))
+                .collect::<Vec<_>>()
         );
     }
 

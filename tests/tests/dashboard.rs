@@ -372,10 +372,12 @@ fn operators_watch_the_fleet_in_a_real_browser() {
             .click()
             .await
             .unwrap();
-        wait_text(&c, "main table", SHORT, |t| {
+        let table = wait_text(&c, "main table", SHORT, |t| {
             t.contains("duty 已确认：城东机房断电，已通知")
         })
         .await;
+        // The message itself in the user's language too.
+        assert!(table.contains("起没有连接"), "{table}");
         shot(&c, "3-alarm-acknowledged").await;
 
         // English and back, per user.
@@ -387,6 +389,10 @@ fn operators_watch_the_fleet_in_a_real_browser() {
             .unwrap();
         wait_text(&c, "#nav-alarms", SHORT, |t| t == "Alarms").await;
         wait_text(&c, "main h1", SHORT, |t| t == "Alarms").await;
+        wait_text(&c, "main table", SHORT, |t| {
+            t.contains("no connection since")
+        })
+        .await;
         shot(&c, "4-english").await;
         c.find(Locator::Css("#lang"))
             .await

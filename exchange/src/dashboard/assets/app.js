@@ -198,6 +198,17 @@ async function historyCharts(id) {
   return out.length ? out : [el("p", { class: "muted" }, t("chart.none"))];
 }
 
+// An alarm's message in the user's language: its catalogue text with its
+// values, else (a source's own error text) as the exchange has it.
+// Values named *_ms are times (Unix ms), shown as every other time is.
+function alarmText(x) {
+  const key = x.text_key ? "alarm_text." + x.text_key : "";
+  if (!key || !S.t[key]) return x.message;
+  const args = {};
+  for (const [k, v] of Object.entries(x.args || {})) args[k] = k.endsWith("_ms") ? time(Number(v)) : v;
+  return t(key, args);
+}
+
 function alarmTable(list, again) {
   const canAck = S.user.role === "admin" || S.user.role === "operator";
   return table([
@@ -205,7 +216,7 @@ function alarmTable(list, again) {
     { title: "col.agent", cell: x => el("a", { href: "#/agent/" + encodeURIComponent(x.agent) }, x.agent) },
     { title: "col.stream", cell: x => x.stream },
     { title: "col.since", cell: x => time(x.since_unix_ms) },
-    { title: "col.message", cell: x => x.message },
+    { title: "col.message", cell: x => alarmText(x) },
     { title: "col.ack", cell: x => {
       if (x.acknowledged) return t("alarms.acked_by", { by: x.acknowledged.by, note: x.acknowledged.note });
       if (!x.active || !canAck) return "";
