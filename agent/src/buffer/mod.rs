@@ -164,6 +164,10 @@ pub struct Buffer {
     doomed: Mutex<Vec<u64>>,
     syncer: Mutex<Syncer>,
     streams: Mutex<BTreeMap<String, StreamState>>,
+    /// Each stream's last durable source position: what `p:` holds once the
+    /// sync after its write returned, published with the heads (readers never
+    /// see a position before it is durable, nor ahead of its seqs).
+    positions: Mutex<BTreeMap<String, Vec<u8>>>,
     /// Per stream: seqs lost to damage, `from → to` (see `salvage`).
     lost: Mutex<BTreeMap<String, BTreeMap<u64, u64>>>,
     total_bytes: AtomicU64,
@@ -272,12 +276,20 @@ impl Buffer {
             doomed: Mutex::new(Vec::new()),
             syncer: Mutex::new(syncer),
             streams: Mutex::new(BTreeMap::new()),
+            positions: Mutex::new(BTreeMap::new()),
             lost: Mutex::new(BTreeMap::new()),
             total_bytes: AtomicU64::new(0),
             incarnation,
             poisoned: std::sync::atomic::AtomicBool::new(false),
             rejected: Mutex::new(Default::default()),
         };
+        for kv in buffer.db.scan_prefix(b"p:") {
+            let (k, v) = kv.map_err(sled_err)?;
+            let stream = String::from_utf8_lossy(&k[2..]).into_owned();
+            if let Ok(mut p) = buffer.positions.lock() {
+                p.insert(stream, v.to_vec());
+            }
+        }
         for kv in buffer.db.scan_prefix(b"r:") {
             let (k, _) = kv.map_err(sled_err)?;
             let rest = &k[2..];
@@ -529,11 +541,11 @@ impl Buffer {
 
     /// The last durable position of a stream's source.
     pub fn position(&self, stream: &str) -> Result<Option<Vec<u8>>, BufferError> {
-        Ok(self
-            .db
-            .get(prefixed(b"p:", stream))
-            .map_err(|e| self.sled_err(e))?
-            .map(|v| v.to_vec()))
+        let p = self
+            .positions
+            .lock()
+            .map_err(|_| self.damaged("buffer position lock poisoned".into()))?;
+        Ok(p.get(stream).cloned())
     }
 
     /// Writes every item atomically per item, then makes them all durable with one
@@ -661,11 +673,19 @@ impl Buffer {
             .streams
             .lock()
             .map_err(|_| self.damaged("buffer state lock poisoned".into()))?;
+        let mut positions = self
+            .positions
+            .lock()
+            .map_err(|_| self.damaged("buffer position lock poisoned".into()))?;
         for (name, delta) in heads {
             let st = streams.entry(name).or_default();
             st.head = delta.head;
             st.batches += delta.batches;
             st.bytes += delta.bytes;
+        }
+        // In item order: the last item of a stream holds its newest position.
+        for item in items {
+            positions.insert(item.stream.to_string(), item.position.to_vec());
         }
         self.total_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(out)
