@@ -18,13 +18,9 @@ pub fn bin(name: &str) -> PathBuf {
     exe.parent().unwrap().join(name)
 }
 
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A port free for UDP and TCP (the exchange listens on both): the tests'
+/// own choice, below the ephemeral range.
+pub use crate::free_udp_port;
 
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();

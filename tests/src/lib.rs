@@ -147,10 +147,6 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A port on 127.0.0.1 free right now for UDP and for TCP (the exchange listens
-/// on both), chosen *below* the kernel's ephemeral
-/// range: agents open a new ephemeral UDP socket on every reconnect, and an
-/// exchange restarted on a port from that range could find it taken by one of them.
 /// A free TCP port on loopback (bound, then released).
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -175,6 +171,10 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
+/// A port on 127.0.0.1 free right now for UDP and for TCP (the exchange listens
+/// on both), chosen *below* the kernel's ephemeral
+/// range: agents open a new ephemeral UDP socket on every reconnect, and an
+/// exchange restarted on a port from that range could find it taken by one of them.
 pub fn free_udp_port() -> u16 {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
