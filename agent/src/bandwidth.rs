@@ -216,7 +216,15 @@ pub struct Throttle {
     held_ns: AtomicU64,
     /// (connection, its wire counter) up to which the cap was charged.
     charged: Mutex<(usize, u64)>,
+    /// Bytes sent but not yet charged: less than one [`UNIT`].
+    uncharged: AtomicU64,
 }
+
+/// The limiter counts in units of this many bytes. What is sent is charged
+/// whole units at a time, the rest carried to the next charge: rounding each
+/// charge up made the agent send measurably less than its cap (up to a unit
+/// per charge).
+const UNIT: u64 = 256;
 
 impl Throttle {
     pub fn new(schedule: Schedule) -> Throttle {
@@ -226,6 +234,7 @@ impl Throttle {
             sent: AtomicU64::new(0),
             held_ns: AtomicU64::new(0),
             charged: Mutex::new((0, 0)),
+            uncharged: AtomicU64::new(0),
         }
     }
 
@@ -244,9 +253,9 @@ impl Throttle {
         };
         if cur.0 != cap || cur.2.is_none() && cap.is_some() {
             let limiter = cap.and_then(|c| {
-                let kib = NonZeroU32::new(u32::try_from((c / 1024).max(1)).unwrap_or(u32::MAX))?;
+                let units = NonZeroU32::new(u32::try_from((c / UNIT).max(1)).unwrap_or(u32::MAX))?;
                 Some(std::sync::Arc::new(RateLimiter::direct(Quota::per_second(
-                    kib,
+                    units,
                 ))))
             });
             *cur = (cap, rule, limiter);
@@ -279,17 +288,20 @@ impl Throttle {
         let (cap, Some(limiter)) = self.limiter() else {
             return;
         };
-        let burst = cap.map_or(1, |c| (c / 1024).max(1)) as u32;
-        let mut kib = bytes.div_ceil(1024) as u32;
+        let burst = u32::try_from(cap.map_or(1, |c| (c / UNIT).max(1))).unwrap_or(u32::MAX);
+        let owed = self.uncharged.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        let whole = owed / UNIT;
+        self.uncharged.fetch_sub(whole * UNIT, Ordering::Relaxed);
+        let mut units = u32::try_from(whole).unwrap_or(u32::MAX);
         let started = Instant::now();
-        while kib > 0 {
-            let n = kib.min(burst);
+        while units > 0 {
+            let n = units.min(burst);
             if let Some(n) = NonZeroU32::new(n) {
                 if limiter.until_n_ready(n).await.is_err() {
                     break;
                 }
             }
-            kib -= n;
+            units -= n;
         }
         let waited = started.elapsed();
         if waited > Duration::from_millis(1) {
@@ -402,6 +414,23 @@ mod tests {
             assert!(e.contains(want), "{e}");
         }
         assert!(toml::from_str::<T>("[bandwidth]\nlimit = \"10\"").is_err());
+    }
+
+    /// Sent in pieces of a datagram's size, the rate is the cap, not less:
+    /// each piece used to be charged rounded up to a whole KiB (1,500 bytes
+    /// as 2,048: a third under the cap).
+    #[tokio::test]
+    async fn small_pieces_are_charged_what_they_are() {
+        let t = Throttle::new(sched("[bandwidth]\nlimit = \"200KB\"", 0));
+        // The limiter's first second is a burst: spend it.
+        t.take(200_000).await;
+        let started = Instant::now();
+        for _ in 0..133 {
+            t.take(1500).await;
+        }
+        let took = started.elapsed().as_secs_f64();
+        // 199,500 bytes at 200,000 bytes/s.
+        assert!((0.85..1.25).contains(&took), "{took}");
     }
 
     #[tokio::test]
