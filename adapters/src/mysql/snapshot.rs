@@ -219,11 +219,13 @@ async fn copy(
             };
             let Some(row) = row else { break };
             block.push(row.unwrap(), &mut pending)?;
-            if block.rows_in_piece >= cfg.snapshot_chunk_rows
+            let state = pos.snapshot.as_mut().ok_or(SourceError::Shutdown)?;
+            // Rows since the last piece was cut, raw rows included.
+            let in_piece = block.index - state.rows_done;
+            if in_piece >= cfg.snapshot_chunk_rows as u64
                 || pending.len() + block.text.len() >= PIECE_BYTES
             {
                 block.finish(&mut pending)?;
-                let state = pos.snapshot.as_mut().ok_or(SourceError::Shutdown)?;
                 copied += block.index - state.rows_done;
                 state.rows_done = block.index;
                 state.last_key = block.last_key.clone();
@@ -404,8 +406,6 @@ struct Block<'a> {
     rows: u32,
     /// The table-copy row number of the next row.
     index: u64,
-    /// Rows since the last piece was cut.
-    rows_in_piece: usize,
     last_key: Option<Vec<KeyValue>>,
     fields: Vec<Field>,
 }
@@ -420,7 +420,6 @@ impl<'a> Block<'a> {
             first: index,
             rows: 0,
             index,
-            rows_in_piece: 0,
             last_key: None,
             fields: Vec::with_capacity(shape.cols.len()),
         }
@@ -475,7 +474,6 @@ impl<'a> Block<'a> {
             pending.push(&row);
             self.index += 1;
             self.first = self.index;
-            self.rows_in_piece += 1;
             return Ok(());
         }
         let start = self.text.len();
@@ -509,13 +507,11 @@ impl<'a> Block<'a> {
         }
         self.rows += 1;
         self.index += 1;
-        self.rows_in_piece += 1;
         Ok(())
     }
 
     /// Appends the block's rows, if any, to `pending` as one [`Rows`] record.
     fn finish(&mut self, pending: &mut RecordBuf) -> Result<(), SourceError> {
-        self.rows_in_piece = 0;
         if self.rows == 0 {
             return Ok(());
         }
