@@ -496,6 +496,15 @@ impl Exchange {
         json_lines(&run_ok(&mut self.cli("deliveries")))
     }
 
+    /// `deliveries`, or `None` when the command fails (e.g. while a crashed
+    /// exchange is starting again).
+    pub fn try_deliveries(&self) -> Option<Vec<Value>> {
+        let out = self.cli("deliveries").output().ok()?;
+        out.status
+            .success()
+            .then(|| json_lines(&String::from_utf8_lossy(&out.stdout)))
+    }
+
     /// Points `[store]` at a JetStream server (`kind = "jetstream"`).
     pub fn use_jetstream(&self, url: &str, monitor: &str) {
         let cfg = std::fs::read_to_string(&self.config).unwrap_or_default();

@@ -108,7 +108,13 @@ fn received_files_are_delivered_whole_through_exchange_crashes() {
             ex.spawn();
         }
         let got = tree(&out);
-        (got == want).then_some(got)
+        // Caught up too: a delivery still applying chunks would meet its
+        // armed failpoint, and the SIGTERM below could crash the exchange.
+        let caught_up = || {
+            ex.try_deliveries()
+                .is_some_and(|l| l.len() == 3 && l.iter().all(|v| v["lag_records"] == 0))
+        };
+        (got == want && caught_up()).then_some(got)
     });
     note(format!(
         "{} files delivered; the exchange crashed {crashes} times in the window",

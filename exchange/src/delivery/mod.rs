@@ -318,28 +318,18 @@ async fn run(
 ) {
     let sub = Subscription::new(&d);
     let mut changes = store.subscribe();
-    let mut sink: Option<Sink> = None;
-    let mut cursors: HashMap<(String, String), u64> = HashMap::new();
-    let mut stopped: HashSet<(String, String)> = HashSet::new();
+    let mut progress = Progress::default();
     let mut backoff = Duration::from_millis(500);
     info!(delivery = %d.name, kind = ?d.kind, "delivery started");
     while !shutdown.is_cancelled() {
         changes.borrow_and_update();
-        let (progressed, failed) = match pass(
-            &d,
-            &sub,
-            &store,
-            &statuses,
-            &mut sink,
-            &mut cursors,
-            &mut stopped,
-        )
-        .await
+        let (progressed, failed) = match pass(&d, &sub, &store, &statuses, &mut progress, &shutdown)
+            .await
         {
             Ok(p) => (p, false),
             Err(e) => {
                 warn!(delivery = %d.name, error = %e, retry_in = ?backoff, "delivery failed; retrying");
-                sink = None;
+                progress.sink = None;
                 (false, true)
             }
         };
@@ -363,17 +353,35 @@ async fn run(
     info!(delivery = %d.name, "delivery stopped");
 }
 
+/// What a delivery keeps between passes.
+#[derive(Default)]
+struct Progress {
+    /// Open while it works; dropped (to reconnect) on an error.
+    sink: Option<Sink>,
+    /// Each stream's checkpoint, once read from the sink.
+    cursors: HashMap<(String, String), u64>,
+    /// Streams stopped on a fatal error until an operator acts.
+    stopped: HashSet<(String, String)>,
+}
+
 /// One pass over every stream the delivery receives. `Ok(true)` when it
-/// delivered or passed anything; an `Err` drops the sink (reconnect).
+/// delivered or passed anything; an `Err` drops the sink (reconnect). Once
+/// `shutdown` is cancelled no further chunk is applied: a chunk is applied
+/// whole with its checkpoint, so stopping between chunks loses nothing, and a
+/// stopping exchange does not first work through its whole backlog.
 async fn pass(
     d: &DeliverySection,
     sub: &Subscription,
     store: &SharedStore,
     statuses: &Statuses,
-    sink: &mut Option<Sink>,
-    cursors: &mut HashMap<(String, String), u64>,
-    stopped: &mut HashSet<(String, String)>,
+    progress: &mut Progress,
+    shutdown: &CancellationToken,
 ) -> Result<bool, DeliveryError> {
+    let Progress {
+        sink,
+        cursors,
+        stopped,
+    } = progress;
     let sink = match sink {
         Some(s) => s,
         None => sink.insert(Sink::open(d).await?),
@@ -387,6 +395,9 @@ async fn pass(
     };
     let mut progressed = false;
     for info in streams {
+        if shutdown.is_cancelled() {
+            break;
+        }
         let key = (info.agent.clone(), info.stream.clone());
         if !sub.names(&info.agent, &info.stream) || stopped.contains(&key) {
             continue;
@@ -426,6 +437,9 @@ async fn pass(
         let mut next = Some(read(cursor));
         for _ in 0..CHUNKS_PER_PASS {
             let Some(reading) = next.take() else { break };
+            if shutdown.is_cancelled() {
+                break;
+            }
             let chunk = reading
                 .await
                 .map_err(|e| DeliveryError::Retry(format!("reading the store: {e}")))??;

@@ -153,3 +153,55 @@ fn retention_removes_only_what_every_delivery_passed() {
     assert_eq!(*r[0].as_ref().unwrap(), 45);
     assert_eq!(seqs(&store), (41..=45).collect::<Vec<_>>());
 }
+
+/// A stopping exchange applies no further chunk: a pass begun with its
+/// shutdown cancelled delivers nothing of a backlog of several chunks (it
+/// used to work through up to 16 chunks per stream first), and the same pass
+/// with a live token takes the whole backlog.
+#[tokio::test]
+async fn a_pass_applies_no_chunk_once_the_exchange_is_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore =
+        Arc::new(crate::store::Embedded::open(&dir.path().join("store"), 1 << 20).unwrap());
+    let backlog = 3 * CHUNK_RECORDS as u64;
+    for first in (1..=backlog).step_by(5_000) {
+        store.commit_group(&[line_batch(first, 5_000)]);
+    }
+    let mut d = delivery(&["a1/s"]);
+    d.path = Some(dir.path().join("out"));
+    let sub = Subscription::new(&d);
+    let statuses = Statuses::default();
+    let mut progress = Progress::default();
+    let stopping = CancellationToken::new();
+    stopping.cancel();
+    let progressed = pass(&d, &sub, &store, &statuses, &mut progress, &stopping)
+        .await
+        .unwrap();
+    assert!(!progressed);
+    assert_eq!(
+        progress
+            .sink
+            .as_mut()
+            .unwrap()
+            .checkpoint("a1", "s")
+            .await
+            .unwrap(),
+        0
+    );
+
+    let live = CancellationToken::new();
+    let progressed = pass(&d, &sub, &store, &statuses, &mut progress, &live)
+        .await
+        .unwrap();
+    assert!(progressed);
+    assert_eq!(
+        progress
+            .sink
+            .as_mut()
+            .unwrap()
+            .checkpoint("a1", "s")
+            .await
+            .unwrap(),
+        backlog
+    );
+}
