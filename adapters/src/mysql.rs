@@ -33,11 +33,15 @@
 //!   naming it): `mysql_common` 0.37 decodes their negative values wrongly.
 //!
 //!   The changes of one transaction are contiguous, share `txn` (MariaDB's GTID
-//!   `domain-server-seq`, MySQL's `uuid:gno`, empty without GTIDs) and
-//!   `position` (the UTF-8 bytes of `file:pos`, the binlog position right after
-//!   the event that committed the transaction), are numbered by `change_index`,
+//!   `domain-server-seq`, MySQL's `uuid:gno`, empty without GTIDs),
+//!   `position` (the UTF-8 bytes of `file:pos`, the binlog position where the
+//!   transaction's first event begins: its GTID event, or `BEGIN`) and
+//!   `commit_time_unix_us` (MySQL's commit timestamp from its GTID event; on
+//!   MariaDB the time of its GTID event, which the server writes when the
+//!   transaction commits, in whole seconds), are numbered by `change_index`,
 //!   and the last one has `last_in_txn`. Only committed transactions are in a
-//!   binary log.
+//!   binary log, so a transaction is shipped while it is read: `position` and
+//!   the commit time are what its first event states, not its commit event.
 //! * [`Table`](ferry_protocol::messages::Table) before the first row of each
 //!   table and whenever its shape (names, types, character sets, key flags)
 //!   changes, right before the first row with the new shape. `key` marks the
@@ -74,7 +78,7 @@
 //!
 //! ```json
 //! {"file":"binlog.000002","pos":1234,"gtid":"0-1-13",
-//!  "partial":{"end":"binlog.000002:9876","done":10000},
+//!  "partial":{"begin":"binlog.000002:1234","done":10000},
 //!  "schemas":{"shop.orders":"9f86d081884c7d65"}}
 //! ```
 //!
@@ -83,9 +87,10 @@
 //! MariaDB GTID state at that point, one `domain-server-seq` per replication
 //! domain, comma-separated (with one domain: the last transaction's GTID); empty
 //! on MySQL and on a MariaDB without GTIDs. `partial` names a transaction too big
-//! for one commit (more than 10,000 changes or 4 MiB), by the position its commit
-//! ends at: its first `done` changes are durable. `schemas` holds a fingerprint
-//! of the shape last shipped per table.
+//! for one commit (more than 10,000 changes or 4 MiB), the first one after
+//! `file`/`pos`, by the position of its first event (`begin`, as its changes
+//! carry it): its first `done` changes are durable. `schemas` holds a
+//! fingerprint of the shape last shipped per table.
 //!
 //! While an initial snapshot runs the position also holds
 //! `"snapshot":{"tables":[...],"table":0,"last_key":[{"text":"42"}],"rows_done":
@@ -133,10 +138,14 @@
 //!    at the snapshot's position, above).
 //! 3. A stored position the server no longer has (binlogs purged, a GTID not in
 //!    its binlogs) is refused with a fatal error: what was between is gone.
-//! 4. A transaction is held in memory until its commit event (the binary log
-//!    holds nothing of a transaction before it commits, so nothing is waited for
-//!    that may never come); one larger than 1 GiB of records stops the stream
-//!    (fatal) instead of exhausting memory. XA transactions (`XA PREPARE`, then
+//! 4. Memory does not grow with a transaction: the binary log holds a
+//!    transaction only once it committed, so its changes are committed to the
+//!    buffer in pieces as they are read, each with a `partial` position, and
+//!    only the last change read waits (to learn whether it is the last). The
+//!    commit event commits the last piece with the position after it. A new
+//!    instance checks that the first transaction it reads is the one `partial`
+//!    names (else the binlog is not the one the position came from: fatal) and
+//!    skips its first `done` changes. XA transactions (`XA PREPARE`, then
 //!    a separate `XA COMMIT`) are not supported: one that touches a captured
 //!    table stops the stream (fatal) rather than lose or misplace its changes.
 //!

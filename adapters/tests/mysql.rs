@@ -301,7 +301,9 @@ async fn a_crash_and_rotations_lose_and_repeat_nothing() {
     );
     run.ended(60).await.unwrap_err();
     let p = store.position().unwrap();
-    assert_eq!(p["partial"]["done"].as_u64(), Some(10_000), "{p}");
+    // The first piece: the changes read when it passed 10,000, but the last.
+    let done = p["partial"]["done"].as_u64().unwrap();
+    assert!((10_000..12_000).contains(&done), "{p}");
 
     // While the source is down: more changes and another rotation.
     db.sql("UPDATE shop.place SET amount = amount * 2 WHERE id BETWEEN 1001 AND 1100");

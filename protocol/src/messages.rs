@@ -590,9 +590,10 @@ pub struct Row {
     /// xid in decimal; MySQL: the GTID); empty for snapshot rows.
     #[prost(string, tag = "4")]
     pub txn: String,
-    /// The source position of the transaction's commit, opaque to everyone but
-    /// the source kind named in `source` (PostgreSQL: the commit LSN, 8 bytes
-    /// big-endian, so byte order is LSN order).
+    /// The source position of the transaction, opaque to everyone but the
+    /// source kind named in `source` (PostgreSQL: the commit LSN, 8 bytes
+    /// big-endian, so byte order is LSN order; MySQL: `file:pos` of the
+    /// transaction's first binlog event).
     #[prost(bytes = "vec", tag = "5")]
     pub position: Vec<u8>,
     /// Commit time, microseconds since the Unix epoch (0 when unknown).

@@ -594,6 +594,22 @@ impl Exchange {
         from: u64,
         mut each: impl FnMut(u64, &str),
     ) -> u64 {
+        self.each_record_from(agent, stream, from, |seq, v| {
+            if let Some(t) = v.get("text").and_then(Value::as_str) {
+                each(seq, t);
+            }
+        })
+    }
+
+    /// Streams the records `from..` to `each` (seq, record as `records`
+    /// prints it) without holding them all. Returns the seq after the last one.
+    pub fn each_record_from(
+        &self,
+        agent: &str,
+        stream: &str,
+        from: u64,
+        mut each: impl FnMut(u64, &Value),
+    ) -> u64 {
         use std::io::BufRead;
         let mut child = self
             .records_cmd(agent, stream, from)
@@ -606,9 +622,7 @@ impl Exchange {
             let line = line.expect("reading records");
             let v: Value = serde_json::from_str(&line).expect("a JSON record");
             let seq = v["seq"].as_u64().expect("seq");
-            if let Some(t) = v.get("text").and_then(Value::as_str) {
-                each(seq, t);
-            }
+            each(seq, &v);
             next = seq + 1;
         }
         assert!(

@@ -289,3 +289,123 @@ fn a_lossy_cut_link_and_a_killed_exchange_lose_and_repeat_nothing() {
     converge(&ex, &mut agent, &db, writing);
     note(format!("proxy: {:?}", proxy.stats()));
 }
+
+/// One transaction of 1,000,000 rows: the agent commits it in pieces as it
+/// reads it (it never holds the whole transaction), is killed with `kill -9`
+/// while pieces of it are durable and the rest is not, and resumes inside it.
+/// Every row arrives at the exchange exactly once, numbered 0..1,000,000 in
+/// its transaction, the last one marked last; no gap.
+#[test]
+fn a_million_row_transaction_is_captured_in_pieces_through_kills() {
+    const BIG: u64 = 1_000_000;
+    let t = TestDir::new("mysql-big-txn");
+    let db = MariaDb::start();
+    db.replication_user("shop", "ferry", "s3cret");
+    db.sql("CREATE TABLE shop.big (id BIGINT PRIMARY KEY, v VARCHAR(16) CHARACTER SET gbk)");
+    let pw = t.path().join("mysql.pass");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let ex = Exchange::start_new(&t.mkdir("exchange"));
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    agent.add_stream(
+        &mysql_stream(&db.dsn("ferry", "shop"), &pw, "snapshot = \"never\"")
+            .replace("shop.person", "shop.big"),
+    );
+    agent.start();
+    wait_until(LONG, "the starting position durable", || {
+        agent.stream_status(STREAM)["position"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("binlog"))
+    });
+    db.sql(&format!(
+        "INSERT INTO shop.big SELECT seq, CONCAT('沈', seq) FROM shop.seq_1_to_{BIG}"
+    ));
+    // Killed while the transaction is part durable, each time further in.
+    let mut kills = 0;
+    let mut peak_kib = 0;
+    let mut last_done = 0u64;
+    while kills < 3 {
+        let pos = wait_until_value(&mut agent, |p| {
+            let done = p
+                .split_once("; ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())?;
+            (p.contains("of the transaction beginning at") && done > last_done)
+                .then_some((p.to_string(), done))
+        });
+        let Some((pos, done)) = pos else { break };
+        last_done = done;
+        if let Some(pid) = agent.pid() {
+            peak_kib = peak_kib.max(ferry_tests::bench::rss_kib(pid as u32, "VmHWM:"));
+        }
+        note(format!("kill -9 at {pos}"));
+        agent.kill9();
+        agent.start();
+        kills += 1;
+    }
+    assert!(
+        kills >= 1,
+        "the agent was never killed inside the transaction"
+    );
+    wait_until(LONG, "the whole transaction acknowledged", || {
+        let s = agent.stream_status(STREAM);
+        s["acked_seq"] == s["head_seq"]
+            && s["position"].as_str().is_some_and(|p| !p.contains("; "))
+            && s["head_seq"].as_u64().unwrap_or(0) >= BIG
+    });
+    if let Some(pid) = agent.pid() {
+        peak_kib = peak_kib.max(ferry_tests::bench::rss_kib(pid as u32, "VmHWM:"));
+    }
+    let mut seen = vec![false; BIG as usize];
+    let (mut rows, mut last_flags, mut txns) = (0u64, 0, HashSet::new());
+    ex.each_record_from(AGENT, STREAM, 1, |seq, r| {
+        let Some(row) = r.get("row") else { return };
+        let id: u64 = row["columns"]["id"].as_str().unwrap().parse().unwrap();
+        let change = row["change"].as_u64().unwrap();
+        assert_eq!(change, id - 1, "seq {seq}: row {id} numbered {change}");
+        assert!(
+            !std::mem::replace(&mut seen[change as usize], true),
+            "row {id} twice"
+        );
+        if row["last_in_txn"] == true {
+            last_flags += 1;
+            assert_eq!(id, BIG, "seq {seq}: only the last row is marked last");
+        }
+        assert_eq!(row["columns"]["v"], format!("沈{id}"));
+        txns.insert(row["source_position"].as_str().unwrap().to_string());
+        rows += 1;
+    });
+    assert_eq!(rows, BIG, "every row once");
+    assert_eq!(last_flags, 1);
+    assert_eq!(txns.len(), 1, "one transaction: {txns:?}");
+    assert!(ex.gaps(AGENT, STREAM).is_empty());
+    note(format!(
+        "{kills} kills inside the transaction; agent peak RSS {} MiB",
+        peak_kib / 1024
+    ));
+    // The whole transaction as records would be about a gigabyte in memory.
+    assert!(
+        peak_kib < 256 * 1024,
+        "the agent's peak RSS was {peak_kib} KiB: it held the transaction"
+    );
+}
+
+/// Polls the stream's position line until `f` takes it; `None` once the
+/// position no longer names a transaction in pieces (it ended).
+fn wait_until_value<T>(agent: &mut Agent, f: impl Fn(&str) -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + LONG;
+    while std::time::Instant::now() < deadline {
+        let s = agent.stream_status(STREAM);
+        let pos = s["position"].as_str().unwrap_or_default().to_string();
+        if let Some(v) = f(&pos) {
+            return Some(v);
+        }
+        if s["acked_seq"] == s["head_seq"]
+            && s["head_seq"].as_u64().unwrap_or(0) > 0
+            && !pos.contains("; ")
+        {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the stream's position never moved on");
+}

@@ -53,11 +53,12 @@ pub(crate) enum KeyValue {
 }
 
 /// A transaction committed to the buffer in pieces: its first `done` changes
-/// are durable. `end` is the `file:pos` its commit event ends at.
+/// are durable. `begin` is the `file:pos` of its first event (the position
+/// its changes carry); the transaction is the first one after `file`/`pos`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Partial {
-    pub end: String,
+    pub begin: String,
     pub done: u32,
 }
 
@@ -108,8 +109,8 @@ pub(crate) fn describe(position: &[u8]) -> String {
             }
             if let Some(part) = &p.partial {
                 s.push_str(&format!(
-                    "; {} changes of the transaction ending at {} durable",
-                    part.done, part.end
+                    "; {} changes of the transaction beginning at {} durable",
+                    part.done, part.begin
                 ));
             }
             s
@@ -151,7 +152,7 @@ mod tests {
             pos: 1234,
             gtid: "0-1-13".into(),
             partial: Some(Partial {
-                end: "binlog.000042:9876".into(),
+                begin: "binlog.000042:1234".into(),
                 done: 10000,
             }),
             schemas: BTreeMap::new(),
@@ -161,7 +162,7 @@ mod tests {
         assert_eq!(MyPosition::decode(&b).unwrap(), p);
         assert_eq!(
             describe(&b),
-            "binlog binlog.000042:1234, gtid 0-1-13; 10000 changes of the transaction ending at binlog.000042:9876 durable"
+            "binlog binlog.000042:1234, gtid 0-1-13; 10000 changes of the transaction beginning at binlog.000042:1234 durable"
         );
         assert_eq!(
             gauges(&b),

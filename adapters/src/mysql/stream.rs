@@ -24,8 +24,6 @@ use crate::{now_unix_ms, Inflight, SourceContext, SourceError};
 const MAX_PIECE_ROWS: usize = 10_000;
 /// ...or about this many bytes of records.
 const MAX_PIECE_BYTES: usize = 4 << 20;
-/// A transaction held in memory may not grow past this (module doc, invariant 4).
-const MAX_TXN_BYTES: usize = 1 << 30;
 /// The server is asked for a heartbeat every second; this much silence means
 /// the connection is gone.
 const SILENCE: Duration = Duration::from_secs(30);
@@ -107,6 +105,7 @@ pub(crate) async fn run(cfg: MysqlConfig, ctx: SourceContext) -> Result<(), Sour
         seen_fde: false,
         shipped: start.schemas.clone(),
         resume_partial: start.partial.clone(),
+        event_start: 0,
         submitted: start.clone(),
         read: start,
         gtid,
@@ -203,20 +202,31 @@ pub(crate) async fn gtid_at(sql: &mut Conn, file: &str, pos: u64) -> Result<Stri
     Ok(g.flatten().unwrap_or_default())
 }
 
-/// A transaction being read.
+/// A transaction being read. The binary log holds only committed
+/// transactions, so its changes go to the buffer in pieces as they are read
+/// (module doc, invariant 4); the last change read waits in `piece` until the
+/// next one or the commit event says whether it is the last (`last_in_txn`).
 struct Txn {
     /// `Row::txn`.
     id: String,
     mariadb_gtid: Option<Gtid>,
     /// Inside `BEGIN ... COMMIT` (else a lone statement, ended by its query).
     began: bool,
-    records: Vec<Record>,
-    /// Table records among `records`: index → (table, fingerprint).
-    tables: HashMap<usize, (String, String)>,
+    /// `file:pos` of its first event: `Row::position`, and what a `partial`
+    /// position names it by.
+    begin: String,
+    /// `Row::commit_time_unix_us`.
+    commit_us: i64,
+    /// Records read and not submitted yet.
+    piece: Vec<Record>,
+    piece_rows: usize,
+    piece_bytes: usize,
+    /// Changes read, skipped ones included (the next `change_index`).
     changes: u32,
-    bytes: usize,
-    /// `shipped` when the transaction began.
-    shipped_before: BTreeMap<String, String>,
+    /// Its first changes, durable before this source instance began.
+    skip: u32,
+    /// Whether a piece of it was submitted.
+    split: bool,
 }
 
 struct Reader<'a> {
@@ -245,7 +255,11 @@ struct Reader<'a> {
     /// A DDL statement went by: shapes are read again at the next table map.
     stale: bool,
     txn: Option<Txn>,
+    /// A transaction of which the stored position says the first changes are
+    /// durable: the first one read, checked and skipped by `begin`.
     resume_partial: Option<Partial>,
+    /// `pos` of the event being read.
+    event_start: u64,
     inflight: Inflight<()>,
 }
 
@@ -308,6 +322,10 @@ impl Reader<'_> {
     async fn event(&mut self, stream: &BinlogStream, ev: Event) -> Result<(), SourceError> {
         let h = ev.header();
         let log_pos = u64::from(h.log_pos());
+        self.event_start = log_pos.saturating_sub(u64::from(h.event_size()));
+        // MariaDB writes its GTID event at commit (the time of the statement
+        // that committed); MySQL's GTID event states the commit time itself.
+        let header_us = i64::from(h.timestamp()) * 1_000_000;
         if h.event_type_raw() == MARIADB_GTID {
             let (g, standalone) = parse_gtid_event(ev.data(), h.server_id()).ok_or_else(|| {
                 SourceError::Other(format!(
@@ -315,7 +333,7 @@ impl Reader<'_> {
                     self.at(log_pos)
                 ))
             })?;
-            self.begin(g.to_string(), Some(g), !standalone)?;
+            self.begin(g.to_string(), Some(g), !standalone, header_us)?;
             return Ok(());
         }
         let data = match ev.read_data() {
@@ -349,25 +367,31 @@ impl Reader<'_> {
                 }
                 tracing::debug!(file = %self.file, fake = log_pos == 0, "binlog rotate");
             }
-            EventData::GtidEvent(g) => self.begin(mysql_gtid(g.sid(), g.gno()), None, false)?,
+            EventData::GtidEvent(g) => {
+                let commit_us = match i64::try_from(g.immediate_commit_timestamp()) {
+                    Ok(us) if us > 0 => us,
+                    _ => header_us,
+                };
+                self.begin(mysql_gtid(g.sid(), g.gno()), None, false, commit_us)?
+            }
             EventData::QueryEvent(q) => {
                 let text = q.query();
                 let s = text.trim();
                 if s.eq_ignore_ascii_case("BEGIN") {
                     match &mut self.txn {
                         Some(t) => t.began = true,
-                        None => self.begin(String::new(), None, true)?,
+                        None => self.begin(String::new(), None, true, header_us)?,
                     }
                 } else if s.eq_ignore_ascii_case("COMMIT") || s.eq_ignore_ascii_case("ROLLBACK") {
                     // A ROLLBACK in the binlog only follows changes to
                     // non-transactional tables, which did happen.
-                    self.finish(log_pos, h.timestamp()).await?;
+                    self.finish(log_pos).await?;
                 } else {
                     // DDL (or another statement logged as text).
                     self.stale = true;
                     match &self.txn {
                         Some(t) if t.began => {}
-                        Some(_) => self.finish(log_pos, h.timestamp()).await?,
+                        Some(_) => self.finish(log_pos).await?,
                         None => {
                             self.read.file = self.file.clone();
                             self.read.pos = log_pos;
@@ -375,9 +399,12 @@ impl Reader<'_> {
                     }
                 }
             }
-            EventData::XidEvent(_) => self.finish(log_pos, h.timestamp()).await?,
+            EventData::XidEvent(_) => self.finish(log_pos).await?,
             EventData::TableMapEvent(t) => self.table_map(&t, log_pos).await?,
-            EventData::RowsEvent(re) => self.rows(stream, &re, log_pos)?,
+            EventData::RowsEvent(re) => {
+                self.rows(stream, &re, log_pos, header_us)?;
+                self.submit_piece().await?;
+            }
             _ => {}
         }
         Ok(())
@@ -391,6 +418,7 @@ impl Reader<'_> {
         id: String,
         mariadb_gtid: Option<Gtid>,
         began: bool,
+        commit_us: i64,
     ) -> Result<(), SourceError> {
         if let Some(open) = self.txn.as_ref().filter(|t| t.changes > 0) {
             return Err(SourceError::Fatal(format!(
@@ -399,15 +427,31 @@ impl Reader<'_> {
                 open.id, self.file
             )));
         }
+        let begin = self.at(self.event_start);
+        let mut skip = 0;
+        if let Some(p) = self.resume_partial.take() {
+            if p.begin != begin {
+                return Err(SourceError::Fatal(format!(
+                    "the stored position says the first {} changes of the transaction beginning at {} are durable, \
+                     but the binlog's next transaction begins at {begin}: the server's binlog is not the one \
+                     the position was taken from",
+                    p.done, p.begin
+                )));
+            }
+            skip = p.done;
+        }
         self.txn = Some(Txn {
             id,
             mariadb_gtid,
             began,
-            records: Vec::new(),
-            tables: HashMap::new(),
+            begin,
+            commit_us,
+            piece: Vec::new(),
+            piece_rows: 0,
+            piece_bytes: 0,
             changes: 0,
-            bytes: 0,
-            shipped_before: self.shipped.clone(),
+            skip,
+            split: false,
         });
         Ok(())
     }
@@ -475,6 +519,7 @@ impl Reader<'_> {
         stream: &BinlogStream,
         re: &RowsEventData<'_>,
         log_pos: u64,
+        header_us: i64,
     ) -> Result<(), SourceError> {
         let Some(tme) = stream.get_tme(re.table_id()) else {
             return Err(SourceError::Other(format!(
@@ -494,21 +539,20 @@ impl Reader<'_> {
             )));
         };
         if self.txn.is_none() {
-            self.begin(String::new(), None, false)?;
+            self.begin(String::new(), None, false, header_us)?;
         }
         let at = self.at(log_pos);
         let ship_table = self.shipped.get(&name) != Some(&fp);
         if ship_table {
-            self.shipped.insert(name.clone(), fp.clone());
+            self.shipped.insert(name.clone(), fp);
         }
         let Some(txn) = self.txn.as_mut() else {
             return Ok(());
         };
         if ship_table {
-            let r = shape.table_record(&at);
-            txn.tables.insert(txn.records.len(), (name.clone(), fp));
-            txn.bytes += prost::Message::encoded_len(&r);
-            txn.records.push(r);
+            let r = shape.table_record(&txn.begin);
+            txn.piece_bytes += prost::Message::encoded_len(&r);
+            txn.piece.push(r);
         }
         let op = match re {
             RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => RowOp::Insert,
@@ -525,6 +569,11 @@ impl Reader<'_> {
             let (before, after) = row.map_err(|e| {
                 SourceError::Other(format!("a row of {name} at {at} does not decode: {e}"))
             })?;
+            if txn.changes < txn.skip {
+                // Durable before this instance began (a split transaction).
+                txn.changes += 1;
+                continue;
+            }
             let bad = |e: String| SourceError::Fatal(format!("{name} at {at}: {e}"));
             let before = before
                 .map(|b| image(&shape, &b, before_bits.as_deref()))
@@ -577,14 +626,14 @@ impl Reader<'_> {
             }
             let r = Record {
                 time_unix_ms: now_unix_ms(),
-                position: String::new(),
+                position: format!("{} n={}", txn.begin, txn.changes),
                 body: Some(record::Body::Row(Row {
                     schema: shape.database.clone(),
                     table: shape.table.clone(),
                     op: op as i32,
                     txn: txn.id.clone(),
-                    position: Vec::new(),
-                    commit_time_unix_us: 0,
+                    position: txn.begin.as_bytes().to_vec(),
+                    commit_time_unix_us: txn.commit_us,
                     change_index: txn.changes,
                     last_in_txn: false,
                     snapshot: false,
@@ -595,47 +644,57 @@ impl Reader<'_> {
                 })),
             };
             txn.changes += 1;
-            txn.bytes += prost::Message::encoded_len(&r);
-            txn.records.push(r);
-            if txn.bytes > MAX_TXN_BYTES {
-                return Err(SourceError::Fatal(format!(
-                    "transaction {} at {at} holds more than {} MiB of changes of the captured tables, \
-                     more than the mysql source keeps in memory; it cannot be captured",
-                    txn.id,
-                    MAX_TXN_BYTES >> 20
-                )));
-            }
+            txn.piece_rows += 1;
+            txn.piece_bytes += prost::Message::encoded_len(&r);
+            txn.piece.push(r);
         }
         Ok(())
     }
 
-    /// The transaction ends with the event ending at `log_pos`: stamp its rows
-    /// and commit them, in pieces if large, with the position after it.
-    async fn finish(&mut self, log_pos: u64, timestamp: u32) -> Result<(), SourceError> {
-        let Some(txn) = self.txn.take() else {
+    /// Submits the open transaction's piece once it is full, all but its last
+    /// change, with a position naming the transaction and how many of its
+    /// changes are durable with the piece.
+    async fn submit_piece(&mut self) -> Result<(), SourceError> {
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(());
+        };
+        if txn.piece_rows <= MAX_PIECE_ROWS && txn.piece_bytes <= MAX_PIECE_BYTES {
+            return Ok(());
+        }
+        // The last record is a change (rows events end with their rows).
+        let Some(held) = txn.piece.pop() else {
+            return Ok(());
+        };
+        let Some(record::Body::Row(row)) = held.body.as_ref() else {
+            txn.piece.push(held);
+            return Ok(());
+        };
+        let done = row.change_index;
+        txn.piece_rows = 1;
+        txn.piece_bytes = prost::Message::encoded_len(&held);
+        txn.split = true;
+        let piece = std::mem::replace(&mut txn.piece, vec![held]);
+        // Every table record read so far is in this piece or an earlier one.
+        let p = MyPosition {
+            partial: Some(Partial {
+                begin: txn.begin.clone(),
+                done,
+            }),
+            schemas: self.shipped.clone(),
+            ..self.read.clone()
+        };
+        self.submit(piece, p).await
+    }
+
+    /// The transaction ends with the event ending at `log_pos`: its last
+    /// piece is committed with the position after it.
+    async fn finish(&mut self, log_pos: u64) -> Result<(), SourceError> {
+        let Some(mut txn) = self.txn.take() else {
             return Ok(());
         };
         if let Some(g) = txn.mariadb_gtid {
             self.gtid.advance(g);
         }
-        let end = self.at(log_pos);
-        let mut skip = 0;
-        if let Some(p) = self.resume_partial.take() {
-            if p.end != end {
-                return Err(SourceError::Fatal(format!(
-                    "the stored position says the first {} changes of the transaction ending at {} are durable, \
-                     but the binlog's next transaction ends at {end}: the server's binlog is not the one \
-                     the position was taken from",
-                    p.done, p.end
-                )));
-            }
-            skip = p.done;
-        }
-        let before = MyPosition {
-            schemas: txn.shipped_before.clone(),
-            partial: None,
-            ..self.read.clone()
-        };
         self.read = MyPosition {
             file: self.file.clone(),
             pos: log_pos,
@@ -644,48 +703,21 @@ impl Reader<'_> {
             schemas: self.shipped.clone(),
             snapshot: None,
         };
-        if txn.records.is_empty() {
+        if txn.piece.is_empty() && !txn.split && txn.skip == 0 {
             return Ok(());
         }
-        let commit_us = i64::from(timestamp) * 1_000_000;
-        let last = txn.changes.checked_sub(1);
-        let mut schemas = txn.shipped_before;
-        let mut piece = Vec::new();
-        let (mut rows, mut bytes, mut done) = (0usize, 0usize, 0u32);
-        for (i, mut r) in txn.records.into_iter().enumerate() {
-            if let Some(record::Body::Row(row)) = r.body.as_mut() {
-                if row.change_index < skip {
-                    continue;
-                }
-                if rows >= MAX_PIECE_ROWS || bytes >= MAX_PIECE_BYTES {
-                    let p = MyPosition {
-                        partial: Some(Partial {
-                            end: end.clone(),
-                            done,
-                        }),
-                        schemas: schemas.clone(),
-                        ..before.clone()
-                    };
-                    self.submit(std::mem::take(&mut piece), p).await?;
-                    (rows, bytes) = (0, 0);
-                }
-                row.position = end.as_bytes().to_vec();
-                row.commit_time_unix_us = commit_us;
-                row.last_in_txn = Some(row.change_index) == last;
-                r.position = format!("{end} n={}", row.change_index);
-                done = row.change_index + 1;
-                rows += 1;
-            } else if let Some((name, fp)) = txn.tables.get(&i) {
-                schemas.insert(name.clone(), fp.clone());
-                if let Some(record::Body::Table(t)) = r.body.as_mut() {
-                    t.position = end.as_bytes().to_vec();
-                    r.position = format!("{end} schema {name}");
-                }
-            }
-            bytes += prost::Message::encoded_len(&r);
-            piece.push(r);
+        let last = txn
+            .piece
+            .iter_mut()
+            .rev()
+            .find_map(|r| match r.body.as_mut() {
+                Some(record::Body::Row(row)) => Some(row),
+                _ => None,
+            });
+        if let Some(row) = last {
+            row.last_in_txn = true;
         }
         let p = self.read.clone();
-        self.submit(piece, p).await
+        self.submit(txn.piece, p).await
     }
 }
