@@ -175,6 +175,7 @@ mod doctor;
 mod gtid;
 mod image;
 mod position;
+mod rows;
 mod schema;
 mod snapshot;
 mod stream;

@@ -1,8 +1,8 @@
 //! Row images of a rows event as [`Field`]s in table column order.
 
 use ferry_protocol::messages::{field, Field};
-use mysql_async::binlog::row::BinlogRow;
 
+use super::rows::Image;
 use super::schema::{Kind, Shape};
 use super::values;
 
@@ -16,30 +16,27 @@ where
 }
 
 /// A row image: per table column, its field when the image holds it.
-pub(crate) fn image(
-    shape: &Shape,
-    row: &BinlogRow,
-    bits: Option<&[bool]>,
-) -> Result<Vec<Option<Field>>, String> {
-    let mut j = 0;
-    let mut out = Vec::with_capacity(shape.cols.len());
-    for (i, c) in shape.cols.iter().enumerate() {
-        let present = bits.is_none_or(|b| b.get(i).copied().unwrap_or(false));
-        if !present {
-            out.push(None);
-            continue;
-        }
-        let v = row
-            .as_ref(j)
-            .ok_or_else(|| format!("column {} is missing from the row image", c.name))?;
-        j += 1;
-        out.push(Some(Field {
-            name: c.name.clone(),
-            value_type: Shape::neutral(c).value_type() as i32,
-            value: Some(values::decode(c, v)?),
-        }));
+pub(crate) fn image(shape: &Shape, row: &Image<'_>) -> Result<Vec<Option<Field>>, String> {
+    if row.len() != shape.cols.len() {
+        return Err(format!(
+            "the row image has {} columns, the table {}",
+            row.len(),
+            shape.cols.len()
+        ));
     }
-    Ok(out)
+    shape
+        .cols
+        .iter()
+        .zip(row)
+        .map(|(c, v)| {
+            let Some(v) = v else { return Ok(None) };
+            Ok(Some(Field {
+                name: c.name.clone(),
+                value_type: Shape::neutral(c).value_type() as i32,
+                value: Some(values::decode(c, v)?),
+            }))
+        })
+        .collect()
 }
 
 /// The old row's key columns, or the whole old row of a table without a key.

@@ -1,6 +1,7 @@
 //! One instance of the source: connect, check, resume, read binlog events into
 //! transactions, commit each with the position after it.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use super::conn::{self, classify, variable};
 use super::gtid::{mysql_gtid, parse_gtid_event, Gtid, GtidState, MARIADB_GTID};
 use super::image::{bools, image, old_image, raw_flags};
 use super::position::{MyPosition, Partial};
+use super::rows::{Layout, Rows};
 use super::schema::{self, Shape, MYSQL};
 use super::table_map;
 use super::{doctor, snapshot, split_table, MysqlConfig, SnapshotMode};
@@ -112,6 +114,7 @@ pub(crate) async fn run(cfg: MysqlConfig, ctx: SourceContext) -> Result<(), Sour
         shapes: HashMap::new(),
         collations: HashMap::new(),
         stale: false,
+        layouts: HashMap::new(),
         txn: None,
         inflight: Inflight::new(INFLIGHT),
     };
@@ -254,6 +257,8 @@ struct Reader<'a> {
     collations: HashMap<u16, String>,
     /// A DDL statement went by: shapes are read again at the next table map.
     stale: bool,
+    /// Table id → how its values decode, from its last table map.
+    layouts: HashMap<u64, Layout>,
     txn: Option<Txn>,
     /// A transaction of which the stored position says the first changes are
     /// durable: the first one read, checked and skipped by `begin`.
@@ -461,6 +466,8 @@ impl Reader<'_> {
         if !self.wanted.contains(&name) {
             return Ok(());
         }
+        // Each table map describes the rows events after it that name its id.
+        self.layouts.remove(&t.table_id());
         if self.stale {
             self.shapes.clear();
             self.stale = false;
@@ -565,7 +572,15 @@ impl Reader<'_> {
         };
         let before_bits = bools(re.columns_before_image());
         let after_bits = bools(re.columns_after_image());
-        for row in re.rows(tme) {
+        let layout = match self.layouts.entry(re.table_id()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Layout::of(tme).map_err(|e| {
+                SourceError::Other(format!("the table map of {name} at {at}: {e}"))
+            })?),
+        };
+        let rows = Rows::new(layout, re, before_bits.as_deref(), after_bits.as_deref())
+            .map_err(|e| SourceError::Other(format!("rows of {name} at {at}: {e}")))?;
+        for row in rows {
             let (before, after) = row.map_err(|e| {
                 SourceError::Other(format!("a row of {name} at {at} does not decode: {e}"))
             })?;
@@ -575,29 +590,8 @@ impl Reader<'_> {
                 continue;
             }
             let bad = |e: String| SourceError::Fatal(format!("{name} at {at}: {e}"));
-            let before = before
-                .map(|b| image(&shape, &b, before_bits.as_deref()))
-                .transpose()
-                .map_err(bad)?;
-            let after = after
-                .map(|a| image(&shape, &a, after_bits.as_deref()))
-                .transpose()
-                .map_err(bad)?;
-            let columns: Vec<Field> = match (&after, op) {
-                (Some(a), RowOp::Insert | RowOp::Update) => shape
-                    .cols
-                    .iter()
-                    .zip(a)
-                    .map(|(c, f)| {
-                        f.clone().unwrap_or_else(|| Field {
-                            name: c.name.clone(),
-                            value_type: Shape::neutral(c).value_type() as i32,
-                            value: Some(field::Value::Unchanged(true)),
-                        })
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
+            let before = before.map(|b| image(&shape, &b)).transpose().map_err(bad)?;
+            let after = after.map(|a| image(&shape, &a)).transpose().map_err(bad)?;
             let old_key = match (&before, op) {
                 (Some(b), RowOp::Delete) => old_image(&shape, b),
                 (Some(b), RowOp::Update) => {
@@ -617,6 +611,22 @@ impl Reader<'_> {
                         Vec::new()
                     }
                 }
+                _ => Vec::new(),
+            };
+            // The after image is moved into the row, not copied.
+            let columns: Vec<Field> = match (after, op) {
+                (Some(a), RowOp::Insert | RowOp::Update) => shape
+                    .cols
+                    .iter()
+                    .zip(a)
+                    .map(|(c, f)| {
+                        f.unwrap_or_else(|| Field {
+                            name: c.name.clone(),
+                            value_type: Shape::neutral(c).value_type() as i32,
+                            value: Some(field::Value::Unchanged(true)),
+                        })
+                    })
+                    .collect(),
                 _ => Vec::new(),
             };
             let flags = raw_flags(&shape, columns.iter().chain(&old_key));
