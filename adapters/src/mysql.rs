@@ -176,6 +176,8 @@ mod gtid;
 mod image;
 mod position;
 mod rows;
+#[doc(hidden)]
+pub use rows::agree_with_mysql_common;
 mod schema;
 mod snapshot;
 mod stream;

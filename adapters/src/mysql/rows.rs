@@ -177,6 +177,59 @@ impl<'a> Iterator for Rows<'a> {
     }
 }
 
+/// Reads the rows of `re` with this reader and with `mysql_common`'s own
+/// iterator and returns how many rows agree, or where they first differ
+/// (`adapters/tests/mysql.rs` runs it over every rows event of a real binlog).
+#[doc(hidden)]
+pub fn agree_with_mysql_common(
+    re: &RowsEventData<'_>,
+    tme: &TableMapEvent<'_>,
+) -> Result<usize, String> {
+    let layout = Layout::of(tme)?;
+    let before = super::image::bools(re.columns_before_image());
+    let after = super::image::bools(re.columns_after_image());
+    let ours = Rows::new(&layout, re, before.as_deref(), after.as_deref())?;
+    let theirs = re.rows(tme);
+    let mut n = 0;
+    for (i, (a, b)) in ours.zip(theirs).enumerate() {
+        let a = a.map_err(|e| format!("row {i}: this reader: {e}"))?;
+        let b = b.map_err(|e| format!("row {i}: mysql_common: {e}"))?;
+        let same = |mine: Option<Image<'_>>,
+                    row: Option<mysql_async::binlog::row::BinlogRow>,
+                    present: Option<&[bool]>|
+         -> Result<(), String> {
+            let (Some(mine), Some(row), Some(present)) = (mine, row, present) else {
+                return Ok(());
+            };
+            let mut j = 0;
+            for (c, v) in mine.iter().enumerate() {
+                let want = if present.get(c).copied().unwrap_or(false) {
+                    j += 1;
+                    row.as_ref(j - 1)
+                } else {
+                    None
+                };
+                if v.as_ref() != want {
+                    return Err(format!(
+                        "row {i} column {c}: {v:?} here, {want:?} by mysql_common"
+                    ));
+                }
+            }
+            Ok(())
+        };
+        same(a.0, b.0, before.as_deref())?;
+        same(a.1, b.1, after.as_deref())?;
+        n += 1;
+    }
+    if n != re.rows(tme).count() {
+        return Err(format!(
+            "{n} rows here, {} by mysql_common",
+            re.rows(tme).count()
+        ));
+    }
+    Ok(n)
+}
+
 /// Bit `i` of an LSB-first bitmap.
 fn bit(bytes: &[u8], i: usize) -> bool {
     bytes.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1)

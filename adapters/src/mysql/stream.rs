@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_protocol::messages::{field, record, Field, Record, Row, RowOp};
+use ferry_protocol::record_buf::RecordBuf;
 use futures_util::StreamExt;
 use mysql_async::binlog::events::{Event, EventData, RowsEventData, TableMapEvent};
 use mysql_async::prelude::Queryable;
@@ -20,7 +21,7 @@ use super::rows::{Layout, Rows};
 use super::schema::{self, Shape, MYSQL};
 use super::table_map;
 use super::{doctor, snapshot, split_table, MysqlConfig, SnapshotMode};
-use crate::{now_unix_ms, Inflight, SourceContext, SourceError};
+use crate::{now_unix_ms, Inflight, Records, SourceContext, SourceError};
 
 /// A transaction is committed in pieces of at most this many changes...
 const MAX_PIECE_ROWS: usize = 10_000;
@@ -207,8 +208,9 @@ pub(crate) async fn gtid_at(sql: &mut Conn, file: &str, pos: u64) -> Result<Stri
 
 /// A transaction being read. The binary log holds only committed
 /// transactions, so its changes go to the buffer in pieces as they are read
-/// (module doc, invariant 4); the last change read waits in `piece` until the
-/// next one or the commit event says whether it is the last (`last_in_txn`).
+/// (module doc, invariant 4), encoded as they are read; the last change read
+/// waits in `held` until the next one or the commit event says whether it is
+/// the last (`last_in_txn`).
 struct Txn {
     /// `Row::txn`.
     id: String,
@@ -220,16 +222,28 @@ struct Txn {
     begin: String,
     /// `Row::commit_time_unix_us`.
     commit_us: i64,
-    /// Records read and not submitted yet.
-    piece: Vec<Record>,
+    /// Records read and not submitted yet, encoded.
+    piece: RecordBuf,
+    /// Changes in `piece`.
     piece_rows: usize,
-    piece_bytes: usize,
+    /// The last change read, not in `piece` yet.
+    held: Option<Record>,
     /// Changes read, skipped ones included (the next `change_index`).
     changes: u32,
     /// Its first changes, durable before this source instance began.
     skip: u32,
     /// Whether a piece of it was submitted.
     split: bool,
+}
+
+impl Txn {
+    /// Writes the held change into the piece: a later record follows it.
+    fn release_held(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.piece.push(&h);
+            self.piece_rows += 1;
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -307,13 +321,17 @@ impl Reader<'_> {
         if self.txn.is_none() && self.read != self.submitted && self.resume_partial.is_none() {
             let mut p = self.read.clone();
             p.schemas = self.shipped.clone();
-            self.submit(Vec::new(), p).await?;
+            self.submit(Vec::<Record>::new(), p).await?;
         }
         self.inflight.drain().await?;
         Ok(())
     }
 
-    async fn submit(&mut self, records: Vec<Record>, p: MyPosition) -> Result<(), SourceError> {
+    async fn submit(
+        &mut self,
+        records: impl Into<Records>,
+        p: MyPosition,
+    ) -> Result<(), SourceError> {
         let bytes = p.encode()?;
         self.inflight.push(self.ctx, records, bytes, ()).await?;
         self.submitted = p;
@@ -451,9 +469,9 @@ impl Reader<'_> {
             began,
             begin,
             commit_us,
-            piece: Vec::new(),
+            piece: RecordBuf::new(),
             piece_rows: 0,
-            piece_bytes: 0,
+            held: None,
             changes: 0,
             skip,
             split: false,
@@ -558,8 +576,8 @@ impl Reader<'_> {
         };
         if ship_table {
             let r = shape.table_record(&txn.begin);
-            txn.piece_bytes += prost::Message::encoded_len(&r);
-            txn.piece.push(r);
+            txn.release_held();
+            txn.piece.push(&r);
         }
         let op = match re {
             RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => RowOp::Insert,
@@ -654,36 +672,27 @@ impl Reader<'_> {
                 })),
             };
             txn.changes += 1;
-            txn.piece_rows += 1;
-            txn.piece_bytes += prost::Message::encoded_len(&r);
-            txn.piece.push(r);
+            txn.release_held();
+            txn.held = Some(r);
         }
         Ok(())
     }
 
-    /// Submits the open transaction's piece once it is full, all but its last
-    /// change, with a position naming the transaction and how many of its
-    /// changes are durable with the piece.
+    /// Submits the open transaction's piece once it is full, with a position
+    /// naming the transaction and how many of its changes are durable with the
+    /// piece (all read but the one held).
     async fn submit_piece(&mut self) -> Result<(), SourceError> {
         let Some(txn) = self.txn.as_mut() else {
             return Ok(());
         };
-        if txn.piece_rows <= MAX_PIECE_ROWS && txn.piece_bytes <= MAX_PIECE_BYTES {
+        if txn.piece_rows < MAX_PIECE_ROWS && txn.piece.len() < MAX_PIECE_BYTES {
             return Ok(());
         }
-        // The last record is a change (rows events end with their rows).
-        let Some(held) = txn.piece.pop() else {
-            return Ok(());
-        };
-        let Some(record::Body::Row(row)) = held.body.as_ref() else {
-            txn.piece.push(held);
-            return Ok(());
-        };
-        let done = row.change_index;
-        txn.piece_rows = 1;
-        txn.piece_bytes = prost::Message::encoded_len(&held);
+        let done = txn.changes - u32::from(txn.held.is_some());
+        txn.piece_rows = 0;
         txn.split = true;
-        let piece = std::mem::replace(&mut txn.piece, vec![held]);
+        let next = RecordBuf::with_capacity(txn.piece.len());
+        let piece = std::mem::replace(&mut txn.piece, next);
         // Every table record read so far is in this piece or an earlier one.
         let p = MyPosition {
             partial: Some(Partial {
@@ -713,19 +722,12 @@ impl Reader<'_> {
             schemas: self.shipped.clone(),
             snapshot: None,
         };
+        if let Some(record::Body::Row(row)) = txn.held.as_mut().and_then(|r| r.body.as_mut()) {
+            row.last_in_txn = true;
+        }
+        txn.release_held();
         if txn.piece.is_empty() && !txn.split && txn.skip == 0 {
             return Ok(());
-        }
-        let last = txn
-            .piece
-            .iter_mut()
-            .rev()
-            .find_map(|r| match r.body.as_mut() {
-                Some(record::Body::Row(row)) => Some(row),
-                _ => None,
-            });
-        if let Some(row) = last {
-            row.last_in_txn = true;
         }
         let p = self.read.clone();
         self.submit(txn.piece, p).await
