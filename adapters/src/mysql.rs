@@ -29,8 +29,8 @@
 //!   text in its column's character set is never replaced or dropped: it
 //!   travels as those bytes, and the row's `flags` hold `raw:COLUMN` (a
 //!   warning in the log names table, column and position). `BINARY`, `VARBINARY` and `BLOB`
-//!   travel as bytes. A `TIME(1)` or `TIME(2)` column stops the stream (fatal,
-//!   naming it): `mysql_common` 0.37 decodes their negative values wrongly.
+//!   travel as bytes. `TIME(1)` and `TIME(2)` binlog values are read by the
+//!   source itself (`rows.rs`): `mysql_common` 0.37 reads negative ones wrongly.
 //!
 //!   The changes of one transaction are contiguous, share `txn` (MariaDB's GTID
 //!   `domain-server-seq`, MySQL's `uuid:gno`, empty without GTIDs),

@@ -141,6 +141,9 @@ impl<'a> Rows<'a> {
             k += 1;
             out.push(Some(if null {
                 BinlogValue::Value(mysql_async::Value::NULL)
+            } else if c.ty == ColumnType::MYSQL_TYPE_TIME2 && matches!(c.meta.first(), Some(1 | 2))
+            {
+                BinlogValue::Value(time2_short(&mut self.buf)?)
             } else {
                 self.buf
                     .parse::<BinlogValue<'a>>((c.ty, &c.meta[..], c.unsigned, is_partial))?
@@ -180,6 +183,7 @@ impl<'a> Iterator for Rows<'a> {
 /// Reads the rows of `re` with this reader and with `mysql_common`'s own
 /// iterator and returns how many rows agree, or where they first differ
 /// (`adapters/tests/mysql.rs` runs it over every rows event of a real binlog).
+/// The two differ, by design, on negative `TIME(1)`/`TIME(2)` values.
 #[doc(hidden)]
 pub fn agree_with_mysql_common(
     re: &RowsEventData<'_>,
@@ -230,6 +234,26 @@ pub fn agree_with_mysql_common(
     Ok(n)
 }
 
+/// A `TIME(1)` or `TIME(2)` value (`TIME2` with one byte of fraction).
+/// `mysql_common` 0.37 reads a negative one wrongly: it takes the fraction's
+/// complement in a `u32` (`my_time_packed_from_binary`), which wraps, so
+/// `-01:00:00.5` came out as a positive time. MySQL's own reading
+/// (`my_time_packed_from_binary` in `my_time.cc`): the integer part is 3
+/// bytes big-endian less 0x800000, the fraction one byte of hundredths; a
+/// negative value with a fraction stores `0x100 - fraction` and the integer
+/// part one lower, for binary sort order.
+fn time2_short(buf: &mut ParseBuf<'_>) -> std::io::Result<mysql_async::Value> {
+    use mysql_common::binlog::misc::{my_packed_time_make, time_from_packed, TIMEF_INT_OFS};
+    let b: &[u8] = buf.parse(4)?;
+    let mut int = i64::from(u32::from_be_bytes([0, b[0], b[1], b[2]])) - TIMEF_INT_OFS;
+    let mut frac = i64::from(b[3]);
+    if int < 0 && frac > 0 {
+        int += 1;
+        frac -= 0x100;
+    }
+    Ok(time_from_packed(my_packed_time_make(int, frac * 10_000)))
+}
+
 /// Bit `i` of an LSB-first bitmap.
 fn bit(bytes: &[u8], i: usize) -> bool {
     bytes.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1)
@@ -240,6 +264,40 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// MySQL's own examples (`my_time.cc`): disk bytes → value.
+    #[test]
+    fn short_fraction_times_read_as_mysql_writes_them() {
+        let read = |b: [u8; 4]| {
+            let mut buf = ParseBuf(&b);
+            time2_short(&mut buf).unwrap()
+        };
+        use mysql_async::Value::Time;
+        // 00:00:00.00, -00:00:00.01, -00:00:00.99, -00:00:01.00, -00:00:01.01,
+        // -00:00:01.10
+        assert_eq!(read([0x80, 0, 0, 0]), Time(false, 0, 0, 0, 0, 0));
+        assert_eq!(
+            read([0x7f, 0xff, 0xff, 0xff]),
+            Time(true, 0, 0, 0, 0, 10_000)
+        );
+        assert_eq!(
+            read([0x7f, 0xff, 0xff, 0x9d]),
+            Time(true, 0, 0, 0, 0, 990_000)
+        );
+        assert_eq!(read([0x7f, 0xff, 0xff, 0x00]), Time(true, 0, 0, 0, 1, 0));
+        assert_eq!(
+            read([0x7f, 0xff, 0xfe, 0xff]),
+            Time(true, 0, 0, 0, 1, 10_000)
+        );
+        assert_eq!(
+            read([0x7f, 0xff, 0xfe, 0xf6]),
+            Time(true, 0, 0, 0, 1, 100_000)
+        );
+        // 838:59:59.99 = 34 days 22 hours.
+        let hms = (838 << 12) | (59 << 6) | 59;
+        let [_, a, b, c] = (0x800000u32 + hms).to_be_bytes();
+        assert_eq!(read([a, b, c, 99]), Time(false, 34, 22, 59, 59, 990_000));
+    }
 
     #[test]
     fn bits_are_read_lsb_first() {

@@ -304,7 +304,6 @@ fn kind_of(
         "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" => text(charset)?,
         "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => Kind::Binary,
         "date" => Kind::Date,
-        "time" if (1..=2).contains(&fsp) => return Err(time_fsp_refused(table, name)),
         "time" => Kind::Time(fsp),
         "datetime" => Kind::DateTime(fsp),
         "timestamp" => Kind::Timestamp(fsp),
@@ -314,16 +313,6 @@ fn kind_of(
         "set" => Kind::Set(members(column_type)),
         _ => Kind::OtherBytes,
     })
-}
-
-/// `TIME(1)` and `TIME(2)`: the binlog decoder (`mysql_common` 0.37) misreads
-/// their negative values (an unsigned underflow), so they are refused rather
-/// than shipped wrong.
-pub(crate) fn time_fsp_refused(table: &str, name: &str) -> SourceError {
-    SourceError::Fatal(format!(
-        "column {table}.{name} is TIME(1) or TIME(2), which the mysql source cannot read correctly yet \
-         (negative values decode wrongly); ALTER it to TIME or TIME(3) to TIME(6), or leave the table out of source.tables"
-    ))
 }
 
 type ColumnRow = (

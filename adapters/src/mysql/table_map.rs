@@ -154,9 +154,6 @@ pub(crate) fn from_table_map(
             | MYSQL_TYPE_LONG_BLOB => textual("text", "blob")?,
             MYSQL_TYPE_JSON => (Kind::Json, "json".into(), "json".into()),
             MYSQL_TYPE_NEWDATE | MYSQL_TYPE_DATE => (Kind::Date, "date".into(), "date".into()),
-            MYSQL_TYPE_TIME2 if (1..=2).contains(&fsp) => {
-                return Err(super::schema::time_fsp_refused(&name, &col_name));
-            }
             MYSQL_TYPE_TIME | MYSQL_TYPE_TIME2 => {
                 (Kind::Time(fsp), "time".into(), with_fsp("time"))
             }
