@@ -16,7 +16,7 @@ where
 }
 
 /// A row image: per table column, its field when the image holds it.
-pub(crate) fn image(shape: &Shape, row: &Image<'_>) -> Result<Vec<Option<Field>>, String> {
+pub(crate) fn image(shape: &Shape, row: Image<'_>) -> Result<Vec<Option<Field>>, String> {
     if row.len() != shape.cols.len() {
         return Err(format!(
             "the row image has {} columns, the table {}",

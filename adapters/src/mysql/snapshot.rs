@@ -228,7 +228,7 @@ async fn copy(
                 block.finish(&mut pending)?;
                 copied += block.index - state.rows_done;
                 state.rows_done = block.index;
-                state.last_key = block.last_key.clone();
+                state.last_key = block.last_key();
                 let piece = std::mem::replace(&mut pending, RecordBuf::with_capacity(PIECE_BYTES));
                 submit(ctx, inflight, piece, &pos).await?;
                 throttle(cfg, ctx, started, copied).await?;
@@ -356,16 +356,17 @@ fn select(
 /// times as text, `ENUM`/`SET` as the numbers the query selects, character
 /// data decoded to UTF-8 (the server converts it back to the column's
 /// character set), bytes as bytes.
-fn key_of(shape: &Shape, values: &[Value]) -> Vec<KeyValue> {
+fn key_of(shape: &Shape, pk: &[Value]) -> Vec<KeyValue> {
     shape
         .pk
         .iter()
-        .map(|&i| {
+        .zip(pk)
+        .map(|(&i, v)| {
             let c = &shape.cols[i];
-            match values.get(i).unwrap_or(&Value::NULL) {
+            match v {
                 Value::Bytes(b) => match &c.kind {
                     Kind::Text(_) => {
-                        match values::decode(c, &BinlogValue::Value(Value::Bytes(b.clone()))) {
+                        match values::decode(c, BinlogValue::Value(Value::Bytes(b.clone()))) {
                             Ok(field::Value::Text(t)) => KeyValue::Text(t),
                             _ => KeyValue::Bytes(hex::encode(b)),
                         }
@@ -406,8 +407,11 @@ struct Block<'a> {
     rows: u32,
     /// The table-copy row number of the next row.
     index: u64,
-    last_key: Option<Vec<KeyValue>>,
-    fields: Vec<Field>,
+    /// The primary-key values of the last row read (its paging key is
+    /// rendered only when a piece ends, by `last_key`).
+    last_pk: Vec<Value>,
+    /// The row being read, rendered.
+    values: Vec<field::Value>,
 }
 
 impl<'a> Block<'a> {
@@ -420,9 +424,15 @@ impl<'a> Block<'a> {
             first: index,
             rows: 0,
             index,
-            last_key: None,
-            fields: Vec::with_capacity(shape.cols.len()),
+            last_pk: Vec::new(),
+            values: Vec::with_capacity(shape.cols.len()),
         }
+    }
+
+    /// The paging key of the last row read; `None` for a table without a
+    /// primary key or before the first row.
+    fn last_key(&self) -> Option<Vec<KeyValue>> {
+        (!self.last_pk.is_empty()).then(|| key_of(self.shape, &self.last_pk))
     }
 
     fn push(&mut self, values: Vec<Value>, pending: &mut RecordBuf) -> Result<(), SourceError> {
@@ -435,22 +445,39 @@ impl<'a> Block<'a> {
             )));
         }
         if !self.shape.pk.is_empty() {
-            self.last_key = Some(key_of(self.shape, &values));
+            self.last_pk.clear();
+            self.last_pk.extend(
+                self.shape
+                    .pk
+                    .iter()
+                    .map(|&i| values.get(i).cloned().unwrap_or(Value::NULL)),
+            );
         }
-        self.fields.clear();
+        self.values.clear();
         for (c, v) in self.shape.cols.iter().zip(values) {
             let v =
-                values::decode(c, &BinlogValue::Value(values::from_query(c, v))).map_err(|e| {
+                values::decode(c, BinlogValue::Value(values::from_query(c, v))).map_err(|e| {
                     SourceError::Fatal(format!("{name}, snapshot row {}: {e}", self.index))
                 })?;
-            self.fields.push(Field {
-                name: c.name.clone(),
-                value_type: Shape::neutral(c).value_type() as i32,
-                value: Some(v),
-            });
+            self.values.push(v);
         }
-        let flags = raw_flags(self.shape, &self.fields);
-        if !flags.is_empty() {
+        let raw =
+            self.shape.cols.iter().zip(&self.values).any(|(c, v)| {
+                matches!(c.kind, Kind::Text(_)) && matches!(v, field::Value::Bytes(_))
+            });
+        if raw {
+            let fields: Vec<Field> = self
+                .shape
+                .cols
+                .iter()
+                .zip(self.values.drain(..))
+                .map(|(c, v)| Field {
+                    name: c.name.clone(),
+                    value_type: Shape::neutral(c).value_type() as i32,
+                    value: Some(v),
+                })
+                .collect();
+            let flags = raw_flags(self.shape, &fields);
             warn!(table = %name, row = self.index, columns = ?flags,
                 "values that are not text in their column's character set: shipped as their bytes, marked in the row's flags");
             self.finish(pending)?;
@@ -465,7 +492,7 @@ impl<'a> Block<'a> {
                     change_index: u32::try_from(self.index).unwrap_or(u32::MAX),
                     last_in_txn: true,
                     snapshot: true,
-                    columns: std::mem::take(&mut self.fields),
+                    columns: fields,
                     flags,
                     source: MYSQL.to_string(),
                     ..Default::default()
@@ -477,13 +504,13 @@ impl<'a> Block<'a> {
             return Ok(());
         }
         let start = self.text.len();
-        for (i, f) in self.fields.iter().enumerate() {
+        for (i, v) in self.values.iter().enumerate() {
             if i > 0 {
                 self.text.push(b'\t');
             }
-            match &f.value {
-                Some(field::Value::Text(t)) => push_text(&mut self.text, Some(t)),
-                Some(field::Value::Bytes(b)) => push_bytes(&mut self.text, b),
+            match v {
+                field::Value::Text(t) => push_text(&mut self.text, Some(t)),
+                field::Value::Bytes(b) => push_bytes(&mut self.text, b),
                 _ => push_text(&mut self.text, None),
             }
         }

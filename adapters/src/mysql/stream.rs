@@ -608,8 +608,8 @@ impl Reader<'_> {
                 continue;
             }
             let bad = |e: String| SourceError::Fatal(format!("{name} at {at}: {e}"));
-            let before = before.map(|b| image(&shape, &b)).transpose().map_err(bad)?;
-            let after = after.map(|a| image(&shape, &a)).transpose().map_err(bad)?;
+            let before = before.map(|b| image(&shape, b)).transpose().map_err(bad)?;
+            let after = after.map(|a| image(&shape, a)).transpose().map_err(bad)?;
             let old_key = match (&before, op) {
                 (Some(b), RowOp::Delete) => old_image(&shape, b),
                 (Some(b), RowOp::Update) => {

@@ -8,11 +8,13 @@ use mysql_async::Value;
 use super::schema::{Charset, Col, Kind};
 
 /// A value of `col` as it travels in a [`Field`](ferry_protocol::messages::Field).
-pub(crate) fn decode(col: &Col, v: &BinlogValue<'_>) -> Result<field::Value, String> {
+/// Taken by value: bytes become the field's text or bytes without a copy
+/// where they can.
+pub(crate) fn decode(col: &Col, v: BinlogValue<'_>) -> Result<field::Value, String> {
     let v = match v {
         BinlogValue::Value(v) => v,
         BinlogValue::Jsonb(_) => {
-            return match Value::try_from(v.clone()) {
+            return match Value::try_from(v) {
                 Ok(Value::Bytes(b)) => {
                     Ok(field::Value::Text(String::from_utf8_lossy(&b).into_owned()))
                 }
@@ -34,19 +36,19 @@ pub(crate) fn decode(col: &Col, v: &BinlogValue<'_>) -> Result<field::Value, Str
     };
     Ok(match (v, &col.kind) {
         (Value::NULL, _) => field::Value::Null(true),
-        (Value::Int(i), Kind::Enum(m)) => field::Value::Text(member(m, *i as u64)),
-        (Value::Int(i), Kind::Timestamp(fsp)) => field::Value::Text(instant(*i, 0, *fsp)),
+        (Value::Int(i), Kind::Enum(m)) => field::Value::Text(member(m, i as u64)),
+        (Value::Int(i), Kind::Timestamp(fsp)) => field::Value::Text(instant(i, 0, *fsp)),
         (
             Value::Int(i),
             Kind::Int {
                 bytes,
                 unsigned: true,
             },
-        ) if *i < 0 && *bytes < 8 => {
-            field::Value::Text((*i + (1i64 << (8 * u32::from(*bytes)))).to_string())
+        ) if i < 0 && *bytes < 8 => {
+            field::Value::Text((i + (1i64 << (8 * u32::from(*bytes)))).to_string())
         }
-        (Value::Int(i), Kind::Int { unsigned: true, .. }) if *i < 0 => {
-            field::Value::Text((*i as u64).to_string())
+        (Value::Int(i), Kind::Int { unsigned: true, .. }) if i < 0 => {
+            field::Value::Text((i as u64).to_string())
         }
         (Value::Int(i), _) => field::Value::Text(i.to_string()),
         (Value::UInt(u), _) => field::Value::Text(u.to_string()),
@@ -65,65 +67,74 @@ pub(crate) fn decode(col: &Col, v: &BinlogValue<'_>) -> Result<field::Value, Str
             };
             field::Value::Text(format!(
                 "{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}{}{zone}",
-                fraction(*us, fsp)
+                fraction(us, fsp)
             ))
         }
         (Value::Time(neg, days, h, mi, s, us), kind) => {
             let fsp = if let Kind::Time(f) = kind { *f } else { 0 };
-            let hours = days * 24 + u32::from(*h);
+            let hours = days * 24 + u32::from(h);
             field::Value::Text(format!(
                 "{}{hours:02}:{mi:02}:{s:02}{}",
-                if *neg { "-" } else { "" },
-                fraction(*us, fsp)
+                if neg { "-" } else { "" },
+                fraction(us, fsp)
             ))
         }
-        (Value::Bytes(b), kind) => match kind {
-            // Bytes that are not text in the column's character set travel as
-            // they are: never replaced, never dropped (see `image::raw_flags`).
-            Kind::Text(cs) => match text(*cs, b) {
-                Some(t) => field::Value::Text(t),
-                None => field::Value::Bytes(b.clone()),
-            },
-            Kind::Json => field::Value::Text(String::from_utf8_lossy(b).into_owned()),
-            Kind::Binary | Kind::OtherBytes => field::Value::Bytes(b.clone()),
-            Kind::Timestamp(fsp) => {
-                // TIMESTAMP2 arrives as `seconds[.micros]` since the epoch.
-                let s = String::from_utf8_lossy(b);
-                let (sec, us) = match s.split_once('.') {
-                    Some((a, f)) => (a.parse().ok(), f.parse().ok()),
-                    None => (s.parse().ok(), Some(0)),
-                };
-                match (sec, us) {
-                    (Some(sec), Some(us)) => field::Value::Text(instant(sec, us, *fsp)),
-                    _ => {
-                        return Err(format!(
-                            "column {}: TIMESTAMP {s:?} does not parse",
-                            col.name
-                        ))
-                    }
-                }
-            }
-            Kind::Bit => field::Value::Text(
-                b.iter()
-                    .fold(0u128, |n, byte| (n << 8) | u128::from(*byte))
-                    .to_string(),
-            ),
-            Kind::Set(m) => {
-                let mut bits = 0u64;
-                for (i, byte) in b.iter().take(8).enumerate() {
-                    bits |= u64::from(*byte) << (8 * i);
-                }
-                let names: Vec<&str> = m
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| bits & (1 << i) != 0)
-                    .map(|(_, n)| n.as_str())
-                    .collect();
-                field::Value::Text(names.join(","))
-            }
-            // DECIMAL, YEAR, and what else mysql_common renders as text.
-            _ => field::Value::Text(String::from_utf8_lossy(b).into_owned()),
+        (Value::Bytes(b), _) => return bytes(col, b),
+    })
+}
+
+/// A value the server sent as bytes, rendered by its column's kind.
+fn bytes(col: &Col, b: Vec<u8>) -> Result<field::Value, String> {
+    let text = |b: Vec<u8>| match String::from_utf8(b) {
+        Ok(t) => t,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    };
+    Ok(match &col.kind {
+        // Bytes that are not text in the column's character set travel as
+        // they are: never replaced, never dropped (see `image::raw_flags`).
+        Kind::Text(cs) => match text_of(*cs, b) {
+            Ok(t) => field::Value::Text(t),
+            Err(b) => field::Value::Bytes(b),
         },
+        Kind::Json => field::Value::Text(text(b)),
+        Kind::Binary | Kind::OtherBytes => field::Value::Bytes(b),
+        Kind::Timestamp(fsp) => {
+            // TIMESTAMP2 arrives as `seconds[.micros]` since the epoch.
+            let s = String::from_utf8_lossy(&b);
+            let (sec, us) = match s.split_once('.') {
+                Some((a, f)) => (a.parse().ok(), f.parse().ok()),
+                None => (s.parse().ok(), Some(0)),
+            };
+            match (sec, us) {
+                (Some(sec), Some(us)) => field::Value::Text(instant(sec, us, *fsp)),
+                _ => {
+                    return Err(format!(
+                        "column {}: TIMESTAMP {s:?} does not parse",
+                        col.name
+                    ))
+                }
+            }
+        }
+        Kind::Bit => field::Value::Text(
+            b.iter()
+                .fold(0u128, |n, byte| (n << 8) | u128::from(*byte))
+                .to_string(),
+        ),
+        Kind::Set(m) => {
+            let mut bits = 0u64;
+            for (i, byte) in b.iter().take(8).enumerate() {
+                bits |= u64::from(*byte) << (8 * i);
+            }
+            let names: Vec<&str> = m
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| bits & (1 << i) != 0)
+                .map(|(_, n)| n.as_str())
+                .collect();
+            field::Value::Text(names.join(","))
+        }
+        // DECIMAL, YEAR, and what else mysql_common renders as text.
+        _ => field::Value::Text(text(b)),
     })
 }
 
@@ -174,23 +185,26 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Character data in `cs`, as UTF-8; `None` when the bytes are not well
+/// Character data in `cs`, as UTF-8; the bytes back when they are not well
 /// formed in it.
-fn text(cs: Charset, b: &[u8]) -> Option<String> {
-    match cs {
-        Charset::Utf8 => std::str::from_utf8(b).ok().map(str::to_owned),
+fn text_of(cs: Charset, b: Vec<u8>) -> Result<String, Vec<u8>> {
+    let decoded = match cs {
+        Charset::Utf8 => {
+            return String::from_utf8(b).map_err(std::string::FromUtf8Error::into_bytes)
+        }
         Charset::Other(enc) => enc
-            .decode_without_bom_handling_and_without_replacement(b)
+            .decode_without_bom_handling_and_without_replacement(&b)
             .map(std::borrow::Cow::into_owned),
         Charset::Utf32 => {
             if !b.len().is_multiple_of(4) {
-                return None;
+                return Err(b);
             }
             b.chunks_exact(4)
                 .map(|c| char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
                 .collect()
         }
-    }
+    };
+    decoded.ok_or(b)
 }
 
 /// A value the snapshot's query read, in the form the binlog carries it, so
@@ -235,7 +249,7 @@ mod tests {
     }
 
     fn t(kind: Kind, v: Value) -> String {
-        match decode(&col(kind), &BinlogValue::Value(v)).unwrap() {
+        match decode(&col(kind), BinlogValue::Value(v)).unwrap() {
             field::Value::Text(s) => s,
             other => panic!("{other:?}"),
         }
@@ -311,12 +325,12 @@ mod tests {
             "2026-01-01 03:04:05.12+00"
         );
         let set = col(Kind::Set(vec!["a".into(), "b".into(), "c".into()]));
-        match decode(&set, &BinlogValue::Value(from_query(&set, Value::UInt(5)))).unwrap() {
+        match decode(&set, BinlogValue::Value(from_query(&set, Value::UInt(5)))).unwrap() {
             field::Value::Text(s) => assert_eq!(s, "a,c"),
             other => panic!("{other:?}"),
         }
         let e = col(Kind::Enum(vec!["a".into(), "b".into()]));
-        match decode(&e, &BinlogValue::Value(from_query(&e, Value::UInt(2)))).unwrap() {
+        match decode(&e, BinlogValue::Value(from_query(&e, Value::UInt(2)))).unwrap() {
             field::Value::Text(s) => assert_eq!(s, "b"),
             other => panic!("{other:?}"),
         }
@@ -331,7 +345,7 @@ mod tests {
             assert_eq!(
                 decode(
                     &col(Kind::Text(cs)),
-                    &BinlogValue::Value(Value::Bytes(bad.clone()))
+                    BinlogValue::Value(Value::Bytes(bad.clone()))
                 )
                 .unwrap(),
                 field::Value::Bytes(bad)
@@ -340,7 +354,7 @@ mod tests {
         assert!(matches!(
             decode(
                 &col(Kind::Binary),
-                &BinlogValue::Value(Value::Bytes(vec![0, 1]))
+                BinlogValue::Value(Value::Bytes(vec![0, 1]))
             )
             .unwrap(),
             field::Value::Bytes(_)
