@@ -10,7 +10,7 @@
 use prost::encoding::{encoded_len_varint, key_len};
 use prost::Message;
 
-use crate::messages::Record;
+use crate::messages::{field, Record};
 
 /// `RecordList.records`.
 const LIST_RECORDS: u32 = 1;
@@ -18,6 +18,24 @@ const LIST_RECORDS: u32 = 1;
 const RECORD_TIME: u32 = 1;
 const RECORD_POSITION: u32 = 2;
 const RECORD_LINE: u32 = 3;
+const RECORD_ROW: u32 = 9;
+/// `Row` fields.
+const ROW_SCHEMA: u32 = 1;
+const ROW_TABLE: u32 = 2;
+const ROW_OP: u32 = 3;
+const ROW_TXN: u32 = 4;
+const ROW_POSITION: u32 = 5;
+const ROW_COMMIT_TIME: u32 = 6;
+const ROW_CHANGE_INDEX: u32 = 7;
+const ROW_LAST_IN_TXN: u32 = 8;
+const ROW_SNAPSHOT: u32 = 9;
+const ROW_COLUMNS: u32 = 10;
+const ROW_OLD_KEY: u32 = 11;
+const ROW_FLAGS: u32 = 12;
+const ROW_SOURCE: u32 = 13;
+/// `Field` fields.
+const FIELD_NAME: u32 = 1;
+const FIELD_VALUE_TYPE: u32 = 2;
 
 /// The encoded records of one batch, in order.
 ///
@@ -204,6 +222,23 @@ impl RecordBuf {
         self.put_field(RECORD_LINE, text);
     }
 
+    /// A `Record` with a [`Row`](crate::messages::Row) body: `head` holds its
+    /// fields 1–9, `tail` the rest (columns, old key, flags, source), encoded.
+    pub fn push_row(
+        &mut self,
+        time_unix_ms: u64,
+        position: &str,
+        head: &RowHead<'_>,
+        tail: &RowTail,
+    ) {
+        let row_len = head.encoded_len() + tail.raw.len();
+        self.record_head(time_unix_ms, position, field_len(RECORD_ROW, row_len));
+        put_key(&mut self.raw, RECORD_ROW, 2);
+        put_uvarint(&mut self.raw, row_len as u64);
+        head.encode(&mut self.raw);
+        self.raw.extend_from_slice(&tail.raw);
+    }
+
     /// Takes the bytes, leaving the buffer empty.
     pub fn take(&mut self) -> RecordBuf {
         std::mem::take(self)
@@ -211,6 +246,110 @@ impl RecordBuf {
 
     pub fn into_raw(mut self) -> (Vec<u8>, u32) {
         (std::mem::take(&mut self.raw), self.count)
+    }
+}
+
+/// Fields 1–9 of a [`Row`](crate::messages::Row), borrowed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowHead<'a> {
+    pub schema: &'a str,
+    pub table: &'a str,
+    pub op: i32,
+    pub txn: &'a str,
+    pub position: &'a [u8],
+    pub commit_time_unix_us: i64,
+    pub change_index: u32,
+    pub last_in_txn: bool,
+    pub snapshot: bool,
+}
+
+impl RowHead<'_> {
+    fn encoded_len(&self) -> usize {
+        str_len(ROW_SCHEMA, self.schema.as_bytes())
+            + str_len(ROW_TABLE, self.table.as_bytes())
+            + varint_len(ROW_OP, self.op as i64 as u64)
+            + str_len(ROW_TXN, self.txn.as_bytes())
+            + str_len(ROW_POSITION, self.position)
+            + varint_len(ROW_COMMIT_TIME, self.commit_time_unix_us as u64)
+            + varint_len(ROW_CHANGE_INDEX, u64::from(self.change_index))
+            + varint_len(ROW_LAST_IN_TXN, u64::from(self.last_in_txn))
+            + varint_len(ROW_SNAPSHOT, u64::from(self.snapshot))
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, ROW_SCHEMA, self.schema.as_bytes());
+        put_str(out, ROW_TABLE, self.table.as_bytes());
+        put_var(out, ROW_OP, self.op as i64 as u64);
+        put_str(out, ROW_TXN, self.txn.as_bytes());
+        put_str(out, ROW_POSITION, self.position);
+        put_var(out, ROW_COMMIT_TIME, self.commit_time_unix_us as u64);
+        put_var(out, ROW_CHANGE_INDEX, u64::from(self.change_index));
+        put_var(out, ROW_LAST_IN_TXN, u64::from(self.last_in_txn));
+        put_var(out, ROW_SNAPSHOT, u64::from(self.snapshot));
+    }
+}
+
+/// Fields 10–13 of a [`Row`](crate::messages::Row), encoded as they are
+/// added, in this order: [`column`](RowTail::column)s,
+/// [`old_key`](RowTail::old_key) fields, [`flag`](RowTail::flag)s,
+/// [`source`](RowTail::source). Reused from row to row.
+#[derive(Debug, Default, Clone)]
+pub struct RowTail {
+    raw: Vec<u8>,
+}
+
+impl RowTail {
+    pub fn clear(&mut self) {
+        self.raw.clear();
+    }
+
+    /// One of `columns`.
+    pub fn column(&mut self, name: &str, value_type: i32, value: &field::Value) {
+        self.field(ROW_COLUMNS, name, value_type, value);
+    }
+
+    /// One of `old_key`.
+    pub fn old_key(&mut self, name: &str, value_type: i32, value: &field::Value) {
+        self.field(ROW_OLD_KEY, name, value_type, value);
+    }
+
+    pub fn flag(&mut self, flag: &str) {
+        // A repeated string is written even when empty.
+        put_key(&mut self.raw, ROW_FLAGS, 2);
+        put_uvarint(&mut self.raw, flag.len() as u64);
+        self.raw.extend_from_slice(flag.as_bytes());
+    }
+
+    pub fn source(&mut self, source: &str) {
+        put_str(&mut self.raw, ROW_SOURCE, source.as_bytes());
+    }
+
+    fn field(&mut self, tag: u32, name: &str, value_type: i32, value: &field::Value) {
+        let len = str_len(FIELD_NAME, name.as_bytes())
+            + varint_len(FIELD_VALUE_TYPE, value_type as i64 as u64)
+            + value.encoded_len();
+        put_key(&mut self.raw, tag, 2);
+        put_uvarint(&mut self.raw, len as u64);
+        put_str(&mut self.raw, FIELD_NAME, name.as_bytes());
+        put_var(&mut self.raw, FIELD_VALUE_TYPE, value_type as i64 as u64);
+        value.encode(&mut self.raw);
+    }
+}
+
+/// A string or bytes field, left out when empty (proto3).
+fn put_str(out: &mut Vec<u8>, tag: u32, s: &[u8]) {
+    if !s.is_empty() {
+        put_key(out, tag, 2);
+        put_uvarint(out, s.len() as u64);
+        out.extend_from_slice(s);
+    }
+}
+
+/// A varint field, left out when 0 (proto3).
+fn put_var(out: &mut Vec<u8>, tag: u32, v: u64) {
+    if v != 0 {
+        put_key(out, tag, 0);
+        put_uvarint(out, v);
     }
 }
 
@@ -244,6 +383,74 @@ mod tests {
         trim_spares();
     }
 
+    fn field_strategy() -> impl Strategy<Value = crate::messages::Field> {
+        let value = prop_oneof![
+            ".{0,12}".prop_map(field::Value::Text),
+            proptest::collection::vec(any::<u8>(), 0..12).prop_map(field::Value::Bytes),
+            any::<bool>().prop_map(field::Value::Null),
+            any::<bool>().prop_map(field::Value::Unchanged),
+        ];
+        (".{0,8}", 0i32..20, value).prop_map(|(name, value_type, v)| crate::messages::Field {
+            name,
+            value_type,
+            value: Some(v),
+        })
+    }
+
+    fn row_strategy() -> impl Strategy<Value = (u64, String, crate::messages::Row)> {
+        let fields = || proptest::collection::vec(field_strategy(), 0..5);
+        (
+            (
+                any::<u64>(),
+                ".{0,10}",
+                ".{0,6}",
+                ".{0,6}",
+                -2i32..4,
+                ".{0,8}",
+            ),
+            (
+                proptest::collection::vec(any::<u8>(), 0..10),
+                any::<i64>(),
+                any::<u32>(),
+                any::<bool>(),
+                any::<bool>(),
+            ),
+            (
+                fields(),
+                fields(),
+                proptest::collection::vec(".{0,6}", 0..3),
+                ".{0,6}",
+            ),
+        )
+            .prop_map(
+                |(
+                    (t, p, schema, table, op, txn),
+                    (position, commit, index, last, snapshot),
+                    (columns, old_key, flags, source),
+                )| {
+                    (
+                        t,
+                        p,
+                        crate::messages::Row {
+                            schema,
+                            table,
+                            op,
+                            txn,
+                            position,
+                            commit_time_unix_us: commit,
+                            change_index: index,
+                            last_in_txn: last,
+                            snapshot,
+                            columns,
+                            old_key,
+                            flags,
+                            source,
+                        },
+                    )
+                },
+            )
+    }
+
     proptest! {
         /// Byte for byte what prost writes for the same records.
         #[test]
@@ -261,6 +468,49 @@ mod tests {
                 });
             }
             prop_assert_eq!(buf.count() as usize, lines.len());
+            let want = list.encode_to_vec();
+            prop_assert_eq!(buf.as_bytes(), want.as_slice());
+        }
+
+        /// Rows written through `push_row` are byte for byte prost's.
+        #[test]
+        fn rows_encode_as_prost_does(
+            rows in proptest::collection::vec(row_strategy(), 0..8)
+        ) {
+            let mut buf = RecordBuf::new();
+            let mut list = RecordList::default();
+            let mut tail = RowTail::default();
+            for (t, p, row) in &rows {
+                tail.clear();
+                for f in &row.columns {
+                    tail.column(&f.name, f.value_type, f.value.as_ref().unwrap());
+                }
+                for f in &row.old_key {
+                    tail.old_key(&f.name, f.value_type, f.value.as_ref().unwrap());
+                }
+                for f in &row.flags {
+                    tail.flag(f);
+                }
+                tail.source(&row.source);
+                let head = RowHead {
+                    schema: &row.schema,
+                    table: &row.table,
+                    op: row.op,
+                    txn: &row.txn,
+                    position: &row.position,
+                    commit_time_unix_us: row.commit_time_unix_us,
+                    change_index: row.change_index,
+                    last_in_txn: row.last_in_txn,
+                    snapshot: row.snapshot,
+                };
+                buf.push_row(*t, p, &head, &tail);
+                list.records.push(Record {
+                    time_unix_ms: *t,
+                    position: p.clone(),
+                    body: Some(Body::Row(row.clone())),
+                });
+            }
+            prop_assert_eq!(buf.count() as usize, rows.len());
             let want = list.encode_to_vec();
             prop_assert_eq!(buf.as_bytes(), want.as_slice());
         }

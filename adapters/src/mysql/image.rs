@@ -15,8 +15,8 @@ where
     bits.map(|b| b.into_iter().map(|x| *x).collect())
 }
 
-/// A row image: per table column, its field when the image holds it.
-pub(crate) fn image(shape: &Shape, row: Image<'_>) -> Result<Vec<Option<Field>>, String> {
+/// A row image: per table column, its value when the image holds it.
+pub(crate) fn image(shape: &Shape, row: Image<'_>) -> Result<Vec<Option<field::Value>>, String> {
     if row.len() != shape.cols.len() {
         return Err(format!(
             "the row image has {} columns, the table {}",
@@ -28,26 +28,7 @@ pub(crate) fn image(shape: &Shape, row: Image<'_>) -> Result<Vec<Option<Field>>,
         .cols
         .iter()
         .zip(row)
-        .map(|(c, v)| {
-            let Some(v) = v else { return Ok(None) };
-            Ok(Some(Field {
-                name: c.name.clone(),
-                value_type: Shape::neutral(c).value_type() as i32,
-                value: Some(values::decode(c, v)?),
-            }))
-        })
-        .collect()
-}
-
-/// The old row's key columns, or the whole old row of a table without a key.
-pub(crate) fn old_image(shape: &Shape, before: &[Option<Field>]) -> Vec<Field> {
-    let keyed = shape.has_key();
-    shape
-        .cols
-        .iter()
-        .zip(before)
-        .filter(|(c, _)| !keyed || c.key)
-        .filter_map(|(_, f)| f.clone())
+        .map(|(c, v)| v.map(|v| values::decode(c, v)).transpose())
         .collect()
 }
 

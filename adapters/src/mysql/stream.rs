@@ -3,11 +3,12 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_protocol::messages::{field, record, Field, Record, Row, RowOp};
-use ferry_protocol::record_buf::RecordBuf;
+use ferry_protocol::messages::{field, Record, RowOp};
+use ferry_protocol::record_buf::{RecordBuf, RowHead, RowTail};
 use futures_util::StreamExt;
 use mysql_async::binlog::events::{Event, EventData, RowsEventData, TableMapEvent};
 use mysql_async::prelude::Queryable;
@@ -15,14 +16,16 @@ use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
 
 use super::conn::{self, classify, variable};
 use super::gtid::{mysql_gtid, parse_gtid_event, Gtid, GtidState, MARIADB_GTID};
-use super::image::{bools, image, old_image, raw_flags};
+use super::image::{bools, image};
 use super::position::{MyPosition, Partial};
 use super::rows::{Layout, Rows};
-use super::schema::{self, Shape, MYSQL};
+use super::schema::{self, Kind, Shape, MYSQL};
 use super::table_map;
 use super::{doctor, snapshot, split_table, MysqlConfig, SnapshotMode};
 use crate::{now_unix_ms, Inflight, Records, SourceContext, SourceError};
 
+/// A column left out of a partial after image.
+const UNCHANGED: field::Value = field::Value::Unchanged(true);
 /// A transaction is committed in pieces of at most this many changes...
 const MAX_PIECE_ROWS: usize = 10_000;
 /// ...or about this many bytes of records.
@@ -227,7 +230,11 @@ struct Txn {
     /// Changes in `piece`.
     piece_rows: usize,
     /// The last change read, not in `piece` yet.
-    held: Option<Record>,
+    held: Option<Held>,
+    /// A row tail to reuse (rows alternate between it and `held`'s).
+    spare: RowTail,
+    /// The text of a record's `position`, reused.
+    at_text: String,
     /// Changes read, skipped ones included (the next `change_index`).
     changes: u32,
     /// Its first changes, durable before this source instance began.
@@ -236,13 +243,38 @@ struct Txn {
     split: bool,
 }
 
+/// A change read and encoded but for its head (`last_in_txn` is known only
+/// once the next change or the commit event is read).
+struct Held {
+    shape: Arc<Shape>,
+    op: RowOp,
+    change_index: u32,
+    time_unix_ms: u64,
+    last: bool,
+    tail: RowTail,
+}
+
 impl Txn {
     /// Writes the held change into the piece: a later record follows it.
     fn release_held(&mut self) {
-        if let Some(h) = self.held.take() {
-            self.piece.push(&h);
-            self.piece_rows += 1;
-        }
+        let Some(h) = self.held.take() else { return };
+        self.at_text.clear();
+        let _ = write!(self.at_text, "{} n={}", self.begin, h.change_index);
+        let head = RowHead {
+            schema: &h.shape.database,
+            table: &h.shape.table,
+            op: h.op as i32,
+            txn: &self.id,
+            position: self.begin.as_bytes(),
+            commit_time_unix_us: self.commit_us,
+            change_index: h.change_index,
+            last_in_txn: h.last,
+            snapshot: false,
+        };
+        self.piece
+            .push_row(h.time_unix_ms, &self.at_text, &head, &h.tail);
+        self.piece_rows += 1;
+        self.spare = h.tail;
     }
 }
 
@@ -472,6 +504,8 @@ impl Reader<'_> {
             piece: RecordBuf::new(),
             piece_rows: 0,
             held: None,
+            spare: RowTail::default(),
+            at_text: String::new(),
             changes: 0,
             skip,
             split: false,
@@ -610,66 +644,74 @@ impl Reader<'_> {
             let bad = |e: String| SourceError::Fatal(format!("{name} at {at}: {e}"));
             let before = before.map(|b| image(&shape, b)).transpose().map_err(bad)?;
             let after = after.map(|a| image(&shape, a)).transpose().map_err(bad)?;
-            let old_key = match (&before, op) {
-                (Some(b), RowOp::Delete) => old_image(&shape, b),
-                (Some(b), RowOp::Update) => {
-                    let changed =
-                        !shape.has_key()
-                            || shape.cols.iter().enumerate().filter(|(_, c)| c.key).any(
-                                |(i, _)| {
-                                    let new = after.as_ref().and_then(|a| a[i].as_ref());
-                                    new.is_some_and(|n| {
-                                        b[i].as_ref().is_some_and(|o| o.value != n.value)
-                                    })
-                                },
-                            );
-                    if changed {
-                        old_image(&shape, b)
-                    } else {
-                        Vec::new()
+            let mut tail = std::mem::take(&mut txn.spare);
+            tail.clear();
+            // Character columns whose value travels as bytes (`raw:COLUMN`).
+            let mut raw: Vec<usize> = Vec::new();
+            let mut note_raw = |i: usize, v: &field::Value| {
+                if matches!(v, field::Value::Bytes(_))
+                    && matches!(shape.cols[i].kind, Kind::Text(_))
+                    && !raw.contains(&i)
+                {
+                    raw.push(i);
+                }
+            };
+            // `columns`: the after image (a column the server left out is
+            // `Unchanged`).
+            if let (Some(a), RowOp::Insert | RowOp::Update) = (&after, op) {
+                for (i, (c, v)) in shape.cols.iter().zip(a).enumerate() {
+                    let v = v.as_ref().unwrap_or(&UNCHANGED);
+                    note_raw(i, v);
+                    tail.column(&c.name, Shape::neutral(c).value_type() as i32, v);
+                }
+            }
+            // `old_key`: the before image's key columns for a delete and for an
+            // update that changed the key; the whole before image of a table
+            // without a key.
+            if let Some(b) = &before {
+                let keyed = shape.has_key();
+                let wanted =
+                    match op {
+                        RowOp::Delete => true,
+                        RowOp::Update => {
+                            !keyed
+                                || shape.cols.iter().enumerate().filter(|(_, c)| c.key).any(
+                                    |(i, _)| {
+                                        let new = after.as_ref().and_then(|a| a[i].as_ref());
+                                        new.is_some_and(|n| b[i].as_ref().is_some_and(|o| o != n))
+                                    },
+                                )
+                        }
+                        _ => false,
+                    };
+                if wanted {
+                    for (i, (c, v)) in shape.cols.iter().zip(b).enumerate() {
+                        if let Some(v) = v.as_ref().filter(|_| !keyed || c.key) {
+                            note_raw(i, v);
+                            tail.old_key(&c.name, Shape::neutral(c).value_type() as i32, v);
+                        }
                     }
                 }
-                _ => Vec::new(),
-            };
-            // The after image is moved into the row, not copied.
-            let columns: Vec<Field> = match (after, op) {
-                (Some(a), RowOp::Insert | RowOp::Update) => shape
-                    .cols
+            }
+            if !raw.is_empty() {
+                let flags: Vec<String> = raw
                     .iter()
-                    .zip(a)
-                    .map(|(c, f)| {
-                        f.unwrap_or_else(|| Field {
-                            name: c.name.clone(),
-                            value_type: Shape::neutral(c).value_type() as i32,
-                            value: Some(field::Value::Unchanged(true)),
-                        })
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let flags = raw_flags(&shape, columns.iter().chain(&old_key));
-            if !flags.is_empty() {
+                    .map(|&i| format!("raw:{}", shape.cols[i].name))
+                    .collect();
                 tracing::warn!(table = %name, at = %at, columns = ?flags,
                     "values that are not text in their column's character set: shipped as their bytes, marked in the row's flags");
+                for f in &flags {
+                    tail.flag(f);
+                }
             }
-            let r = Record {
+            tail.source(MYSQL);
+            let r = Held {
+                shape: Arc::clone(&shape),
+                op,
+                change_index: txn.changes,
                 time_unix_ms: now_unix_ms(),
-                position: format!("{} n={}", txn.begin, txn.changes),
-                body: Some(record::Body::Row(Row {
-                    schema: shape.database.clone(),
-                    table: shape.table.clone(),
-                    op: op as i32,
-                    txn: txn.id.clone(),
-                    position: txn.begin.as_bytes().to_vec(),
-                    commit_time_unix_us: txn.commit_us,
-                    change_index: txn.changes,
-                    last_in_txn: false,
-                    snapshot: false,
-                    columns,
-                    old_key,
-                    flags,
-                    source: MYSQL.to_string(),
-                })),
+                last: false,
+                tail,
             };
             txn.changes += 1;
             txn.release_held();
@@ -722,8 +764,8 @@ impl Reader<'_> {
             schemas: self.shipped.clone(),
             snapshot: None,
         };
-        if let Some(record::Body::Row(row)) = txn.held.as_mut().and_then(|r| r.body.as_mut()) {
-            row.last_in_txn = true;
+        if let Some(h) = txn.held.as_mut() {
+            h.last = true;
         }
         txn.release_held();
         if txn.piece.is_empty() && !txn.split && txn.skip == 0 {
