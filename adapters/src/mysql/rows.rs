@@ -273,26 +273,19 @@ mod tests {
             time2_short(&mut buf).unwrap()
         };
         use mysql_async::Value::Time;
-        // 00:00:00.00, -00:00:00.01, -00:00:00.99, -00:00:01.00, -00:00:01.01,
-        // -00:00:01.10
-        assert_eq!(read([0x80, 0, 0, 0]), Time(false, 0, 0, 0, 0, 0));
-        assert_eq!(
-            read([0x7f, 0xff, 0xff, 0xff]),
-            Time(true, 0, 0, 0, 0, 10_000)
-        );
-        assert_eq!(
-            read([0x7f, 0xff, 0xff, 0x9d]),
-            Time(true, 0, 0, 0, 0, 990_000)
-        );
-        assert_eq!(read([0x7f, 0xff, 0xff, 0x00]), Time(true, 0, 0, 0, 1, 0));
-        assert_eq!(
-            read([0x7f, 0xff, 0xfe, 0xff]),
-            Time(true, 0, 0, 0, 1, 10_000)
-        );
-        assert_eq!(
-            read([0x7f, 0xff, 0xfe, 0xf6]),
-            Time(true, 0, 0, 0, 1, 100_000)
-        );
+        // (disk bytes, value): 00:00:00.00, -00:00:00.01, -00:00:00.99,
+        // -00:00:01.00, -00:00:01.01, -00:00:01.10
+        let examples = [
+            ([0x80, 0, 0, 0], Time(false, 0, 0, 0, 0, 0)),
+            ([0x7f, 0xff, 0xff, 0xff], Time(true, 0, 0, 0, 0, 10_000)),
+            ([0x7f, 0xff, 0xff, 0x9d], Time(true, 0, 0, 0, 0, 990_000)),
+            ([0x7f, 0xff, 0xff, 0x00], Time(true, 0, 0, 0, 1, 0)),
+            ([0x7f, 0xff, 0xfe, 0xff], Time(true, 0, 0, 0, 1, 10_000)),
+            ([0x7f, 0xff, 0xfe, 0xf6], Time(true, 0, 0, 0, 1, 100_000)),
+        ];
+        for (bytes, want) in examples {
+            assert_eq!(read(bytes), want, "{bytes:02x?}");
+        }
         // 838:59:59.99 = 34 days 22 hours.
         let hms = (838 << 12) | (59 << 6) | 59;
         let [_, a, b, c] = (0x800000u32 + hms).to_be_bytes();

@@ -172,36 +172,16 @@ async fn a_pass_applies_no_chunk_once_the_exchange_is_stopping() {
     let sub = Subscription::new(&d);
     let statuses = Statuses::default();
     let mut progress = Progress::default();
+    // One pass; whether it progressed, and the sink's checkpoint after it.
+    let mut pass_with = async |token: &CancellationToken| {
+        let progressed = pass(&d, &sub, &store, &statuses, &mut progress, token)
+            .await
+            .unwrap();
+        let sink = progress.sink.as_mut().unwrap();
+        (progressed, sink.checkpoint("a1", "s").await.unwrap())
+    };
     let stopping = CancellationToken::new();
     stopping.cancel();
-    let progressed = pass(&d, &sub, &store, &statuses, &mut progress, &stopping)
-        .await
-        .unwrap();
-    assert!(!progressed);
-    assert_eq!(
-        progress
-            .sink
-            .as_mut()
-            .unwrap()
-            .checkpoint("a1", "s")
-            .await
-            .unwrap(),
-        0
-    );
-
-    let live = CancellationToken::new();
-    let progressed = pass(&d, &sub, &store, &statuses, &mut progress, &live)
-        .await
-        .unwrap();
-    assert!(progressed);
-    assert_eq!(
-        progress
-            .sink
-            .as_mut()
-            .unwrap()
-            .checkpoint("a1", "s")
-            .await
-            .unwrap(),
-        backlog
-    );
+    assert_eq!(pass_with(&stopping).await, (false, 0));
+    assert_eq!(pass_with(&CancellationToken::new()).await, (true, backlog));
 }
