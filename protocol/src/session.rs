@@ -49,8 +49,13 @@ pub enum SessionError {
     Protocol(String),
     #[error("forbidden: {0}")]
     Forbidden(String),
-    #[error("incompatible protocol version {peer} (this end speaks {ours})")]
-    Version { peer: u32, ours: u32 },
+    /// `ours`: the version or range this end speaks; `advice`: what to do.
+    #[error("incompatible protocol version {peer} (this end speaks {ours}): {advice}")]
+    Version {
+        peer: u32,
+        ours: String,
+        advice: &'static str,
+    },
     #[error("stream {stream} is held at the exchange: {reason}")]
     Held { stream: String, reason: String },
 }
@@ -222,7 +227,9 @@ impl AgentSession {
         if welcome.version != PROTOCOL_VERSION {
             return Err(SessionError::Version {
                 peer: welcome.version,
-                ours: PROTOCOL_VERSION,
+                ours: PROTOCOL_VERSION.to_string(),
+                advice: "the exchange answered in another version than the agent speaks; \
+                         upgrade the exchange and the agent to the same release",
             });
         }
         if welcome.max_window > 0 {
@@ -598,7 +605,12 @@ impl ExchangeSession {
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
             return Err(SessionError::Version {
                 peer: hello.version,
-                ours: PROTOCOL_VERSION,
+                ours: format!("{MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"),
+                advice: if hello.version > PROTOCOL_VERSION {
+                    "the agent is newer than this exchange; upgrade the exchange before its agents"
+                } else {
+                    "this exchange no longer serves an agent that old; upgrade the agent"
+                },
             });
         }
         if hello.agent_id != self.peer.agent_id {

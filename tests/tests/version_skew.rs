@@ -180,10 +180,15 @@ fn an_older_agent_is_served_and_a_newer_one_refused_by_name() {
             panic!("a version-{version} agent was not refused: {answer:?}");
         };
         note(format!("version {version}: {}", e.message));
+        let advice = if version > PROTOCOL_VERSION {
+            "upgrade the exchange before its agents"
+        } else {
+            "upgrade the agent"
+        };
         assert!(
-            e.message
-                .contains(&format!("incompatible protocol version {version}"))
-                && e.message.contains(&format!("speaks {PROTOCOL_VERSION}")),
+            e.message.contains(&format!(
+                "incompatible protocol version {version} (this end speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})"
+            )) && e.message.contains(advice),
             "{}",
             e.message
         );
