@@ -43,6 +43,16 @@ fn start(store: &Store, cfg: &MysqlConfig) -> Running {
     store.start_source(Box::new(MysqlSource::new(cfg.clone())))
 }
 
+/// Starts the source and waits until its starting position is durable.
+async fn started(store: &Store, cfg: &MysqlConfig) -> Running {
+    let mut run = start(store, cfg);
+    run.wait_for("the starting position", 30, || {
+        store.raw_position().is_some()
+    })
+    .await;
+    run
+}
+
 /// The table as the server has it, keyed and rendered like the model
 /// (`data` as `\x` + hex, as the model renders bytes).
 fn db_state(db: &MariaDb, extra: &[&str]) -> BTreeMap<Vec<String>, Row> {
@@ -161,11 +171,7 @@ fn assert_transactions_whole(records: &[Record]) {
 async fn changes_arrive_as_the_table_has_them() {
     let (db, cfg, _dir) = setup();
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let mut run = started(&store, &cfg).await;
 
     db.sql(
         "BEGIN;
@@ -273,11 +279,7 @@ async fn changes_arrive_as_the_table_has_them() {
 async fn a_crash_and_rotations_lose_and_repeat_nothing() {
     let (db, cfg, _dir) = setup();
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let mut run = started(&store, &cfg).await;
 
     for i in 1..=3 {
         db.sql(&format!(
@@ -378,11 +380,7 @@ async fn refused_settings_are_fatal_with_their_fix() {
 async fn an_idle_stream_is_kept_alive_by_heartbeats() {
     let (db, cfg, _dir) = setup();
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let mut run = started(&store, &cfg).await;
     let dump = "SELECT ID FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'";
     run.wait_for("the binlog dump session", 30, || !db.sql(dump).is_empty())
         .await;
@@ -400,11 +398,7 @@ async fn an_idle_stream_is_kept_alive_by_heartbeats() {
 async fn a_server_restart_is_retried_without_loss() {
     let (mut db, cfg, _dir) = setup();
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let mut run = started(&store, &cfg).await;
     db.sql("INSERT INTO shop.place (id, name_gbk) VALUES (1, '沈阳市'), (2, '大连')");
     catch_up(&db, &mut run, &store, 100).await;
     db.restart();
@@ -453,11 +447,7 @@ async fn run_once_from(
 async fn a_position_without_gtid_resumes_by_file_and_offset() {
     let (db, cfg, _dir) = setup();
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let mut run = started(&store, &cfg).await;
     db.sql("INSERT INTO shop.place (id, name_gbk) VALUES (1, '沈阳市')");
     catch_up(&db, &mut run, &store, 100).await;
     run.stop().await.unwrap_err();
@@ -502,11 +492,7 @@ async fn a_position_without_gtid_resumes_by_file_and_offset() {
 async fn rows_written_before_an_alter_are_read_after_it() {
     let (db, cfg, _dir) = setup();
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let mut run = started(&store, &cfg).await;
     db.sql("INSERT INTO shop.place (id, name_gbk, amount) VALUES (1, '沈阳市', 1.5)");
     catch_up(&db, &mut run, &store, 100).await;
     run.stop().await.unwrap_err();
@@ -550,11 +536,7 @@ async fn rows_written_before_an_alter_are_read_after_it() {
 async fn an_xa_transaction_is_refused_not_lost() {
     let (db, cfg, _dir) = setup();
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let run = started(&store, &cfg).await;
     db.sql("XA START 'x1'; INSERT INTO shop.place (id) VALUES (1); XA END 'x1'; XA PREPARE 'x1'; XA COMMIT 'x1';");
     db.sql("INSERT INTO shop.place (id) VALUES (2)");
     let e = run.ended(30).await.unwrap_err();
@@ -573,11 +555,7 @@ async fn every_type_renders_as_mysql_does() {
     );
     cfg.tables = vec!["shop.kinds".into()];
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let mut run = started(&store, &cfg).await;
     db.sql(
         "SET time_zone = '+08:00';
          INSERT INTO shop.kinds VALUES (1, '2026-01-01 11:04:05.12', 'b', 'x,z', '{\"k\": [1, 2]}',
@@ -627,11 +605,7 @@ async fn every_type_renders_as_mysql_does() {
     db.sql("CREATE TABLE shop.times (id INT PRIMARY KEY, t1 TIME(1), t2 TIME(2))");
     cfg.tables = vec!["shop.times".into()];
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let mut run = started(&store, &cfg).await;
     let times = [
         "00:00:00",
         "-01:00:00.5",
@@ -896,11 +870,7 @@ async fn tls_checks_the_server_as_sslmode_says() {
         let cfg = config(format!("{base}?{query}"));
         cfg.check_environment().unwrap();
         let store = Store::new();
-        let mut run = start(&store, &cfg);
-        run.wait_for("the starting position", 30, || {
-            store.raw_position().is_some()
-        })
-        .await;
+        let mut run = started(&store, &cfg).await;
         db.sql(&format!(
             "INSERT INTO shop.place (id, name_gbk) VALUES ({i}, '沈阳市')"
         ));
@@ -955,11 +925,7 @@ async fn doctor_advises_on_row_image_metadata_and_retention() {
 async fn a_purged_position_stops_the_stream_loudly() {
     let (db, cfg, _dir) = setup();
     let store = Store::new();
-    let mut run = start(&store, &cfg);
-    run.wait_for("the starting position", 30, || {
-        store.raw_position().is_some()
-    })
-    .await;
+    let run = started(&store, &cfg).await;
     run.stop().await.unwrap_err();
     let before = store.commits();
     db.sql("INSERT INTO shop.place (id, name_utf8) VALUES (1, 'lost')");

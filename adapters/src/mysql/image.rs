@@ -3,7 +3,7 @@
 use ferry_protocol::messages::{field, Field};
 
 use super::rows::Image;
-use super::schema::{Kind, Shape};
+use super::schema::{Col, Kind, Shape};
 use super::values;
 
 /// A column bitmap (which columns an image holds) as plain flags.
@@ -41,17 +41,18 @@ pub(crate) fn raw_flags<'a>(
 ) -> Vec<String> {
     let mut flags: Vec<String> = Vec::new();
     for f in fields {
-        if !matches!(f.value, Some(field::Value::Bytes(_))) {
-            continue;
-        }
-        let text = shape
-            .cols
-            .iter()
-            .any(|c| c.name == f.name && matches!(c.kind, Kind::Text(_)));
+        let Some(v) = &f.value else { continue };
+        let raw = shape.cols.iter().any(|c| c.name == f.name && is_raw(c, v));
         let flag = format!("raw:{}", f.name);
-        if text && !flags.contains(&flag) {
+        if raw && !flags.contains(&flag) {
             flags.push(flag);
         }
     }
     flags
+}
+
+/// Whether `v`, a value of `col`, is character data travelling as its bytes
+/// (not text in the column's character set).
+pub(crate) fn is_raw(col: &Col, v: &field::Value) -> bool {
+    matches!(v, field::Value::Bytes(_)) && matches!(col.kind, Kind::Text(_))
 }

@@ -14,7 +14,7 @@ use mysql_async::{Conn, Value};
 use tracing::{info, warn};
 
 use super::conn::{self, classify};
-use super::image::raw_flags;
+use super::image::{is_raw, raw_flags};
 use super::position::{KeyValue, MyPosition, SnapshotState};
 use super::schema::{self, Kind, Shape, MYSQL};
 use super::stream::current_position;
@@ -461,10 +461,12 @@ impl<'a> Block<'a> {
                 })?;
             self.values.push(v);
         }
-        let raw =
-            self.shape.cols.iter().zip(&self.values).any(|(c, v)| {
-                matches!(c.kind, Kind::Text(_)) && matches!(v, field::Value::Bytes(_))
-            });
+        let raw = self
+            .shape
+            .cols
+            .iter()
+            .zip(&self.values)
+            .any(|(c, v)| is_raw(c, v));
         if raw {
             let fields: Vec<Field> = self
                 .shape

@@ -16,10 +16,10 @@ use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
 
 use super::conn::{self, classify, variable};
 use super::gtid::{mysql_gtid, parse_gtid_event, Gtid, GtidState, MARIADB_GTID};
-use super::image::{bools, image};
+use super::image::{bools, image, is_raw};
 use super::position::{MyPosition, Partial};
 use super::rows::{Layout, Rows};
-use super::schema::{self, Kind, Shape, MYSQL};
+use super::schema::{self, Shape, MYSQL};
 use super::table_map;
 use super::{doctor, snapshot, split_table, MysqlConfig, SnapshotMode};
 use crate::{now_unix_ms, Inflight, Records, SourceContext, SourceError};
@@ -649,10 +649,7 @@ impl Reader<'_> {
             // Character columns whose value travels as bytes (`raw:COLUMN`).
             let mut raw: Vec<usize> = Vec::new();
             let mut note_raw = |i: usize, v: &field::Value| {
-                if matches!(v, field::Value::Bytes(_))
-                    && matches!(shape.cols[i].kind, Kind::Text(_))
-                    && !raw.contains(&i)
-                {
+                if is_raw(&shape.cols[i], v) && !raw.contains(&i) {
                     raw.push(i);
                 }
             };
