@@ -350,7 +350,9 @@ pub struct StoreSection {
     /// Directory of the embedded store (sled database and received files), the
     /// admin socket and node-local state.
     pub dir: PathBuf,
-    /// Memory the store may use to cache pages, bytes.
+    /// Memory the store may use to cache pages, bytes (default 16 MiB: batches
+    /// live in segment files, the cache holds the registry, stream states and
+    /// the index of batches).
     #[serde(default = "default_cache")]
     pub cache_size: u64,
     /// `embedded`: remove records once every delivery naming their stream has
@@ -439,7 +441,7 @@ fn is_one(n: &usize) -> bool {
 }
 
 fn default_cache() -> u64 {
-    64 << 20
+    16 << 20
 }
 
 pub fn load(path: &Path) -> Result<ExchangeConfig> {
@@ -763,7 +765,7 @@ mod tests {
         let written = toml::to_string_pretty(&StoreSection::embedded("store".into())).unwrap();
         assert_eq!(
             written,
-            "kind = \"embedded\"\ndir = \"store\"\ncache_size = 67108864\n"
+            "kind = \"embedded\"\ndir = \"store\"\ncache_size = 16777216\n"
         );
     }
 }

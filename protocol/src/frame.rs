@@ -65,6 +65,26 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Where the next read from the stream goes: room for what the frame being
+    /// assembled still needs and no more, at most `max_read` bytes, or as many
+    /// as are buffered already, at a time (so a large frame's buffer grows
+    /// geometrically with what arrives, never ahead of it). A reader that
+    /// fills only this never reads past a frame, so the decoder holds nothing
+    /// between frames: an exchange with thousands of quiet streams keeps no
+    /// buffer for any of them. Filling it (e.g. with tokio's `read_buf`) is
+    /// cancel-safe: bytes count only once they are written.
+    pub fn room(&mut self, max_read: usize) -> prost::bytes::buf::Limit<&mut Vec<u8>> {
+        use prost::bytes::BufMut;
+        let n = self.wanted().min(max_read.max(self.buf.len()));
+        self.buf.reserve_exact(n);
+        (&mut self.buf).limit(n)
+    }
+
+    /// Bytes of memory held for a partial frame (its buffer's capacity).
+    pub fn held(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// How many body bytes the next frame still needs, so a reader can size its
     /// next read; 4 when even the length is not there yet.
     pub fn wanted(&self) -> usize {
@@ -105,7 +125,12 @@ impl FrameDecoder {
             return Ok(None);
         }
         let decoded = Frame::decode(&self.buf[4..4 + len]);
-        self.buf.drain(..4 + len);
+        if self.buf.len() == 4 + len {
+            // Nothing of the next frame yet: hold no memory until it comes.
+            self.buf = Vec::new();
+        } else {
+            self.buf.drain(..4 + len);
+        }
         match decoded {
             Ok(Frame { msg: Some(msg) }) => Ok(Some(msg)),
             Ok(Frame { msg: None }) => Err(FrameError::Empty),

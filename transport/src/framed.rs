@@ -7,17 +7,16 @@ use crate::link::{RecvHalf, SendHalf};
 use ferry_protocol::frame::{self, FrameDecoder};
 use ferry_protocol::messages::frame::Msg;
 
-/// Reads frames from a stream's receive half.
+/// Reads frames from a stream's receive half. Reads take only what the frame
+/// being assembled still needs ([`FrameDecoder::room`]), so between frames a
+/// reader holds no buffer at all.
 pub struct FrameReader {
     recv: RecvHalf,
     decoder: FrameDecoder,
-    /// What one read takes: [`READ_MIN`] at first, doubled up to [`READ_MAX`]
-    /// while reads fill it, so an exchange with thousands of quiet streams does
-    /// not hold the largest buffer for each.
-    buf: Vec<u8>,
 }
 
-const READ_MIN: usize = 4 * 1024;
+/// The most one read takes once a frame's buffer is small (it grows with what
+/// arrived: see [`FrameDecoder::room`]).
 const READ_MAX: usize = 64 * 1024;
 
 impl FrameReader {
@@ -26,8 +25,12 @@ impl FrameReader {
         Self {
             recv: Box::new(recv),
             decoder: FrameDecoder::new(limit),
-            buf: vec![0; READ_MIN],
         }
+    }
+
+    /// Bytes of memory this reader holds for a partial frame; 0 between frames.
+    pub fn held(&self) -> usize {
+        self.decoder.held()
     }
 
     /// The next frame, or `None` when the peer finished the stream cleanly.
@@ -36,23 +39,16 @@ impl FrameReader {
             if let Some(msg) = self.decoder.next_frame()? {
                 return Ok(Some(msg));
             }
-            match self.recv.read(&mut self.buf).await? {
-                0 => {
-                    self.decoder.finish()?;
-                    return Ok(None);
-                }
-                n => self.pushed(n),
+            if self.read().await? == 0 {
+                self.decoder.finish()?;
+                return Ok(None);
             }
         }
     }
 
-    /// Hands the `n` bytes read to the decoder; a read that filled the buffer
-    /// doubles it for the next.
-    fn pushed(&mut self, n: usize) {
-        self.decoder.push(&self.buf[..n]);
-        if n == self.buf.len() && self.buf.len() < READ_MAX {
-            self.buf.resize(self.buf.len() * 2, 0);
-        }
+    /// One read into the decoder; 0 at the end of the stream. Cancel-safe.
+    async fn read(&mut self) -> std::io::Result<usize> {
+        self.recv.read_buf(&mut self.decoder.room(READ_MAX)).await
     }
 
     /// The next frame, like [`next`](Self::next), for a peer that must not make
@@ -86,7 +82,8 @@ impl FrameReader {
             if deadline.is_none() && self.decoder.buffered() > 0 {
                 deadline = Some(tokio::time::Instant::now() + frame_timeout);
             }
-            let read = self.recv.read(&mut self.buf);
+            let mut room = self.decoder.room(READ_MAX);
+            let read = self.recv.read_buf(&mut room);
             let got = match deadline {
                 None => read.await?,
                 Some(d) => tokio::time::timeout_at(d, read).await.map_err(|_| {
@@ -96,12 +93,9 @@ impl FrameReader {
                     )
                 })??,
             };
-            match got {
-                0 => {
-                    self.decoder.finish()?;
-                    return Ok(None);
-                }
-                n => self.pushed(n),
+            if got == 0 {
+                self.decoder.finish()?;
+                return Ok(None);
             }
         }
     }
@@ -127,17 +121,35 @@ impl FrameWriter {
     }
 
     pub async fn send(&mut self, msg: Msg) -> Result<()> {
-        self.buf.clear();
-        frame::encode(msg, &mut self.buf);
+        self.encode(msg);
         // Keep the transport's error as the cause: "connection lost" alone hides
         // why (a refused certificate, an idle timeout, the peer's close reason).
         self.send
             .write_all(&self.buf)
             .await
             .context("sending a frame")?;
+        self.sent();
         // yamux's writes go to its connection's queue at once; quinn's flush is
         // a no-op. Flushing keeps a frame from waiting in a buffer on either.
         self.send.flush().await.context("sending a frame")
+    }
+
+    fn encode(&mut self, msg: Msg) {
+        self.buf.clear();
+        frame::encode(msg, &mut self.buf);
+    }
+
+    /// After a frame is written: a large frame's buffer is not kept for the
+    /// next (a stream's batches are far apart when it is quiet); small ones are.
+    fn sent(&mut self) {
+        if self.buf.capacity() > READ_MAX {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Bytes of memory this writer holds between frames.
+    pub fn held(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// As [`send`](Self::send), the frame's bytes written in pieces of at most
@@ -148,8 +160,7 @@ impl FrameWriter {
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        self.buf.clear();
-        frame::encode(msg, &mut self.buf);
+        self.encode(msg);
         for chunk in self.buf.chunks(piece.max(1)) {
             pace(chunk.len()).await;
             self.send
@@ -157,6 +168,7 @@ impl FrameWriter {
                 .await
                 .context("sending a frame")?;
         }
+        self.sent();
         self.send.flush().await.context("sending a frame")
     }
 
@@ -242,5 +254,79 @@ impl Budget {
             _connection: Some(connection),
             _shared: Some(shared),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::messages::{Ack, Batch};
+
+    fn batch(len: usize, seq: u64) -> Msg {
+        Msg::Batch(Batch {
+            stream: "s".into(),
+            first_seq: seq,
+            record_count: 1,
+            payload: (0..len).map(|i| (i * 7 + seq as usize) as u8).collect(),
+            ..Default::default()
+        })
+    }
+
+    /// Thousands of streams at an exchange each sit between frames most of the
+    /// time: neither end may keep a frame's buffer there.
+    #[tokio::test]
+    async fn reader_and_writer_hold_nothing_between_frames() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut writer = FrameWriter::new(a);
+        let mut reader = FrameReader::new(b, frame::MAX_FRAME);
+        // Small, medium and large frames, each read whole before the next.
+        for (seq, len) in [(1u64, 7_000usize), (2, 300_000), (3, 40), (4, 3 << 20)] {
+            let sent = batch(len, seq);
+            let send = writer.send(sent.clone());
+            let (sent_ok, got) = tokio::join!(send, reader.next());
+            sent_ok.unwrap();
+            assert_eq!(got.unwrap(), Some(sent), "frame of {len} bytes");
+            assert_eq!(reader.held(), 0, "reader after a frame of {len} bytes");
+            assert!(
+                writer.held() <= READ_MAX,
+                "writer keeps {} bytes after a frame of {len}",
+                writer.held()
+            );
+        }
+        // Frames written back to back are still read one at a time, whole.
+        for seq in 10..20 {
+            writer.send(batch(5_000, seq)).await.unwrap();
+        }
+        writer
+            .send(Msg::Ack(Ack {
+                stream: "s".into(),
+                up_to_seq: 9,
+                rejected_files: vec![],
+            }))
+            .await
+            .unwrap();
+        for seq in 10..20 {
+            assert_eq!(reader.next().await.unwrap(), Some(batch(5_000, seq)));
+            assert_eq!(reader.held(), 0);
+        }
+        assert!(matches!(reader.next().await.unwrap(), Some(Msg::Ack(_))));
+        writer.finish().await;
+        assert_eq!(reader.next().await.unwrap(), None);
+    }
+
+    /// A frame still arriving is cut off by `next_within`'s timeout without
+    /// losing the bytes already read: the read is cancel-safe.
+    #[tokio::test]
+    async fn a_read_cancelled_mid_frame_keeps_what_arrived() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(b, frame::MAX_FRAME);
+        let bytes = frame::encode_to_vec(batch(10_000, 1));
+        a.write_all(&bytes[..3_000]).await.unwrap();
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), reader.next()).await;
+        assert!(cut.is_err(), "no frame before its end arrived");
+        assert!(reader.held() >= 3_000);
+        a.write_all(&bytes[3_000..]).await.unwrap();
+        assert_eq!(reader.next().await.unwrap(), Some(batch(10_000, 1)));
+        assert_eq!(reader.held(), 0);
     }
 }
