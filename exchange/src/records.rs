@@ -262,6 +262,43 @@ fn table_json(t: &Table) -> Value {
     Value::Object(obj)
 }
 
+/// What the dashboard shows of a stored record: its seq, times, source
+/// position, kind and size, and for database records the table and operation;
+/// never the line, the values or the file bytes.
+pub fn metadata(r: &crate::store::StoredRecord, stored_ms: u64) -> Value {
+    let rec = &r.record;
+    let (kind, table, op) = match &rec.body {
+        Some(Body::Line(_)) => ("line", None, None),
+        Some(Body::FileChunk(c)) => ("file_chunk", Some(c.path.clone()), None),
+        Some(Body::FileAbort(_)) => ("file_abort", None, None),
+        Some(Body::RowChange(c)) => (
+            "row",
+            Some(format!("{}.{}", c.schema, c.table)),
+            Some(op_name(c.op)),
+        ),
+        Some(Body::Row(c)) => (
+            "row",
+            Some(format!("{}.{}", c.schema, c.table)),
+            Some(op_name(c.op)),
+        ),
+        Some(Body::SchemaChange(c)) => ("schema", Some(format!("{}.{}", c.schema, c.table)), None),
+        Some(Body::Table(c)) => ("schema", Some(format!("{}.{}", c.schema, c.table)), None),
+        Some(Body::RowBlock(c)) => ("rows", Some(format!("{}.{}", c.schema, c.table)), None),
+        Some(Body::Rows(c)) => ("rows", Some(format!("{}.{}", c.schema, c.table)), None),
+        None => ("empty", None, None),
+    };
+    json!({
+        "seq": r.seq,
+        "time": rfc3339(rec.time_unix_ms),
+        "stored": rfc3339(stored_ms),
+        "position": rec.position,
+        "kind": kind,
+        "bytes": prost::Message::encoded_len(rec),
+        "table": table,
+        "op": op,
+    })
+}
+
 fn op_name(op: i32) -> &'static str {
     match RowOp::try_from(op).unwrap_or(RowOp::Unspecified) {
         RowOp::Insert => "insert",

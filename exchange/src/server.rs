@@ -198,6 +198,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
             alarms,
             cfg: Arc::new(cfg.clone()),
             reloads: reloads.clone(),
+            deliveries: deliveries.clone(),
         },
         shutdown.clone(),
     )

@@ -235,6 +235,7 @@ fn operators_watch_the_fleet_in_a_real_browser() {
         "/api/agents",
         "/api/agents/hp-mz-01",
         "/api/agents/hp-mz-01/history",
+        "/api/agents/hp-mz-01/streams/events",
         "/api/alarms",
         "/api/audit",
     ];
@@ -298,6 +299,34 @@ fn operators_watch_the_fleet_in_a_real_browser() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["streams"][0]["stream"], "events", "{v}");
     assert_eq!(api.call("GET", "/api/agents/nobody", None, false).0, 404);
+    // The stream page: its declaration, what is stored, its records' metadata
+    // and never their contents.
+    let path = "/api/agents/hp-mz-01/streams/events";
+    wait_until(SHORT, "the first line stored", || {
+        let (st, v) = api.call("GET", path, None, false);
+        st == 200 && v["stored_up_to"].as_u64().is_some_and(|n| n >= 1)
+    });
+    let (_, v) = api.call("GET", path, None, false);
+    assert_eq!(v["declared"][0]["catalog_id"], "210000-0001", "{v}");
+    assert_eq!(v["declared"][0]["sharing"], "unconditional", "{v}");
+    assert_eq!(v["reported"]["kind"], "tail", "{v}");
+    assert_eq!(v["gaps"], json!([]), "{v}");
+    let last = &v["last_records"][0];
+    assert_eq!(
+        (&last["seq"], &last["kind"]),
+        (&json!(1), &json!("line")),
+        "{v}"
+    );
+    assert!(last["bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
+    assert!(
+        !v.to_string().contains("第一行"),
+        "a record's contents on the stream page: {v}"
+    );
+    assert_eq!(
+        api.call("GET", "/api/agents/hp-mz-01/streams/nothing", None, false)
+            .0,
+        404
+    );
     let (st, v) = api.call("GET", "/api/openapi.json", None, false);
     assert_eq!((st, &v["openapi"]), (200, &json!("3.0.3")));
 
@@ -425,6 +454,18 @@ fn operators_watch_the_fleet_in_a_real_browser() {
             "an auditor sees no revoke button"
         );
         shot(&c, "6-agent-as-auditor").await;
+        c.find(Locator::Css("a.stream-link"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_text(&c, "#stream-catalog", SHORT, |t| t == "210000-0001").await;
+        let sharing = wait_text(&c, "#stream-sharing", SHORT, |t| !t.is_empty()).await;
+        assert_eq!(sharing, "无条件共享");
+        let records = wait_text(&c, "#last-records", SHORT, |t| t.contains("line")).await;
+        assert!(!records.contains("第一行"), "{records}");
+        shot(&c, "7-stream-as-auditor").await;
         c.close().await.unwrap();
     });
 

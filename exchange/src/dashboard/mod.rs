@@ -59,6 +59,7 @@ struct Inner {
     alarms: Arc<Alarms>,
     cfg: Arc<ExchangeConfig>,
     reloads: crate::admin::Reloads,
+    deliveries: crate::delivery::Statuses,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -89,6 +90,7 @@ pub struct Parts {
     pub alarms: Arc<Alarms>,
     pub cfg: Arc<ExchangeConfig>,
     pub reloads: crate::admin::Reloads,
+    pub deliveries: crate::delivery::Statuses,
 }
 
 /// Binds `[dashboard] listen` (an error names the address) and serves until
@@ -120,6 +122,7 @@ pub async fn start(
         alarms: parts.alarms,
         cfg: parts.cfg,
         reloads: parts.reloads,
+        deliveries: parts.deliveries,
         sessions: Mutex::new(HashMap::new()),
     });
     let router = router(app);
@@ -202,6 +205,7 @@ fn router(app: App) -> Router {
         .route("/api/agents/{id}", get(agent))
         .route("/api/agents/{id}/revoke", post(revoke))
         .route("/api/agents/{id}/history", get(history))
+        .route("/api/agents/{id}/streams/{stream}", get(stream))
         .route("/api/alarms", get(alarms))
         .route("/api/alarms/{id}/ack", post(acknowledge))
         .route("/api/audit", get(audit))
@@ -813,20 +817,7 @@ async fn history(
                 .map(|h| h.streams)
                 .unwrap_or_default()
                 .iter()
-                .map(|s| {
-                    let points = app.history.points(&id, &s.name, since);
-                    let series: Vec<Value> = points
-                        .windows(2)
-                        .map(|w| {
-                            json!({
-                                "t": w[1].t,
-                                "records": w[1].acked_seq.saturating_sub(w[0].acked_seq),
-                                "backlog_bytes": w[1].backlog_bytes,
-                            })
-                        })
-                        .collect();
-                    json!({"stream": s.name, "points": series})
-                })
+                .map(|s| json!({"stream": s.name, "points": series(app, &id, &s.name, since)}))
                 .collect();
             Ok(json!({"agent": id, "hours": hours, "streams": streams}))
         })
@@ -854,4 +845,164 @@ async fn audit(
         .blocking(move |app| app.store.audit(q.from.max(1), 1000).map_err(internal))
         .await?;
     Ok(Json(json!(entries)))
+}
+
+/// A stream's history as chart points: records acknowledged in each minute and
+/// the backlog at its end.
+fn series(app: &Inner, agent: &str, stream: &str, since_ms: u64) -> Vec<Value> {
+    app.history
+        .points(agent, stream, since_ms)
+        .windows(2)
+        .map(|w| {
+            json!({
+                "t": w[1].t,
+                "records": w[1].acked_seq.saturating_sub(w[0].acked_seq),
+                "backlog_bytes": w[1].backlog_bytes,
+            })
+        })
+        .collect()
+}
+
+/// How many of a stream's last records the stream page lists.
+const LAST_RECORDS: u64 = 20;
+
+/// One stream: its declaration (catalogue id, sharing class, each from the seq
+/// it applied to), what the agent last reported, what is stored, the seqs
+/// declared lost, each delivery's progress, 24 h of throughput, and the
+/// metadata of its last records (kind, size, position, table and operation):
+/// never their contents, which may be conditional data.
+async fn stream(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    app.allowed(&headers, Action::Read)?;
+    let out = app
+        .blocking(move |app| {
+            let rec = app
+                .store
+                .agent(&id)
+                .map_err(internal)?
+                .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such agent".into()))?;
+            let reported = rec
+                .status
+                .as_ref()
+                .and_then(|h| h.streams.iter().find(|s| s.name == name).cloned());
+            if reported.is_none() && !rec.streams.contains(&name) {
+                return Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("agent {id} has no stream {name}"),
+                ));
+            }
+            let meta = app.store.stream_meta(&id, &name).map_err(internal)?;
+            let next_seq = app.store.next_expected(&id, &name).map_err(internal)?;
+            let gaps = app.store.gaps(&id, &name).map_err(internal)?;
+            let mut last = Vec::new();
+            let from = next_seq.saturating_sub(LAST_RECORDS).max(1);
+            app.store
+                .records(&id, &name, from, &mut |r, stored_ms| {
+                    last.push(crate::records::metadata(&r, stored_ms));
+                    true
+                })
+                .map_err(internal)?;
+            last.reverse();
+            let deliveries: Vec<_> = app
+                .deliveries
+                .snapshot()
+                .into_iter()
+                .filter(|d| d.agent == id && d.stream == name)
+                .collect();
+            let since = now_unix_ms().saturating_sub(24 * 3_600_000);
+            Ok(json!({
+                "agent": id,
+                "stream": name,
+                "reported": reported,
+                "declared": meta.classes,
+                "stored_up_to": next_seq - 1,
+                "incarnation": meta.incarnation,
+                "held": meta.hold,
+                "gaps": gaps,
+                "deliveries": deliveries,
+                "points": series(app, &id, &name, since),
+                "last_records": last,
+            }))
+        })
+        .await?;
+    Ok(Json(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(catalogue: &str) -> std::collections::BTreeMap<String, String> {
+        serde_json::from_str(catalogue).unwrap()
+    }
+
+    /// The string literals that follow each `marker` in `text` (where the
+    /// marker starts a word: `t("` but not `split("`).
+    fn literals_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+        text.match_indices(marker)
+            .filter(|(i, _)| {
+                !text[..*i]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.')
+            })
+            .filter_map(|(i, _)| {
+                let rest = &text[i + marker.len()..];
+                rest.find('"').map(|end| &rest[..end])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn both_catalogues_hold_every_string_the_page_asks_for() {
+        let (zh, en) = (keys(ZH), keys(EN));
+        assert_eq!(
+            zh.keys().collect::<Vec<_>>(),
+            en.keys().collect::<Vec<_>>(),
+            "the catalogues' keys differ"
+        );
+        for (k, v) in zh.iter().chain(&en) {
+            assert!(!v.trim().is_empty(), "{k} is empty");
+        }
+        let mut asked: Vec<&str> = literals_after(APP_JS, "t(\"");
+        asked.extend(literals_after(APP_JS, "title: \""));
+        asked.extend(literals_after(INDEX, "data-t=\""));
+        asked.retain(|k| !k.is_empty() && *k != "#");
+        assert!(asked.len() > 50, "{asked:?}");
+        for k in asked {
+            // Keys completed at run time ("health." + h) end with a dot.
+            if k.ends_with('.') {
+                assert!(zh.keys().any(|z| z.starts_with(k)), "no key {k}*");
+                continue;
+            }
+            assert!(
+                zh.contains_key(k),
+                "app asks for {k:?}, not in the catalogues"
+            );
+        }
+    }
+
+    #[test]
+    fn the_api_description_names_every_route() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let source = include_str!("mod.rs");
+        let routes = literals_after(source, ".route(\"/api/");
+        assert!(routes.len() >= 15, "{routes:?}");
+        for r in routes {
+            let path = format!("/api/{r}");
+            // axum's {param} is OpenAPI's; only the names may differ.
+            let shape =
+                |p: &str| -> Vec<bool> { p.split('/').map(|s| s.starts_with('{')).collect() };
+            let found = doc["paths"].as_object().unwrap().keys().any(|k| {
+                shape(k) == shape(&path)
+                    && k.split('/')
+                        .zip(path.split('/'))
+                        .all(|(a, b)| a == b || a.starts_with('{'))
+            });
+            assert!(found, "{path} is not in openapi.json");
+        }
+    }
 }

@@ -132,7 +132,7 @@ async function agentPage(id) {
     el("dt", {}, t("agent.cert")), el("dd", { class: "mono" }, a.cert_serial),
     el("dt", {}, t("agent.cert_expiry")), el("dd", {}, time(a.cert_not_after_unix * 1000)));
   const streams = table([
-    { title: "col.stream", cell: s => s.name },
+    { title: "col.stream", cell: s => el("a", { href: streamHref(a.id, s.name), class: "stream-link" }, s.name) },
     { title: "col.kind", cell: s => s.kind },
     { title: "col.head", num: true, cell: s => s.head_seq },
     { title: "col.acked", num: true, cell: s => s.acked_seq },
@@ -155,6 +155,69 @@ async function agentPage(id) {
     }, t("agent.revoke")), out));
   }
   main(...kids);
+}
+
+function streamHref(agent, stream) {
+  return "#/agent/" + encodeURIComponent(agent) + "/stream/" + encodeURIComponent(stream);
+}
+
+// One stream: its declaration, what is stored and delivered, 24 h of
+// throughput, and its last records' metadata (never their contents).
+async function streamPage(agent, name) {
+  const r = await api("GET", "/api/agents/" + encodeURIComponent(agent) + "/streams/" + encodeURIComponent(name));
+  const rep = r.reported || {};
+  const declared = r.declared.length ? r.declared[r.declared.length - 1] : null;
+  const facts = el("dl", { class: "facts", id: "stream-facts" },
+    el("dt", {}, t("col.agent")), el("dd", {}, el("a", { href: "#/agent/" + encodeURIComponent(agent) }, agent)),
+    el("dt", {}, t("col.kind")), el("dd", {}, rep.kind || ""),
+    el("dt", {}, t("stream.catalog")), el("dd", { class: "mono", id: "stream-catalog" }, declared ? declared.catalog_id : ""),
+    el("dt", {}, t("stream.sharing")), el("dd", { id: "stream-sharing" }, declared ? t("sharing." + declared.sharing) : ""),
+    el("dt", {}, t("col.head")), el("dd", {}, rep.head_seq ?? ""),
+    el("dt", {}, t("col.acked")), el("dd", {}, rep.acked_seq ?? ""),
+    el("dt", {}, t("stream.stored_up_to")), el("dd", { id: "stream-stored" }, r.stored_up_to),
+    el("dt", {}, t("col.position")), el("dd", { class: "mono" }, rep.position || ""),
+    el("dt", {}, t("stream.incarnation")), el("dd", { class: "mono" }, r.incarnation),
+    el("dt", {}, t("col.error")), el("dd", {}, rep.error || rep.ship_error || ""),
+    ...(r.held ? [el("dt", {}, t("stream.held")), el("dd", { class: "error" }, JSON.stringify(r.held))] : []));
+  const history = r.declared.length > 1 ? table([
+    { title: "stream.declared_from", num: true, cell: c => c.from_seq },
+    { title: "stream.catalog", cell: c => el("span", { class: "mono" }, c.catalog_id) },
+    { title: "stream.sharing", cell: c => t("sharing." + c.sharing) },
+    { title: "col.since", cell: c => time(c.since_unix_ms) },
+  ], r.declared) : null;
+  const times = r.points.map(p => p.t);
+  const charts = r.points.length >= 2
+    ? el("div", { class: "charts" }, chart(t("chart.throughput"), times, r.points.map(p => p.records)),
+      chart(t("chart.backlog"), times, r.points.map(p => p.backlog_bytes)))
+    : el("p", { class: "muted" }, t("chart.none"));
+  const gaps = table([
+    { title: "col.from", num: true, cell: g => g.from },
+    { title: "col.to", num: true, cell: g => g.to },
+    { title: "col.since", cell: g => time(g.detected_unix_ms) },
+    { title: "col.reason", cell: g => g.reason },
+  ], r.gaps);
+  const deliveries = table([
+    { title: "col.delivery", cell: d => d.delivery },
+    { title: "col.checkpoint", num: true, cell: d => d.checkpoint },
+    { title: "col.lag_records", num: true, cell: d => d.lag_records },
+    { title: "col.lag_seconds", num: true, cell: d => d.lag_seconds.toFixed(1) },
+    { title: "col.error", cell: d => d.last_error || (d.stopped ? "stopped" : "") },
+  ], r.deliveries);
+  const last = table([
+    { title: "col.seq", num: true, cell: x => x.seq },
+    { title: "col.time", cell: x => x.time },
+    { title: "col.stored", cell: x => x.stored },
+    { title: "col.kind", cell: x => x.kind },
+    { title: "col.table", cell: x => x.table || "" },
+    { title: "col.op", cell: x => x.op || "" },
+    { title: "col.bytes", num: true, cell: x => x.bytes },
+    { title: "col.position", cell: x => el("span", { class: "mono" }, x.position) },
+  ], r.last_records);
+  main(el("h1", {}, t("stream.title", { agent, stream: name })), facts, ...(history ? [history] : []),
+    el("h2", {}, t("chart.title")), charts,
+    el("h2", {}, t("stream.gaps")), gaps,
+    el("h2", {}, t("stream.deliveries")), deliveries,
+    el("h2", {}, t("stream.last_records")), el("p", { class: "muted" }, t("stream.no_contents")), el("div", { id: "last-records" }, last));
 }
 
 // A line chart of `values` over `times` (Unix ms), drawn as SVG here.
@@ -287,7 +350,8 @@ async function render() {
   const route = location.hash.replace(/^#\//, "").split("/");
   document.querySelectorAll("header nav a").forEach(a => a.classList.toggle("on", a.id === "nav-" + (route[0] || "overview")));
   try {
-    if (route[0] === "agent" && route[1]) await agentPage(decodeURIComponent(route[1]));
+    if (route[0] === "agent" && route[1] && route[2] === "stream" && route[3]) await streamPage(decodeURIComponent(route[1]), decodeURIComponent(route[3]));
+    else if (route[0] === "agent" && route[1]) await agentPage(decodeURIComponent(route[1]));
     else if (route[0] === "alarms") await alarmsPage();
     else if (route[0] === "audit") await auditPage();
     else if (route[0] === "users") await usersPage();
