@@ -182,8 +182,19 @@ pub enum UserCommand {
         #[arg(long)]
         role: String,
         /// A file whose first line is the password (at least 8 characters).
+        #[arg(
+            long,
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
+        )]
+        password_file: Option<PathBuf>,
+        /// Make a machine user (a script, a big screen) instead: a new API
+        /// token is written to this file (created, mode 0600; it must not
+        /// exist) and only its SHA-256 is kept. The user sends
+        /// `Authorization: Bearer TOKEN` with each dashboard API request and
+        /// cannot log in with a password.
         #[arg(long)]
-        password_file: PathBuf,
+        token_file: Option<PathBuf>,
     },
     /// Set a user's password (and unlock the account).
     Passwd {

@@ -44,12 +44,37 @@ fn add_user(ex: &Exchange, dir: &Path, name: &str, role: &str, password: &str) {
     );
 }
 
+/// `ferry-exchange user add --token-file`: the new machine user's token.
+fn add_token_user(ex: &Exchange, dir: &Path, name: &str, role: &str) -> String {
+    let file = dir.join(format!("{name}.token"));
+    let out = Command::new(bin("ferry-exchange"))
+        .args(["user", "add", "--config"])
+        .arg(&ex.config)
+        .args(["--name", name, "--role", role, "--token-file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "user add {name} --token-file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["credential"], "token", "{listed}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+    std::fs::read_to_string(&file).unwrap().trim().to_string()
+}
+
 /// An HTTPS client of the dashboard that trusts the exchange's CA.
 struct Api {
     agent: ureq::Agent,
     base: String,
     cookie: Option<String>,
     csrf: Option<String>,
+    /// A machine user's API token, sent as `Authorization: Bearer`.
+    bearer: Option<String>,
 }
 
 impl Api {
@@ -70,6 +95,7 @@ impl Api {
             base: format!("https://127.0.0.1:{port}"),
             cookie: None,
             csrf: None,
+            bearer: None,
         }
     }
 
@@ -79,6 +105,9 @@ impl Api {
         let mut req = self.agent.request(method, &format!("{}{path}", self.base));
         if let Some(c) = &self.cookie {
             req = req.set("Cookie", c);
+        }
+        if let Some(t) = &self.bearer {
+            req = req.set("Authorization", &format!("Bearer {t}"));
         }
         if let (true, Some(t)) = (csrf, &self.csrf) {
             req = req.set("X-CSRF-Token", t);
@@ -559,4 +588,153 @@ fn a_refused_request_leaves_its_connection_usable() {
             assert_eq!(st, 401, "round {round}, {path}: {v}");
         }
     }
+}
+
+/// The city's big screen and operators' scripts read the API as machine users:
+/// a token made by `user add --token-file`, sent as `Authorization: Bearer`,
+/// with its role's rights and no CSRF token (it has no cookie to abuse);
+/// removing the user refuses the token at once.
+#[test]
+fn machine_users_use_the_api_with_a_token() {
+    let t = TestDir::new("dashboard-token");
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    let port = free_tcp_port();
+    ex.append_config(&format!("\n[dashboard]\nlisten = \"127.0.0.1:{port}\"\n"));
+    ex.start();
+    let secrets = t.mkdir("secrets");
+    let screen = add_token_user(&ex, &secrets, "bigscreen", "auditor");
+    let script = add_token_user(&ex, &secrets, "ack-script", "operator");
+    assert!(
+        screen.starts_with("fxt_") && screen.len() == 4 + 64,
+        "{screen}"
+    );
+    assert_ne!(screen, script);
+
+    // A token file is never overwritten.
+    let again = Command::new(bin("ferry-exchange"))
+        .args(["user", "add", "--config"])
+        .arg(&ex.config)
+        .args(["--name", "other", "--role", "auditor", "--token-file"])
+        .arg(secrets.join("bigscreen.token"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("must not exist"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(secrets.join("bigscreen.token"))
+            .unwrap()
+            .trim(),
+        screen
+    );
+
+    let mut api = Api::new(&ex, port);
+    api.bearer = Some(screen.clone());
+    for path in [
+        "/api/overview",
+        "/api/agents",
+        "/api/alarms",
+        "/api/audit",
+        "/api/session",
+    ] {
+        let (st, v) = api.call("GET", path, None, false);
+        assert_eq!(st, 200, "{path}: {v}");
+    }
+    let (_, who) = api.call("GET", "/api/session", None, false);
+    assert_eq!(
+        (&who["name"], &who["role"]),
+        (&json!("bigscreen"), &json!("auditor"))
+    );
+    // An auditor's token changes nothing, CSRF token or not.
+    assert_eq!(
+        api.call("POST", "/api/agents/a1/revoke", None, false).0,
+        403
+    );
+    assert_eq!(api.call("GET", "/api/users", None, false).0, 403);
+    // An operator's token acknowledges without a CSRF token (the alarm is
+    // unknown here: refused for that, not for want of a token).
+    let mut ops = Api::new(&ex, port);
+    ops.bearer = Some(script.clone());
+    let (st, v) = ops.call(
+        "POST",
+        "/api/alarms/offline:a1:/ack",
+        Some(json!({"note": "x"})),
+        false,
+    );
+    assert!(![401, 403].contains(&st), "{st} {v}");
+    // Wrong tokens, and a password login as a machine user.
+    for wrong in ["fxt_0000", "nonsense", &screen[..screen.len() - 1]] {
+        let mut bad = Api::new(&ex, port);
+        bad.bearer = Some(wrong.to_string());
+        assert_eq!(
+            bad.call("GET", "/api/overview", None, false).0,
+            401,
+            "{wrong}"
+        );
+    }
+    let anon = Api::new(&ex, port);
+    let (st, _) = anon.call(
+        "POST",
+        "/api/login",
+        Some(json!({"name": "bigscreen", "password": screen})),
+        false,
+    );
+    assert_eq!(st, 401, "a machine user cannot log in");
+    // The audit log names machine users as such; the listing never holds a hash.
+    let (_, log) = api.call("GET", "/api/audit", None, false);
+    assert!(
+        log.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "user_add"
+                && e["target"] == "bigscreen"
+                && e["detail"]["credential"] == "token"),
+        "{log}"
+    );
+    let list = Command::new(bin("ferry-exchange"))
+        .args(["user", "list", "--config"])
+        .arg(&ex.config)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(list.contains("\"credential\":\"token\""), "{list}");
+    assert!(!list.contains(&ferry_hex_sha256(&screen)), "{list}");
+    // `user passwd` does not turn a machine user into a person.
+    let pw = secrets.join("pw");
+    std::fs::write(&pw, "long-enough-1\n").unwrap();
+    let passwd = Command::new(bin("ferry-exchange"))
+        .args(["user", "passwd", "--config"])
+        .arg(&ex.config)
+        .args(["--name", "bigscreen", "--password-file"])
+        .arg(&pw)
+        .output()
+        .unwrap();
+    assert!(!passwd.status.success());
+    assert!(
+        String::from_utf8_lossy(&passwd.stderr).contains("API token"),
+        "{}",
+        String::from_utf8_lossy(&passwd.stderr)
+    );
+    // Removed: refused at once.
+    let rm = Command::new(bin("ferry-exchange"))
+        .args(["user", "remove", "--config"])
+        .arg(&ex.config)
+        .args(["--name", "bigscreen"])
+        .output()
+        .unwrap();
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    assert_eq!(api.call("GET", "/api/overview", None, false).0, 401);
+    assert_eq!(ops.call("GET", "/api/overview", None, false).0, 200);
+}
+
+fn ferry_hex_sha256(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }

@@ -131,12 +131,13 @@ fn users_are_managed_from_the_command_line_and_audited() {
         assert!(e.contains(why), "{args:?}: {e}");
     }
 
-    // The list: names, roles, no hash.
+    // The list: names, roles, how each signs in, no hash.
     let list = ok(&ex, &["user", "list"]);
     assert!(
-        !list.contains("argon2") && !list.contains("password"),
+        !list.contains("argon2") && !list.contains("password_hash"),
         "{list}"
     );
+    assert!(list.contains("\"credential\":\"password\""), "{list}");
     let users = json_lines(&list);
     assert_eq!(
         users

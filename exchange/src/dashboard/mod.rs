@@ -50,6 +50,21 @@ struct Session {
     language: String,
     csrf: String,
     last_used_ms: u64,
+    /// A machine user's request (`Authorization: Bearer`), not a browser's:
+    /// it carries no cookie, so it needs no CSRF token.
+    token: bool,
+}
+
+impl Session {
+    /// Who the audit log names: `web:NAME` for a logged-in user,
+    /// `token:NAME` for a machine user.
+    fn actor(&self) -> String {
+        if self.token {
+            format!("token:{}", self.name)
+        } else {
+            format!("web:{}", self.name)
+        }
+    }
 }
 
 struct Inner {
@@ -271,10 +286,42 @@ fn cookie_of(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
+/// A machine user's API token, from `Authorization: Bearer TOKEN`.
+fn bearer_of(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
 impl Inner {
-    /// The request's session, refreshed; 401 without one.
-    fn session(&self, headers: &HeaderMap) -> Result<(String, Session), ApiError> {
+    /// The caller's session: a logged-in user's (the cookie), or a machine
+    /// user's (`Authorization: Bearer TOKEN`, looked up in the store on each
+    /// request, so `user remove` takes effect at once).
+    async fn session(self: &Arc<Self>, headers: &HeaderMap) -> Result<(String, Session), ApiError> {
         let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "log in first".into());
+        if let Some(token) = bearer_of(headers) {
+            let token = token.to_string();
+            let user = self
+                .blocking(move |app| {
+                    crate::users::user_of_token(&*app.store, &token).map_err(internal)
+                })
+                .await?
+                .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown API token".into()))?;
+            return Ok((
+                String::new(),
+                Session {
+                    name: user.name,
+                    role: user.role,
+                    language: user.language,
+                    csrf: String::new(),
+                    last_used_ms: now_unix_ms(),
+                    token: true,
+                },
+            ));
+        }
         let id = cookie_of(headers).ok_or_else(unauthorized)?;
         let now = now_unix_ms();
         let idle = self.cfg.dashboard.session_idle.as_millis() as u64;
@@ -289,8 +336,12 @@ impl Inner {
     }
 
     /// The session, if its role may do `action` (403 if not).
-    fn allowed(&self, headers: &HeaderMap, action: Action) -> Result<Session, ApiError> {
-        let (_, s) = self.session(headers)?;
+    async fn allowed(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        action: Action,
+    ) -> Result<Session, ApiError> {
+        let (_, s) = self.session(headers).await?;
         if !s.role.can(action) {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
@@ -300,17 +351,22 @@ impl Inner {
         Ok(s)
     }
 
-    /// As [`Inner::allowed`], for a state change: the CSRF token must match.
-    fn changing(&self, headers: &HeaderMap, action: Action) -> Result<Session, ApiError> {
-        let (_, s) = self.session(headers)?;
+    /// As [`Inner::allowed`], for a state change: a browser's request must
+    /// carry its session's CSRF token.
+    async fn changing(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        action: Action,
+    ) -> Result<Session, ApiError> {
+        let s = self.allowed(headers, action).await?;
         let sent = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
-        if sent != Some(s.csrf.as_str()) {
+        if !s.token && sent != Some(s.csrf.as_str()) {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
                 "missing or wrong X-CSRF-Token".into(),
             ));
         }
-        self.allowed(headers, action)
+        Ok(s)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -354,6 +410,7 @@ async fn login(State(app): State<App>, Json(body): Json<LoginBody>) -> Result<Re
         language: user.language.clone(),
         csrf: token(),
         last_used_ms: now_unix_ms(),
+        token: false,
     };
     let body =
         json!({"name": s.name, "role": s.role.as_str(), "language": s.language, "csrf": s.csrf});
@@ -371,14 +428,14 @@ async fn login(State(app): State<App>, Json(body): Json<LoginBody>) -> Result<Re
 }
 
 async fn logout(State(app): State<App>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let s = app.changing(&headers, Action::Read)?;
+    let s = app.changing(&headers, Action::Read).await?;
     if let Some(id) = cookie_of(&headers) {
         if let Ok(mut m) = app.sessions.lock() {
             m.remove(&id);
         }
     }
     app.blocking(move |app| {
-        app.audit(&format!("web:{}", s.name), "logout", "", json!({}));
+        app.audit(&s.actor(), "logout", "", json!({}));
         Ok(())
     })
     .await?;
@@ -393,7 +450,7 @@ async fn logout(State(app): State<App>, headers: HeaderMap) -> Result<Response, 
 }
 
 async fn session_info(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let (_, s) = app.session(&headers)?;
+    let (_, s) = app.session(&headers).await?;
     Ok(Json(
         json!({"name": s.name, "role": s.role.as_str(), "language": s.language, "csrf": s.csrf}),
     ))
@@ -410,7 +467,7 @@ async fn language(
     headers: HeaderMap,
     Json(body): Json<LanguageBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = app.changing(&headers, Action::Read)?;
+    let s = app.changing(&headers, Action::Read).await?;
     if !matches!(body.language.as_str(), "zh" | "en") {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -553,7 +610,7 @@ fn all_views(app: &Inner) -> Result<Vec<AgentView>, ApiError> {
 }
 
 async fn agents(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    app.allowed(&headers, Action::Read)?;
+    app.allowed(&headers, Action::Read).await?;
     let views = app.blocking(all_views).await?;
     Ok(Json(json!(views)))
 }
@@ -563,7 +620,7 @@ async fn agent(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    app.allowed(&headers, Action::Read)?;
+    app.allowed(&headers, Action::Read).await?;
     let found = app
         .blocking(move |app| {
             let now = now_unix_ms();
@@ -588,7 +645,7 @@ async fn agent(
 
 /// Counts by health, overall and per district.
 async fn overview(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    app.allowed(&headers, Action::Read)?;
+    app.allowed(&headers, Action::Read).await?;
     let views = app.blocking(all_views).await?;
     let mut total: HashMap<&str, usize> = HashMap::new();
     let mut districts: std::collections::BTreeMap<String, HashMap<&str, usize>> =
@@ -622,7 +679,7 @@ async fn overview(State(app): State<App>, headers: HeaderMap) -> Result<Json<Val
 }
 
 async fn alarms(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    app.allowed(&headers, Action::Read)?;
+    app.allowed(&headers, Action::Read).await?;
     let list: Vec<Value> = app
         .alarms
         .list()
@@ -652,7 +709,7 @@ async fn acknowledge(
     Path(id): Path<String>,
     Json(body): Json<AckBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = app.changing(&headers, Action::Acknowledge)?;
+    let s = app.changing(&headers, Action::Acknowledge).await?;
     if body.note.chars().count() > 2000 {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -666,12 +723,7 @@ async fn acknowledge(
     let target = id.clone();
     let note = body.note.clone();
     app.blocking(move |app| {
-        app.audit(
-            &format!("web:{}", s.name),
-            "alarm_ack",
-            &target,
-            json!({"note": note}),
-        );
+        app.audit(&s.actor(), "alarm_ack", &target, json!({"note": note}));
         Ok(())
     })
     .await?;
@@ -683,7 +735,7 @@ async fn revoke(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = app.changing(&headers, Action::Administer)?;
+    let s = app.changing(&headers, Action::Administer).await?;
     let agent = id.clone();
     let revoked = app
         .blocking(move |app| {
@@ -695,7 +747,7 @@ async fn revoke(
             )
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
             app.audit(
-                &format!("web:{}", s.name),
+                &s.actor(),
                 "revoke",
                 &agent,
                 json!({"serials": r.iter().map(|x| x.serial.clone()).collect::<Vec<_>>()}),
@@ -716,7 +768,7 @@ async fn revoke(
 
 /// Every user (never a password hash): administrators only.
 async fn users(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    app.allowed(&headers, Action::Administer)?;
+    app.allowed(&headers, Action::Administer).await?;
     let list = app
         .blocking(|app| {
             let now = now_unix_ms();
@@ -740,7 +792,7 @@ async fn add_user(
     headers: HeaderMap,
     Json(body): Json<NewUser>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = app.changing(&headers, Action::Administer)?;
+    let s = app.changing(&headers, Action::Administer).await?;
     let bad = |e: anyhow::Error| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}"));
     let role: Role = body
         .role
@@ -753,10 +805,10 @@ async fn add_user(
             let hash = crate::users::hash_password(&body.password).map_err(internal)?;
             crate::users::add_user(
                 &*app.store,
-                &format!("web:{}", s.name),
+                &s.actor(),
                 &body.name,
                 role,
-                hash,
+                crate::users::Credential::Password(hash),
             )
             .map_err(bad)
         })
@@ -769,7 +821,7 @@ async fn remove_user(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = app.changing(&headers, Action::Administer)?;
+    let s = app.changing(&headers, Action::Administer).await?;
     if name == s.name {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -777,7 +829,7 @@ async fn remove_user(
         ));
     }
     app.blocking(move |app| {
-        crate::users::remove_user(&*app.store, &format!("web:{}", s.name), &name)
+        crate::users::remove_user(&*app.store, &s.actor(), &name)
             .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{e:#}")))
     })
     .await?;
@@ -802,7 +854,7 @@ async fn history(
     Path(id): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    app.allowed(&headers, Action::Read)?;
+    app.allowed(&headers, Action::Read).await?;
     let hours = q.hours.clamp(1, 7 * 24);
     let out = app
         .blocking(move |app| {
@@ -840,7 +892,7 @@ async fn audit(
     headers: HeaderMap,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    app.allowed(&headers, Action::ReadAudit)?;
+    app.allowed(&headers, Action::ReadAudit).await?;
     let entries = app
         .blocking(move |app| app.store.audit(q.from.max(1), 1000).map_err(internal))
         .await?;
@@ -876,7 +928,7 @@ async fn stream(
     headers: HeaderMap,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    app.allowed(&headers, Action::Read)?;
+    app.allowed(&headers, Action::Read).await?;
     let out = app
         .blocking(move |app| {
             let rec = app

@@ -501,7 +501,7 @@ fn user(name: &str, role: crate::users::Role, password: &str) -> User {
     User::new(
         name,
         role,
-        crate::users::hash_password(password).unwrap(),
+        crate::users::Credential::Password(crate::users::hash_password(password).unwrap()),
         now_unix_ms(),
     )
     .unwrap()

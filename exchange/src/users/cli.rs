@@ -18,7 +18,11 @@ pub enum UserOp {
     Add {
         name: String,
         role: Role,
+        /// Empty for a machine user.
         password_hash: String,
+        /// A machine user's token's SHA-256 (see [`User::token_sha256`]).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        token_sha256: String,
         actor: String,
     },
     Passwd {
@@ -51,16 +55,22 @@ pub fn cli(cmd: UserCommand) -> Result<()> {
             name,
             role,
             password_file,
+            token_file,
         } => {
             let role: Role = role
                 .parse()
                 .map_err(|e: String| anyhow::anyhow!("--role: {e}"))?;
             check_name(&name).context("--name")?;
-            let password = read_password(&password_file)?;
+            let (password_hash, token_sha256) = match (password_file, token_file) {
+                (Some(p), _) => (hash_password(&read_password(&p)?)?, String::new()),
+                (None, Some(t)) => (String::new(), token_sha256(&write_token(&t)?)),
+                (None, None) => anyhow::bail!("--password-file or --token-file is needed"),
+            };
             let op = UserOp::Add {
                 name,
                 role,
-                password_hash: hash_password(&password)?,
+                password_hash,
+                token_sha256,
                 actor,
             };
             (config, op)
@@ -88,6 +98,28 @@ pub fn cli(cmd: UserCommand) -> Result<()> {
     crate::ask_or_open(&cfg, &crate::admin::Request::User { op }, &mut out)
 }
 
+/// Writes a new API token to `path` (created with mode 0600; an existing file
+/// is refused, so no token is overwritten by mistake) and returns it.
+fn write_token(path: &Path) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = new_token();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "--token-file {}: creating it (it must not exist yet)",
+                path.display()
+            )
+        })?;
+    writeln!(f, "{token}")
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing the token to {}", path.display()))?;
+    Ok(token)
+}
+
 /// The password in the first line of `path` (its line ending stripped).
 fn read_password(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
@@ -109,9 +141,15 @@ pub fn execute(store: &dyn Registry, op: &UserOp, out: &mut dyn Write) -> Result
             name,
             role,
             password_hash,
+            token_sha256,
             actor,
         } => {
-            let user = add_user(store, actor, name, *role, password_hash.clone())?;
+            let credential = if token_sha256.is_empty() {
+                Credential::Password(password_hash.clone())
+            } else {
+                Credential::Token(token_sha256.clone())
+            };
+            let user = add_user(store, actor, name, *role, credential)?;
             writeln!(out, "{}", user.listing(crate::store::now_unix_ms()))?;
             Ok(1)
         }

@@ -103,6 +103,50 @@ pub struct User {
     /// The dashboard's language: `zh` (the default) or `en`.
     #[serde(default = "default_language")]
     pub language: String,
+    /// A machine user (a script, the city's big screen): the SHA-256 of its
+    /// API token, hex. Such a user has no password and cannot log in; it
+    /// sends `Authorization: Bearer TOKEN` with each request instead.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token_sha256: String,
+}
+
+/// What a new user proves itself with.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// An argon2id PHC string ([`hash_password`]).
+    Password(String),
+    /// The SHA-256 of an API token ([`token_sha256`]), hex.
+    Token(String),
+}
+
+/// Prefix of every API token, so one found in a file or a log is recognised.
+pub const TOKEN_PREFIX: &str = "fxt_";
+
+/// A new API token: the prefix and 32 random bytes, hex.
+pub fn new_token() -> String {
+    let mut b = [0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut b[..]);
+    format!("{TOKEN_PREFIX}{}", hex::encode(b))
+}
+
+/// How a token is kept: its SHA-256, hex. A token is 256 random bits, so a
+/// fast hash is enough (nothing to guess); it lets every request be checked
+/// without argon2's cost.
+pub fn token_sha256(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.trim().as_bytes()))
+}
+
+/// The machine user whose token this is.
+pub fn user_of_token(store: &dyn Registry, token: &str) -> Result<Option<User>, StoreError> {
+    if !token.starts_with(TOKEN_PREFIX) {
+        return Ok(None);
+    }
+    let want = token_sha256(token);
+    Ok(store
+        .users()?
+        .into_iter()
+        .find(|u| !u.token_sha256.is_empty() && u.token_sha256 == want))
 }
 
 fn default_language() -> String {
@@ -111,8 +155,12 @@ fn default_language() -> String {
 
 impl User {
     /// A new, unlocked user (`name` checked with [`check_name`]).
-    pub fn new(name: &str, role: Role, password_hash: String, now_ms: u64) -> Result<User> {
+    pub fn new(name: &str, role: Role, credential: Credential, now_ms: u64) -> Result<User> {
         check_name(name)?;
+        let (password_hash, token_sha256) = match credential {
+            Credential::Password(h) => (h, String::new()),
+            Credential::Token(t) => (String::new(), t),
+        };
         Ok(User {
             name: name.to_string(),
             role,
@@ -121,6 +169,7 @@ impl User {
             failed_logins: 0,
             locked_until_unix_ms: 0,
             language: default_language(),
+            token_sha256,
         })
     }
 
@@ -138,6 +187,7 @@ impl User {
             "locked_until_unix_ms": self.locked_until_unix_ms,
             "failed_logins": self.failed_logins,
             "language": self.language,
+            "credential": if self.token_sha256.is_empty() { "password" } else { "token" },
         })
     }
 }
@@ -318,15 +368,25 @@ pub fn add_user(
     actor: &str,
     name: &str,
     role: Role,
-    password_hash: String,
+    credential: Credential,
 ) -> Result<User> {
     let now = crate::store::now_unix_ms();
-    let user = User::new(name, role, password_hash, now)?;
+    let user = User::new(name, role, credential, now)?;
     if store.user(name)?.is_some() {
         bail!("user {name} exists already; `ferry-exchange user passwd` sets its password, `user remove` removes it");
     }
     store.put_user(&user)?;
-    store.append_audit(actor, "user_add", name, serde_json::json!({"role": role}))?;
+    let credential = if user.token_sha256.is_empty() {
+        "password"
+    } else {
+        "token"
+    };
+    store.append_audit(
+        actor,
+        "user_add",
+        name,
+        serde_json::json!({"role": role, "credential": credential}),
+    )?;
     Ok(user)
 }
 
@@ -339,6 +399,12 @@ pub fn change_password(
     password_hash: String,
 ) -> Result<()> {
     check_name(name)?;
+    if store
+        .user(name)?
+        .is_some_and(|u| !u.token_sha256.is_empty())
+    {
+        bail!("user {name} signs in with an API token, not a password: `user remove` it and `user add --token-file` it again for a new token");
+    }
     if !set_password(store, name, password_hash)? {
         bail!("no user {name}");
     }

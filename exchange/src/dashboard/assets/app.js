@@ -331,6 +331,7 @@ async function usersPage() {
   main(el("h1", {}, t("users.title")), table([
     { title: "login.name", cell: u => u.name },
     { title: "users.role", cell: u => t("role." + u.role) },
+    { title: "users.credential", cell: u => t("credential." + (u.credential || "password")) },
     { title: "users.created", cell: u => time(u.created_unix_ms) },
     { title: "users.locked", cell: u => u.locked ? time(u.locked_until_unix_ms) : "" },
     { title: "", cell: u => u.name === S.user.name ? "" : el("button", { class: "link", onclick: async () => {
