@@ -165,57 +165,82 @@ fn init_with_config(config_path: &Path, names: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub fn enroll(
-    config_path: &Path,
+/// An agent's certificate as issued: what goes to the agent host.
+pub struct Issued {
+    pub serial: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Issues a certificate for `agent_id` of `department` from the exchange's CA
+/// and records it under the trust directory (what is not on record cannot be
+/// revoked by id). Refuses a bad id or department, and an id that already has
+/// a live certificate unless `replace`.
+pub fn issue(
+    cfg: &ExchangeConfig,
     agent_id: &str,
     department: &str,
-    out: &Path,
-    data_dir: Option<&Path>,
     replace: bool,
-) -> Result<()> {
+) -> Result<Issued> {
     if !valid_stream_name(agent_id) {
-        bail!(
-            "--agent-id {agent_id:?} must be 1-128 characters of letters, digits, '.', '_' or '-'"
-        );
+        bail!("agent id {agent_id:?} must be 1-128 characters of letters, digits, '.', '_' or '-'");
     }
     if department.trim().is_empty() {
-        bail!("--department must not be empty");
+        bail!("the department must not be empty");
     }
-    let cfg = config::load(config_path)?;
     let ca = PemPair {
         cert_pem: std::fs::read_to_string(&cfg.tls.ca)
             .with_context(|| format!("reading the CA certificate {}", cfg.tls.ca.display()))?,
         key_pem: std::fs::read_to_string(&cfg.tls.ca_key)
             .with_context(|| format!("reading the CA key {}", cfg.tls.ca_key.display()))?,
     };
-    let agent = pki::issue_agent(&ca, agent_id, department)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let out = absolute(out)?;
-    let agent_toml = out.join("agent.toml");
-    if agent_toml.exists() {
-        bail!(
-            "{} already exists; refusing to overwrite an enrolled agent",
-            agent_toml.display()
-        );
-    }
-    let live = crate::trust::live_certificates(&cfg, agent_id)?;
+    let live = crate::trust::live_certificates(cfg, agent_id)?;
     if !live.is_empty() && !replace {
         bail!(
-            "agent id {agent_id:?} already has a live certificate (serial {}): a second server enrolled under it would ship as the same agent and its data would collide with the first's. Enrol the new server under a new --agent-id; or, to replace this agent's certificate (a reinstalled server), pass --replace and revoke the old one with `ferry-exchange revoke --agent-id {agent_id}` once it is no longer used",
+            "agent id {agent_id:?} already has a live certificate (serial {}): a second server enrolled under it would ship as the same agent and its data would collide with the first's. Enrol the new server under a new agent id; or, to replace this agent's certificate (a reinstalled server), replace it and revoke the old one (`ferry-exchange revoke --agent-id {agent_id}`) once it is no longer used",
             live.join(", ")
         );
     }
-    // On record before it leaves: what is not on record cannot be revoked by id.
-    let serial = crate::trust::record_issued(&cfg, agent_id, &agent.cert_pem)?;
-    write_new(&out.join("ca.pem"), &ca.cert_pem, 0o644)?;
-    write_new(&out.join("agent.pem"), &agent.cert_pem, 0o644)?;
-    write_new(&out.join("agent.key"), &agent.key_pem, 0o600)?;
-    let data_dir = match data_dir {
-        Some(d) => absolute(d)?,
-        None => out.join("data"),
-    };
+    let agent = pki::issue_agent(&ca, agent_id, department)?;
+    let serial = crate::trust::record_issued(cfg, agent_id, &agent.cert_pem)?;
+    Ok(Issued {
+        serial,
+        ca_pem: ca.cert_pem,
+        cert_pem: agent.cert_pem,
+        key_pem: agent.key_pem,
+    })
+}
+
+/// Where an enrolled agent keeps its files.
+pub struct AgentPaths<'a> {
+    /// Where the agent's `agent.toml` will be.
+    pub config: &'a str,
+    pub data_dir: &'a str,
+    pub ca: &'a str,
+    pub cert: &'a str,
+    pub key: &'a str,
+}
+
+/// The packaged agent's paths (`packaging/agent.toml`, the unit).
+pub const PACKAGED: AgentPaths<'static> = AgentPaths {
+    config: "/etc/ferry/agent.toml",
+    data_dir: "/var/lib/ferry",
+    ca: "/etc/ferry/ca.pem",
+    cert: "/etc/ferry/agent.pem",
+    key: "/etc/ferry/agent.key",
+};
+
+/// A starter `agent.toml` for an enrolled agent: identity, exchange, files;
+/// streams left for local IT to add.
+pub fn agent_toml(
+    cfg: &ExchangeConfig,
+    agent_id: &str,
+    department: &str,
+    at: &AgentPaths,
+) -> String {
     let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
-    let text = format!(
+    format!(
         r#"# Ferry agent configuration for {agent_id} (department {department}),
 # written by `ferry-exchange enroll`. Every key is explained in the example
 # agent.toml shipped with the package. Check it with:
@@ -249,25 +274,75 @@ max_size = "2GiB"
 # sharing = "unconditional"
 # source = {{ kind = "tail", path = "/var/log/hall/app.log", encoding = "gbk" }}
 "#,
-        cfgpath = agent_toml.display(),
+        cfgpath = at.config,
         id = toml_str(agent_id),
         dept = toml_str(department),
-        data = toml_str(&data_dir.to_string_lossy()),
+        data = toml_str(at.data_dir),
         addr = toml_str(&cfg.exchange.public_address),
-        ca = toml_str(&out.join("ca.pem").to_string_lossy()),
-        cert = toml_str(&out.join("agent.pem").to_string_lossy()),
-        key = toml_str(&out.join("agent.key").to_string_lossy()),
+        ca = toml_str(at.ca),
+        cert = toml_str(at.cert),
+        key = toml_str(at.key),
+    )
+}
+
+/// `ferry-exchange enroll`: a new agent's files in `out`.
+pub fn enroll(
+    config_path: &Path,
+    agent_id: &str,
+    department: &str,
+    out: &Path,
+    data_dir: Option<&Path>,
+    replace: bool,
+) -> Result<()> {
+    let cfg = config::load(config_path)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let out = absolute(out)?;
+    let agent_toml_path = out.join("agent.toml");
+    if agent_toml_path.exists() {
+        bail!(
+            "{} already exists; refusing to overwrite an enrolled agent",
+            agent_toml_path.display()
+        );
+    }
+    let issued = issue(&cfg, agent_id, department, replace)?;
+    write_new(&out.join("ca.pem"), &issued.ca_pem, 0o644)?;
+    write_new(&out.join("agent.pem"), &issued.cert_pem, 0o644)?;
+    write_new(&out.join("agent.key"), &issued.key_pem, 0o600)?;
+    let data_dir = match data_dir {
+        Some(d) => absolute(d)?,
+        None => out.join("data"),
+    };
+    let s = |p: PathBuf| p.to_string_lossy().into_owned();
+    let (config_s, data_s, ca_s, cert_s, key_s) = (
+        s(agent_toml_path.clone()),
+        s(data_dir),
+        s(out.join("ca.pem")),
+        s(out.join("agent.pem")),
+        s(out.join("agent.key")),
     );
-    write_new(&agent_toml, &text, 0o644)?;
+    let text = agent_toml(
+        &cfg,
+        agent_id,
+        department,
+        &AgentPaths {
+            config: &config_s,
+            data_dir: &data_s,
+            ca: &ca_s,
+            cert: &cert_s,
+            key: &key_s,
+        },
+    );
+    write_new(&agent_toml_path, &text, 0o644)?;
     println!("enrolled agent {agent_id} (department {department})");
     println!(
-        "  certificate: {} (serial {serial})",
-        out.join("agent.pem").display()
+        "  certificate: {} (serial {})",
+        out.join("agent.pem").display(),
+        issued.serial
     );
     println!(
         "  key:         {} (mode 0600; copy it to the agent host securely)",
         out.join("agent.key").display()
     );
-    println!("  config:      {}", agent_toml.display());
+    println!("  config:      {}", agent_toml_path.display());
     Ok(())
 }

@@ -864,7 +864,8 @@ pub fn outbox_stream_with(name: &str, catalog_id: &str, path: &Path, extra: &str
 }
 
 impl Agent {
-    fn at(id: &str, dir: &Path) -> Agent {
+    /// The agent whose `agent.toml` is in `dir` (not started).
+    pub fn at(id: &str, dir: &Path) -> Agent {
         let config = dir.join("agent.toml");
         assert!(config.is_file(), "enroll wrote no {}", config.display());
         Agent {

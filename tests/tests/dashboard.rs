@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use ferry_tests::{
-    bin, free_tcp_port, host_has, note, tail_stream, wait_until, Exchange, TestDir, SHORT,
+    bin, free_tcp_port, host_has, note, tail_stream, wait_until, Agent, Exchange, TestDir, SHORT,
 };
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls_pki_types::pem::PemObject;
@@ -495,6 +495,50 @@ fn operators_watch_the_fleet_in_a_real_browser() {
         let records = wait_text(&c, "#last-records", SHORT, |t| t.contains("line")).await;
         assert!(!records.contains("第一行"), "{records}");
         shot(&c, "7-stream-as-auditor").await;
+
+        // An administrator enrols an agent from the overview.
+        c.find(Locator::Css("#logout"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_text(&c, "#login-submit", SHORT, |t| !t.is_empty()).await;
+        log_in(&c, &base, "chief", "chief-password-1").await;
+        wait_text(&c, "#enroll-submit", SHORT, |t| t == "签发证书").await;
+        for (css, text) in [
+            ("#enroll-id", "hp-web-04"),
+            ("#enroll-department", "210105004"),
+        ] {
+            c.find(Locator::Css(css))
+                .await
+                .unwrap()
+                .send_keys(text)
+                .await
+                .unwrap();
+        }
+        c.find(Locator::Css("#enroll-submit"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let result = wait_text(&c, "#enroll-result", SHORT, |t| t.contains("agent.key")).await;
+        assert!(
+            result.contains("hp-web-04") && result.contains("agent.toml"),
+            "{result}"
+        );
+        // Still offered after the page's 3 s refresh.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let later = c
+            .find(Locator::Css("#enroll-result"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(later, result);
+        shot(&c, "8-enrol-as-admin").await;
         c.close().await.unwrap();
     });
 
@@ -559,6 +603,73 @@ fn operators_watch_the_fleet_in_a_real_browser() {
     assert_eq!(night.call("GET", "/api/agents", None, false).0, 200);
     let (st, _) = chief.call("POST", "/api/users/night/remove", None, true);
     assert_eq!(st, 200);
+    // Enrolment from the dashboard: administrators only, with the CSRF token;
+    // the files it answers with run an agent.
+    let body = json!({"agent_id": "hp-new-03", "department": "210104003"});
+    assert_eq!(
+        auditor
+            .call("POST", "/api/enroll", Some(body.clone()), true)
+            .0,
+        403
+    );
+    assert_eq!(
+        chief
+            .call("POST", "/api/enroll", Some(body.clone()), false)
+            .0,
+        403,
+        "no CSRF token"
+    );
+    let (st, v) = chief.call("POST", "/api/enroll", Some(body.clone()), true);
+    assert_eq!(st, 200, "{v}");
+    let (st, again) = chief.call("POST", "/api/enroll", Some(body), true);
+    assert_eq!(st, 400, "{again}");
+    assert!(again.to_string().contains("live certificate"), "{again}");
+    let (st, bad) = chief.call(
+        "POST",
+        "/api/enroll",
+        Some(json!({"agent_id": "no spaces", "department": "1"})),
+        true,
+    );
+    assert_eq!(st, 400, "{bad}");
+    let dir = t.mkdir("hp-new-03");
+    for (name, text) in v["files"].as_object().unwrap() {
+        let text = text.as_str().unwrap();
+        // The packaged paths, moved into the test's directory.
+        let text = text
+            .replace("/etc/ferry/", &format!("{}/", dir.display()))
+            .replace("/var/lib/ferry", &dir.join("data").display().to_string());
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    assert!(v["files"]["agent.toml"]
+        .as_str()
+        .unwrap()
+        .contains("cert = \"/etc/ferry/agent.pem\""));
+    let mut fresh = Agent::at("hp-new-03", &dir);
+    let log = t.path().join("hp-new-03.log");
+    std::fs::write(&log, "新接入\n").unwrap();
+    fresh.add_stream(&tail_stream("events", "210000-0003", &log));
+    fresh.start();
+    wait_until(
+        SHORT,
+        "the agent enrolled from the dashboard online",
+        || {
+            let (_, v) = chief.call("GET", "/api/agents/hp-new-03", None, false);
+            v["agent"]["online"] == true
+        },
+    );
+    let (_, log) = chief.call("GET", "/api/audit", None, false);
+    assert!(
+        log.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "enroll"
+                && e["target"] == "hp-new-03"
+                && e["actor"] == "web:chief"
+                && e["detail"]["serial"] == v["serial"]),
+        "{log}"
+    );
+    drop(fresh);
+
     // The admin revokes the killed agent.
     let (st, v) = chief.call("POST", "/api/agents/hp-ga-02/revoke", None, true);
     assert_eq!(st, 200, "{v}");

@@ -219,6 +219,7 @@ fn router(app: App) -> Router {
         .route("/api/agents", get(agents))
         .route("/api/agents/{id}", get(agent))
         .route("/api/agents/{id}/revoke", post(revoke))
+        .route("/api/enroll", post(enroll))
         .route("/api/agents/{id}/history", get(history))
         .route("/api/agents/{id}/streams/{stream}", get(stream))
         .route("/api/alarms", get(alarms))
@@ -764,6 +765,60 @@ async fn revoke(
     Ok(Json(
         json!({"revoked": revoked, "closed_connections": closed}),
     ))
+}
+
+#[derive(Deserialize)]
+struct EnrollBody {
+    agent_id: String,
+    department: String,
+    /// Replace the live certificate of an existing agent id (a reinstalled
+    /// server); its old certificate is to be revoked once unused.
+    #[serde(default)]
+    replace: bool,
+}
+
+/// Enrols an agent (administrators): issues its certificate from the
+/// exchange's CA, records and audits it, and answers with the files for the
+/// agent host (`ca.pem`, `agent.pem`, `agent.key`, and an `agent.toml` for
+/// the package's paths under `/etc/ferry` and `/var/lib/ferry`). The key is
+/// in this answer only: the exchange keeps none.
+async fn enroll(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Json(body): Json<EnrollBody>,
+) -> Result<Json<Value>, ApiError> {
+    let s = app.changing(&headers, Action::Administer).await?;
+    let out = app
+        .blocking(move |app| {
+            let issued =
+                crate::enroll::issue(&app.cfg, &body.agent_id, &body.department, body.replace)
+                    .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+            app.audit(
+                &s.actor(),
+                "enroll",
+                &body.agent_id,
+                json!({"department": body.department, "serial": issued.serial, "replace": body.replace}),
+            );
+            let toml = crate::enroll::agent_toml(
+                &app.cfg,
+                &body.agent_id,
+                &body.department,
+                &crate::enroll::PACKAGED,
+            );
+            Ok(json!({
+                "agent_id": body.agent_id,
+                "department": body.department,
+                "serial": issued.serial,
+                "files": {
+                    "ca.pem": issued.ca_pem,
+                    "agent.pem": issued.cert_pem,
+                    "agent.key": issued.key_pem,
+                    "agent.toml": toml,
+                },
+            }))
+        })
+        .await?;
+    Ok(Json(out))
 }
 
 /// Every user (never a password hash): administrators only.

@@ -114,7 +114,30 @@ async function overview() {
     ...["healthy", "lagging", "offline", "alarm"].map(h => ({ title: "health." + h, num: true, cell: d => d.counts[h] })),
   ], o.districts);
   main(el("h1", {}, t("overview.title")), cards, el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, t("overview.agents", { n: o.agents }))),
-    holder, el("h2", {}, t("overview.districts")), districts);
+    holder, el("h2", {}, t("overview.districts")), districts, ...(S.user.role === "admin" ? enrollForm() : []));
+}
+
+// Administrators enrol an agent: its certificate is issued here and its files
+// offered for download once (the exchange keeps no agent key).
+function enrollForm() {
+  const id = el("input", { type: "text", id: "enroll-id", placeholder: t("enroll.agent_id") });
+  const dept = el("input", { type: "text", id: "enroll-department", placeholder: t("enroll.department") });
+  const replace = el("input", { type: "checkbox", id: "enroll-replace" });
+  const out = el("div", { id: "enroll-result" });
+  const go = el("button", { class: "primary", id: "enroll-submit", onclick: async () => {
+    out.replaceChildren();
+    try {
+      const r = await api("POST", "/api/enroll", { agent_id: id.value.trim(), department: dept.value.trim(), replace: replace.checked });
+      const links = Object.entries(r.files).map(([name, text]) => {
+        const url = URL.createObjectURL(new Blob([text], { type: "application/octet-stream" }));
+        return el("a", { href: url, download: name, class: "enroll-file" }, name);
+      });
+      out.replaceChildren(el("p", {}, t("enroll.done", { id: r.agent_id, serial: r.serial })),
+        el("div", { class: "toolbar" }, ...links), el("p", { class: "error" }, t("enroll.key_once")));
+    } catch (e) { out.replaceChildren(el("div", { class: "error" }, e.message)); }
+  } }, t("enroll.submit"));
+  return [el("h2", {}, t("enroll.title")),
+    el("div", { class: "toolbar" }, id, dept, el("label", { for: "enroll-replace" }, replace, " ", t("enroll.replace")), go), out];
 }
 
 async function agentPage(id) {
@@ -311,10 +334,12 @@ async function auditPage() {
   ], list.slice().reverse()));
 }
 
-// Every 3 s, unless someone is typing (a filter, a note).
+// Every 3 s, unless someone is typing (a filter, a note) or an enrolment's
+// files wait to be downloaded (they are offered once).
 function refresh() {
   const typing = document.activeElement && document.activeElement.tagName === "INPUT" && document.activeElement.value !== "";
-  if (typing) S.timer = setTimeout(refresh, 3000);
+  const holding = document.querySelector("#enroll-result > *") !== null;
+  if (typing || holding) S.timer = setTimeout(refresh, 3000);
   else render();
 }
 
