@@ -61,6 +61,14 @@ pub enum Request {
     Audit {
         from: u64,
     },
+    /// Append an administrative action done outside the store (`enroll`,
+    /// `revoke`: certificate files) to the audit log.
+    Record {
+        actor: String,
+        action: String,
+        target: String,
+        detail: serde_json::Value,
+    },
 }
 
 /// What the server does for a [`Request::Reload`]: the number of connections it
@@ -170,6 +178,16 @@ pub fn execute(
         Request::Reload => Ok(0),
         Request::User { op } => crate::users::execute(&**store, op, out),
         Request::Audit { from } => crate::audit::write_entries(&**store, *from, out),
+        Request::Record {
+            actor,
+            action,
+            target,
+            detail,
+        } => {
+            let entry = store.append_audit(actor, action, target, detail.clone())?;
+            writeln!(out, "{}", serde_json::json!({ "audit_seq": entry.seq }))?;
+            Ok(1)
+        }
     }
 }
 

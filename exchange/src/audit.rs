@@ -239,6 +239,41 @@ pub fn cli(config: &Path, from: u64, verify: bool) -> Result<()> {
     Ok(())
 }
 
+/// Who a command-line action is recorded as: `cli:$USER` (`cli:root` when
+/// `USER` is unset, as under sudo without it or in a unit).
+pub fn cli_actor() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "root".into())
+    )
+}
+
+/// Records a command-line action done outside the store (certificate files):
+/// through the running exchange's admin socket, or on the store itself. The
+/// action is done already, so a failure to record it is reported, not fatal.
+pub fn record_cli(
+    cfg: &crate::config::ExchangeConfig,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) {
+    let req = crate::admin::Request::Record {
+        actor: cli_actor(),
+        action: action.into(),
+        target: target.into(),
+        detail,
+    };
+    let mut sink = Vec::new();
+    if let Err(e) = crate::ask_or_open(cfg, &req, &mut sink) {
+        eprintln!(
+            "warning: {action} {target} was done but could not be recorded in the audit log: {e:#}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

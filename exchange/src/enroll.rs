@@ -333,6 +333,12 @@ pub fn enroll(
         },
     );
     write_new(&agent_toml_path, &text, 0o644)?;
+    crate::audit::record_cli(
+        &cfg,
+        "enroll",
+        agent_id,
+        serde_json::json!({"department": department, "serial": issued.serial, "replace": replace}),
+    );
     println!("enrolled agent {agent_id} (department {department})");
     println!(
         "  certificate: {} (serial {})",

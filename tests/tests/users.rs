@@ -277,3 +277,41 @@ fn two_jetstream_nodes_append_one_audit_chain() {
         assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     }
 }
+
+/// Enrolment and revocation from the command line work on certificate files,
+/// not the store, and are recorded in the audit log all the same: on the store
+/// itself when no exchange runs, through the running one's admin socket when
+/// one does.
+#[test]
+fn enrolment_and_revocation_from_the_command_line_are_audited() {
+    let t = TestDir::new("cli-audit");
+    let mut ex = Exchange::init(&t.mkdir("exchange"));
+    ex.enroll("a1", "210102001", &t.path().join("a1"));
+    ex.start();
+    ex.enroll("a2", "210103002", &t.path().join("a2"));
+    let out = ex.revoke(&["--agent-id", "a1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let serial = json_lines(&text(&out.stdout))[0]["serial"].clone();
+    let log = json_lines(&ok(&ex, &["audit"]));
+    let find = |action: &str, target: &str| {
+        log.iter()
+            .find(|e| e["action"] == action && e["target"] == target)
+            .unwrap_or_else(|| panic!("no {action} of {target} in {log:?}"))
+            .clone()
+    };
+    let e1 = find("enroll", "a1");
+    assert!(
+        e1["actor"].as_str().is_some_and(|a| a.starts_with("cli:")),
+        "{e1}"
+    );
+    assert_eq!(e1["detail"]["department"], "210102001");
+    assert!(e1["detail"]["serial"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert_eq!(find("enroll", "a2")["detail"]["department"], "210103002");
+    assert_eq!(
+        find("revoke", "a1")["detail"]["serials"],
+        serde_json::json!([serial])
+    );
+    ok(&ex, &["audit", "--verify"]);
+}

@@ -42,13 +42,7 @@ pub enum UserOp {
 /// Runs `ferry-exchange user …`: through the running exchange's admin socket,
 /// or on the store itself when none runs.
 pub fn cli(cmd: UserCommand) -> Result<()> {
-    let actor = format!(
-        "cli:{}",
-        std::env::var("USER")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "root".into())
-    );
+    let actor = crate::audit::cli_actor();
     let (config, op) = match cmd {
         UserCommand::Add {
             config,
