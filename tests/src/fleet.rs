@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
-const HEARTBEAT: Duration = Duration::from_secs(10);
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Payloads in the pool; batches cycle through them by seq.
 const POOL: usize = 64;
 
@@ -64,6 +64,9 @@ pub struct Load {
     pub connect_timeout: Duration,
     /// How long after the load the agents wait for their last acks.
     pub drain: Duration,
+    /// Between an agent's `Status` heartbeats (an agent's is 10 s; shorter
+    /// floods the registry).
+    pub heartbeat: Duration,
 }
 
 /// What the fleet did.
@@ -462,8 +465,8 @@ async fn ship(
     };
     let mut tick = tokio::time::interval_at(Instant::now() + period.mul_f64(phase), period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heartbeat =
-        tokio::time::interval_at(Instant::now() + HEARTBEAT.mul_f64(beat), HEARTBEAT);
+    let every = fleet.load.heartbeat;
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + every.mul_f64(beat), every);
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     spawn_reader(control_in, events_tx.clone());
     let mut writers: Vec<Option<FrameWriter>> = names.iter().map(|_| None).collect();

@@ -63,6 +63,7 @@ fn parse() -> Result<Args> {
             connect_parallel: 32,
             connect_timeout: Duration::from_secs(300),
             drain: Duration::from_secs(20),
+            heartbeat: fleet::HEARTBEAT,
         },
         enroll_dir: None,
         exchange_pid: None,
