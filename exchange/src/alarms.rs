@@ -88,7 +88,13 @@ pub struct Alarms {
     path: PathBuf,
     /// `[dashboard] alarm_webhook`, once set.
     webhook: std::sync::OnceLock<crate::webhook::Webhook>,
+    /// The last audit entry read for acknowledgements ([`Alarms::take_acks`]).
+    audit_seen: Mutex<u64>,
 }
+
+/// How much earlier than this node raised an alarm an acknowledgement made on
+/// another node may be and still count: nodes evaluate a few seconds apart.
+const ACK_SKEW_MS: u64 = 10_000;
 
 /// A condition that holds now.
 struct Condition {
@@ -143,7 +149,58 @@ impl Alarms {
             book: Mutex::new(book),
             path,
             webhook: std::sync::OnceLock::new(),
+            audit_seen: Mutex::new(0),
         })
+    }
+
+    /// Takes acknowledgements made on other nodes sharing the store: each is
+    /// an `alarm_ack` entry of the shared audit log (written by whichever
+    /// node's dashboard took it). An entry acknowledges this node's active
+    /// alarm of that id unless it is already acknowledged, or the entry is
+    /// older than the alarm (it acknowledged an earlier raising). Reads only
+    /// the entries after the last one read.
+    pub fn take_acks(
+        &self,
+        store: &dyn crate::store::Registry,
+    ) -> Result<(), crate::store::StoreError> {
+        let Ok(mut seen) = self.audit_seen.lock() else {
+            return Ok(());
+        };
+        loop {
+            let entries = store.audit(*seen + 1, 1000)?;
+            let Some(last) = entries.last() else {
+                return Ok(());
+            };
+            *seen = last.seq;
+            let acks: Vec<_> = entries.iter().filter(|e| e.action == "alarm_ack").collect();
+            if acks.is_empty() {
+                continue;
+            }
+            let Ok(mut b) = self.book.lock() else {
+                return Ok(());
+            };
+            let mut taken = false;
+            for e in acks {
+                let Some(a) = b.active.get_mut(&e.target) else {
+                    continue;
+                };
+                if a.acknowledged.is_some() || e.time_unix_ms + ACK_SKEW_MS < a.since_unix_ms {
+                    continue;
+                }
+                let by = e.actor.split_once(':').map_or(e.actor.as_str(), |(_, n)| n);
+                a.acknowledged = Some(Ack {
+                    by: by.to_string(),
+                    note: e.detail["note"].as_str().unwrap_or_default().to_string(),
+                    at_unix_ms: e.time_unix_ms,
+                });
+                // The node that took it told the journal and the webhook.
+                info!(alarm = %e.target, by, "alarm acknowledged on another node");
+                taken = true;
+            }
+            if taken {
+                self.save(&b);
+            }
+        }
     }
 
     /// Sends every alarm raised, acknowledged or cleared from now on to `w` too.
@@ -477,6 +534,9 @@ pub fn start(
                 let now = now_unix_ms();
                 let c = conditions(&store, &fleet, &deliveries, &cfg, now);
                 alarms.apply(now, c);
+                if let Err(e) = alarms.take_acks(&*store) {
+                    warn!(error = %e, "cannot read acknowledgements from the audit log");
+                }
             })
             .await;
         }
@@ -494,6 +554,52 @@ mod tests {
             stream: String::new(),
             message: Text::verbatim(format!("{kind} of {agent}")),
         }
+    }
+
+    /// Two nodes sharing a store each keep their own alarm book; an operator
+    /// acknowledges on one, and the other takes it from the shared audit log,
+    /// but not for a later raising of the same alarm.
+    #[test]
+    fn an_acknowledgement_on_another_node_reaches_this_one_through_the_audit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::Embedded::open(&dir.path().join("store"), 1 << 20).unwrap());
+        for node in ["here", "there"] {
+            std::fs::create_dir(dir.path().join(node)).unwrap();
+        }
+        let here = Alarms::open(&dir.path().join("here"));
+        let there = Alarms::open(&dir.path().join("there"));
+        let t0 = now_unix_ms();
+        for node in [&here, &there] {
+            node.apply(t0, vec![cond("offline", "a1"), cond("offline", "a2")]);
+        }
+        // Acknowledged on the other node: its dashboard audits it.
+        there
+            .acknowledge("offline:a1:", "duty", "机房断电")
+            .unwrap();
+        store
+            .append_audit(
+                "web:duty",
+                "alarm_ack",
+                "offline:a1:",
+                serde_json::json!({"note": "机房断电"}),
+            )
+            .unwrap();
+        here.take_acks(&*store).unwrap();
+        let by_id = |a: &Alarms, id: &str| a.active().into_iter().find(|x| x.id == id).unwrap();
+        let ack = by_id(&here, "offline:a1:").acknowledged.unwrap();
+        assert_eq!((ack.by.as_str(), ack.note.as_str()), ("duty", "机房断电"));
+        assert!(by_id(&here, "offline:a2:").acknowledged.is_none());
+        // Kept across a restart of this node.
+        let reopened = Alarms::open(&dir.path().join("here"));
+        assert!(by_id(&reopened, "offline:a1:").acknowledged.is_some());
+        // A node that raised the alarm a minute after the acknowledgement (a
+        // later raising): the old entry does not count for it.
+        std::fs::create_dir(dir.path().join("late")).unwrap();
+        let late = Alarms::open(&dir.path().join("late"));
+        late.apply(t0 + 60_000, vec![cond("offline", "a1")]);
+        late.take_acks(&*store).unwrap();
+        assert!(by_id(&late, "offline:a1:").acknowledged.is_none());
     }
 
     /// The conditions read the heartbeat's figures by the names the sources
