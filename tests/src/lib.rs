@@ -485,6 +485,25 @@ impl Exchange {
         run_output(self.cli("revoke").args(args))
     }
 
+    /// `ferry-exchange user add --token-file FILE`: a machine user of `role`.
+    /// Its API token, and the user as the command listed it.
+    pub fn add_token_user(&self, name: &str, role: &str, token_file: &Path) -> (String, Value) {
+        let listed = run_ok(
+            Command::new(bin("ferry-exchange"))
+                .args(["user", "add", "--config"])
+                .arg(&self.config)
+                .args(["--name", name, "--role", role, "--token-file"])
+                .arg(token_file),
+        );
+        let token = std::fs::read_to_string(token_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", token_file.display()))
+            .trim()
+            .to_string();
+        let listed = serde_json::from_str(listed.trim())
+            .unwrap_or_else(|e| panic!("user add printed {listed:?}: {e}"));
+        (token, listed)
+    }
+
     fn cli(&self, sub: &str) -> Command {
         let mut cmd = Command::new(bin("ferry-exchange"));
         cmd.arg(sub).arg("--config").arg(&self.config);

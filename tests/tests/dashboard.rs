@@ -44,27 +44,16 @@ fn add_user(ex: &Exchange, dir: &Path, name: &str, role: &str, password: &str) {
     );
 }
 
-/// `ferry-exchange user add --token-file`: the new machine user's token.
+/// `ferry-exchange user add --token-file`: the new machine user's token,
+/// checked to be listed as such and kept in a file only its owner reads.
 fn add_token_user(ex: &Exchange, dir: &Path, name: &str, role: &str) -> String {
     let file = dir.join(format!("{name}.token"));
-    let out = Command::new(bin("ferry-exchange"))
-        .args(["user", "add", "--config"])
-        .arg(&ex.config)
-        .args(["--name", name, "--role", role, "--token-file"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "user add {name} --token-file: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (token, listed) = ex.add_token_user(name, role, &file);
     assert_eq!(listed["credential"], "token", "{listed}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", file.display());
-    std::fs::read_to_string(&file).unwrap().trim().to_string()
+    token
 }
 
 /// An HTTPS client of the dashboard that trusts the exchange's CA.
@@ -199,27 +188,32 @@ async fn wait_text(c: &Client, css: &str, timeout: Duration, ok: impl Fn(&str) -
     panic!("{css}: never as expected within {timeout:?}; last text {last:?}; the page:\n{page}");
 }
 
-async fn log_in(c: &Client, base: &str, name: &str, password: &str) {
-    c.goto(base).await.unwrap();
-    wait_text(c, "#login-submit", SHORT, |t| !t.is_empty()).await;
-    c.find(Locator::Css("#name"))
+/// Clicks the element `css` finds.
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
         .await
-        .unwrap()
-        .send_keys(name)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#password"))
-        .await
-        .unwrap()
-        .send_keys(password)
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login-submit"))
-        .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
         .click()
         .await
         .unwrap();
+}
+
+/// Types `text` into the element `css` finds.
+async fn type_into(c: &Client, css: &str, text: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .send_keys(text)
+        .await
+        .unwrap();
+}
+
+async fn log_in(c: &Client, base: &str, name: &str, password: &str) {
+    c.goto(base).await.unwrap();
+    wait_text(c, "#login-submit", SHORT, |t| !t.is_empty()).await;
+    type_into(c, "#name", name).await;
+    type_into(c, "#password", password).await;
+    click(c, "#login-submit").await;
 }
 
 #[test]
@@ -422,14 +416,8 @@ fn operators_watch_the_fleet_in_a_real_browser() {
         c.goto(&format!("{base}#/alarms")).await.unwrap();
         let ack = "button.ack[data-alarm='offline:hp-ga-02:']";
         wait_text(&c, ack, SHORT, |t| !t.is_empty()).await;
-        let note_input = c.find(Locator::Css(".ack-note")).await.unwrap();
-        note_input.send_keys("城东机房断电，已通知").await.unwrap();
-        c.find(Locator::Css(ack))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        type_into(&c, ".ack-note", "城东机房断电，已通知").await;
+        click(&c, ack).await;
         let table = wait_text(&c, "main table", SHORT, |t| {
             t.contains("duty 已确认：城东机房断电，已通知")
         })
@@ -439,12 +427,7 @@ fn operators_watch_the_fleet_in_a_real_browser() {
         shot(&c, "3-alarm-acknowledged").await;
 
         // English and back, per user.
-        c.find(Locator::Css("#lang"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#lang").await;
         wait_text(&c, "#nav-alarms", SHORT, |t| t == "Alarms").await;
         wait_text(&c, "main h1", SHORT, |t| t == "Alarms").await;
         wait_text(&c, "main table", SHORT, |t| {
@@ -452,21 +435,11 @@ fn operators_watch_the_fleet_in_a_real_browser() {
         })
         .await;
         shot(&c, "4-english").await;
-        c.find(Locator::Css("#lang"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#lang").await;
         wait_text(&c, "#nav-alarms", SHORT, |t| t == "告警").await;
 
         // The auditor: the acknowledgement in the audit log, no revoke button.
-        c.find(Locator::Css("#logout"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#logout").await;
         wait_text(&c, "#login-submit", SHORT, |t| !t.is_empty()).await;
         log_in(&c, &base, "audit", "audit-password-1").await;
         wait_text(&c, "#count-healthy .n", SHORT, |t| !t.is_empty()).await;
@@ -483,12 +456,7 @@ fn operators_watch_the_fleet_in_a_real_browser() {
             "an auditor sees no revoke button"
         );
         shot(&c, "6-agent-as-auditor").await;
-        c.find(Locator::Css("a.stream-link"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "a.stream-link").await;
         wait_text(&c, "#stream-catalog", SHORT, |t| t == "210000-0001").await;
         let sharing = wait_text(&c, "#stream-sharing", SHORT, |t| !t.is_empty()).await;
         assert_eq!(sharing, "无条件共享");
@@ -497,12 +465,7 @@ fn operators_watch_the_fleet_in_a_real_browser() {
         shot(&c, "7-stream-as-auditor").await;
 
         // An administrator enrols an agent from the overview.
-        c.find(Locator::Css("#logout"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#logout").await;
         wait_text(&c, "#login-submit", SHORT, |t| !t.is_empty()).await;
         log_in(&c, &base, "chief", "chief-password-1").await;
         wait_text(&c, "#enroll-submit", SHORT, |t| t == "签发证书").await;
@@ -510,19 +473,9 @@ fn operators_watch_the_fleet_in_a_real_browser() {
             ("#enroll-id", "hp-web-04"),
             ("#enroll-department", "210105004"),
         ] {
-            c.find(Locator::Css(css))
-                .await
-                .unwrap()
-                .send_keys(text)
-                .await
-                .unwrap();
+            type_into(&c, css, text).await;
         }
-        c.find(Locator::Css("#enroll-submit"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#enroll-submit").await;
         let result = wait_text(&c, "#enroll-result", SHORT, |t| t.contains("agent.key")).await;
         assert!(
             result.contains("hp-web-04") && result.contains("agent.toml"),

@@ -19,12 +19,7 @@ const AGENTS: usize = 100;
 const STREAMS: usize = 2;
 
 fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    ferry_tests::bench::rss_kib(pid as u32, "VmRSS:")
 }
 
 #[test]
@@ -38,23 +33,7 @@ fn the_registry_converges_under_reconnects_restarts_and_heartbeat_floods() {
     let agents = fleet::enroll_fleet(&files, &t.mkdir("agents"), AGENTS).unwrap();
 
     // A machine user reads the registry through the API.
-    let token_file = t.path().join("token");
-    let out = std::process::Command::new(bin("ferry-exchange"))
-        .args(["user", "add", "--config"])
-        .arg(&ex.config)
-        .args(["--name", "checker", "--role", "auditor", "--token-file"])
-        .arg(&token_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
+    let (token, _) = ex.add_token_user("checker", "auditor", &t.path().join("token"));
     let http = https_agent(&files.ca).unwrap();
     let get = |path: &str| -> Value {
         let r = http
