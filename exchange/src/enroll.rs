@@ -198,7 +198,7 @@ pub fn issue(
     let live = crate::trust::live_certificates(cfg, agent_id)?;
     if !live.is_empty() && !replace {
         bail!(
-            "agent id {agent_id:?} already has a live certificate (serial {}): a second server enrolled under it would ship as the same agent and its data would collide with the first's. Enrol the new server under a new agent id; or, to replace this agent's certificate (a reinstalled server), replace it and revoke the old one (`ferry-exchange revoke --agent-id {agent_id}`) once it is no longer used",
+            "agent id {agent_id:?} already has a live certificate (serial {}): a second server enrolled under it would ship as the same agent and its data would collide with the first's. Enrol the new server under a new agent id; or, to replace this agent's certificate (a reinstalled server), enrol it again with replace (`enroll --replace`, or \"replace\" on the dashboard) and revoke the old one with `ferry-exchange revoke --agent-id {agent_id}` once it is no longer used",
             live.join(", ")
         );
     }

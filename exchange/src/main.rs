@@ -252,16 +252,15 @@ fn revoke(path: &Path, agent_id: Option<&str>, cert: Option<&Path>, reason: &str
     for r in &revoked {
         println!("{}", serde_json::to_string(r)?);
     }
-    if !revoked.is_empty() {
+    if revoked.is_empty() {
+        eprintln!("nothing new to revoke: those certificates were revoked already");
+    } else {
         audit::record_cli(
             &cfg,
             "revoke",
             agent_id.unwrap_or_default(),
             serde_json::json!({"serials": revoked.iter().map(|x| x.serial.clone()).collect::<Vec<_>>()}),
         );
-    }
-    if revoked.is_empty() {
-        eprintln!("nothing new to revoke: those certificates were revoked already");
     }
     // A running exchange takes the new list at once.
     let rt = tokio::runtime::Builder::new_current_thread()

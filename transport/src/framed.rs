@@ -82,8 +82,7 @@ impl FrameReader {
             if deadline.is_none() && self.decoder.buffered() > 0 {
                 deadline = Some(tokio::time::Instant::now() + frame_timeout);
             }
-            let mut room = self.decoder.room(READ_MAX);
-            let read = self.recv.read_buf(&mut room);
+            let read = self.read();
             let got = match deadline {
                 None => read.await?,
                 Some(d) => tokio::time::timeout_at(d, read).await.map_err(|_| {

@@ -301,7 +301,7 @@ impl Inner {
     /// The caller's session: a logged-in user's (the cookie), or a machine
     /// user's (`Authorization: Bearer TOKEN`, looked up in the store on each
     /// request, so `user remove` takes effect at once).
-    async fn session(self: &Arc<Self>, headers: &HeaderMap) -> Result<(String, Session), ApiError> {
+    async fn session(self: &Arc<Self>, headers: &HeaderMap) -> Result<Session, ApiError> {
         let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "log in first".into());
         if let Some(token) = bearer_of(headers) {
             let token = token.to_string();
@@ -311,17 +311,14 @@ impl Inner {
                 })
                 .await?
                 .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown API token".into()))?;
-            return Ok((
-                String::new(),
-                Session {
-                    name: user.name,
-                    role: user.role,
-                    language: user.language,
-                    csrf: String::new(),
-                    last_used_ms: now_unix_ms(),
-                    token: true,
-                },
-            ));
+            return Ok(Session {
+                name: user.name,
+                role: user.role,
+                language: user.language,
+                csrf: String::new(),
+                last_used_ms: now_unix_ms(),
+                token: true,
+            });
         }
         let id = cookie_of(headers).ok_or_else(unauthorized)?;
         let now = now_unix_ms();
@@ -333,7 +330,7 @@ impl Inner {
         m.retain(|_, s| now.saturating_sub(s.last_used_ms) < idle);
         let s = m.get_mut(&id).ok_or_else(unauthorized)?;
         s.last_used_ms = now;
-        Ok((id, s.clone()))
+        Ok(s.clone())
     }
 
     /// The session, if its role may do `action` (403 if not).
@@ -342,7 +339,7 @@ impl Inner {
         headers: &HeaderMap,
         action: Action,
     ) -> Result<Session, ApiError> {
-        let (_, s) = self.session(headers).await?;
+        let s = self.session(headers).await?;
         if !s.role.can(action) {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
@@ -451,7 +448,7 @@ async fn logout(State(app): State<App>, headers: HeaderMap) -> Result<Response, 
 }
 
 async fn session_info(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let (_, s) = app.session(&headers).await?;
+    let s = app.session(&headers).await?;
     Ok(Json(
         json!({"name": s.name, "role": s.role.as_str(), "language": s.language, "csrf": s.csrf}),
     ))
