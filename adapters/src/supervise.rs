@@ -132,7 +132,7 @@ where
         if error.is_fatal() {
             error!(
                 error = %error,
-                "ALARM: the source stopped and will not be restarted; fix what the error names, then restart the agent (systemctl restart ferry-agent)"
+                "ALARM: the source stopped and will not be restarted; fix what the error names, then reload the agent (systemctl reload ferry-agent), which starts stopped streams again"
             );
             report(Event::Stopped { error: &error });
             return Ended::Fatal(error);

@@ -21,7 +21,8 @@
 //! the write stage stops taking requests; the bounded channels fill and every
 //! source's `commit` waits. Nothing is dropped. Acks free space and wake it.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ferry_adapters::{CommitRequest, Committed, Records, Ticket};
@@ -47,12 +48,71 @@ const INLINE_ENCODE_BYTES: usize = 16 * 1024;
 /// restarts the agent from what is on disk.
 pub const EXIT_BUFFER_FAILED: i32 = 74;
 
+/// Stream names by the index their sources commit under
+/// ([`CommitRequest::stream`]). An index keeps its name for the process's life:
+/// a reload appends streams it adds and never reorders, so a source that keeps
+/// running across a reload keeps committing under its index.
+#[derive(Debug, Default)]
+pub struct Slots(RwLock<Arc<Vec<String>>>);
+
+impl Slots {
+    #[cfg(test)]
+    pub fn new(names: Vec<String>) -> Slots {
+        Slots(RwLock::new(Arc::new(names)))
+    }
+
+    /// The names as they are now (a reload may append more later).
+    pub fn current(&self) -> Arc<Vec<String>> {
+        self.0.read().map(|g| Arc::clone(&g)).unwrap_or_default()
+    }
+
+    /// The index of `name`, appended if it has none yet.
+    pub fn index(&self, name: &str) -> usize {
+        let Ok(mut g) = self.0.write() else {
+            return usize::MAX;
+        };
+        if let Some(i) = g.iter().position(|n| n == name) {
+            return i;
+        }
+        Arc::make_mut(&mut g).push(name.to_string());
+        g.len() - 1
+    }
+}
+
+/// The buffer's bounds, which a reload may change while the committer runs.
+#[derive(Debug)]
+pub struct Limits {
+    max_size: AtomicU64,
+    /// Free space to leave on the buffer's filesystem.
+    min_free: AtomicU64,
+}
+
+impl Limits {
+    pub fn new(max_size: u64, min_free: u64) -> Limits {
+        Limits {
+            max_size: AtomicU64::new(max_size),
+            min_free: AtomicU64::new(min_free),
+        }
+    }
+
+    pub fn set(&self, max_size: u64, min_free: u64) {
+        self.max_size.store(max_size, Ordering::Relaxed);
+        self.min_free.store(min_free, Ordering::Relaxed);
+    }
+
+    fn max_size(&self) -> u64 {
+        self.max_size.load(Ordering::Relaxed)
+    }
+
+    fn min_free(&self) -> u64 {
+        self.min_free.load(Ordering::Relaxed)
+    }
+}
+
 pub struct Committer {
     pub buffer: Arc<Buffer>,
-    pub names: Vec<String>,
-    pub max_size: u64,
-    /// Free space to leave on the buffer's filesystem.
-    pub min_free: u64,
+    pub names: Arc<Slots>,
+    pub limits: Arc<Limits>,
     pub rx: mpsc::Receiver<CommitRequest>,
     /// Signalled after every durable commit (the shipper waits on it).
     pub durable: Arc<Notify>,
@@ -135,10 +195,11 @@ fn encode(stream: &str, records: Records) -> Encoded {
 /// Starts compressing each request as it arrives, and passes them on in order.
 async fn encode_stage(
     mut rx: mpsc::Receiver<CommitRequest>,
-    names: Arc<Vec<String>>,
+    names: Arc<Slots>,
     tx: mpsc::Sender<Encoding>,
 ) {
     while let Some(r) = rx.recv().await {
+        let names = names.current();
         let name = names.get(r.stream).cloned().unwrap_or_default();
         let raw: usize = match &r.records {
             Records::List(l) => l.iter().map(approx_len).sum(),
@@ -184,22 +245,19 @@ impl Committer {
         let Committer {
             buffer,
             names,
-            max_size,
-            min_free,
+            limits,
             rx,
             durable,
             space,
             board,
         } = self;
-        let names = Arc::new(names);
         let (tx, encoded) = mpsc::channel(ENCODE_AHEAD);
         let encoder = tokio::spawn(encode_stage(rx, Arc::clone(&names), tx));
         let mut writer = Writer {
-            refused: vec![0; names.len()],
+            refused: Vec::new(),
             buffer,
             names,
-            max_size,
-            min_free,
+            limits,
             rx: encoded,
             durable,
             space,
@@ -212,9 +270,8 @@ impl Committer {
 
 struct Writer {
     buffer: Arc<Buffer>,
-    names: Arc<Vec<String>>,
-    max_size: u64,
-    min_free: u64,
+    names: Arc<Slots>,
+    limits: Arc<Limits>,
     rx: mpsc::Receiver<Encoding>,
     durable: Arc<Notify>,
     space: Arc<Notify>,
@@ -233,16 +290,17 @@ impl Writer {
             // 1. Backpressure: no new requests while the buffer is over its bound or
             //    its disk is nearly full (a write that fails for want of space is
             //    worse than a pause: it would fail the sources over and over).
-            let over = self.buffer.total_bytes() >= self.max_size;
+            let (max_size, min_free) = (self.limits.max_size(), self.limits.min_free());
+            let over = self.buffer.total_bytes() >= max_size;
             let free = self.buffer.free_disk_bytes();
-            let short = free.is_some_and(|f| f < self.min_free);
+            let short = free.is_some_and(|f| f < min_free);
             if over != full {
                 full = over;
                 self.board.set_buffer_full(over);
                 if over {
                     warn!(
                         buffered = self.buffer.total_bytes(),
-                        max_size = self.max_size,
+                        max_size,
                         "ALARM: buffer full, sources paused until the exchange acknowledges data"
                     );
                 } else {
@@ -258,7 +316,7 @@ impl Writer {
                 if short {
                     warn!(
                         free = free.unwrap_or(0),
-                        min_free = self.min_free,
+                        min_free,
                         "ALARM: the buffer's disk is nearly full, sources paused until space is freed or the exchange acknowledges data"
                     );
                 } else {
@@ -313,7 +371,7 @@ impl Writer {
         let mut tickets = Vec::with_capacity(group.len());
         for r in group {
             tickets.push(r._ticket);
-            let refused = self.refused.get(r.stream).copied().unwrap_or(u64::MAX);
+            let refused = self.refused.get(r.stream).copied().unwrap_or(0);
             let verdict = if r.epoch <= refused {
                 Some(format!(
                     "stream {}: an earlier commit of this source failed; it restarts from its last durable position",
@@ -335,7 +393,7 @@ impl Writer {
         }
         let keys: Vec<(usize, u64)> = work.iter().map(|w| (w.0, w.1)).collect();
         let buffer = Arc::clone(&self.buffer);
-        let names = Arc::clone(&self.names);
+        let names = self.names.current();
         let result = if work.is_empty() {
             Ok(Ok(Vec::new()))
         } else {
@@ -399,13 +457,18 @@ impl Writer {
     }
 
     fn refuse(&mut self, stream: usize, epoch: u64) {
-        if let Some(r) = self.refused.get_mut(stream) {
-            *r = (*r).max(epoch);
+        if self.refused.len() <= stream {
+            self.refused.resize(stream + 1, 0);
         }
+        self.refused[stream] = self.refused[stream].max(epoch);
     }
 
-    fn name(&self, stream: usize) -> &str {
-        self.names.get(stream).map_or("?", String::as_str)
+    fn name(&self, stream: usize) -> String {
+        self.names
+            .current()
+            .get(stream)
+            .cloned()
+            .unwrap_or_else(|| "?".into())
     }
 }
 
@@ -445,9 +508,8 @@ mod tests {
         let committer = tokio::spawn(
             Committer {
                 buffer: buffer.clone(),
-                names: vec!["s".into()],
-                max_size: 1 << 30,
-                min_free: 0,
+                names: Arc::new(Slots::new(vec!["s".into()])),
+                limits: Arc::new(Limits::new(1 << 30, 0)),
                 rx,
                 durable: Arc::new(Notify::new()),
                 space: Arc::new(Notify::new()),

@@ -13,8 +13,10 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
+use ferry_adapters::CommitRequest;
+
 use crate::buffer::Buffer;
-use crate::committer::Committer;
+use crate::committer::{Committer, Limits, Slots};
 use crate::config::Loaded;
 use crate::shipper::Shipper;
 use crate::sources::StreamSource;
@@ -81,13 +83,17 @@ pub async fn run(
     // Streams removed by a reload keep shipping what they buffered, declared
     // as they were.
     let mut declared: BTreeMap<String, StreamDecl> = BTreeMap::new();
-    let mut prepared = Prepared::new(loaded, &buffer, &mut declared)?;
+    let mut prepared = Prepared::new(loaded, &mut declared)?;
+    let mut spine = Spine::start(&buffer, &prepared.loaded);
+    let mut shipping = spine.ship(&prepared, &declared, shutdown.child_token(), started);
     let mut first = true;
     loop {
-        let generation = shutdown.child_token();
-        let running = prepared.start(&buffer, generation.clone(), started);
+        // Streams new to this configuration, changed by it, or stopped by a
+        // fatal error start (again) from their durable positions; the others
+        // keep running untouched.
+        spine.start_sources(&prepared.loaded, &shutdown);
         if let Ok(mut c) = current.write() {
-            *c = Some(running.reporter.clone());
+            *c = Some(shipping.reporter.clone());
         }
         if first {
             notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -110,7 +116,7 @@ pub async fn run(
                 },
             };
             match reread(&path, &prepared.loaded, &data_dir, metrics_addr)
-                .and_then(|l| Prepared::new(l, &buffer, &mut declared))
+                .and_then(|l| Prepared::new(l, &mut declared))
             {
                 Ok(next) => break Some((next, request)),
                 Err(e) => {
@@ -124,13 +130,26 @@ pub async fn run(
         let Some((next, request)) = next else {
             notify_systemd(&[sd_notify::NotifyState::Stopping]);
             info!("shutting down");
-            running.stop().await;
+            spine.stop(shipping).await;
             break;
         };
+        notify_systemd(&[sd_notify::NotifyState::Reloading]);
         let summary = changes(&prepared.loaded, &next.loaded);
-        info!(changes = %summary, "reloading the configuration: streams stop after their commits in flight settle, then start again from their durable positions");
-        running.stop().await;
+        info!(changes = %summary, "reloading the configuration: removed and changed streams stop after their commits in flight settle; changed ones start again from their durable positions");
+        spine.stop_sources(&next.loaded).await;
+        spine.limits.set(
+            next.loaded.config.buffer.max_size.0,
+            next.loaded.config.buffer.min_free.0,
+        );
+        // The exchange learns the new declarations (and the new digest) at
+        // the shipper's next connection: what was in flight is sent again and
+        // acknowledged as duplicates.
+        if next.loaded.digest != prepared.loaded.digest {
+            shipping.stop().await;
+            shipping = spine.ship(&next, &declared, shutdown.child_token(), started);
+        }
         prepared = next;
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
         info!(changes = %summary, "configuration reloaded");
         if let Some(reply) = request.reply {
             let _ = reply.send(Ok(summary));
@@ -175,42 +194,14 @@ fn reread(
 
 /// What a reload changes, for the log and the `reload` command.
 fn changes(old: &Loaded, new: &Loaded) -> String {
-    let by_name = |l: &Loaded| -> BTreeMap<String, String> {
+    let by_name = |l: &Loaded| -> Vec<(String, String)> {
         l.config
             .streams
             .iter()
             .map(|s| (s.name().to_string(), format!("{s:?}")))
             .collect()
     };
-    let (a, b) = (by_name(old), by_name(new));
-    let mut parts = Vec::new();
-    let list = |what: &str, names: Vec<&String>| {
-        (!names.is_empty()).then(|| {
-            format!(
-                "{what} {}",
-                names
-                    .iter()
-                    .map(|n| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-    };
-    parts.extend(list(
-        "added",
-        b.keys().filter(|n| !a.contains_key(*n)).collect(),
-    ));
-    parts.extend(list(
-        "removed",
-        a.keys().filter(|n| !b.contains_key(*n)).collect(),
-    ));
-    parts.extend(list(
-        "changed",
-        b.iter()
-            .filter(|(n, v)| a.get(*n).is_some_and(|o| o != *v))
-            .map(|(n, _)| n)
-            .collect(),
-    ));
+    let parts = ferry_protocol::reload::named_changes("", by_name(old), by_name(new));
     if old.digest == new.digest {
         "the file is unchanged".to_string()
     } else if parts.is_empty() {
@@ -220,13 +211,11 @@ fn changes(old: &Loaded, new: &Loaded) -> String {
     }
 }
 
-/// One generation's configuration, with everything that can fail checked
-/// before the running generation is stopped.
+/// A configuration, with everything that can fail checked before anything
+/// running is stopped.
 struct Prepared {
     loaded: Loaded,
-    /// Configured streams, then streams a reload removed that still hold
-    /// unacknowledged batches (no source; the shipper sends what they hold).
-    names: Vec<String>,
+    /// The configured streams' declarations.
     decls: Vec<StreamDecl>,
     client: quinn::ClientConfig,
     tcp: ferry_transport::link::TcpClientConfig,
@@ -234,11 +223,7 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(
-        loaded: Loaded,
-        buffer: &Buffer,
-        declared: &mut BTreeMap<String, StreamDecl>,
-    ) -> Result<Prepared> {
+    fn new(loaded: Loaded, declared: &mut BTreeMap<String, StreamDecl>) -> Result<Prepared> {
         let cfg = &loaded.config;
         let tls_files = TlsFiles {
             ca: &cfg.exchange.ca,
@@ -251,30 +236,176 @@ impl Prepared {
             .bandwidth
             .schedule(crate::bandwidth::local_offset_secs())
             .map_err(|(_, e)| anyhow::anyhow!(e))?;
-        let mut names = Vec::new();
-        let mut decls = Vec::new();
-        for s in &cfg.streams {
-            let d = StreamDecl {
+        let decls: Vec<StreamDecl> = cfg
+            .streams
+            .iter()
+            .map(|s| StreamDecl {
                 name: s.name().to_string(),
                 catalog_id: s.catalog_id.clone(),
                 sharing: s.sharing() as i32,
                 kind: s.source().kind().to_string(),
                 // Filled per connection by the shipper, from the buffer.
                 ..Default::default()
-            };
+            })
+            .collect();
+        for d in &decls {
             declared.insert(d.name.clone(), d.clone());
-            names.push(d.name.clone());
-            decls.push(d);
         }
-        for (name, st) in buffer.states() {
-            if names.contains(&name) || st.head <= st.acked {
+        Ok(Prepared {
+            loaded,
+            decls,
+            client,
+            tcp,
+            schedule,
+        })
+    }
+}
+
+/// One stream's running source.
+struct RunningSource {
+    /// Its configuration, to tell a changed stream on reload.
+    config: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What lives as long as the process, across reloads: the committer (the
+/// buffer's one writer), the stream indices sources commit under, the
+/// acknowledgement watermarks sources wait on, the board, and the sources
+/// themselves.
+struct Spine {
+    buffer: Arc<Buffer>,
+    slots: Arc<Slots>,
+    limits: Arc<Limits>,
+    board: Arc<Board>,
+    durable: Arc<Notify>,
+    space: Arc<Notify>,
+    /// Per stream: the acked watermark (the shipper sends, sources watch).
+    acked: BTreeMap<String, watch::Sender<u64>>,
+    commits: mpsc::Sender<CommitRequest>,
+    committer: tokio::task::JoinHandle<()>,
+    sources: BTreeMap<String, RunningSource>,
+}
+
+impl Spine {
+    fn start(buffer: &Arc<Buffer>, loaded: &Loaded) -> Spine {
+        let cfg = &loaded.config;
+        let slots = Arc::new(Slots::default());
+        let limits = Arc::new(Limits::new(cfg.buffer.max_size.0, cfg.buffer.min_free.0));
+        let board = Arc::new(Board::default());
+        let durable = Arc::new(Notify::new());
+        let space = Arc::new(Notify::new());
+        let (commits, rx) = mpsc::channel(COMMIT_QUEUE);
+        let committer = tokio::spawn(
+            Committer {
+                buffer: buffer.clone(),
+                names: slots.clone(),
+                limits: limits.clone(),
+                rx,
+                durable: durable.clone(),
+                space: space.clone(),
+                board: board.clone(),
+            }
+            .run(),
+        );
+        Spine {
+            buffer: buffer.clone(),
+            slots,
+            limits,
+            board,
+            durable,
+            space,
+            acked: BTreeMap::new(),
+            commits,
+            committer,
+            sources: BTreeMap::new(),
+        }
+    }
+
+    fn acked(&mut self, name: &str) -> watch::Sender<u64> {
+        let buffer = &self.buffer;
+        self.acked
+            .entry(name.to_string())
+            .or_insert_with(|| watch::channel(buffer.state(name).acked).0)
+            .clone()
+    }
+
+    /// Stops the sources of streams that `next` removes or changes, and those
+    /// a fatal error stopped; each waits for its commits in flight to settle.
+    async fn stop_sources(&mut self, next: &Loaded) {
+        let keep: BTreeMap<&str, String> = next
+            .config
+            .streams
+            .iter()
+            .map(|s| (s.name(), format!("{:?}", s.source())))
+            .collect();
+        let stopping: Vec<String> = self
+            .sources
+            .iter()
+            .filter(|(name, r)| keep.get(name.as_str()) != Some(&r.config) || r.task.is_finished())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stopping {
+            if let Some(r) = self.sources.remove(&name) {
+                r.shutdown.cancel();
+                let _ = r.task.await;
+                self.board.set_source_error(&name, None);
+            }
+        }
+    }
+
+    /// Starts a source for every configured stream that has none running.
+    fn start_sources(&mut self, loaded: &Loaded, shutdown: &CancellationToken) {
+        let data_dir = &loaded.config.agent.data_dir;
+        for s in &loaded.config.streams {
+            let name = s.name();
+            if self.sources.contains_key(name) {
+                continue;
+            }
+            let token = shutdown.child_token();
+            let task = StreamSource {
+                index: self.slots.index(name),
+                name: name.to_string(),
+                config: s.source().clone(),
+                buffer: self.buffer.clone(),
+                board: self.board.clone(),
+                acked: self.acked(name).subscribe(),
+                commits: self.commits.clone(),
+                shutdown: token.clone(),
+                spool_dir: data_dir.join("spool"),
+            }
+            .spawn();
+            self.sources.insert(
+                name.to_string(),
+                RunningSource {
+                    config: format!("{:?}", s.source()),
+                    shutdown: token,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Starts a shipper for the configured streams, and for streams a reload
+    /// removed that still hold unacknowledged batches (no source; it sends
+    /// what they hold); returns it with the report it answers `status` from.
+    fn ship(
+        &mut self,
+        prepared: &Prepared,
+        declared: &BTreeMap<String, StreamDecl>,
+        shutdown: CancellationToken,
+        started: u64,
+    ) -> Shipping {
+        let cfg = &prepared.loaded.config;
+        let mut decls = prepared.decls.clone();
+        for (name, st) in self.buffer.states() {
+            if decls.iter().any(|d| d.name == name) || st.head <= st.acked {
                 continue;
             }
             match declared.get(&name) {
                 Some(d) => {
                     warn!(stream = %name, unacknowledged = st.head - st.acked,
                         "stream removed from the configuration: it ships what it buffered, then stays idle");
-                    names.push(name.clone());
                     decls.push(d.clone());
                 }
                 None => warn!(stream = %name, unacknowledged = st.head - st.acked,
@@ -282,51 +413,14 @@ impl Prepared {
                      they wait until the stream is configured again"),
             }
         }
-        Ok(Prepared {
-            loaded,
-            names,
-            decls,
-            client,
-            tcp,
-            schedule,
-        })
-    }
-
-    /// Spawns the generation's tasks: committer, shipper, one task per
-    /// configured stream's source.
-    fn start(&self, buffer: &Arc<Buffer>, shutdown: CancellationToken, started: u64) -> Running {
-        let cfg = &self.loaded.config;
-        let names = self.names.clone();
-        let board = Arc::new(Board::default());
-        let durable = Arc::new(Notify::new());
-        let space = Arc::new(Notify::new());
-        let (commit_tx, commit_rx) = mpsc::channel(COMMIT_QUEUE);
-        let mut acked_tx = Vec::new();
-        let mut acked_rx = Vec::new();
-        for n in &names {
-            let (tx, rx) = watch::channel(buffer.state(n).acked);
-            acked_tx.push(tx);
-            acked_rx.push(rx);
-        }
-        let committer = tokio::spawn(
-            Committer {
-                buffer: buffer.clone(),
-                names: names.clone(),
-                max_size: cfg.buffer.max_size.0,
-                min_free: cfg.buffer.min_free.0,
-                rx: commit_rx,
-                durable: durable.clone(),
-                space: space.clone(),
-                board: board.clone(),
-            }
-            .run(),
-        );
+        let names: Vec<String> = decls.iter().map(|d| d.name.clone()).collect();
+        let acked = names.iter().map(|n| self.acked(n)).collect();
         let hello = Hello {
             version: ferry_protocol::PROTOCOL_VERSION,
             agent_id: cfg.agent.id.clone(),
             department: cfg.agent.department.clone(),
-            config_digest: self.loaded.digest.clone(),
-            streams: self.decls.clone(),
+            config_digest: prepared.loaded.digest.clone(),
+            streams: decls.clone(),
             software: env!("CARGO_PKG_VERSION").to_string(),
         };
         let cert_not_after_unix = ferry_transport::tls::identity_in_file(&cfg.exchange.cert)
@@ -335,20 +429,20 @@ impl Prepared {
             warn!("{alarm}");
         }
         let report = Arc::new(std::sync::OnceLock::new());
-        let throttle = Arc::new(crate::bandwidth::Throttle::new(self.schedule.clone()));
-        let shipper = tokio::spawn(
+        let throttle = Arc::new(crate::bandwidth::Throttle::new(prepared.schedule.clone()));
+        let task = tokio::spawn(
             Shipper {
                 address: cfg.exchange.address.clone(),
                 server_name: cfg.server_name(),
-                client: self.client.clone(),
-                tcp: self.tcp.clone(),
+                client: prepared.client.clone(),
+                tcp: prepared.tcp.clone(),
                 hello,
-                buffer: buffer.clone(),
-                names: names.clone(),
-                acked: acked_tx,
-                durable,
-                space,
-                board: board.clone(),
+                buffer: self.buffer.clone(),
+                names,
+                acked,
+                durable: self.durable.clone(),
+                space: self.space.clone(),
+                board: self.board.clone(),
                 cert_not_after_unix,
                 report: report.clone(),
                 throttle: throttle.clone(),
@@ -356,34 +450,11 @@ impl Prepared {
             .run(shutdown.clone())
             .instrument(info_span!("shipper", exchange = %cfg.exchange.address)),
         );
-        let data_dir = &cfg.agent.data_dir;
-        let sources: Vec<_> = cfg
-            .streams
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                StreamSource {
-                    index: i,
-                    name: s.name().to_string(),
-                    config: s.source().clone(),
-                    buffer: buffer.clone(),
-                    board: board.clone(),
-                    acked: acked_rx[i].clone(),
-                    commits: commit_tx.clone(),
-                    shutdown: shutdown.clone(),
-                    spool_dir: data_dir.join("spool"),
-                }
-                .spawn()
-            })
-            .collect();
-        drop(commit_tx);
 
         let reporter = {
-            let throttle = throttle.clone();
-            let buffer = buffer.clone();
-            let board = board.clone();
-            let views: Vec<StreamView> = self
-                .decls
+            let buffer = self.buffer.clone();
+            let board = self.board.clone();
+            let views: Vec<StreamView> = decls
                 .iter()
                 .map(|d| StreamView {
                     name: d.name.clone(),
@@ -449,40 +520,48 @@ impl Prepared {
             }) as admin::Reporter
         };
         let _ = report.set(reporter.clone());
-        Running {
+        Shipping {
             shutdown,
-            sources,
-            committer,
-            shipper,
+            task,
             reporter,
         }
     }
-}
 
-/// A generation's tasks.
-struct Running {
-    shutdown: CancellationToken,
-    sources: Vec<tokio::task::JoinHandle<()>>,
-    committer: tokio::task::JoinHandle<()>,
-    shipper: tokio::task::JoinHandle<()>,
-    reporter: admin::Reporter,
-}
-
-impl Running {
     /// Stops in order: the sources (each waits for its commits in flight), then
     /// the committer with what was handed over, then the shipper.
-    async fn stop(self) {
-        self.shutdown.cancel();
-        for s in self.sources {
-            let _ = s.await;
+    async fn stop(self, shipping: Shipping) {
+        let Spine {
+            sources,
+            commits,
+            committer,
+            ..
+        } = self;
+        for r in sources.into_values() {
+            r.shutdown.cancel();
+            let _ = r.task.await;
         }
-        if tokio::time::timeout(Duration::from_secs(30), self.committer)
+        drop(commits);
+        if tokio::time::timeout(Duration::from_secs(30), committer)
             .await
             .is_err()
         {
             warn!("the committer did not finish within 30s");
         }
-        let _ = self.shipper.await;
+        shipping.stop().await;
+    }
+}
+
+/// A running shipper and the report it heartbeats.
+struct Shipping {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    reporter: admin::Reporter,
+}
+
+impl Shipping {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
     }
 }
 

@@ -19,7 +19,7 @@ use crate::status::Board;
 
 /// Everything one stream's source task needs.
 pub struct StreamSource {
-    /// Index of the stream in the configuration (and on the board).
+    /// The index the stream commits under ([`crate::committer::Slots`]).
     pub index: usize,
     pub name: String,
     pub config: SourceConfig,
@@ -35,7 +35,7 @@ pub struct StreamSource {
 /// What `status` shows for a stream stopped by a fatal error.
 pub fn stopped_message(error: &SourceError) -> String {
     format!(
-        "ALARM: stopped (not restarted until the agent restarts): {error}. Once that is fixed, restart the agent (systemctl restart ferry-agent)"
+        "ALARM: stopped (not restarted until the agent reloads or restarts): {error}. Once that is fixed, reload the agent (systemctl reload ferry-agent), which starts stopped streams again"
     )
 }
 
@@ -66,7 +66,7 @@ impl StreamSource {
             ctx.rejected_files = Some(self.buffer.clone());
             Ok(ctx)
         };
-        let (board, i) = (&self.board, self.index);
+        let (board, i) = (&self.board, self.name.as_str());
         // Restarting resumes from the last durable position, so a failed source
         // loses nothing; a stopped one keeps its position for the next start.
         supervise(&*source, context, &self.shutdown, |event| match event {

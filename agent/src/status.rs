@@ -117,7 +117,7 @@ struct Inner {
     buffer_full: bool,
     disk_low: bool,
     write_error: Option<String>,
-    source_errors: std::collections::BTreeMap<usize, String>,
+    source_errors: std::collections::BTreeMap<String, String>,
     ship_errors: std::collections::BTreeMap<String, String>,
 }
 
@@ -184,13 +184,13 @@ impl Board {
         self.with(|i| i.write_error = e);
     }
 
-    pub fn set_source_error(&self, stream: usize, e: Option<String>) {
+    pub fn set_source_error(&self, stream: &str, e: Option<String>) {
         self.with(|i| match e {
             Some(e) => {
-                i.source_errors.insert(stream, e);
+                i.source_errors.insert(stream.to_string(), e);
             }
             None => {
-                i.source_errors.remove(&stream);
+                i.source_errors.remove(stream);
             }
         });
     }
@@ -213,8 +213,8 @@ impl Board {
             report.buffer.full = i.buffer_full;
             report.buffer.disk_low = i.disk_low;
             report.buffer.write_error = i.write_error.clone();
-            for (idx, s) in report.streams.iter_mut().enumerate() {
-                s.source_error = i.source_errors.get(&idx).cloned();
+            for s in report.streams.iter_mut() {
+                s.source_error = i.source_errors.get(&s.name).cloned();
                 s.ship_error = i.ship_errors.get(&s.name).cloned();
             }
         });

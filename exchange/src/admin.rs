@@ -43,6 +43,9 @@ pub enum Request {
     /// Take the revocation list anew and close revoked agents' connections
     /// (`revoke` asks this of a running exchange).
     Reload,
+    /// Read the configuration file again and apply what changed (`reload`,
+    /// SIGHUP): limits, deliveries, alarm thresholds, TLS files, revocations.
+    ReloadConfig,
     /// Where each delivery stands on each stream it receives.
     Deliveries,
     /// Decide on a held stream: accept it as a continuation, or refuse it.
@@ -74,6 +77,11 @@ pub enum Request {
 /// What the server does for a [`Request::Reload`]: the number of connections it
 /// closed, or why it could not.
 pub type Reloads = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<usize, String>>>;
+
+/// What the server does for a [`Request::ReloadConfig`]: what changed, or why
+/// the file was refused (the running configuration then stays).
+pub type ConfigReloads =
+    tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>;
 
 pub fn bind(path: &Path) -> Result<UnixListener> {
     if path.exists() {
@@ -176,6 +184,7 @@ pub fn execute(
         }
         // No exchange is serving: it reads the list when it starts.
         Request::Reload => Ok(0),
+        Request::ReloadConfig => bail!("no exchange is serving this store"),
         Request::User { op } => crate::users::execute(&**store, op, out),
         Request::Audit { from } => crate::audit::write_entries(&**store, *from, out),
         Request::Record {
@@ -191,10 +200,24 @@ pub fn execute(
     }
 }
 
+/// Hands a request to the serving loop and waits for its answer.
+async fn ask_server<T>(
+    server: &tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<T, String>>>,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    match server.send(tx).await {
+        Ok(()) => rx
+            .await
+            .unwrap_or_else(|_| Err("the exchange is stopping".into())),
+        Err(_) => Err("the exchange is stopping".into()),
+    }
+}
+
 pub async fn serve(
     listener: UnixListener,
     store: SharedStore,
     reloads: Reloads,
+    config_reloads: ConfigReloads,
     live: Live,
     deliveries: Statuses,
     shutdown: CancellationToken,
@@ -209,6 +232,7 @@ pub async fn serve(
         };
         let store = store.clone();
         let reloads = reloads.clone();
+        let config_reloads = config_reloads.clone();
         let live = live.clone();
         let deliveries = deliveries.clone();
         tokio::spawn(async move {
@@ -217,15 +241,21 @@ pub async fn serve(
             if BufReader::new(r).read_line(&mut line).await.is_err() {
                 return;
             }
-            if let Ok(Request::Reload) = serde_json::from_str::<Request>(&line) {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let answer = match reloads.send(tx).await {
-                    Ok(()) => rx
-                        .await
-                        .unwrap_or_else(|_| Err("the exchange is stopping".into())),
-                    Err(_) => Err("the exchange is stopping".into()),
+            if let Ok(Request::ReloadConfig) = serde_json::from_str::<Request>(&line) {
+                let reply = match ask_server(&config_reloads).await {
+                    Ok(changes) => format!(
+                        "{}\n{}\n",
+                        serde_json::json!({ "reloaded": changes }),
+                        serde_json::json!({ "done": 0 })
+                    ),
+                    Err(e) => format!("{}\n", serde_json::json!({ "error": e })),
                 };
-                let tail = match answer {
+                let _ = w.write_all(reply.as_bytes()).await;
+                let _ = w.shutdown().await;
+                return;
+            }
+            if let Ok(Request::Reload) = serde_json::from_str::<Request>(&line) {
+                let tail = match ask_server(&reloads).await {
                     Ok(n) => serde_json::json!({ "done": n }),
                     Err(e) => serde_json::json!({ "error": e }),
                 };

@@ -512,7 +512,7 @@ pub fn start(
     store: SharedStore,
     fleet: Arc<Fleet>,
     deliveries: Statuses,
-    cfg: DashboardSection,
+    config: tokio::sync::watch::Receiver<Arc<crate::config::ExchangeConfig>>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -528,7 +528,8 @@ pub fn start(
                 store.clone(),
                 fleet.clone(),
                 deliveries.clone(),
-                cfg.clone(),
+                // Thresholds as of now: a reload may have changed them.
+                config.borrow().dashboard.clone(),
             );
             let _ = tokio::task::spawn_blocking(move || {
                 let now = now_unix_ms();

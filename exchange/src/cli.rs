@@ -55,6 +55,17 @@ pub enum Command {
         #[arg(long, default_value = SYSTEM_CONFIG)]
         config: PathBuf,
     },
+    /// Have the running exchange read its configuration again (as SIGHUP and
+    /// `systemctl reload ferry-exchange` do): limits, deliveries (added ones
+    /// start, removed ones stop, changed ones restart from their checkpoints),
+    /// alarm thresholds, TLS files and revocations take effect without a
+    /// restart. The file is checked first; a refused one (errors name
+    /// file:line:column; exit 78) changes nothing. Users need no reload: they
+    /// live in the store.
+    Reload {
+        #[arg(long, default_value = SYSTEM_CONFIG)]
+        config: PathBuf,
+    },
     /// Issue an agent's key and certificate and write a starter DIR/agent.toml.
     Enroll {
         #[arg(long, default_value = SYSTEM_CONFIG)]

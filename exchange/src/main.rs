@@ -80,6 +80,7 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Reload { config } => reload(&config),
         Command::Enroll {
             config,
             agent_id,
@@ -181,6 +182,40 @@ fn default_store_dir(dir: &Path) -> PathBuf {
     }
 }
 
+/// `reload`: the file checked as `check-config` does, then read again by the
+/// running exchange, which answers what changed (or why it refused).
+fn reload(path: &Path) -> Result<()> {
+    let refused = |e: String| {
+        InvalidConfig(format!(
+            "{e}\nnot reloaded; the running configuration stays"
+        ))
+    };
+    let cfg = config::load(path).map_err(|e| refused(format!("{e:#}")))?;
+    server::check_tls(&cfg).map_err(|e| refused(format!("{}: {e:#}", path.display())))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut out = Vec::new();
+    let socket = cfg.admin_socket();
+    match rt.block_on(admin::ask(&socket, &admin::Request::ReloadConfig, &mut out)) {
+        Ok(Some(_)) => {
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+            println!(
+                "{}: reloaded ({})",
+                path.display(),
+                v["reloaded"].as_str().unwrap_or("")
+            );
+            Ok(())
+        }
+        Ok(None) => anyhow::bail!(
+            "no exchange answers on {}: it reads {} when it starts",
+            socket.display(),
+            path.display()
+        ),
+        Err(e) => Err(refused(format!("{e:#}")).into()),
+    }
+}
+
 /// `check-config`: what `serve` checks before it binds anything.
 fn check_config(path: &Path) -> Result<()> {
     let cfg = config::load(path).map_err(|e| InvalidConfig(format!("{e:#}")))?;
@@ -236,7 +271,7 @@ fn serve(path: &Path) -> Result<()> {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
             s.cancel();
         });
-        server::serve(cfg, shutdown).await
+        server::serve(cfg, path.to_path_buf(), shutdown).await
     })
 }
 

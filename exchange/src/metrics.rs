@@ -84,8 +84,9 @@ pub struct Parts {
     pub stored: StoredCounts,
     /// Open agent connections on this node (handshakes included).
     pub connections: Box<dyn Fn() -> usize + Send + Sync>,
-    /// `[dashboard] offline_after`: the same states as the dashboard's.
-    pub offline_after: Duration,
+    /// The running configuration: `[dashboard] offline_after` gives the same
+    /// states as the dashboard's.
+    pub config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::ExchangeConfig>>,
     /// The directory whose size is `store_bytes` (the embedded store's); `None`:
     /// no such metric (the records are on the JetStream servers).
     pub store_dir: Option<PathBuf>,
@@ -432,9 +433,10 @@ impl LiveState {
         match p.store.agents() {
             Ok(agents) => {
                 let now = now_unix_ms();
+                let offline_after = p.config.borrow().dashboard.offline_after;
                 let mut states = [0u64; 3];
                 for rec in &agents {
-                    let state = p.fleet.connection(rec, now, p.offline_after).state;
+                    let state = p.fleet.connection(rec, now, offline_after).state;
                     if let Some(i) = STATES.iter().position(|(s, _)| *s == state) {
                         states[i] += 1;
                     }

@@ -4,6 +4,7 @@
 //! thread shared by all connections (group commit: many agents, one sync).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use ferry_transport::framed::{Budget, Grant};
 use ferry_transport::link::{RecvHalf, SendHalf, TcpServerConfig};
 use ferry_transport::tls::{server_config_limited, tcp_server_config, TlsFiles};
 use ferry_transport::{FrameReader, FrameWriter, Link};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
@@ -97,7 +98,10 @@ fn spawn_committer(
     }
 }
 
-pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<()> {
+/// Serves `cfg`, read from `path`: a reload (SIGHUP, `ferry-exchange reload`)
+/// reads that file again.
+pub async fn serve(cfg: ExchangeConfig, path: PathBuf, shutdown: CancellationToken) -> Result<()> {
+    let mut cfg = cfg;
     std::fs::create_dir_all(&cfg.store.dir)
         .with_context(|| format!("creating the store directory {}", cfg.store.dir.display()))?;
     let store = tokio::task::block_in_place(|| crate::store::open(&cfg.store))?;
@@ -132,7 +136,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     let stored = crate::metrics::StoredCounts::default();
     let (commits, committer) = spawn_committer(store.clone(), stored.clone());
     // What all connections together may make the exchange hold (see [limits]).
-    let shared = Budget::shared(cfg.limits.max_queued_bytes);
+    let mut shared = Budget::shared(cfg.limits.max_queued_bytes);
     let admin = crate::admin::bind(&cfg.admin_socket())?;
     let live = Live::default();
     live.set_revoked(
@@ -142,12 +146,17 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
             .collect(),
     );
     let (reloads, mut reload_requests) = mpsc::channel(4);
-    let (deliveries, delivery_tasks) =
-        crate::delivery::start(&cfg.deliveries, store.clone(), shutdown.clone());
+    let (config_reloads, mut config_reload_requests) = mpsc::channel(4);
+    reload_on_sighup(config_reloads.clone());
+    // The configuration as the running exchange has it; a reload replaces it.
+    let (current, config) = watch::channel(Arc::new(cfg.clone()));
+    let mut running =
+        crate::delivery::Deliveries::start(&cfg.deliveries, store.clone(), shutdown.clone());
+    let deliveries = running.statuses();
     let retention = cfg.store.retain.map(|age| {
         crate::delivery::start_retention(
             age,
-            &cfg.deliveries,
+            running.sections(),
             deliveries.clone(),
             store.clone(),
             shutdown.clone(),
@@ -166,7 +175,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
         store.clone(),
         live.fleet(),
         deliveries.clone(),
-        cfg.dashboard.clone(),
+        config.clone(),
         shutdown.clone(),
     );
     let metrics_task = crate::metrics::start(
@@ -181,7 +190,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
                 let live = live.clone();
                 move || live.count()
             }),
-            offline_after: cfg.dashboard.offline_after,
+            config: config.clone(),
             store_dir: cfg.store.local_dir().map(Into::into),
         },
         shutdown.clone(),
@@ -196,7 +205,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
             fleet: live.fleet(),
             history,
             alarms,
-            cfg: Arc::new(cfg.clone()),
+            cfg: config.clone(),
             reloads: reloads.clone(),
             deliveries: deliveries.clone(),
         },
@@ -207,6 +216,7 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
         admin,
         store.clone(),
         reloads,
+        config_reloads,
         live.clone(),
         deliveries,
         shutdown.clone(),
@@ -222,6 +232,38 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
                 let r = reload_trust(&cfg, &endpoint, &tcp_tls, &live).map_err(|e| format!("{e:#}"));
                 if let Err(e) = &r {
                     warn!(error = %e, "the revocation list could not be taken");
+                }
+                let _ = answer.send(r);
+            }
+            Some(answer) = config_reload_requests.recv() => {
+                let r = match crate::config::load(&path).and_then(|next| {
+                    check_tls(&next)?;
+                    reloadable(&cfg, &next)?;
+                    Ok(next)
+                }) {
+                    Err(e) => Err(format!("{e:#}")),
+                    Ok(next) => {
+                        // TLS files and revocations first: the one step that
+                        // can still fail leaves everything else as it was.
+                        match reload_trust(&next, &endpoint, &tcp_tls, &live) {
+                            Err(e) => Err(format!("{e:#}")),
+                            Ok(_) => {
+                                let summary = config_changes(&cfg, &next);
+                                if next.limits.max_queued_bytes != cfg.limits.max_queued_bytes {
+                                    // Connections made from now on share the new bound.
+                                    shared = Budget::shared(next.limits.max_queued_bytes);
+                                }
+                                running.apply(&next.deliveries).await;
+                                cfg = next;
+                                current.send_replace(Arc::new(cfg.clone()));
+                                Ok(summary)
+                            }
+                        }
+                    }
+                };
+                match &r {
+                    Ok(changes) => info!(%changes, "configuration reloaded"),
+                    Err(e) => error!("reload refused, the running configuration stays: {e}"),
                 }
                 let _ = answer.send(r);
             }
@@ -325,7 +367,8 @@ pub async fn serve(cfg: ExchangeConfig, shutdown: CancellationToken) -> Result<(
     for t in dashboard_task.into_iter().chain(metrics_task) {
         let _ = t.await;
     }
-    for t in delivery_tasks.into_iter().chain(retention) {
+    running.stopped().await;
+    if let Some(t) = retention {
         let _ = t.await;
     }
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;
@@ -484,6 +527,103 @@ impl Drop for LiveGuard {
             m.remove(&self.id);
         }
         self.live.2.disconnected(&self.agent);
+    }
+}
+
+/// SIGHUP reads the configuration again, as `ferry-exchange reload` does; the
+/// outcome is in the log.
+fn reload_on_sighup(reloads: crate::admin::ConfigReloads) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot listen for SIGHUP: reload with `ferry-exchange reload`");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let (tx, rx) = oneshot::channel();
+            if reloads.send(tx).await.is_err() {
+                return;
+            }
+            let _ = rx.await;
+        }
+    });
+}
+
+/// Refuses a reload that changes what is bound for the process's life.
+fn reloadable(old: &ExchangeConfig, new: &ExchangeConfig) -> Result<()> {
+    let fixed = [
+        (
+            "[exchange] listen",
+            old.exchange.listen != new.exchange.listen,
+        ),
+        (
+            "[store]",
+            format!("{:?}", old.store) != format!("{:?}", new.store),
+        ),
+        (
+            "[dashboard] listen, cert or key",
+            (
+                &old.dashboard.listen,
+                &old.dashboard.cert,
+                &old.dashboard.key,
+            ) != (
+                &new.dashboard.listen,
+                &new.dashboard.cert,
+                &new.dashboard.key,
+            ),
+        ),
+        (
+            "[dashboard] alarm_webhook or alarm_webhook_ca",
+            (
+                &old.dashboard.alarm_webhook,
+                &old.dashboard.alarm_webhook_ca,
+            ) != (
+                &new.dashboard.alarm_webhook,
+                &new.dashboard.alarm_webhook_ca,
+            ),
+        ),
+        ("[metrics] listen", old.metrics.listen != new.metrics.listen),
+    ];
+    let changed: Vec<&str> = fixed.iter().filter(|f| f.1).map(|f| f.0).collect();
+    if !changed.is_empty() {
+        anyhow::bail!(
+            "{} changed: it is bound while the exchange runs; restart the exchange (systemctl restart ferry-exchange) to change it",
+            changed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// What a reload changes, for the log and the `reload` command.
+fn config_changes(old: &ExchangeConfig, new: &ExchangeConfig) -> String {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut parts = Vec::new();
+    for (what, changed) in [
+        ("[exchange]", differs(&old.exchange, &new.exchange)),
+        ("[tls]", differs(&old.tls, &new.tls)),
+        ("[limits]", differs(&old.limits, &new.limits)),
+        ("[dashboard]", differs(&old.dashboard, &new.dashboard)),
+    ] {
+        if changed {
+            parts.push(format!("{what} changed"));
+        }
+    }
+    let by_name = |c: &ExchangeConfig| -> Vec<(String, String)> {
+        c.deliveries
+            .iter()
+            .map(|d| (d.name.clone(), format!("{d:?}")))
+            .collect()
+    };
+    parts.extend(ferry_protocol::reload::named_changes(
+        "delivery ",
+        by_name(old),
+        by_name(new),
+    ));
+    if parts.is_empty() {
+        "nothing changed (TLS files and revocations read again)".to_string()
+    } else {
+        parts.join("; ")
     }
 }
 

@@ -20,6 +20,7 @@ pub mod entry;
 pub mod frame;
 pub mod messages;
 pub mod record_buf;
+pub mod reload;
 pub mod rows;
 pub mod session;
 

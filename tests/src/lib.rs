@@ -1216,6 +1216,30 @@ pub fn tmp_name(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(".{name}.tmp"))
 }
 
+/// Every regular file under `dir` (relative path → SHA-256), hidden ones aside.
+pub fn tree(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(rel, sha256_file(&p));
+            }
+        }
+    }
+    out
+}
+
 /// Writes `dir/.name.tmp`, then renames it to `dir/name` (what `complete = "rename"`
 /// expects from writers).
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {

@@ -12,30 +12,6 @@ use ferry_tests::*;
 const AGENT: &str = "hp-mz-01";
 const DEPT: &str = "210102-MZ";
 
-/// Every regular file under `dir` (relative path → SHA-256), hidden ones aside.
-fn tree(dir: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                let rel = p.strip_prefix(dir).unwrap().display().to_string();
-                out.insert(rel, sha256_file(&p));
-            }
-        }
-    }
-    out
-}
-
 /// Every file name under `dir`, hidden ones included.
 fn walkdir_names(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();

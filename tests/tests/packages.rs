@@ -481,13 +481,15 @@ fn debs_hold_what_they_should() {
             init.contains("### BEGIN INIT INFO")
                 && init.contains(&format!("# Provides:          {pkg}\n"))
         );
-        // The agent reloads its configuration; the exchange's reload restarts.
-        let reload = if pkg == "ferry-agent" {
-            "reload)"
-        } else {
-            "restart | reload"
-        };
-        for action in ["start)", "stop)", "restart", reload, "status)"] {
+        // Both daemons reload their configuration in place.
+        for action in [
+            "start)",
+            "stop)",
+            "restart",
+            "reload)",
+            "\"$DAEMON\" reload --config \"$CONFIG\"",
+            "status)",
+        ] {
             assert!(init.contains(action), "{pkg} init script lacks {action}");
         }
         run(Command::new("sh")

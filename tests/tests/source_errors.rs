@@ -2,7 +2,8 @@
 //! processes and a throwaway PostgreSQL. A fatal error (a configured table that
 //! does not exist) stops that stream once, with an ALARM in the journal and in
 //! `status` naming the cause and the fix; the agent does not restart it every few
-//! seconds, and its other streams carry on.
+//! seconds, and its other streams carry on. Once the cause is fixed, a reload
+//! starts the stream again without touching the others.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -53,7 +54,7 @@ fn a_fatal_source_error_stops_only_its_stream_with_an_alarm() {
         "ALARM",
         "table public.gone (source.tables) does not exist",
         "remove it from source.tables",
-        "restart the agent",
+        "reload the agent",
     ] {
         assert!(shown.contains(want), "{want:?} not in {shown:?}");
     }
@@ -83,4 +84,32 @@ fn a_fatal_source_error_stops_only_its_stream_with_an_alarm() {
     let lines = ex.wait_lines(AGENT, "hall-log", 2, LONG);
     assert_eq!(lines, ["one", "two"]);
     assert!(agent.stream_status("hall-log")["source_error"].is_null());
+
+    // 4. Once the cause is fixed, a reload starts the stopped stream again, in
+    //    the same process, and leaves the running one alone.
+    server.psql(
+        DB,
+        "CREATE TABLE public.gone (id bigint PRIMARY KEY);
+         ALTER PUBLICATION ferry_pub ADD TABLE public.gone;",
+    );
+    let pid = agent.pid();
+    let out = std::process::Command::new(bin("ferry-agent"))
+        .args(["reload", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    server.psql(DB, "INSERT INTO public.gone VALUES (1)");
+    wait_until(LONG, "the stream to run again", || {
+        let st = agent.stream_status("person");
+        st["source_error"].is_null() && st["position"] != "not started"
+    });
+    assert_eq!(agent.pid(), pid);
+    let text = agent.log_since_start();
+    let starts = |stream: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("stream={stream} ")) && l.contains("source starting"))
+            .count()
+    };
+    assert_eq!((starts("person"), starts("hall-log")), (2, 1), "{text}");
 }

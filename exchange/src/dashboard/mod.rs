@@ -72,7 +72,7 @@ struct Inner {
     fleet: Arc<Fleet>,
     history: Arc<crate::history::History>,
     alarms: Arc<Alarms>,
-    cfg: Arc<ExchangeConfig>,
+    cfg: tokio::sync::watch::Receiver<Arc<ExchangeConfig>>,
     reloads: crate::admin::Reloads,
     deliveries: crate::delivery::Statuses,
     sessions: Mutex<HashMap<String, Session>>,
@@ -103,7 +103,8 @@ pub struct Parts {
     pub fleet: Arc<Fleet>,
     pub history: Arc<crate::history::History>,
     pub alarms: Arc<Alarms>,
-    pub cfg: Arc<ExchangeConfig>,
+    /// The running configuration (a reload replaces it).
+    pub cfg: tokio::sync::watch::Receiver<Arc<ExchangeConfig>>,
     pub reloads: crate::admin::Reloads,
     pub deliveries: crate::delivery::Statuses,
 }
@@ -114,15 +115,16 @@ pub async fn start(
     parts: Parts,
     shutdown: CancellationToken,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
-    let Some(listen) = parts.cfg.dashboard.listen.clone() else {
+    let cfg = parts.cfg.borrow().clone();
+    let Some(listen) = cfg.dashboard.listen.clone() else {
         return Ok(None);
     };
     let addr: SocketAddr = listen
         .parse()
         .with_context(|| format!("[dashboard] listen {listen:?} is not an address:port"))?;
-    let (cert, key) = match (&parts.cfg.dashboard.cert, &parts.cfg.dashboard.key) {
+    let (cert, key) = match (&cfg.dashboard.cert, &cfg.dashboard.key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
-        _ => (parts.cfg.tls.cert.clone(), parts.cfg.tls.key.clone()),
+        _ => (cfg.tls.cert.clone(), cfg.tls.key.clone()),
     };
     let tls = ferry_transport::tls::https_server_config(&cert, &key)?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -298,6 +300,11 @@ fn bearer_of(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl Inner {
+    /// The running configuration, as of the last reload.
+    fn config(&self) -> Arc<ExchangeConfig> {
+        self.cfg.borrow().clone()
+    }
+
     /// The caller's session: a logged-in user's (the cookie), or a machine
     /// user's (`Authorization: Bearer TOKEN`, looked up in the store on each
     /// request, so `user remove` takes effect at once).
@@ -322,7 +329,7 @@ impl Inner {
         }
         let id = cookie_of(headers).ok_or_else(unauthorized)?;
         let now = now_unix_ms();
-        let idle = self.cfg.dashboard.session_idle.as_millis() as u64;
+        let idle = self.config().dashboard.session_idle.as_millis() as u64;
         let mut m = self
             .sessions
             .lock()
@@ -538,7 +545,7 @@ fn rfc3339_ms(ms: u64) -> String {
 fn view(app: &Inner, rec: AgentRecord, now: u64, alarms: &[crate::alarms::Alarm]) -> AgentView {
     let connection = app
         .fleet
-        .connection(&rec, now, app.cfg.dashboard.offline_after);
+        .connection(&rec, now, app.config().dashboard.offline_after);
     let hb = rec.status.clone().unwrap_or_default();
     let streams: Vec<StreamView> = hb
         .streams
@@ -554,7 +561,8 @@ fn view(app: &Inner, rec: AgentRecord, now: u64, alarms: &[crate::alarms::Alarm]
         .filter(|a| a.active() && a.agent == rec.agent_id)
         .count();
     let lagging = streams.iter().any(|s| {
-        s.backlog_bytes > app.cfg.dashboard.backlog_alarm / 4 || !s.heartbeat.ship_error.is_empty()
+        s.backlog_bytes > app.config().dashboard.backlog_alarm / 4
+            || !s.heartbeat.ship_error.is_empty()
     });
     let health = if connection.state == Presence::Offline {
         "offline"
@@ -738,7 +746,7 @@ async fn revoke(
     let revoked = app
         .blocking(move |app| {
             let r = crate::trust::revoke(
-                &app.cfg,
+                &app.config(),
                 Some(&agent),
                 None,
                 ferry_transport::pki::Reason::Unspecified,
@@ -788,7 +796,7 @@ async fn enroll(
     let out = app
         .blocking(move |app| {
             let issued =
-                crate::enroll::issue(&app.cfg, &body.agent_id, &body.department, body.replace)
+                crate::enroll::issue(&app.config(), &body.agent_id, &body.department, body.replace)
                     .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
             app.audit(
                 &s.actor(),
@@ -797,7 +805,7 @@ async fn enroll(
                 json!({"department": body.department, "serial": issued.serial, "replace": body.replace}),
             );
             let toml = crate::enroll::agent_toml(
-                &app.cfg,
+                &app.config(),
                 &body.agent_id,
                 &body.department,
                 &crate::enroll::PACKAGED,

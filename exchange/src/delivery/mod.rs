@@ -224,6 +224,13 @@ impl Statuses {
         }
     }
 
+    /// Drops a delivery's lines (it was stopped by a reload).
+    fn forget(&self, delivery: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.retain(|k, _| k.0 != delivery);
+        }
+    }
+
     /// One line per (delivery, agent, stream), in that order.
     pub fn snapshot(&self) -> Vec<StreamStatus> {
         let now = now_unix_ms();
@@ -234,24 +241,119 @@ impl Statuses {
     }
 }
 
-/// Starts one task per delivery.
-pub fn start(
-    deliveries: &[DeliverySection],
+/// The configured deliveries, as the running exchange has them now (a reload
+/// replaces them; retention reads them at every pass).
+pub type Sections = Arc<std::sync::RwLock<Vec<DeliverySection>>>;
+
+/// One task per delivery. A reload ([`Deliveries::apply`]) starts the added
+/// ones, stops the removed ones and restarts the changed ones, and those with
+/// a stream stopped on a fatal error; the others run on untouched.
+pub struct Deliveries {
     store: SharedStore,
+    statuses: Statuses,
+    sections: Sections,
     shutdown: CancellationToken,
-) -> (Statuses, Vec<JoinHandle<()>>) {
-    let statuses = Statuses::default();
-    let tasks = deliveries
-        .iter()
-        .map(|d| {
-            let d = d.clone();
-            let store = store.clone();
-            let statuses = statuses.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { run(d, store, statuses, shutdown).await })
-        })
-        .collect();
-    (statuses, tasks)
+    running: BTreeMap<String, RunningDelivery>,
+}
+
+struct RunningDelivery {
+    /// Its configuration, to tell a changed delivery on reload.
+    config: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Deliveries {
+    /// Starts one task per delivery.
+    pub fn start(
+        deliveries: &[DeliverySection],
+        store: SharedStore,
+        shutdown: CancellationToken,
+    ) -> Deliveries {
+        let mut d = Deliveries {
+            store,
+            statuses: Statuses::default(),
+            sections: Sections::default(),
+            shutdown,
+            running: BTreeMap::new(),
+        };
+        d.spawn_missing(deliveries);
+        d
+    }
+
+    pub fn statuses(&self) -> Statuses {
+        self.statuses.clone()
+    }
+
+    pub fn sections(&self) -> Sections {
+        self.sections.clone()
+    }
+
+    fn spawn_missing(&mut self, deliveries: &[DeliverySection]) {
+        if let Ok(mut s) = self.sections.write() {
+            *s = deliveries.to_vec();
+        }
+        for d in deliveries {
+            if self.running.contains_key(&d.name) {
+                continue;
+            }
+            let shutdown = self.shutdown.child_token();
+            let task = tokio::spawn(run(
+                d.clone(),
+                self.store.clone(),
+                self.statuses.clone(),
+                shutdown.clone(),
+            ));
+            self.running.insert(
+                d.name.clone(),
+                RunningDelivery {
+                    config: format!("{d:?}"),
+                    shutdown,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Takes a reloaded configuration's deliveries. A delivery stops between
+    /// chunks, each applied whole with its checkpoint, so stopping and
+    /// starting again neither repeats nor skips a record.
+    pub async fn apply(&mut self, deliveries: &[DeliverySection]) {
+        let next: BTreeMap<&str, String> = deliveries
+            .iter()
+            .map(|d| (d.name.as_str(), format!("{d:?}")))
+            .collect();
+        let stalled: HashSet<String> = self
+            .statuses
+            .snapshot()
+            .into_iter()
+            .filter(|s| s.stopped)
+            .map(|s| s.delivery)
+            .collect();
+        let stopping: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, r)| {
+                next.get(name.as_str()) != Some(&r.config) || stalled.contains(*name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stopping {
+            if let Some(r) = self.running.remove(&name) {
+                r.shutdown.cancel();
+                let _ = r.task.await;
+                self.statuses.forget(&name);
+            }
+        }
+        self.spawn_missing(deliveries);
+    }
+
+    /// Waits for every delivery to stop (after the exchange's shutdown).
+    pub async fn stopped(self) {
+        for r in self.running.into_values() {
+            let _ = r.task.await;
+        }
+    }
 }
 
 /// What one read of a stream gave.
@@ -571,15 +673,11 @@ mod tests;
 /// names goes by age alone.
 pub fn start_retention(
     retain: Duration,
-    deliveries: &[DeliverySection],
+    deliveries: Sections,
     statuses: Statuses,
     store: SharedStore,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
-    let subs: Vec<(String, Subscription)> = deliveries
-        .iter()
-        .map(|d| (d.name.clone(), Subscription::new(d)))
-        .collect();
     let every = (retain / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
     tokio::spawn(async move {
         loop {
@@ -587,9 +685,17 @@ pub fn start_retention(
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
+            // The deliveries before their checkpoints: one a reload adds has
+            // no checkpoint yet, so it holds its streams whole.
+            let Ok(subs) = deliveries.read().map(|d| {
+                d.iter()
+                    .map(|d| (d.name.clone(), Subscription::new(d)))
+                    .collect::<Vec<_>>()
+            }) else {
+                continue;
+            };
             let passed = statuses.snapshot();
             let store = store.clone();
-            let subs = subs.clone();
             let cutoff = now_unix_ms().saturating_sub(retain.as_millis() as u64);
             let r =
                 tokio::task::spawn_blocking(move || retain_once(&*store, &subs, &passed, cutoff))
