@@ -1,9 +1,9 @@
 //! Prometheus metrics (`[metrics] listen`): `GET /metrics` answers with the same
-//! report as `ferry-agent status`, in the text exposition format, so the city's
+//! report as `ferry-agent status`, in the OpenMetrics text format
+//! (`prometheus-client`, through `ferry_metrics`), so the city's
 //! monitoring can alarm on a stalled stream, a full buffer or a replication slot
 //! that holds the department's WAL.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
@@ -14,8 +14,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use ferry_metrics::{Collector, DescriptorEncoder, Families, CONTENT_TYPE_OPENMETRICS};
+
 use crate::admin::Reporter;
-use crate::status::AgentStatus;
+use crate::status::{AgentStatus, StreamView};
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -30,7 +32,7 @@ pub async fn serve(listener: TcpListener, report: Reporter, shutdown: Cancellati
             let report = report.clone();
             async move {
                 (
-                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    [(CONTENT_TYPE, CONTENT_TYPE_OPENMETRICS)],
                     render(&report()),
                 )
             }
@@ -48,185 +50,166 @@ pub async fn serve(listener: TcpListener, report: Reporter, shutdown: Cancellati
     }
 }
 
-/// A label value, escaped as the exposition format wants.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// One scrape: the report, written as metric families.
+#[derive(Debug)]
+struct Snapshot(AgentStatus);
 
-/// One metric family: its help, type and samples.
-struct Family<'a> {
-    out: &'a mut String,
-}
-
-impl Family<'_> {
-    fn head(&mut self, name: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP ferry_{name} {help}");
-        let _ = writeln!(self.out, "# TYPE ferry_{name} gauge");
-    }
-
-    fn sample(&mut self, name: &str, labels: &str, value: u64) {
-        if labels.is_empty() {
-            let _ = writeln!(self.out, "ferry_{name} {value}");
-        } else {
-            let _ = writeln!(self.out, "ferry_{name}{{{labels}}} {value}");
-        }
-    }
-
-    fn one(&mut self, name: &str, help: &str, value: u64) {
-        self.head(name, help);
-        self.sample(name, "", value);
-    }
-}
-
-/// The report in Prometheus' text format. Every value is a gauge.
+/// The report in the OpenMetrics text format. Counters are typed counters
+/// (their samples end in `_total`); every other figure is a gauge, under the
+/// names it has always had.
 pub fn render(s: &AgentStatus) -> String {
-    let mut out = String::new();
-    let mut f = Family { out: &mut out };
-    f.head("agent_info", "The agent: its id and software version");
-    f.sample(
-        "agent_info",
-        &format!(
-            "agent=\"{}\",version=\"{}\"",
-            label(&s.agent_id),
-            label(&s.version)
-        ),
-        1,
-    );
-    f.one(
-        "agent_start_time_seconds",
-        "When the agent started, Unix seconds",
-        s.started_unix,
-    );
-    f.one(
-        "agent_certificate_not_after_seconds",
-        "When the agent's certificate expires, Unix seconds",
-        s.cert_not_after_unix,
-    );
-    f.one(
-        "exchange_connected",
-        "1 while the agent is connected to the exchange",
-        u64::from(s.connection.state == "connected"),
-    );
-    f.one(
-        "exchange_transport_tcp",
-        "1 while the link to the exchange is TLS over TCP (UDP blocked), 0 on QUIC",
-        u64::from(s.connection.transport == "tcp"),
-    );
-    f.one(
-        "exchange_connect_attempts",
-        "Failed connection attempts since the link was last up",
-        s.connection.attempts,
-    );
-    f.one(
-        "buffer_bytes",
-        "Data held in the durable buffer, bytes",
-        s.buffer.bytes,
-    );
-    f.one(
-        "bandwidth_cap_bytes_per_second",
-        "The [bandwidth] cap in force, bytes per second (0: none)",
-        s.bandwidth.cap_bytes_per_second.unwrap_or(0),
-    );
-    f.one(
-        "bandwidth_sent_bytes",
-        "Bytes charged against a [bandwidth] cap since the start (on the wire over QUIC)",
-        s.bandwidth.sent_bytes,
-    );
-    f.one(
-        "bandwidth_held_back_milliseconds",
-        "Time spent waiting for the [bandwidth] cap since the start, milliseconds",
-        (s.bandwidth.held_back_seconds * 1000.0) as u64,
-    );
-    f.one(
-        "buffer_max_bytes",
-        "The buffer's bound ([buffer] max_size), bytes",
-        s.buffer.max_bytes,
-    );
-    f.one(
-        "buffer_full",
-        "1 while sources are paused because the buffer is full",
-        u64::from(s.buffer.full),
-    );
-    f.one(
-        "buffer_disk_low",
-        "1 while sources are paused because data_dir's filesystem is nearly full",
-        u64::from(s.buffer.disk_low),
-    );
-    f.one(
-        "buffer_write_failing",
-        "1 while writes to the buffer fail",
-        u64::from(s.buffer.write_error.is_some()),
-    );
-    let streams: Vec<(String, &crate::status::StreamView)> = s
-        .streams
-        .iter()
-        .map(|v| {
+    let registry = ferry_metrics::registry("ferry", Snapshot(s.clone()));
+    ferry_metrics::render(&registry).unwrap_or_default()
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let mut f = Families { enc: &mut enc };
+        f.info(
+            "agent",
+            "The agent: its id and software version",
+            [
+                ("agent", s.agent_id.clone()),
+                ("version", s.version.clone()),
+            ],
+        )?;
+        f.gauge(
+            "agent_start_time_seconds",
+            "When the agent started, Unix seconds",
+            s.started_unix as i64,
+        )?;
+        f.gauge(
+            "agent_certificate_not_after_seconds",
+            "When the agent's certificate expires, Unix seconds",
+            s.cert_not_after_unix as i64,
+        )?;
+        f.gauge(
+            "exchange_connected",
+            "1 while the agent is connected to the exchange",
+            i64::from(s.connection.state == "connected"),
+        )?;
+        f.gauge(
+            "exchange_transport_tcp",
+            "1 while the link to the exchange is TLS over TCP (UDP blocked), 0 on QUIC",
+            i64::from(s.connection.transport == "tcp"),
+        )?;
+        f.gauge(
+            "exchange_connect_attempts",
+            "Failed connection attempts since the link was last up",
+            s.connection.attempts as i64,
+        )?;
+        f.gauge(
+            "buffer_bytes",
+            "Data held in the durable buffer, bytes",
+            s.buffer.bytes as i64,
+        )?;
+        let bw = &s.bandwidth;
+        f.gauge(
+            "bandwidth_cap_bytes_per_second",
+            "The [bandwidth] cap in force, bytes per second (0: none)",
+            bw.cap_bytes_per_second.unwrap_or(0) as i64,
+        )?;
+        f.counter(
+            "bandwidth_charged_bytes",
+            "Bytes charged against the [bandwidth] caps since the start (on the wire over QUIC)",
+            bw.sent_bytes,
+        )?;
+        f.counter(
+            "bandwidth_held_back_seconds",
+            "Time spent waiting for the [bandwidth] cap since the start, seconds",
+            bw.held_back_seconds,
+        )?;
+        // The same two figures under their first names, typed gauge, for the
+        // queries written against them (rate() wants the counters above).
+        f.gauge(
+            "bandwidth_sent_bytes",
+            "Bytes charged against a [bandwidth] cap since the start (on the wire over QUIC); the counter is bandwidth_charged_bytes_total",
+            bw.sent_bytes as i64,
+        )?;
+        f.gauge(
+            "bandwidth_held_back_milliseconds",
+            "Time spent waiting for the [bandwidth] cap since the start, milliseconds; the counter is bandwidth_held_back_seconds_total",
+            (bw.held_back_seconds * 1000.0) as i64,
+        )?;
+        f.gauge(
+            "buffer_max_bytes",
+            "The buffer's bound ([buffer] max_size), bytes",
+            s.buffer.max_bytes as i64,
+        )?;
+        f.gauge(
+            "buffer_full",
+            "1 while sources are paused because the buffer is full",
+            i64::from(s.buffer.full),
+        )?;
+        f.gauge(
+            "buffer_disk_low",
+            "1 while sources are paused because data_dir's filesystem is nearly full",
+            i64::from(s.buffer.disk_low),
+        )?;
+        f.gauge(
+            "buffer_write_failing",
+            "1 while writes to the buffer fail",
+            i64::from(s.buffer.write_error.is_some()),
+        )?;
+        let labels = |v: &StreamView| [("stream", v.name.clone()), ("kind", v.kind.clone())];
+        type Pick = fn(&StreamView) -> u64;
+        let per_stream: [(&str, &str, Pick); 7] = [
             (
-                format!("stream=\"{}\",kind=\"{}\"", label(&v.name), label(&v.kind)),
-                v,
-            )
-        })
-        .collect();
-    type Pick = fn(&crate::status::StreamView) -> u64;
-    let per_stream: [(&str, &str, Pick); 7] = [
-        (
-            "stream_head_seq",
-            "Highest seq durable in the agent's buffer",
-            |v| v.head_seq,
-        ),
-        (
-            "stream_acked_seq",
-            "Highest seq the exchange acknowledged",
-            |v| v.acked_seq,
-        ),
-        (
-            "stream_buffered_batches",
-            "Batches waiting in the buffer for the exchange's acknowledgement",
-            |v| v.buffered_batches,
-        ),
-        (
-            "stream_buffered_bytes",
-            "Bytes waiting in the buffer for the exchange's acknowledgement",
-            |v| v.buffered_bytes,
-        ),
-        (
-            "stream_source_failing",
-            "1 while the stream's source is failing (see ferry-agent status)",
-            |v| u64::from(v.source_error.is_some()),
-        ),
-        (
-            "stream_ship_failing",
-            "1 while the exchange refuses the stream's batches",
-            |v| u64::from(v.ship_error.is_some()),
-        ),
-        (
-            "stream_lost_records",
-            "Records lost to buffer damage (recorded by salvage) not yet acknowledged past",
-            |v| v.lost.iter().map(|[a, b]| b.saturating_sub(*a) + 1).sum(),
-        ),
-    ];
-    for (name, help, pick) in per_stream {
-        f.head(name, help);
-        for (labels, v) in &streams {
-            f.sample(name, labels, pick(v));
+                "stream_head_seq",
+                "Highest seq durable in the agent's buffer",
+                |v| v.head_seq,
+            ),
+            (
+                "stream_acked_seq",
+                "Highest seq the exchange acknowledged",
+                |v| v.acked_seq,
+            ),
+            (
+                "stream_buffered_batches",
+                "Batches waiting in the buffer for the exchange's acknowledgement",
+                |v| v.buffered_batches,
+            ),
+            (
+                "stream_buffered_bytes",
+                "Bytes waiting in the buffer for the exchange's acknowledgement",
+                |v| v.buffered_bytes,
+            ),
+            (
+                "stream_source_failing",
+                "1 while the stream's source is failing (see ferry-agent status)",
+                |v| u64::from(v.source_error.is_some()),
+            ),
+            (
+                "stream_ship_failing",
+                "1 while the exchange refuses the stream's batches",
+                |v| u64::from(v.ship_error.is_some()),
+            ),
+            (
+                "stream_lost_records",
+                "Records lost to buffer damage (recorded by salvage) not yet acknowledged past",
+                |v| v.lost.iter().map(|[a, b]| b.saturating_sub(*a) + 1).sum(),
+            ),
+        ];
+        for (name, help, pick) in per_stream {
+            f.gauges(
+                name,
+                help,
+                s.streams.iter().map(|v| (labels(v), pick(v) as i64)),
+            )?;
         }
+        for (name, help) in ferry_adapters::all_gauges() {
+            let with: Vec<_> = s
+                .streams
+                .iter()
+                .filter_map(|v| v.gauges.get(name).map(|n| (labels(v), *n as i64)))
+                .collect();
+            if !with.is_empty() {
+                f.gauges(name, help, with)?;
+            }
+        }
+        Ok(())
     }
-    for (name, help) in ferry_adapters::all_gauges() {
-        let with: Vec<_> = streams
-            .iter()
-            .filter_map(|(l, v)| v.gauges.get(name).map(|n| (l, *n)))
-            .collect();
-        if with.is_empty() {
-            continue;
-        }
-        f.head(name, help);
-        for (labels, n) in with {
-            f.sample(name, labels, n);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -283,6 +266,10 @@ mod tests {
             "ferry_stream_lost_records{stream=\"household\",kind=\"postgres\"} 3\n",
             "ferry_stream_source_failing{stream=\"hall \\\"log\\\"\",kind=\"tail\"} 1\n",
             "# TYPE ferry_postgres_retained_wal_bytes gauge\n",
+            "# TYPE ferry_bandwidth_charged_bytes counter\n",
+            "ferry_bandwidth_charged_bytes_total 0\n",
+            "ferry_bandwidth_sent_bytes 0\n",
+            "# EOF\n",
             "ferry_postgres_retained_wal_bytes{stream=\"household\",kind=\"postgres\"} 1048576\n",
         ] {
             assert!(text.contains(want), "{want:?} not in\n{text}");
@@ -296,7 +283,11 @@ mod tests {
                 typed.insert(rest.split(' ').next().unwrap_or_default().to_string());
             } else if !line.starts_with('#') {
                 let name = line.split(['{', ' ']).next().unwrap_or_default();
-                assert!(typed.contains(name), "{line}");
+                let family = ["_total", "_info"]
+                    .iter()
+                    .find_map(|x| name.strip_suffix(x).filter(|f| typed.contains(*f)))
+                    .unwrap_or(name);
+                assert!(typed.contains(family), "{line}");
             }
         }
     }

@@ -36,14 +36,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
-};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
+use ferry_metrics::{render, Collector, DescriptorEncoder, Families, Registry};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -52,9 +45,7 @@ use crate::delivery::Statuses;
 use crate::fleet::{Fleet, State};
 use crate::store::{now_unix_ms, Backend, Incoming, Item, SharedStore, StoreError};
 
-/// What `GET /metrics` answers with (what `prometheus_client::encoding::text` writes).
-pub const CONTENT_TYPE_OPENMETRICS: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use ferry_metrics::CONTENT_TYPE_OPENMETRICS;
 
 /// The store directory is walked at most this often: a store of many received
 /// files takes a while to walk, and its size changes slowly.
@@ -138,18 +129,8 @@ pub async fn start(
     })))
 }
 
-/// A registry holding `collector` under the `ferry_exchange` prefix.
 fn registry(collector: impl Collector) -> Registry {
-    let mut r = Registry::with_prefix("ferry_exchange");
-    r.register_collector(Box::new(collector));
-    r
-}
-
-/// One scrape's answer, ending with OpenMetrics' `# EOF`.
-fn render(registry: &Registry) -> Result<String, fmt::Error> {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry)?;
-    Ok(out)
+    ferry_metrics::registry("ferry_exchange", collector)
 }
 
 /// Records stored per (agent, stream) by this process, for
@@ -356,50 +337,6 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(d, a, s, _, secs)| (by_delivery(d, a, s), *secs)),
         )
-    }
-}
-
-/// Writes metric families through a collector's encoder.
-struct Families<'a, 'e> {
-    enc: &'a mut DescriptorEncoder<'e>,
-}
-
-impl Families<'_, '_> {
-    fn gauge(&mut self, name: &str, help: &str, v: impl EncodeGaugeValue) -> fmt::Result {
-        let m = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        ConstGauge::new(v).encode(m)
-    }
-
-    fn gauges<L: EncodeLabelSet, V: EncodeGaugeValue>(
-        &mut self,
-        name: &str,
-        help: &str,
-        samples: impl IntoIterator<Item = (L, V)>,
-    ) -> fmt::Result {
-        let mut m = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (labels, v) in samples {
-            ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-        }
-        Ok(())
-    }
-
-    fn counters<L: EncodeLabelSet, V: EncodeCounterValue>(
-        &mut self,
-        name: &str,
-        help: &str,
-        samples: impl IntoIterator<Item = (L, V)>,
-    ) -> fmt::Result {
-        let mut m = self
-            .enc
-            .encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (labels, v) in samples {
-            ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
-        }
-        Ok(())
     }
 }
 
