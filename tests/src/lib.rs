@@ -338,6 +338,8 @@ pub struct Exchange {
     starts: u32,
     /// Extra environment for the exchange's process (e.g. armed failpoints).
     env: Vec<(String, String)>,
+    /// The `ferry-exchange` binary `serve` runs, when not this build's.
+    program: Option<PathBuf>,
 }
 
 impl Exchange {
@@ -362,11 +364,18 @@ impl Exchange {
             proc: None,
             starts: 0,
             env: Vec::new(),
+            program: None,
         }
     }
 
     /// Sets (or with `None` removes) an environment variable for the exchange
     /// processes started from now on.
+    /// Serves with `program` (another build's `ferry-exchange`) from the next
+    /// start on; `None`: this build's.
+    pub fn set_program(&mut self, program: Option<PathBuf>) {
+        self.program = program;
+    }
+
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {
         self.env.retain(|(k, _)| k != key);
         if let Some(v) = value {
@@ -427,7 +436,11 @@ impl Exchange {
     pub fn spawn(&mut self) {
         assert!(self.proc.is_none(), "exchange already started");
         self.starts += 1;
-        let mut cmd = Command::new(bin("ferry-exchange"));
+        let program = self
+            .program
+            .clone()
+            .unwrap_or_else(|| bin("ferry-exchange"));
+        let mut cmd = Command::new(program);
         cmd.arg("serve").arg("--config").arg(&self.config);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn(
@@ -578,6 +591,7 @@ impl Exchange {
             proc: None,
             starts: 0,
             env: Vec::new(),
+            program: None,
         }
     }
 
@@ -822,6 +836,8 @@ pub struct Agent {
     starts: u32,
     /// Extra environment for the agent's process (e.g. a faked clock).
     env: Vec<(String, String)>,
+    /// The `ferry-agent` binary `run` runs, when not this build's.
+    program: Option<PathBuf>,
 }
 
 /// `[[stream]]` for a `tail` source.
@@ -895,7 +911,14 @@ impl Agent {
             proc: None,
             starts: 0,
             env: Vec::new(),
+            program: None,
         }
+    }
+
+    /// Runs `program` (another build's `ferry-agent`) from the next start on;
+    /// `None`: this build's.
+    pub fn set_program(&mut self, program: Option<PathBuf>) {
+        self.program = program;
     }
 
     /// Sets an environment variable for the agent processes started from now on.
@@ -983,7 +1006,8 @@ impl Agent {
     pub fn spawn(&mut self) {
         assert!(self.proc.is_none(), "agent already started");
         self.starts += 1;
-        let mut cmd = Command::new(bin("ferry-agent"));
+        let program = self.program.clone().unwrap_or_else(|| bin("ferry-agent"));
+        let mut cmd = Command::new(program);
         cmd.arg("run").arg("--config").arg(&self.config);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn(

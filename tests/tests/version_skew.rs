@@ -9,12 +9,18 @@
 //! The older agent is played by a client written against the protocol crate
 //! with `Hello.version = MIN_PROTOCOL_VERSION`, sending what a version-3 agent
 //! sends (the wire messages are the same definitions; version 4 added record
-//! kinds, it changed none). Building the previous release from git and running
-//! its binary is not done here.
+//! kinds, it changed none).
+//!
+//! With `FERRY_FULL=1` the previous release itself is built from this
+//! repository's history (a second full build, so not in every CI run): its
+//! agent ships to this exchange and is then upgraded in place, on the same
+//! buffer, with nothing lost or repeated; this agent is refused by its
+//! exchange with a message naming the versions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_protocol::batch::encode_records;
@@ -24,6 +30,7 @@ use ferry_protocol::messages::{
     StreamDecl,
 };
 use ferry_protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use ferry_tests::faults::{LineWriter, Verdict};
 use ferry_tests::*;
 use ferry_transport::tls::{client_config, TlsFiles};
 use ferry_transport::{FrameReader, FrameWriter};
@@ -194,4 +201,124 @@ fn an_older_agent_is_served_and_a_newer_one_refused_by_name() {
         );
     }
     assert!(ex.records("new-01", STREAM).is_empty());
+}
+
+/// The last commit speaking protocol version 3: the one before 9a7a02f
+/// introduced version 4 (the source-neutral row envelope).
+const PREVIOUS_RELEASE: &str = "95658a5";
+
+/// Builds the previous release's binaries from git (once; kept under
+/// `target/previous-release`) and returns the directory holding them.
+fn previous_release() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace");
+    let base = root.join("target").join("previous-release");
+    let src = base.join(PREVIOUS_RELEASE);
+    if !src.join("Cargo.toml").is_file() {
+        let known = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["cat-file", "-e", &format!("{PREVIOUS_RELEASE}^{{commit}}")])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            known,
+            "commit {PREVIOUS_RELEASE} is not in this clone's history (a shallow clone?): the previous release is built from it"
+        );
+        std::fs::create_dir_all(&src).unwrap();
+        let unpacked = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "git -C '{}' archive {PREVIOUS_RELEASE} | tar -x -C '{}'",
+                root.display(),
+                src.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(unpacked.success(), "git archive {PREVIOUS_RELEASE}");
+    }
+    let target = base.join("target");
+    let started = std::time::Instant::now();
+    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--locked",
+            "--bins",
+            "-p",
+            "ferry-agent",
+            "-p",
+            "ferry-exchange",
+        ])
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .unwrap();
+    assert!(built.success(), "building {PREVIOUS_RELEASE}");
+    note(format!(
+        "the previous release ({PREVIOUS_RELEASE}) built in {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    target.join("debug")
+}
+
+#[test]
+fn the_previous_release_from_git_works_with_this_one_or_is_refused_by_name() {
+    if std::env::var("FERRY_FULL").as_deref() != Ok("1") {
+        note("FERRY_FULL=1 builds the previous release from git and runs it against this one");
+        return;
+    }
+    let old = previous_release();
+    let t = TestDir::new("skew-git");
+    const AGENT: &str = "hp-mz-31";
+
+    // The previous release's agent ships to this exchange; then it is
+    // upgraded in place (killed, this build started on its buffer) and the
+    // stream goes on with nothing lost or repeated.
+    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
+    let mut agent = ex.enroll(AGENT, DEPT, &t.path().join("agent"));
+    let log = t.mkdir("logs").join("hall.log");
+    std::fs::write(&log, b"").unwrap();
+    agent.add_stream(&tail_stream(STREAM, "210100-MZ-0031", &log));
+    agent.set_program(Some(old.join("ferry-agent")));
+    agent.start();
+    let writer = LineWriter::start(log.clone(), "h", 2000);
+    ex.wait_lines(AGENT, STREAM, 500, LONG);
+    agent.kill9();
+    agent.set_program(None);
+    agent.start();
+    std::thread::sleep(Duration::from_secs(1));
+    let produced = writer.finish();
+    ex.wait_lines(AGENT, STREAM, produced, LONG);
+    std::thread::sleep(Duration::from_millis(500));
+    Verdict::of_lines("h", produced, &ex.lines(AGENT, STREAM))
+        .assert_clean("the previous release's agent, then this one on its buffer");
+    assert!(ex.gaps(AGENT, STREAM).is_empty());
+    agent.assert_alive();
+    note(format!(
+        "{produced} lines from the previous release's agent and, after the upgrade, this one"
+    ));
+
+    // This agent (one version newer) against the previous release's exchange:
+    // refused, and status says why.
+    let mut old_ex = Exchange::init(&t.mkdir("old-exchange"));
+    old_ex.set_program(Some(old.join("ferry-exchange")));
+    old_ex.start();
+    let mut newer = old_ex.enroll("hp-mz-32", DEPT, &t.path().join("newer"));
+    newer.add_stream(&tail_stream(STREAM, "210100-MZ-0032", &log));
+    newer.start();
+    let why = wait_for(LONG, "the refusal in status", || {
+        newer.status()["connection"]["last_error"]
+            .as_str()
+            .filter(|e| e.contains("version"))
+            .map(str::to_string)
+    });
+    note(format!(
+        "this agent at the previous release's exchange: {why}"
+    ));
+    assert!(
+        why.contains(&PROTOCOL_VERSION.to_string()),
+        "the refusal names no version: {why}"
+    );
+    newer.assert_alive();
 }
