@@ -10,8 +10,10 @@
 //! * installed with `dpkg --root` into a throwaway root (maintainer scripts run
 //!   chrootless, honouring DPKG_ROOT): the users, the state directories, the
 //!   units enabled and nothing started, `ferry-exchange init` with the packaged
-//!   config; upgraded to a newer build keeping an edited conffile and the agent's
-//!   buffer; purged, keeping the buffer that still holds data and saying so;
+//!   config; upgraded to a newer build under load (the installed agent ships a
+//!   file being written while dpkg replaces it, then restarts onto the new
+//!   binary on the same buffer: every line once, in order), keeping the edited
+//!   conffile; purged, keeping the buffer that still holds data and saying so;
 //! * the .rpms, read with `rpm -qp`: files, modes, owners, %config(noreplace)
 //!   files, scriptlets (run against a throwaway root), and installed with
 //!   `rpm --root`.
@@ -780,21 +782,57 @@ fn deb_install_upgrade_purge() {
         text(&again)
     );
 
-    // --- upgrade ---------------------------------------------------------------
-    // Local IT edits the config; the agent buffered something.
-    let edited = format!(
-        "{}\n[[stream]]\nname = \"hall-log\"\ncatalog_id = \"210100-MZ-0002\"\nsharing = \"unconditional\"\nsource = {{ kind = \"tail\", path = \"/var/log/hall/app.log\" }}\n",
-        std::fs::read_to_string(root.join("etc/ferry/agent.toml")).unwrap()
-    );
+    // --- upgrade under load ------------------------------------------------------
+    // Local IT puts the enrolment's config in place (a stream added, data_dir
+    // the package's state directory); the installed agent runs from
+    // /usr/bin/ferry-agent and ships a file being written to an exchange.
+    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
+    let mut agent = ex.enroll("hp-pk-01", "210102-PK", &t.path().join("enrolled"));
+    let app_log = t.mkdir("hall").join("app.log");
+    std::fs::write(&app_log, b"").unwrap();
+    let state = root.join("var/lib/ferry");
+    let edited: String = agent
+        .config_text()
+        .lines()
+        .map(|l| {
+            if l.starts_with("data_dir = ") {
+                format!("data_dir = \"{}\"\n", state.display())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect::<String>()
+        + &tail_stream("hall-log", "210100-MZ-0002", &app_log);
     std::fs::write(root.join("etc/ferry/agent.toml"), &edited).unwrap();
-    let buffered = root.join("var/lib/ferry/buffer-standin");
-    std::fs::write(&buffered, "unacknowledged batches").unwrap();
+    agent.config = root.join("etc/ferry/agent.toml");
+    agent.set_program(Some(root.join("usr/bin/ferry-agent")));
+    agent.start();
+    let writer = ferry_tests::faults::LineWriter::start(app_log.clone(), "u", 1000);
+    ex.wait_lines("hp-pk-01", "hall-log", 300, LONG);
 
+    // The newer packages go in while it runs; then the service restarts onto
+    // the new binary (what the unit's restart on upgrade does), on the same
+    // buffer.
     let new = build(NEW);
     let out = dpkg(
         &root,
         &["-i"],
         &[new.deb("ferry-agent"), new.deb("ferry-exchange")],
+    );
+    agent.assert_alive();
+    agent.stop();
+    agent.start();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let produced = writer.finish();
+    ex.wait_lines("hp-pk-01", "hall-log", produced, LONG);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    ferry_tests::faults::Verdict::of_lines("u", produced, &ex.lines("hp-pk-01", "hall-log"))
+        .assert_clean("the agent upgraded under load");
+    // Stopped; its buffer stays in the state directory for purge to keep.
+    agent.stop();
+    assert!(
+        std::fs::read_dir(&state).unwrap().next().is_some(),
+        "the agent's buffer is in /var/lib/ferry"
     );
     assert!(out.status.success(), "dpkg -i (upgrade):\n{}", text(&out));
     for pkg in ["ferry-agent", "ferry-exchange"] {
@@ -807,10 +845,6 @@ fn deb_install_upgrade_purge() {
         std::fs::read_to_string(root.join("etc/ferry/agent.toml")).unwrap(),
         edited,
         "the edited conffile survives"
-    );
-    assert_eq!(
-        std::fs::read_to_string(&buffered).unwrap(),
-        "unacknowledged batches"
     );
     for leftover in [
         "agent.toml.dpkg-new",
@@ -834,9 +868,8 @@ fn deb_install_upgrade_purge() {
             && said.contains("the exchange has not acknowledged"),
         "purge says why it keeps the buffer:\n{said}"
     );
-    assert_eq!(
-        std::fs::read_to_string(&buffered).unwrap(),
-        "unacknowledged batches",
+    assert!(
+        std::fs::read_dir(&state).unwrap().next().is_some(),
         "the buffer is kept"
     );
     // What the packages made and nothing holds any more is gone.
