@@ -141,10 +141,10 @@ pub async fn run(
             next.loaded.config.buffer.max_size.0,
             next.loaded.config.buffer.min_free.0,
         );
-        // The exchange learns the new declarations (and the new digest) at
-        // the shipper's next connection: what was in flight is sent again and
-        // acknowledged as duplicates.
-        if next.loaded.digest != prepared.loaded.digest {
+        // The exchange learns the new declarations (and the new digest), and
+        // sees renewed TLS files, at the shipper's next connection: what was
+        // in flight is sent again and acknowledged as duplicates.
+        if next.loaded.digest != prepared.loaded.digest || next.tls_bytes != prepared.tls_bytes {
             shipping.stop().await;
             shipping = spine.ship(&next, &declared, shutdown.child_token(), started);
         }
@@ -217,6 +217,9 @@ struct Prepared {
     loaded: Loaded,
     /// The configured streams' declarations.
     decls: Vec<StreamDecl>,
+    /// The CA, certificate and key as read (a renewed certificate in place
+    /// reconnects the shipper with it, though the file is unchanged).
+    tls_bytes: Vec<Vec<u8>>,
     client: quinn::ClientConfig,
     tcp: ferry_transport::link::TcpClientConfig,
     schedule: crate::bandwidth::Schedule,
@@ -232,6 +235,10 @@ impl Prepared {
         };
         let client = client_config(&tls_files)?;
         let tcp = tcp_client_config(&tls_files)?;
+        let tls_bytes = [tls_files.ca, tls_files.cert, tls_files.key]
+            .iter()
+            .map(|p| std::fs::read(p).unwrap_or_default())
+            .collect();
         let schedule = cfg
             .bandwidth
             .schedule(crate::bandwidth::local_offset_secs())
@@ -254,6 +261,7 @@ impl Prepared {
         Ok(Prepared {
             loaded,
             decls,
+            tls_bytes,
             client,
             tcp,
             schedule,

@@ -139,6 +139,43 @@ fn reload_under_load_adds_removes_changes_and_refuses_broken_files() {
         "{text}"
     );
 
+    // A renewed certificate put in place, the file unchanged: the reload
+    // reconnects with it, so revoking the old one cuts nothing off.
+    let old_cert = agent.dir.join("old-agent.pem");
+    std::fs::copy(agent.dir.join("agent.pem"), &old_cert).unwrap();
+    let renewed = t.path().join("renewed");
+    let out = ex.enroll_output(AGENT, DEPT, &renewed, &["--replace"]);
+    assert!(out.status.success(), "{out:?}");
+    for f in ["agent.pem", "agent.key"] {
+        std::fs::copy(renewed.join(f), agent.dir.join(f)).unwrap();
+    }
+    let reloads = agent
+        .log_since_start()
+        .matches("configuration reloaded")
+        .count();
+    sighup(pid);
+    wait_until(SHORT, "the reload with the renewed certificate", || {
+        agent
+            .log_since_start()
+            .matches("configuration reloaded")
+            .count()
+            > reloads
+    });
+    let out = ex.revoke(&[
+        "--cert",
+        old_cert.to_str().unwrap(),
+        "--reason",
+        "superseded",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let before = ex.lines(AGENT, "d").len();
+    ex.wait_lines(AGENT, "d", before + 500, SHORT);
+    assert_eq!(
+        agent.status()["connection"]["state"],
+        "connected",
+        "the agent was cut off with its renewed certificate"
+    );
+
     // Killed in the middle of the next reload (c changes): the new process
     // resumes from the durable positions.
     write(&[
