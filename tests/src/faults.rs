@@ -207,6 +207,7 @@ impl UdpProxy {
         listen
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
+        roomy(&listen);
         tcp.set_nonblocking(true).unwrap();
         let port = listen.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
@@ -286,6 +287,31 @@ impl Drop for UdpProxy {
     }
 }
 
+/// Receive buffers deep enough that the proxy itself drops nothing while its
+/// threads wait for a core (only `Faults` decide what is lost): the default
+/// 208 KiB overflows under a burst on a busy 2-core machine, and the sender's
+/// retransmissions then count twice against a bandwidth cap. As root the
+/// system's `rmem_max` does not bound it (SO_RCVBUFFORCE).
+fn roomy(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd as _;
+    let size: libc::c_int = 8 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on an open socket with a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+}
+
 /// Client → exchange: one upstream socket per client address (an agent opens a
 /// new UDP socket for every connection), each with a thread for the replies.
 fn client_side(s: &Arc<Shared>, listen: &Arc<UdpSocket>, upstream: SocketAddr) {
@@ -301,6 +327,7 @@ fn client_side(s: &Arc<Shared>, listen: &Arc<UdpSocket>, upstream: SocketAddr) {
             let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
             sock.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
+            roomy(&sock);
             let (s2, sock2, listen2) = (Arc::clone(s), Arc::clone(&sock), Arc::clone(listen));
             repliers.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
