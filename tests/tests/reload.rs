@@ -18,8 +18,9 @@ use ferry_tests::*;
 const AGENT: &str = "hp-rl-01";
 const DEPT: &str = "210102-RL";
 
-fn reload(config: &Path) -> Output {
-    Command::new(bin("ferry-agent"))
+/// `PROGRAM reload --config CONFIG` (`ferry-agent` or `ferry-exchange`).
+fn reload(program: &str, config: &Path) -> Output {
+    Command::new(bin(program))
         .args(["reload", "--config"])
         .arg(config)
         .output()
@@ -97,7 +98,7 @@ fn reload_under_load_adds_removes_changes_and_refuses_broken_files() {
         stream_d.clone(),
         "\n[[stream]]\nname = \"broken\"\n".to_string(),
     ]);
-    assert_refused(&reload(&config), &["agent.toml:"]);
+    assert_refused(&reload("ferry-agent", &config), &["agent.toml:"]);
     sighup(pid);
     wait_until(SHORT, "the SIGHUP reload to be refused", || {
         agent.log_since_start().contains("reload refused")
@@ -111,7 +112,10 @@ fn reload_under_load_adds_removes_changes_and_refuses_broken_files() {
     let changed_a = stream_a.replace(" }", ", max_batch_lines = 50 }");
     assert_ne!(changed_a, stream_a);
     write(&[changed_a.clone(), stream_c.clone(), stream_d.clone()]);
-    assert_reloaded(&reload(&config), &["added c", "removed b", "changed a"]);
+    assert_reloaded(
+        &reload("ferry-agent", &config),
+        &["added c", "removed b", "changed a"],
+    );
     let produced_b = wb.finish();
     assert_eq!(agent.pid(), Some(pid), "the agent was not restarted");
     let names = stream_names(&mut agent);
@@ -228,14 +232,6 @@ fn reload_under_load_adds_removes_changes_and_refuses_broken_files() {
     agent.assert_alive();
 }
 
-fn exchange_reload(config: &Path) -> Output {
-    Command::new(bin("ferry-exchange"))
-        .args(["reload", "--config"])
-        .arg(config)
-        .output()
-        .unwrap()
-}
-
 fn files_delivery(name: &str, out: &Path) -> String {
     format!(
         "\n[[delivery]]\nname = \"{name}\"\nkind = \"files\"\npath = \"{}\"\nstreams = [\"{AGENT}/drop\"]\n",
@@ -294,7 +290,7 @@ fn exchange_reload_under_load_applies_deliveries_and_refuses_broken_files() {
         files_delivery("first", &first),
         "\n[[delivery]]\nname = \"broken\"\nkind = \"nowhere\"\n".to_string(),
     ]);
-    assert_refused(&exchange_reload(&config), &["exchange.toml:"]);
+    assert_refused(&reload("ferry-exchange", &config), &["exchange.toml:"]);
     sighup(pid.unwrap());
     wait_until(SHORT, "the SIGHUP reload to be refused", || {
         ex.log_since_start().contains("reload refused")
@@ -306,7 +302,7 @@ fn exchange_reload_under_load_applies_deliveries_and_refuses_broken_files() {
             .replace("cache_size = ", "cache_size = 1"),
     )
     .unwrap();
-    assert_refused(&exchange_reload(&config), &["[store]", "restart"]);
+    assert_refused(&reload("ferry-exchange", &config), &["[store]", "restart"]);
     assert!(ex.deliveries().iter().all(|l| l["delivery"] == "first"));
 
     // Add a delivery, change the limits and a threshold.
@@ -317,7 +313,7 @@ fn exchange_reload_under_load_applies_deliveries_and_refuses_broken_files() {
         limits.to_string(),
     ]);
     assert_reloaded(
-        &exchange_reload(&config),
+        &reload("ferry-exchange", &config),
         &["delivery added: second", "[limits] changed"],
     );
     wait_until(LONG, "the added delivery to deliver", || {
