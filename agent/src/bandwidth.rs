@@ -214,7 +214,8 @@ pub struct Throttle {
     )>,
     sent: AtomicU64,
     held_ns: AtomicU64,
-    /// (connection, its wire counter) up to which the cap was charged.
+    /// (connection, bytes charged on it): the wire counter plus what was
+    /// charged and written but not on the wire yet.
     charged: Mutex<(usize, u64)>,
     /// Bytes sent but not yet charged: less than one [`UNIT`].
     uncharged: AtomicU64,
@@ -265,16 +266,47 @@ impl Throttle {
         (cur.0, cur.2.clone())
     }
 
-    /// For connection `conn` whose wire counter reads `total`: the counter up
-    /// to which the cap was charged before (0 for a connection not seen yet),
-    /// now moved to `total`.
-    pub fn charge_to(&self, conn: usize, total: u64) -> u64 {
-        let Ok(mut c) = self.charged.lock() else {
-            return total;
+    /// What the cap is charged for a piece of `n` bytes about to be written
+    /// on connection `conn`, whose wire counter reads `wire` (`None`: a
+    /// transport without one, charged what is written).
+    ///
+    /// The piece is charged before it is written, so writes cannot run ahead
+    /// of the cap into the transport's buffers: charged after the fact, from
+    /// the wire counter alone, a writer whose data the transport had not sent
+    /// yet was charged nothing, filled megabytes of send buffer, and the
+    /// transport then sent them at line rate. What the wire carried beyond
+    /// what was charged (packet headers, acknowledgements, retransmissions) is
+    /// added to the next charge.
+    pub fn charge_piece(&self, conn: usize, wire: Option<u64>, n: u64) -> u64 {
+        let Some(wire) = wire else {
+            return n;
         };
-        let before = if c.0 == conn { c.1.min(total) } else { 0 };
-        *c = (conn, total);
-        before
+        let Ok(mut c) = self.charged.lock() else {
+            return n;
+        };
+        let before = if c.0 == conn { c.1 } else { 0 };
+        let after = before.max(wire) + n;
+        *c = (conn, after);
+        after - before
+    }
+
+    /// Bytes charged on connection `conn`, whose wire counter reads `wire`,
+    /// that the wire has not carried yet.
+    pub fn ahead_of_wire(&self, conn: usize, wire: u64) -> u64 {
+        match self.charged.lock() {
+            Ok(c) if c.0 == conn => c.1.saturating_sub(wire),
+            _ => 0,
+        }
+    }
+
+    /// How far charged bytes may run ahead of the wire before the writer
+    /// waits for the transport: a tenth of a second of the cap in force, at
+    /// least `piece`. A transport held back (congestion or flow control)
+    /// then releases at most this much at once when it opens again.
+    pub fn slack(&self, piece: u64) -> u64 {
+        self.limiter()
+            .0
+            .map_or(u64::MAX, |cap| (cap / 10).max(piece))
     }
 
     /// Whether a cap is in force now.

@@ -48,6 +48,10 @@ const COALESCE_MAX_PARTS: usize = 64;
 /// Under a `[bandwidth]` cap, batches leave in pieces of this size.
 const PACE_PIECE: usize = 16 * 1024;
 
+/// How often a capped writer whose charged bytes ran ahead of the wire looks
+/// whether the transport has caught up.
+const WIRE_POLL: Duration = Duration::from_millis(5);
+
 pub struct Shipper {
     pub address: String,
     pub server_name: String,
@@ -446,17 +450,25 @@ impl Shipper {
                 if let Some(w) = writers[i].as_mut() {
                     if matches!(msg, Msg::Batch(_)) && self.throttle.capped() {
                         // Paced in pieces, so a large batch does not leave in
-                        // one burst. Over QUIC each piece pays for what went
-                        // on the wire since the last (packets, acks,
-                        // retransmissions); over TCP for its own bytes.
+                        // one burst. Each piece is charged before it is
+                        // written, plus what the wire carried beyond what was
+                        // charged (over QUIC: headers, acks,
+                        // retransmissions); a writer whose charged bytes ran
+                        // ahead of the wire waits for the transport first.
                         let throttle = &self.throttle;
                         w.send_paced(msg, PACE_PIECE, |n| async move {
-                            let bytes = match conn.wire_bytes_sent() {
-                                Some(total) => total
-                                    .saturating_sub(throttle.charge_to(conn.stable_id(), total)),
-                                None => n as u64,
-                            };
-                            throttle.take(bytes as usize).await;
+                            let id = conn.stable_id();
+                            let slack = throttle.slack(PACE_PIECE as u64);
+                            while let Some(wire) = conn.wire_bytes_sent() {
+                                if throttle.ahead_of_wire(id, wire) <= slack
+                                    || conn.close_reason().is_some()
+                                {
+                                    break;
+                                }
+                                tokio::time::sleep(WIRE_POLL).await;
+                            }
+                            let owed = throttle.charge_piece(id, conn.wire_bytes_sent(), n as u64);
+                            throttle.take(owed as usize).await;
                         })
                         .await?;
                     } else {

@@ -275,6 +275,23 @@ impl UdpProxy {
     pub fn stats(&self) -> &ProxyStats {
         &self.shared.stats
     }
+
+    /// Datagrams the kernel dropped at the proxy's listening socket because
+    /// its receive buffer was full (the `drops` column of `/proc/net/udp`):
+    /// sent by the client, never seen by the proxy.
+    pub fn kernel_drops(&self) -> u64 {
+        let port = format!(":{:04X} ", self.port);
+        std::fs::read_to_string("/proc/net/udp")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| format!("{a} ").ends_with(&port))
+            })
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum()
+    }
 }
 
 impl Drop for UdpProxy {
