@@ -92,3 +92,53 @@ fn the_cap_holds_over_a_minute() {
     let backlog = status["streams"][0]["buffered_bytes"].as_u64().unwrap();
     assert!(backlog > 10 * CAP, "{status}");
 }
+
+/// Under a cap, the agent is killed twice with SIGKILL and the link cut while a
+/// backlog ships: every line arrives once, in order. The writer's wait for the
+/// transport must neither lose what it charged nor hang on a dead connection.
+#[test]
+fn a_capped_agent_killed_and_cut_loses_and_repeats_nothing() {
+    const LINES: usize = 30_000;
+    let t = TestDir::new("bandwidth-kill");
+    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
+    let proxy = UdpProxy::start(ex.address().parse().unwrap());
+    let mut agent = ex.enroll("hp-bw-02", "210102001", &t.path().join("agent"));
+    agent.set("address", &format!("\"{}\"", proxy.address()));
+    let log = t.mkdir("logs").join("app.log");
+    let mut line = [0u8; 150];
+    let lines: Vec<String> = (0..LINES)
+        .map(|i| {
+            rand::Rng::fill(&mut rand::rng(), &mut line[..]);
+            let text = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, line);
+            format!("{i:06} {text}")
+        })
+        .collect();
+    ferry_tests::append_lines(&log, &lines);
+    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
+    // About 6 MB at 1 MB/s: the kills and the cut land mid-flight.
+    agent.add_stream("\n[bandwidth]\nlimit = \"1MB\"\n");
+    agent.start();
+    let shipped = || proxy.stats().upstream_bytes.load(Ordering::Relaxed);
+    wait_until(SHORT, "the agent to ship 1 MB", || shipped() > 1_000_000);
+    agent.kill9();
+    agent.start();
+    wait_until(SHORT, "the agent to ship 1 MB more", || {
+        shipped() > 2_000_000
+    });
+    proxy.cut(true);
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.cut(false);
+    wait_until(SHORT, "the agent to ship 1 MB more", || {
+        shipped() > 3_000_000
+    });
+    agent.kill9();
+    agent.start();
+    let got = ex.wait_lines("hp-bw-02", "hall-log", LINES, ferry_tests::LONG);
+    assert_eq!(got.len(), LINES, "a line arrived twice");
+    for (i, (got, want)) in got.iter().zip(&lines).enumerate() {
+        assert_eq!(got, want, "line {i}");
+    }
+    note(format!(
+        "{LINES} lines once, in order, through two kills and a cut"
+    ));
+}
