@@ -3,7 +3,6 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -259,7 +258,10 @@ impl Txn {
     fn release_held(&mut self) {
         let Some(h) = self.held.take() else { return };
         self.at_text.clear();
-        let _ = write!(self.at_text, "{} n={}", self.begin, h.change_index);
+        self.at_text.push_str(&self.begin);
+        self.at_text.push_str(" n=");
+        self.at_text
+            .push_str(itoa::Buffer::new().format(h.change_index));
         let head = RowHead {
             schema: &h.shape.database,
             table: &h.shape.table,
