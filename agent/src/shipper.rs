@@ -353,8 +353,18 @@ impl Shipper {
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.tick().await;
         loop {
-            self.pump(&conn, &mut session, &mut writers, &events_tx)
-                .await?;
+            // Shutdown does not wait for a pump: under a low cap, sending the
+            // window of batches can take minutes. A frame cut off here is in a
+            // connection closed at once; the exchange drops it unacknowledged
+            // and it is sent again on the next connection.
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    conn.close(0, b"agent shutting down");
+                    return Ok(Ended::Closed);
+                }
+                r = self.pump(&conn, &mut session, &mut writers, &events_tx) => r?,
+            }
             tokio::select! {
                 biased;
                 // 1. Shutdown: stop sending; what is unacked stays buffered.

@@ -142,3 +142,47 @@ fn a_capped_agent_killed_and_cut_loses_and_repeats_nothing() {
         "{LINES} lines once, in order, through two kills and a cut"
     ));
 }
+
+/// SIGTERM does not wait for a capped send: under a 10 kB/s cap the window of
+/// batches in flight would take minutes to leave. The agent stops at once, and
+/// with the cap raised everything arrives once, in order: the frame cut off was
+/// never acknowledged and goes again.
+#[test]
+fn a_capped_agent_stops_at_once_and_loses_nothing() {
+    const LINES: usize = 20_000;
+    let t = TestDir::new("bandwidth-stop");
+    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
+    let proxy = UdpProxy::start(ex.address().parse().unwrap());
+    let mut agent = ex.enroll("hp-bw-03", "210102001", &t.path().join("agent"));
+    agent.set("address", &format!("\"{}\"", proxy.address()));
+    let log = t.mkdir("logs").join("app.log");
+    let mut line = [0u8; 150];
+    let lines: Vec<String> = (0..LINES)
+        .map(|i| {
+            rand::Rng::fill(&mut rand::rng(), &mut line[..]);
+            let text = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, line);
+            format!("{i:06} {text}")
+        })
+        .collect();
+    ferry_tests::append_lines(&log, &lines);
+    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
+    agent.add_stream("\n[bandwidth]\nlimit = \"10kB\"\n");
+    agent.start();
+    let shipped = || proxy.stats().upstream_bytes.load(Ordering::Relaxed);
+    wait_until(SHORT, "the agent to ship 30 kB", || shipped() > 30_000);
+    let asked = Instant::now();
+    agent.stop();
+    let took = asked.elapsed();
+    note(format!(
+        "stopped {took:?} after SIGTERM, {} bytes shipped",
+        shipped()
+    ));
+    assert!(took < Duration::from_secs(15), "SIGTERM took {took:?}");
+    agent.edit(|t| t.replace("limit = \"10kB\"", "limit = \"100MB\""));
+    agent.start();
+    let got = ex.wait_lines("hp-bw-03", "hall-log", LINES, ferry_tests::LONG);
+    assert_eq!(got.len(), LINES, "a line arrived twice");
+    for (i, (got, want)) in got.iter().zip(&lines).enumerate() {
+        assert_eq!(got, want, "line {i}");
+    }
+}
