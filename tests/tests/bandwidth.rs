@@ -4,50 +4,85 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ferry_tests::faults::UdpProxy;
-use ferry_tests::{note, tail_stream, wait_until, Exchange, TestDir, SHORT};
+use ferry_tests::{note, tail_stream, wait_until, Agent, Exchange, TestDir, LONG, SHORT};
 
 const CAP: u64 = 400_000;
 
+/// An agent behind the fault proxy, under `[bandwidth] limit`, with a backlog
+/// of numbered lines zstd cannot shrink much (random bytes, base64) in one
+/// tailed log.
+struct Capped {
+    ex: Exchange,
+    proxy: UdpProxy,
+    agent: Agent,
+    id: &'static str,
+    lines: Vec<String>,
+    _dir: TestDir,
+}
+
+impl Capped {
+    /// `lines` lines of `width` random bytes each; the agent is not started.
+    fn new(id: &'static str, lines: usize, width: usize, limit: &str) -> Capped {
+        let t = TestDir::new(id);
+        let ex = Exchange::start_new(&t.mkdir("exchange"));
+        let proxy = UdpProxy::start(ex.address().parse().unwrap());
+        let agent = ex.enroll(id, "210102001", &t.path().join("agent"));
+        agent.set("address", &format!("\"{}\"", proxy.address()));
+        let log = t.mkdir("logs").join("app.log");
+        let mut bytes = vec![0u8; width];
+        let lines: Vec<String> = (0..lines)
+            .map(|i| {
+                rand::Rng::fill(&mut rand::rng(), &mut bytes[..]);
+                let text =
+                    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bytes);
+                format!("{i:06} {text}")
+            })
+            .collect();
+        ferry_tests::append_lines(&log, &lines);
+        agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
+        agent.add_stream(&format!("\n[bandwidth]\nlimit = \"{limit}\"\n"));
+        Capped {
+            ex,
+            proxy,
+            agent,
+            id,
+            lines,
+            _dir: t,
+        }
+    }
+
+    /// Bytes the agent sent into the proxy so far.
+    fn shipped(&self) -> u64 {
+        self.proxy.stats().upstream_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Waits for every line of the backlog and checks each arrived once, in order.
+    fn expect_every_line_once(&mut self) {
+        let n = self.lines.len();
+        let got = self.ex.wait_lines(self.id, "hall-log", n, LONG);
+        assert_eq!(got.len(), n, "a line arrived twice");
+        for (i, (got, want)) in got.iter().zip(&self.lines).enumerate() {
+            assert_eq!(got, want, "line {i}");
+        }
+    }
+}
+
 #[test]
 fn the_cap_holds_over_a_minute() {
-    let t = TestDir::new("bandwidth");
-    let ex = Exchange::start_new(&t.mkdir("exchange"));
-    let proxy = UdpProxy::start(ex.address().parse().unwrap());
-    let mut agent = ex.enroll("hp-bw-01", "210102001", &t.path().join("agent"));
-    agent.set("address", &format!("\"{}\"", proxy.address()));
-    // Lines zstd cannot shrink much: random bytes, base64.
-    let log = t.mkdir("logs").join("app.log");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&log).unwrap());
-    let mut line = [0u8; 300];
-    for i in 0..180_000u32 {
-        rand::Rng::fill(&mut rand::rng(), &mut line[..]);
-        writeln!(
-            f,
-            "{i} {}",
-            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, line)
-        )
-        .unwrap();
-    }
-    f.flush().unwrap();
-    drop(f);
-    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
-    agent.add_stream(&format!("\n[bandwidth]\nlimit = \"{}B\"\n", CAP));
-    agent.start();
-
-    wait_until(SHORT, "the agent to ship", || {
-        proxy.stats().upstream_bytes.load(Ordering::Relaxed) > 2 * CAP
-    });
+    let mut c = Capped::new("hp-bw-01", 180_000, 300, &format!("{CAP}B"));
+    c.agent.start();
+    let (proxy, agent) = (&c.proxy, &mut c.agent);
+    let wire = || proxy.stats().upstream_bytes.load(Ordering::Relaxed);
+    wait_until(SHORT, "the agent to ship", || wire() > 2 * CAP);
     // Sampled every 5 s: the minute's rate, and every 10 s window of it. A
     // window is allowed the limiter's one-second burst and the tenth of a
     // second the writer may run ahead of the wire, nothing like the bursts of
     // several times the cap that a transport releasing its send buffer at
     // line rate made, followed by half a minute of silence.
-    let wire = || proxy.stats().upstream_bytes.load(Ordering::Relaxed);
     let start = Instant::now();
     let mut samples = vec![(0.0, wire())];
     for _ in 0..12 {
@@ -98,49 +133,25 @@ fn the_cap_holds_over_a_minute() {
 /// transport must neither lose what it charged nor hang on a dead connection.
 #[test]
 fn a_capped_agent_killed_and_cut_loses_and_repeats_nothing() {
-    const LINES: usize = 30_000;
-    let t = TestDir::new("bandwidth-kill");
-    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
-    let proxy = UdpProxy::start(ex.address().parse().unwrap());
-    let mut agent = ex.enroll("hp-bw-02", "210102001", &t.path().join("agent"));
-    agent.set("address", &format!("\"{}\"", proxy.address()));
-    let log = t.mkdir("logs").join("app.log");
-    let mut line = [0u8; 150];
-    let lines: Vec<String> = (0..LINES)
-        .map(|i| {
-            rand::Rng::fill(&mut rand::rng(), &mut line[..]);
-            let text = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, line);
-            format!("{i:06} {text}")
-        })
-        .collect();
-    ferry_tests::append_lines(&log, &lines);
-    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
     // About 6 MB at 1 MB/s: the kills and the cut land mid-flight.
-    agent.add_stream("\n[bandwidth]\nlimit = \"1MB\"\n");
-    agent.start();
-    let shipped = || proxy.stats().upstream_bytes.load(Ordering::Relaxed);
-    wait_until(SHORT, "the agent to ship 1 MB", || shipped() > 1_000_000);
-    agent.kill9();
-    agent.start();
+    let mut c = Capped::new("hp-bw-02", 30_000, 150, "1MB");
+    c.agent.start();
+    wait_until(SHORT, "the agent to ship 1 MB", || c.shipped() > 1_000_000);
+    c.agent.kill9();
+    c.agent.start();
     wait_until(SHORT, "the agent to ship 1 MB more", || {
-        shipped() > 2_000_000
+        c.shipped() > 2_000_000
     });
-    proxy.cut(true);
+    c.proxy.cut(true);
     std::thread::sleep(Duration::from_secs(2));
-    proxy.cut(false);
+    c.proxy.cut(false);
     wait_until(SHORT, "the agent to ship 1 MB more", || {
-        shipped() > 3_000_000
+        c.shipped() > 3_000_000
     });
-    agent.kill9();
-    agent.start();
-    let got = ex.wait_lines("hp-bw-02", "hall-log", LINES, ferry_tests::LONG);
-    assert_eq!(got.len(), LINES, "a line arrived twice");
-    for (i, (got, want)) in got.iter().zip(&lines).enumerate() {
-        assert_eq!(got, want, "line {i}");
-    }
-    note(format!(
-        "{LINES} lines once, in order, through two kills and a cut"
-    ));
+    c.agent.kill9();
+    c.agent.start();
+    c.expect_every_line_once();
+    note("30,000 lines once, in order, through two kills and a cut");
 }
 
 /// SIGTERM does not wait for a capped send: under a 10 kB/s cap the window of
@@ -149,40 +160,19 @@ fn a_capped_agent_killed_and_cut_loses_and_repeats_nothing() {
 /// never acknowledged and goes again.
 #[test]
 fn a_capped_agent_stops_at_once_and_loses_nothing() {
-    const LINES: usize = 20_000;
-    let t = TestDir::new("bandwidth-stop");
-    let mut ex = Exchange::start_new(&t.mkdir("exchange"));
-    let proxy = UdpProxy::start(ex.address().parse().unwrap());
-    let mut agent = ex.enroll("hp-bw-03", "210102001", &t.path().join("agent"));
-    agent.set("address", &format!("\"{}\"", proxy.address()));
-    let log = t.mkdir("logs").join("app.log");
-    let mut line = [0u8; 150];
-    let lines: Vec<String> = (0..LINES)
-        .map(|i| {
-            rand::Rng::fill(&mut rand::rng(), &mut line[..]);
-            let text = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, line);
-            format!("{i:06} {text}")
-        })
-        .collect();
-    ferry_tests::append_lines(&log, &lines);
-    agent.add_stream(&tail_stream("hall-log", "210100-MZ-0002", &log));
-    agent.add_stream("\n[bandwidth]\nlimit = \"10kB\"\n");
-    agent.start();
-    let shipped = || proxy.stats().upstream_bytes.load(Ordering::Relaxed);
-    wait_until(SHORT, "the agent to ship 30 kB", || shipped() > 30_000);
+    let mut c = Capped::new("hp-bw-03", 20_000, 150, "10kB");
+    c.agent.start();
+    wait_until(SHORT, "the agent to ship 30 kB", || c.shipped() > 30_000);
     let asked = Instant::now();
-    agent.stop();
+    c.agent.stop();
     let took = asked.elapsed();
     note(format!(
         "stopped {took:?} after SIGTERM, {} bytes shipped",
-        shipped()
+        c.shipped()
     ));
     assert!(took < Duration::from_secs(15), "SIGTERM took {took:?}");
-    agent.edit(|t| t.replace("limit = \"10kB\"", "limit = \"100MB\""));
-    agent.start();
-    let got = ex.wait_lines("hp-bw-03", "hall-log", LINES, ferry_tests::LONG);
-    assert_eq!(got.len(), LINES, "a line arrived twice");
-    for (i, (got, want)) in got.iter().zip(&lines).enumerate() {
-        assert_eq!(got, want, "line {i}");
-    }
+    c.agent
+        .edit(|t| t.replace("limit = \"10kB\"", "limit = \"100MB\""));
+    c.agent.start();
+    c.expect_every_line_once();
 }
