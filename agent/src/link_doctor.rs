@@ -8,16 +8,20 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ferry_adapters::DoctorCheck;
+use ferry_adapters::{now_unix_ms, DoctorCheck};
+use ferry_protocol::messages::{frame::Msg, Probe};
 use ferry_transport::tls::{client_config, identity_in_file, tcp_client_config, TlsFiles};
+use ferry_transport::{FrameReader, FrameWriter, Link};
 
 use crate::config::AgentConfig;
 use crate::status;
 
 /// How long each network step may take.
 const WITHIN: Duration = Duration::from_secs(5);
-/// How long an established connection is watched for the exchange closing it.
+/// How long a connection that failed is watched for the exchange's reason.
 const WATCH: Duration = Duration::from_millis(1500);
+/// Clocks further apart than this are a problem.
+const MAX_SKEW: Duration = Duration::from_secs(2);
 
 fn check(name: &str, ok: bool, detail: String, fix: Option<String>) -> DoctorCheck {
     DoctorCheck {
@@ -165,6 +169,8 @@ pub async fn checks(cfg: &AgentConfig) -> Vec<DoctorCheck> {
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
+    // The exchange's answer to the probe, over QUIC or else over TCP.
+    let mut answered: Option<Answer> = None;
     let quic_ok = match quinn::Endpoint::client(bind) {
         Err(e) => {
             out.push(check(
@@ -192,13 +198,16 @@ pub async fn checks(cfg: &AgentConfig) -> Vec<DoctorCheck> {
                     Ok(Err(e)) => Err((format!("{e}"), Some(cert_fix.clone()))),
                     Ok(Ok(conn)) => {
                         let ms = started.elapsed().as_millis();
-                        match tokio::time::timeout(WATCH, conn.closed()).await {
-                            Ok(why) => Err((refusal(&why.to_string()), Some(refused_fix.clone()))),
-                            Err(_) => {
-                                conn.close(0u32.into(), b"doctor done");
+                        let link = Link::Quic(conn.clone());
+                        let r = match ask(&link).await {
+                            Ok(answer) => {
+                                answered = Some(answer);
                                 Ok(format!("handshake with {server_name} at {addr} in {ms} ms"))
                             }
-                        }
+                            Err(why) => Err((why, Some(refused_fix.clone()))),
+                        };
+                        conn.close(0u32.into(), b"doctor done");
+                        r
                     }
                 },
             };
@@ -224,37 +233,31 @@ pub async fn checks(cfg: &AgentConfig) -> Vec<DoctorCheck> {
             let ms = started.elapsed().as_millis();
             // TLS 1.3 checks the client's certificate after the client's side
             // of the handshake: a refusal shows as the link closing.
-            let refused = tokio::time::timeout(WATCH, async {
-                let opened = link.open_bi().await;
-                match opened {
-                    Err(e) => Some(e.to_string()),
-                    Ok(_) => Some(link.closed().await.to_string()),
-                }
-            })
-            .await
-            .ok()
-            .flatten();
-            match refused {
-                Some(why) => out.push(check(
+            match ask(&link).await {
+                Err(why) => out.push(check(
                     "exchange: TLS over TCP",
                     false,
-                    refusal(&why),
+                    why,
                     Some(refused_fix),
                 )),
-                None => out.push(check(
-                    "exchange: TLS over TCP",
-                    true,
-                    format!(
-                        "handshake with {server_name} at {addr} in {ms} ms{}",
-                        if quic_ok {
-                            ""
-                        } else {
-                            " (the agent ships over this while QUIC does not get through)"
-                        }
-                    ),
-                    None,
-                )),
+                Ok(answer) => {
+                    answered.get_or_insert(answer);
+                    out.push(check(
+                        "exchange: TLS over TCP",
+                        true,
+                        format!(
+                            "handshake with {server_name} at {addr} in {ms} ms{}",
+                            if quic_ok {
+                                ""
+                            } else {
+                                " (the agent ships over this while QUIC does not get through)"
+                            }
+                        ),
+                        None,
+                    ))
+                }
             }
+            link.close(0, b"doctor done");
         }
         Err(e) => {
             let text = format!("{e:#}");
@@ -269,5 +272,109 @@ pub async fn checks(cfg: &AgentConfig) -> Vec<DoctorCheck> {
             out.push(check("exchange: TLS over TCP", false, text, Some(fix)));
         }
     }
+    if let Some(answer) = answered {
+        out.push(clock_check(&answer));
+    }
     out
+}
+
+/// What the exchange answered the doctor's probe.
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    /// Its clock: `ahead_ms` ahead of this host's (behind when negative),
+    /// give or take `within_ms` (half the round trip).
+    Clock {
+        ahead_ms: i64,
+        within_ms: u64,
+        software: String,
+    },
+    /// An exchange older than the probe: the connection was accepted, the
+    /// clock is not known.
+    Older(String),
+}
+
+/// Asks the exchange for its clock on `link` (no session is opened). `Err`:
+/// the exchange refused the connection or did not answer, in words.
+async fn ask(link: &Link) -> Result<Answer, String> {
+    let asked = async {
+        let (send, recv) = link.open_bi().await.map_err(|e| e.to_string())?;
+        let mut to = FrameWriter::new(send);
+        let mut from = FrameReader::new(recv, 1 << 16);
+        let sent_ms = now_unix_ms();
+        let sent = Instant::now();
+        to.send(Msg::Probe(Probe {}))
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let reply = from.next().await.map_err(|e| format!("{e:#}"))?;
+        let rtt_ms = sent.elapsed().as_millis() as u64;
+        Ok::<_, String>(match reply {
+            Some(Msg::ProbeReply(r)) => Answer::Clock {
+                ahead_ms: r.unix_ms as i64 - (sent_ms + rtt_ms / 2) as i64,
+                within_ms: rtt_ms.div_ceil(2),
+                software: r.software,
+            },
+            Some(Msg::Error(e)) => Answer::Older(e.message),
+            Some(_) => Answer::Older("an unexpected frame".into()),
+            None => return Err("the exchange closed the stream without an answer".into()),
+        })
+    };
+    match tokio::time::timeout(WITHIN, asked).await {
+        Ok(Ok(answer)) => Ok(answer),
+        // A refusal closes the connection: its reason says why.
+        Ok(Err(e)) => {
+            let why = tokio::time::timeout(WATCH, link.closed())
+                .await
+                .map(|c| c.to_string())
+                .unwrap_or(e);
+            Err(refusal(&why))
+        }
+        Err(_) => Err(format!(
+            "the exchange completed the handshake but answered nothing within {WITHIN:?}"
+        )),
+    }
+}
+
+/// The clock check from the exchange's answer: records carry this host's
+/// capture times, the dashboard ages them by the exchange's clock, and
+/// bandwidth schedules follow this host's.
+fn clock_check(answer: &Answer) -> DoctorCheck {
+    match answer {
+        Answer::Clock {
+            ahead_ms,
+            within_ms,
+            software,
+        } => {
+            let off = ahead_ms.unsigned_abs();
+            let (ok, how) = if off.saturating_sub(*within_ms) <= MAX_SKEW.as_millis() as u64 {
+                (true, "in step with".to_string())
+            } else if *ahead_ms > 0 {
+                (false, format!("{} behind", seconds(off)))
+            } else {
+                (false, format!("{} ahead of", seconds(off)))
+            };
+            check(
+                "exchange: clock",
+                ok,
+                format!(
+                    "this host's clock is {how} the exchange's ({ahead_ms:+} ms, ±{within_ms} ms; exchange {software})"
+                ),
+                Some(format!(
+                    "set this host's clock from the city's time servers (`timedatectl set-ntp true`, or chrony); \
+                     the agent stamps records with it, so the dashboard's ages and lags are off by as much, \
+                     and bandwidth schedules follow it (more than {}s apart counts as a problem)",
+                    MAX_SKEW.as_secs()
+                )),
+            )
+        }
+        Answer::Older(said) => check(
+            "exchange: clock",
+            true,
+            format!("not checked: the exchange is older than this agent and does not tell its time ({said})"),
+            None,
+        ),
+    }
+}
+
+fn seconds(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
 }

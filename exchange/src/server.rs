@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use ferry_protocol::frame::MAX_FRAME;
-use ferry_protocol::messages::{frame::Msg, Ack, Error as WireError, ErrorCode};
+use ferry_protocol::messages::{frame::Msg, Ack, Error as WireError, ErrorCode, ProbeReply};
 use ferry_protocol::session::{
     valid_stream_name, ExchangeSession, PeerIdentity, SessionError, DEFAULT_WINDOW,
 };
@@ -720,6 +720,18 @@ async fn connection(
         let mut control_in = FrameReader::new(recv, MAX_FRAME);
         let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, control_in.next()).await?? {
             Some(Msg::Hello(h)) => h,
+            Some(Msg::Probe(_)) => {
+                // `ferry-agent doctor`: the clock and version, no session.
+                let reply = ProbeReply {
+                    unix_ms: now_unix_ms(),
+                    software: env!("CARGO_PKG_VERSION").to_string(),
+                };
+                control.send(Msg::ProbeReply(reply)).await?;
+                control.finish().await;
+                let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.closed()).await;
+                debug!("answered a doctor's probe");
+                return Ok(());
+            }
             _ => {
                 control.send(wire_error(ErrorCode::Protocol, "expected Hello", "")).await?;
                 conn.close(1, b"expected Hello");

@@ -4,7 +4,7 @@
 /// One frame on any Ferry stream. The first frame on the control stream is `Hello`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Frame {
-    #[prost(oneof = "frame::Msg", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "frame::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub msg: Option<frame::Msg>,
 }
 
@@ -25,7 +25,29 @@ pub mod frame {
         Error(super::Error),
         #[prost(message, tag = "7")]
         Lost(super::Lost),
+        #[prost(message, tag = "8")]
+        Probe(super::Probe),
+        #[prost(message, tag = "9")]
+        ProbeReply(super::ProbeReply),
     }
+}
+
+/// Instead of `Hello`, the first frame of `ferry-agent doctor`'s connection:
+/// the exchange answers with a [`ProbeReply`] and opens no session (a running
+/// agent's connection is left alone). An exchange older than the probe
+/// answers it as a frame that is not `Hello`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Probe {}
+
+/// The exchange's clock and software, for the doctor's checks.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProbeReply {
+    /// The exchange's clock as it answered, Unix milliseconds.
+    #[prost(uint64, tag = "1")]
+    pub unix_ms: u64,
+    /// Exchange software version.
+    #[prost(string, tag = "2")]
+    pub software: String,
 }
 
 /// Sharing class of a stream in the resource catalogue.

@@ -120,6 +120,16 @@ pub fn host_has(ok: bool, what: &str) -> bool {
     false
 }
 
+/// libfaketime, which fakes the wall clock of one process (`LD_PRELOAD` it);
+/// `None` without the Debian package faketime.
+pub fn libfaketime() -> Option<PathBuf> {
+    let dirs = std::fs::read_dir("/usr/lib").ok()?;
+    dirs.flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .chain([PathBuf::from("/usr/lib/faketime/libfaketime.so.1")])
+        .find(|p| p.is_file())
+}
+
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     loop {

@@ -13,9 +13,15 @@ const AGENT: &str = "hp-dr-01";
 
 /// Exit status and stdout of `ferry-agent doctor`.
 fn doctor(config: &Path) -> (i32, String) {
+    doctor_with(config, &[])
+}
+
+/// [`doctor`] with these variables in its environment.
+fn doctor_with(config: &Path, env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(bin("ferry-agent"))
         .args(["doctor", "--config"])
         .arg(config)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -49,6 +55,7 @@ fn doctor_checks_the_link_to_the_exchange() {
         "exchange: DNS",
         "exchange: QUIC (UDP)",
         "exchange: TLS over TCP",
+        "exchange: clock",
     ] {
         let (line, _) = line_of_check(&out, name);
         assert!(line.starts_with("ok"), "{line}");
@@ -56,6 +63,51 @@ fn doctor_checks_the_link_to_the_exchange() {
     assert!(line_of_check(&out, "exchange: QUIC (UDP)")
         .0
         .contains("handshake with"));
+    assert!(
+        line_of_check(&out, "exchange: clock")
+            .0
+            .contains("in step with the exchange's"),
+        "{out}"
+    );
+    let connected = ex.agents();
+
+    // This host's clock 30 s behind the exchange's (libfaketime fakes the
+    // doctor's wall clock only).
+    let lib = libfaketime();
+    if host_has(
+        lib.is_some(),
+        "libfaketime is missing: install the Debian package faketime",
+    ) {
+        let lib = lib.unwrap();
+        let (code, out) = doctor_with(
+            &agent.config,
+            &[
+                ("LD_PRELOAD", lib.to_str().unwrap()),
+                ("FAKETIME", "-30s"),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ],
+        );
+        assert_eq!(code, 1, "{out}");
+        let (line, fix) = line_of_check(&out, "exchange: clock");
+        assert!(
+            line.starts_with("FAIL") && line.contains("behind the exchange's"),
+            "{out}"
+        );
+        let ahead: i64 = line
+            .split_once('(')
+            .and_then(|(_, r)| r.split_once(" ms"))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or_else(|| panic!("no offset in {line}"));
+        assert!((29_000..=31_000).contains(&ahead), "{line}");
+        assert!(fix.unwrap().contains("timedatectl set-ntp true"), "{out}");
+        for name in ["exchange: QUIC (UDP)", "exchange: TLS over TCP"] {
+            let (line, _) = line_of_check(&out, name);
+            assert!(line.starts_with("ok"), "{line}");
+        }
+    }
+    // The doctor's connections opened no session: the exchange lists no
+    // agent it did not list before.
+    assert_eq!(ex.agents(), connected);
 
     // A CA that did not sign the exchange's certificate.
     let ca = agent.dir.join("ca.pem");

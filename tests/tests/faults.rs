@@ -605,15 +605,6 @@ fn a_damaged_buffer_is_refused_salvaged_and_its_loss_shown_as_a_gap() {
         .is_none_or(|l| l.is_empty()));
 }
 
-/// libfaketime, which fakes the wall clock of one process.
-fn libfaketime() -> Option<PathBuf> {
-    let dirs = std::fs::read_dir("/usr/lib").ok()?;
-    dirs.flatten()
-        .map(|d| d.path().join("faketime/libfaketime.so.1"))
-        .chain([PathBuf::from("/usr/lib/faketime/libfaketime.so.1")])
-        .find(|p| p.is_file())
-}
-
 /// The agent's wall clock jumps while it runs (set back 3 hours, then forward 6,
 /// then back to the truth) and it is restarted with its clock 3 hours behind: it
 /// keeps shipping, it still accepts the exchange's certificate, and every line
