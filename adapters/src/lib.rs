@@ -40,7 +40,7 @@ pub use kind::{
     KINDS,
 };
 pub use supervise::{supervise, Ended, Event};
-pub use units::{parse_duration, parse_size, Duration, Size};
+pub use units::{human_bytes, parse_duration, parse_size, Duration, Size};
 
 /// Records seqs `first ..= last` were given when they became durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

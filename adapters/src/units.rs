@@ -11,39 +11,30 @@ pub struct Size(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Duration(pub std::time::Duration);
 
-/// Parses `"2GiB"`, `"512 MiB"`, `"10MB"`, `"4096"`. Binary (KiB, MiB, GiB, TiB)
-/// and decimal (KB, MB, GB, TB) suffixes; a bare number is bytes.
+/// Parses `"2GiB"`, `"512 MiB"`, `"10MB"`, `"4096"` with `bytesize`: binary
+/// (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) suffixes, any case; a
+/// bare number is bytes. A whole number times its unit is exact; a size past
+/// what 64 bits hold is refused, not capped.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit.trim();
-    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        _ => {
-            return Err(format!(
-            "invalid size {s:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-        ))
-        }
-    };
-    let n: f64 = num.parse().map_err(|_| {
-        format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"512MiB\"")
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    let size: bytesize::ByteSize = t.parse().map_err(|e| {
+        format!(
+            "invalid size {s:?}: {e} (a number and a unit: B, KiB, MiB, GiB, TiB, KB, MB, GB, TB; e.g. \"512MiB\")"
+        )
     })?;
-    let v = n * mult as f64;
-    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+    // bytesize saturates what does not fit.
+    if size.0 == u64::MAX {
         return Err(format!("invalid size {s:?}: out of range"));
     }
-    Ok(v as u64)
+    Ok(size.0)
+}
+
+/// `n` bytes in binary units (`"512 B"`, `"1.5 KiB"`, `"3.2 GiB"`).
+pub fn human_bytes(n: u64) -> String {
+    bytesize::ByteSize(n).display().iec().to_string()
 }
 
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -97,6 +88,18 @@ mod tests {
         assert_eq!(parse_size("1.5KiB"), Ok(1536));
         assert!(parse_size("2 parsecs").is_err());
         assert!(parse_size("GiB").is_err());
+        assert!(parse_size("-1KiB").is_err());
+        assert_eq!(parse_size("16384 TiB"), Ok(16384 << 40));
+        assert!(parse_size("16777216 TiB").is_err(), "past u64");
+        // Exact where f64 would round: 2^53 + 1 bytes.
+        assert_eq!(parse_size("9007199254740993 B"), Ok(9_007_199_254_740_993));
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::SourceError;
+use crate::{human_bytes, SourceError};
 
 /// Formats an LSN as PostgreSQL does: `0/1A2B3C8`.
 pub(crate) fn fmt_lsn(v: u64) -> String {
@@ -105,21 +105,6 @@ impl PgPosition {
             PgPosition::Snapshot(s) => &s.slot,
             PgPosition::Streaming(s) => &s.slot,
         }
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 
