@@ -340,40 +340,66 @@ pub fn rows_of(b: &Rows) -> Result<Vec<Row>, String> {
     Ok(out)
 }
 
+/// Where COPY text is written: bytes, or a `String` (every escape is ASCII,
+/// so text written into a `String` stays UTF-8 without being checked again).
+pub trait CopySink {
+    fn put(&mut self, s: &str);
+    /// One ASCII byte.
+    fn put_ascii(&mut self, b: u8);
+}
+
+impl CopySink for Vec<u8> {
+    fn put(&mut self, s: &str) {
+        self.extend_from_slice(s.as_bytes());
+    }
+    fn put_ascii(&mut self, b: u8) {
+        self.push(b);
+    }
+}
+
+impl CopySink for String {
+    fn put(&mut self, s: &str) {
+        self.push_str(s);
+    }
+    fn put_ascii(&mut self, b: u8) {
+        self.push(char::from(b));
+    }
+}
+
 /// Appends `v` as one field of COPY text: `\N` for NULL, the text with
 /// backslash, tab, newline and carriage return escaped (what [`Fields`] reads
 /// back as `v`).
-pub fn push_text(out: &mut Vec<u8>, v: Option<&str>) {
+pub fn push_text(out: &mut impl CopySink, v: Option<&str>) {
     let Some(s) = v else {
-        out.extend_from_slice(b"\\N");
+        out.put("\\N");
         return;
     };
-    let special = |b: &u8| matches!(b, b'\\' | b'\t' | b'\n' | b'\r');
-    if !s.as_bytes().iter().any(special) {
-        out.extend_from_slice(s.as_bytes());
-        return;
+    let mut from = 0;
+    for (i, byte) in s.bytes().enumerate() {
+        let escaped = match byte {
+            b'\\' => "\\\\",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            _ => continue,
+        };
+        // Escapes are ASCII: `i` is a character boundary.
+        out.put(&s[from..i]);
+        out.put(escaped);
+        from = i + 1;
     }
-    for &byte in s.as_bytes() {
-        match byte {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(byte),
-        }
-    }
+    out.put(&s[from..]);
 }
 
 /// Appends `b` as one field of COPY text in binary text output: `\x` + hex,
 /// its backslash escaped (read back by [`field_value`] for a
 /// [`ValueType::Bytes`] column).
-pub fn push_bytes(out: &mut Vec<u8>, b: &[u8]) {
+pub fn push_bytes(out: &mut impl CopySink, b: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(3 + 2 * b.len());
-    out.extend_from_slice(b"\\\\x");
+    out.put("\\\\x");
     for byte in b {
-        out.push(HEX[usize::from(byte >> 4)]);
-        out.push(HEX[usize::from(byte & 0xf)]);
+        out.put_ascii(HEX[usize::from(byte >> 4)]);
+        out.put_ascii(HEX[usize::from(byte & 0xf)]);
     }
 }
 

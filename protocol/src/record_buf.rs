@@ -192,9 +192,7 @@ impl RecordBuf {
 
     /// A length-delimited field, written even when empty (a oneof member).
     fn put_field(&mut self, tag: u32, s: &[u8]) {
-        put_key(&mut self.raw, tag, 2);
-        put_uvarint(&mut self.raw, s.len() as u64);
-        self.raw.extend_from_slice(s);
+        put_field(&mut self.raw, tag, s);
     }
 
     fn put_varint(&mut self, tag: u32, v: u64) {
@@ -298,6 +296,72 @@ pub struct RowTail {
     raw: Vec<u8>,
 }
 
+/// A [`field::Value`] borrowed: what a source that renders values into
+/// buffers of its own hands to [`RowTail::column_ref`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueRef<'a> {
+    Text(&'a str),
+    /// SQL NULL (`true`; prost keeps the flag as given).
+    Null(bool),
+    Unchanged(bool),
+    Bytes(&'a [u8]),
+}
+
+/// `field::Value` tags.
+const VALUE_TEXT: u32 = 4;
+const VALUE_NULL: u32 = 5;
+const VALUE_UNCHANGED: u32 = 6;
+const VALUE_BYTES: u32 = 7;
+
+impl<'a> From<&'a field::Value> for ValueRef<'a> {
+    fn from(v: &'a field::Value) -> Self {
+        match v {
+            field::Value::Text(t) => ValueRef::Text(t),
+            field::Value::Null(n) => ValueRef::Null(*n),
+            field::Value::Unchanged(u) => ValueRef::Unchanged(*u),
+            field::Value::Bytes(b) => ValueRef::Bytes(b),
+        }
+    }
+}
+
+impl ValueRef<'_> {
+    /// The value owned.
+    pub fn to_value(self) -> field::Value {
+        match self {
+            ValueRef::Text(t) => field::Value::Text(t.to_string()),
+            ValueRef::Null(n) => field::Value::Null(n),
+            ValueRef::Unchanged(u) => field::Value::Unchanged(u),
+            ValueRef::Bytes(b) => field::Value::Bytes(b.to_vec()),
+        }
+    }
+
+    /// The oneof as prost writes it: a set member is written even when empty.
+    fn encoded_len(&self) -> usize {
+        match self {
+            ValueRef::Text(t) => field_len(VALUE_TEXT, t.len()),
+            ValueRef::Bytes(b) => field_len(VALUE_BYTES, b.len()),
+            ValueRef::Null(_) => key_len(VALUE_NULL) + 1,
+            ValueRef::Unchanged(_) => key_len(VALUE_UNCHANGED) + 1,
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            ValueRef::Text(t) => put_field(out, VALUE_TEXT, t.as_bytes()),
+            ValueRef::Bytes(b) => put_field(out, VALUE_BYTES, b),
+            // A oneof's member is written even when false.
+            ValueRef::Null(n) => {
+                put_key(out, VALUE_NULL, 0);
+                out.push(u8::from(*n));
+            }
+            ValueRef::Unchanged(u) => {
+                put_key(out, VALUE_UNCHANGED, 0);
+                out.push(u8::from(*u));
+            }
+        }
+    }
+}
+
 impl RowTail {
     pub fn clear(&mut self) {
         self.raw.clear();
@@ -305,26 +369,34 @@ impl RowTail {
 
     /// One of `columns`.
     pub fn column(&mut self, name: &str, value_type: i32, value: &field::Value) {
-        self.field(ROW_COLUMNS, name, value_type, value);
+        self.field(ROW_COLUMNS, name, value_type, value.into());
     }
 
     /// One of `old_key`.
     pub fn old_key(&mut self, name: &str, value_type: i32, value: &field::Value) {
+        self.field(ROW_OLD_KEY, name, value_type, value.into());
+    }
+
+    /// [`column`](RowTail::column) from a borrowed value.
+    pub fn column_ref(&mut self, name: &str, value_type: i32, value: ValueRef<'_>) {
+        self.field(ROW_COLUMNS, name, value_type, value);
+    }
+
+    /// [`old_key`](RowTail::old_key) from a borrowed value.
+    pub fn old_key_ref(&mut self, name: &str, value_type: i32, value: ValueRef<'_>) {
         self.field(ROW_OLD_KEY, name, value_type, value);
     }
 
     pub fn flag(&mut self, flag: &str) {
         // A repeated string is written even when empty.
-        put_key(&mut self.raw, ROW_FLAGS, 2);
-        put_uvarint(&mut self.raw, flag.len() as u64);
-        self.raw.extend_from_slice(flag.as_bytes());
+        put_field(&mut self.raw, ROW_FLAGS, flag.as_bytes());
     }
 
     pub fn source(&mut self, source: &str) {
         put_str(&mut self.raw, ROW_SOURCE, source.as_bytes());
     }
 
-    fn field(&mut self, tag: u32, name: &str, value_type: i32, value: &field::Value) {
+    fn field(&mut self, tag: u32, name: &str, value_type: i32, value: ValueRef<'_>) {
         let len = str_len(FIELD_NAME, name.as_bytes())
             + varint_len(FIELD_VALUE_TYPE, value_type as i64 as u64)
             + value.encoded_len();
@@ -334,6 +406,13 @@ impl RowTail {
         put_var(&mut self.raw, FIELD_VALUE_TYPE, value_type as i64 as u64);
         value.encode(&mut self.raw);
     }
+}
+
+/// A length-delimited field, written even when empty.
+fn put_field(out: &mut Vec<u8>, tag: u32, s: &[u8]) {
+    put_key(out, tag, 2);
+    put_uvarint(out, s.len() as u64);
+    out.extend_from_slice(s);
 }
 
 /// A string or bytes field, left out when empty (proto3).

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use ferry_protocol::copy_text::{check_block, push_bytes, push_text};
 use ferry_protocol::messages::{field, record, Field, Record, Row, RowOp, Rows, TableColumn};
-use ferry_protocol::record_buf::RecordBuf;
+use ferry_protocol::record_buf::{RecordBuf, ValueRef};
 use mysql_async::binlog::value::BinlogValue;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Value};
 use tracing::{info, warn};
 
 use super::conn::{self, classify};
-use super::image::{is_raw, raw_flags};
+use super::image::{is_raw, raw_flags, Rendered};
 use super::position::{KeyValue, MyPosition, SnapshotState};
 use super::schema::{self, Kind, Shape, MYSQL};
 use super::stream::current_position;
@@ -401,7 +401,7 @@ struct Block<'a> {
     shape: &'a Shape,
     at: &'a str,
     columns: Vec<TableColumn>,
-    text: Vec<u8>,
+    text: String,
     /// The table-copy row number of the block's first row.
     first: u64,
     rows: u32,
@@ -411,7 +411,7 @@ struct Block<'a> {
     /// rendered only when a piece ends, by `last_key`).
     last_pk: Vec<Value>,
     /// The row being read, rendered.
-    values: Vec<field::Value>,
+    row: Rendered,
 }
 
 impl<'a> Block<'a> {
@@ -420,12 +420,12 @@ impl<'a> Block<'a> {
             shape,
             at,
             columns: shape.table_columns(),
-            text: Vec::new(),
+            text: String::new(),
             first: index,
             rows: 0,
             index,
             last_pk: Vec::new(),
-            values: Vec::with_capacity(shape.cols.len()),
+            row: Rendered::default(),
         }
     }
 
@@ -436,10 +436,13 @@ impl<'a> Block<'a> {
     }
 
     fn push(&mut self, values: Vec<Value>, pending: &mut RecordBuf) -> Result<(), SourceError> {
-        let name = self.shape.name();
+        // The table's name only where something is said about it (not per row).
+        let shape = self.shape;
+        let name = || shape.name();
         if values.len() != self.shape.cols.len() {
             return Err(SourceError::Other(format!(
-                "the snapshot's query of {name} returned {} columns, the table has {}",
+                "the snapshot's query of {} returned {} columns, the table has {}",
+                name(),
                 values.len(),
                 self.shape.cols.len()
             )));
@@ -453,33 +456,31 @@ impl<'a> Block<'a> {
                     .map(|&i| values.get(i).cloned().unwrap_or(Value::NULL)),
             );
         }
-        self.values.clear();
-        for (c, v) in self.shape.cols.iter().zip(values) {
-            let v =
-                values::decode(c, BinlogValue::Value(values::from_query(c, v))).map_err(|e| {
-                    SourceError::Fatal(format!("{name}, snapshot row {}: {e}", self.index))
-                })?;
-            self.values.push(v);
-        }
-        let raw = self
+        let image = self
             .shape
             .cols
             .iter()
-            .zip(&self.values)
-            .any(|(c, v)| is_raw(c, v));
+            .zip(values)
+            .map(|(c, v)| Some(BinlogValue::Value(values::from_query(c, v))))
+            .collect();
+        self.row.render(shape, image).map_err(|e| {
+            SourceError::Fatal(format!("{}, snapshot row {}: {e}", name(), self.index))
+        })?;
+        let n = shape.cols.len();
+        let raw = (0..n).any(|i| self.row.get(i).is_some_and(|v| is_raw(&shape.cols[i], v)));
         if raw {
-            let fields: Vec<Field> = self
-                .shape
+            let fields: Vec<Field> = shape
                 .cols
                 .iter()
-                .zip(self.values.drain(..))
-                .map(|(c, v)| Field {
+                .enumerate()
+                .map(|(i, c)| Field {
                     name: c.name.clone(),
                     value_type: Shape::neutral(c).value_type() as i32,
-                    value: Some(v),
+                    value: self.row.get(i).map(ValueRef::to_value),
                 })
                 .collect();
             let flags = raw_flags(self.shape, &fields);
+            let name = name();
             warn!(table = %name, row = self.index, columns = ?flags,
                 "values that are not text in their column's character set: shipped as their bytes, marked in the row's flags");
             self.finish(pending)?;
@@ -506,22 +507,23 @@ impl<'a> Block<'a> {
             return Ok(());
         }
         let start = self.text.len();
-        for (i, v) in self.values.iter().enumerate() {
+        for i in 0..n {
             if i > 0 {
-                self.text.push(b'\t');
+                self.text.push('\t');
             }
-            match v {
-                field::Value::Text(t) => push_text(&mut self.text, Some(t)),
-                field::Value::Bytes(b) => push_bytes(&mut self.text, b),
+            match self.row.get(i) {
+                Some(ValueRef::Text(t)) => push_text(&mut self.text, Some(t)),
+                Some(ValueRef::Bytes(b)) => push_bytes(&mut self.text, b),
                 _ => push_text(&mut self.text, None),
             }
         }
-        self.text.push(b'\n');
+        self.text.push('\n');
         let size = self.text.len() - start;
         if size > MAX_ROW_BYTES {
             return Err(SourceError::Fatal(format!(
-                "row {} of {name} is {size} bytes; Ferry ships rows of up to {MAX_ROW_BYTES} bytes",
-                self.index
+                "row {} of {} is {size} bytes; Ferry ships rows of up to {MAX_ROW_BYTES} bytes",
+                self.index,
+                name()
             )));
         }
         if self.rows > 0 && self.text.len() > MAX_ROW_BYTES {
@@ -545,9 +547,8 @@ impl<'a> Block<'a> {
             return Ok(());
         }
         let name = self.shape.name();
-        let text = String::from_utf8(std::mem::take(&mut self.text)).map_err(|e| {
-            SourceError::Other(format!("the snapshot's rows of {name} are not UTF-8: {e}"))
-        })?;
+        // Written as text (`CopySink for String`): UTF-8 without a check.
+        let text = std::mem::take(&mut self.text);
         check_block(&text, self.columns.len(), u64::from(self.rows))
             .map_err(|e| SourceError::Other(format!("the snapshot's rows of {name}: {e}")))?;
         let last = self.first + u64::from(self.rows) - 1;
@@ -568,7 +569,7 @@ impl<'a> Block<'a> {
         pending.push(&record);
         if let Some(record::Body::Rows(b)) = record.body {
             self.columns = b.columns;
-            self.text = b.copy_text.into_bytes();
+            self.text = b.copy_text;
             self.text.clear();
         }
         self.rows = 0;

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_protocol::messages::{field, Record, RowOp};
-use ferry_protocol::record_buf::{RecordBuf, RowHead, RowTail};
+use ferry_protocol::messages::{Record, RowOp};
+use ferry_protocol::record_buf::{RecordBuf, RowHead, RowTail, ValueRef};
 use futures_util::StreamExt;
 use mysql_async::binlog::events::{Event, EventData, RowsEventData, TableMapEvent};
 use mysql_async::prelude::Queryable;
@@ -15,7 +15,7 @@ use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
 
 use super::conn::{self, classify, variable};
 use super::gtid::{mysql_gtid, parse_gtid_event, Gtid, GtidState, MARIADB_GTID};
-use super::image::{bools, image, is_raw};
+use super::image::{bools, is_raw, Rendered};
 use super::position::{MyPosition, Partial};
 use super::rows::{Layout, Rows};
 use super::schema::{self, Shape, MYSQL};
@@ -23,8 +23,6 @@ use super::table_map;
 use super::{doctor, snapshot, split_table, MysqlConfig, SnapshotMode};
 use crate::{now_unix_ms, Inflight, Records, SourceContext, SourceError};
 
-/// A column left out of a partial after image.
-const UNCHANGED: field::Value = field::Value::Unchanged(true);
 /// A transaction is committed in pieces of at most this many changes...
 const MAX_PIECE_ROWS: usize = 10_000;
 /// ...or about this many bytes of records.
@@ -120,6 +118,8 @@ pub(crate) async fn run(cfg: MysqlConfig, ctx: SourceContext) -> Result<(), Sour
         layouts: HashMap::new(),
         txn: None,
         inflight: Inflight::new(INFLIGHT),
+        before: Rendered::default(),
+        after: Rendered::default(),
     };
     reader.run(stream).await
 }
@@ -282,6 +282,10 @@ impl Txn {
 
 struct Reader<'a> {
     ctx: &'a SourceContext,
+    /// The row being read: its before and after images, rendered (kept
+    /// from row to row).
+    before: Rendered,
+    after: Rendered,
     opts: mysql_async::Opts,
     dsn: conn::Dsn,
     /// Catalogue queries.
@@ -644,30 +648,43 @@ impl Reader<'_> {
                 continue;
             }
             let bad = |e: String| SourceError::Fatal(format!("{name} at {at}: {e}"));
-            let before = before.map(|b| image(&shape, b)).transpose().map_err(bad)?;
-            let after = after.map(|a| image(&shape, a)).transpose().map_err(bad)?;
+            let (old, new) = (&mut self.before, &mut self.after);
+            let before = match before {
+                Some(b) => {
+                    old.render(&shape, b).map_err(bad)?;
+                    Some(&*old)
+                }
+                None => None,
+            };
+            let after = match after {
+                Some(a) => {
+                    new.render(&shape, a).map_err(bad)?;
+                    Some(&*new)
+                }
+                None => None,
+            };
             let mut tail = std::mem::take(&mut txn.spare);
             tail.clear();
             // Character columns whose value travels as bytes (`raw:COLUMN`).
             let mut raw: Vec<usize> = Vec::new();
-            let mut note_raw = |i: usize, v: &field::Value| {
+            let mut note_raw = |i: usize, v: ValueRef<'_>| {
                 if is_raw(&shape.cols[i], v) && !raw.contains(&i) {
                     raw.push(i);
                 }
             };
             // `columns`: the after image (a column the server left out is
             // `Unchanged`).
-            if let (Some(a), RowOp::Insert | RowOp::Update) = (&after, op) {
-                for (i, (c, v)) in shape.cols.iter().zip(a).enumerate() {
-                    let v = v.as_ref().unwrap_or(&UNCHANGED);
+            if let (Some(a), RowOp::Insert | RowOp::Update) = (after, op) {
+                for (i, c) in shape.cols.iter().enumerate() {
+                    let v = a.get(i).unwrap_or(ValueRef::Unchanged(true));
                     note_raw(i, v);
-                    tail.column(&c.name, Shape::neutral(c).value_type() as i32, v);
+                    tail.column_ref(&c.name, Shape::neutral(c).value_type() as i32, v);
                 }
             }
             // `old_key`: the before image's key columns for a delete and for an
             // update that changed the key; the whole before image of a table
             // without a key.
-            if let Some(b) = &before {
+            if let Some(b) = before {
                 let keyed = shape.has_key();
                 let wanted =
                     match op {
@@ -676,18 +693,18 @@ impl Reader<'_> {
                             !keyed
                                 || shape.cols.iter().enumerate().filter(|(_, c)| c.key).any(
                                     |(i, _)| {
-                                        let new = after.as_ref().and_then(|a| a[i].as_ref());
-                                        new.is_some_and(|n| b[i].as_ref().is_some_and(|o| o != n))
+                                        let new = after.and_then(|a| a.get(i));
+                                        new.is_some_and(|n| b.get(i).is_some_and(|o| o != n))
                                     },
                                 )
                         }
                         _ => false,
                     };
                 if wanted {
-                    for (i, (c, v)) in shape.cols.iter().zip(b).enumerate() {
-                        if let Some(v) = v.as_ref().filter(|_| !keyed || c.key) {
+                    for (i, c) in shape.cols.iter().enumerate() {
+                        if let Some(v) = b.get(i).filter(|_| !keyed || c.key) {
                             note_raw(i, v);
-                            tail.old_key(&c.name, Shape::neutral(c).value_type() as i32, v);
+                            tail.old_key_ref(&c.name, Shape::neutral(c).value_type() as i32, v);
                         }
                     }
                 }

@@ -7,19 +7,51 @@ use mysql_async::Value;
 
 use super::schema::{Charset, Col, Kind};
 
+/// How a rendered value travels: where [`render`] put it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    Null,
+    /// Appended to the text.
+    Text,
+    /// Appended to the bytes: binary data, or character data that is not
+    /// text in its column's character set (see `image::is_raw`).
+    Bytes,
+}
+
 /// A value of `col` as it travels in a [`Field`](ferry_protocol::messages::Field).
-/// Taken by value: bytes become the field's text or bytes without a copy
-/// where they can.
 pub(crate) fn decode(col: &Col, v: BinlogValue<'_>) -> Result<field::Value, String> {
+    let (mut text, mut bytes) = (String::new(), Vec::new());
+    Ok(match render(col, v, &mut text, &mut bytes)? {
+        Form::Null => field::Value::Null(true),
+        Form::Text => field::Value::Text(text),
+        Form::Bytes => field::Value::Bytes(bytes),
+    })
+}
+
+/// Renders a value of `col` onto the end of `text` or of `bytes`, without
+/// an allocation of its own for the common types; says which (or NULL).
+/// Rendering is most of what the source does per value: `itoa` and the
+/// padded writers below instead of `format!`, which took a fifth of the
+/// agent's time on a bulk load of dates and numbers.
+pub(crate) fn render(
+    col: &Col,
+    v: BinlogValue<'_>,
+    text: &mut String,
+    bytes: &mut Vec<u8>,
+) -> Result<Form, String> {
     let v = match v {
         BinlogValue::Value(v) => v,
         BinlogValue::Jsonb(_) => {
             return match Value::try_from(v) {
                 Ok(Value::Bytes(b)) => {
-                    Ok(field::Value::Text(String::from_utf8_lossy(&b).into_owned()))
+                    text.push_str(&String::from_utf8_lossy(&b));
+                    Ok(Form::Text)
                 }
-                Ok(Value::NULL) => Ok(field::Value::Null(true)),
-                Ok(other) => Ok(field::Value::Text(other.as_sql(true))),
+                Ok(Value::NULL) => Ok(Form::Null),
+                Ok(other) => {
+                    text.push_str(&other.as_sql(true));
+                    Ok(Form::Text)
+                }
                 Err(e) => Err(format!(
                     "column {}: JSON value does not decode: {e}",
                     col.name
@@ -34,29 +66,28 @@ pub(crate) fn decode(col: &Col, v: BinlogValue<'_>) -> Result<field::Value, Stri
             ))
         }
     };
-    Ok(match (v, &col.kind) {
-        (Value::NULL, _) => field::Value::Null(true),
-        (Value::Int(i), Kind::Enum(m)) => field::Value::Text(member(m, i as u64)),
-        (Value::Int(i), Kind::Timestamp(fsp)) => field::Value::Text(instant(i, 0, *fsp)),
+    let mut itoa = itoa::Buffer::new();
+    match (v, &col.kind) {
+        (Value::NULL, _) => return Ok(Form::Null),
+        (Value::Int(i), Kind::Enum(m)) => text.push_str(member(m, i as u64)),
+        (Value::Int(i), Kind::Timestamp(fsp)) => instant(text, i, 0, *fsp),
         (
             Value::Int(i),
             Kind::Int {
                 bytes,
                 unsigned: true,
             },
-        ) if i < 0 && *bytes < 8 => field::Value::Text(int(i + (1i64 << (8 * u32::from(*bytes))))),
+        ) if i < 0 && *bytes < 8 => {
+            text.push_str(itoa.format(i + (1i64 << (8 * u32::from(*bytes)))));
+        }
         (Value::Int(i), Kind::Int { unsigned: true, .. }) if i < 0 => {
-            field::Value::Text(int(i as u64))
+            text.push_str(itoa.format(i as u64));
         }
-        (Value::Int(i), _) => field::Value::Text(int(i)),
-        (Value::UInt(u), _) => field::Value::Text(int(u)),
-        (Value::Float(f), _) => field::Value::Text(f.to_string()),
-        (Value::Double(f), _) => field::Value::Text(f.to_string()),
-        (Value::Date(y, mo, d, ..), Kind::Date) => {
-            let mut t = String::with_capacity(10);
-            date(&mut t, y.into(), mo, d);
-            field::Value::Text(t)
-        }
+        (Value::Int(i), _) => text.push_str(itoa.format(i)),
+        (Value::UInt(u), _) => text.push_str(itoa.format(u)),
+        (Value::Float(f), _) => text.push_str(&f.to_string()),
+        (Value::Double(f), _) => text.push_str(&f.to_string()),
+        (Value::Date(y, mo, d, ..), Kind::Date) => date(text, y.into(), mo, d),
         (Value::Date(y, mo, d, h, mi, s, us), kind) => {
             // A TIMESTAMP arrives as a date and time only from a query (the
             // snapshot's), in the session's time zone, which it sets to UTC.
@@ -65,51 +96,49 @@ pub(crate) fn decode(col: &Col, v: BinlogValue<'_>) -> Result<field::Value, Stri
                 Kind::Timestamp(f) => (*f, "+00"),
                 _ => (0, ""),
             };
-            let mut t = String::with_capacity(32);
-            date(&mut t, y.into(), mo, d);
-            t.push(' ');
-            clock(&mut t, h.into(), mi, s, us, fsp);
-            t.push_str(zone);
-            field::Value::Text(t)
+            date(text, y.into(), mo, d);
+            text.push(' ');
+            clock(text, h.into(), mi, s, us, fsp);
+            text.push_str(zone);
         }
         (Value::Time(neg, days, h, mi, s, us), kind) => {
             let fsp = if let Kind::Time(f) = kind { *f } else { 0 };
             let hours = days * 24 + u32::from(h);
-            let mut t = String::with_capacity(20);
             if neg {
-                t.push('-');
+                text.push('-');
             }
-            clock(&mut t, hours, mi, s, us, fsp);
-            field::Value::Text(t)
+            clock(text, hours, mi, s, us, fsp);
         }
-        (Value::Bytes(b), _) => return bytes(col, b),
-    })
+        (Value::Bytes(b), _) => return from_bytes(col, &b, text, bytes),
+    }
+    Ok(Form::Text)
 }
 
 /// A value the server sent as bytes, rendered by its column's kind.
-fn bytes(col: &Col, b: Vec<u8>) -> Result<field::Value, String> {
-    let text = |b: Vec<u8>| match String::from_utf8(b) {
-        Ok(t) => t,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-    };
-    Ok(match &col.kind {
+fn from_bytes(col: &Col, b: &[u8], text: &mut String, bytes: &mut Vec<u8>) -> Result<Form, String> {
+    match &col.kind {
         // Bytes that are not text in the column's character set travel as
         // they are: never replaced, never dropped (see `image::raw_flags`).
-        Kind::Text(cs) => match text_of(*cs, b) {
-            Ok(t) => field::Value::Text(t),
-            Err(b) => field::Value::Bytes(b),
-        },
-        Kind::Json => field::Value::Text(text(b)),
-        Kind::Binary | Kind::OtherBytes => field::Value::Bytes(b),
+        Kind::Text(cs) => {
+            if !text_of(*cs, b, text) {
+                bytes.extend_from_slice(b);
+                return Ok(Form::Bytes);
+            }
+        }
+        Kind::Json => text.push_str(&String::from_utf8_lossy(b)),
+        Kind::Binary | Kind::OtherBytes => {
+            bytes.extend_from_slice(b);
+            return Ok(Form::Bytes);
+        }
         Kind::Timestamp(fsp) => {
             // TIMESTAMP2 arrives as `seconds[.micros]` since the epoch.
-            let s = String::from_utf8_lossy(&b);
+            let s = String::from_utf8_lossy(b);
             let (sec, us) = match s.split_once('.') {
                 Some((a, f)) => (a.parse().ok(), f.parse().ok()),
                 None => (s.parse().ok(), Some(0)),
             };
             match (sec, us) {
-                (Some(sec), Some(us)) => field::Value::Text(instant(sec, us, *fsp)),
+                (Some(sec), Some(us)) => instant(text, sec, us, *fsp),
                 _ => {
                     return Err(format!(
                         "column {}: TIMESTAMP {s:?} does not parse",
@@ -118,42 +147,43 @@ fn bytes(col: &Col, b: Vec<u8>) -> Result<field::Value, String> {
                 }
             }
         }
-        Kind::Bit => field::Value::Text(
-            b.iter()
-                .fold(0u128, |n, byte| (n << 8) | u128::from(*byte))
-                .to_string(),
+        Kind::Bit => text.push_str(
+            itoa::Buffer::new()
+                .format(b.iter().fold(0u128, |n, byte| (n << 8) | u128::from(*byte))),
         ),
         Kind::Set(m) => {
             let mut bits = 0u64;
             for (i, byte) in b.iter().take(8).enumerate() {
                 bits |= u64::from(*byte) << (8 * i);
             }
-            let names: Vec<&str> = m
+            let names = m
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| bits & (1 << i) != 0)
-                .map(|(_, n)| n.as_str())
-                .collect();
-            field::Value::Text(names.join(","))
+                .map(|(_, n)| n.as_str());
+            for (k, n) in names.enumerate() {
+                if k > 0 {
+                    text.push(',');
+                }
+                text.push_str(n);
+            }
         }
         // DECIMAL, YEAR, and what else mysql_common renders as text.
-        _ => field::Value::Text(text(b)),
-    })
+        _ => text.push_str(&String::from_utf8_lossy(b)),
+    }
+    Ok(Form::Text)
 }
 
 /// ENUM member `i` (1-based; 0 is the empty string MySQL stores for an
 /// invalid value).
-fn member(m: &[String], i: u64) -> String {
+fn member(m: &[String], i: u64) -> &str {
     (i as usize)
         .checked_sub(1)
         .and_then(|i| m.get(i))
-        .cloned()
-        .unwrap_or_default()
+        .map_or("", String::as_str)
 }
 
-/// An integer in decimal. Rendering is most of what the source does per
-/// value: `itoa` and the padded writers below instead of `format!`, which
-/// took a fifth of the agent's time on a bulk load of dates and numbers.
+#[cfg(test)]
 fn int(n: impl itoa::Integer) -> String {
     itoa::Buffer::new().format(n).to_owned()
 }
@@ -188,23 +218,22 @@ fn clock(out: &mut String, h: u32, mi: u8, s: u8, micros: u32, fsp: u8) {
     out.push(':');
     padded(out, s.into(), 2);
     if fsp > 0 {
-        let mut six = String::with_capacity(6);
-        padded(&mut six, micros.into(), 6);
+        // The first `fsp` of the six digits of `micros`.
+        let fsp = u32::from(fsp.min(6));
         out.push('.');
-        out.push_str(six.get(..usize::from(fsp.min(6))).unwrap_or(&six));
+        padded(out, (micros / 10u32.pow(6 - fsp)).into(), fsp as usize);
     }
 }
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS[.f]+00` (UTC).
-fn instant(secs: i64, micros: u32, fsp: u8) -> String {
+fn instant(t: &mut String, secs: i64, micros: u32, fsp: u8) {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let mut t = String::with_capacity(32);
-    date(&mut t, y, m as u8, d as u8);
+    date(t, y, m as u8, d as u8);
     t.push(' ');
     clock(
-        &mut t,
+        t,
         (rem / 3600) as u32,
         (rem % 3600 / 60) as u8,
         (rem % 60) as u8,
@@ -212,7 +241,6 @@ fn instant(secs: i64, micros: u32, fsp: u8) -> String {
         fsp,
     );
     t.push_str("+00");
-    t
 }
 
 /// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to a date.
@@ -229,26 +257,48 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Character data in `cs`, as UTF-8; the bytes back when they are not well
-/// formed in it.
-fn text_of(cs: Charset, b: Vec<u8>) -> Result<String, Vec<u8>> {
-    let decoded = match cs {
-        Charset::Utf8 => {
-            return String::from_utf8(b).map_err(std::string::FromUtf8Error::into_bytes)
+/// Appends character data in `cs` to `out` as UTF-8; `false` (and `out` as
+/// it was) when the bytes are not well formed in it.
+fn text_of(cs: Charset, b: &[u8], out: &mut String) -> bool {
+    match cs {
+        Charset::Utf8 => match std::str::from_utf8(b) {
+            Ok(t) => {
+                out.push_str(t);
+                true
+            }
+            Err(_) => false,
+        },
+        Charset::Other(enc) => {
+            let mut decoder = enc.new_decoder_without_bom_handling();
+            let Some(most) = decoder.max_utf8_buffer_length_without_replacement(b.len()) else {
+                return false;
+            };
+            out.reserve(most);
+            let was = out.len();
+            let (result, _) = decoder.decode_to_string_without_replacement(b, out, true);
+            let whole = matches!(result, encoding_rs::DecoderResult::InputEmpty);
+            if !whole {
+                out.truncate(was);
+            }
+            whole
         }
-        Charset::Other(enc) => enc
-            .decode_without_bom_handling_and_without_replacement(&b)
-            .map(std::borrow::Cow::into_owned),
         Charset::Utf32 => {
             if !b.len().is_multiple_of(4) {
-                return Err(b);
+                return false;
             }
-            b.chunks_exact(4)
-                .map(|c| char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
-                .collect()
+            let was = out.len();
+            for c in b.chunks_exact(4) {
+                match char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]])) {
+                    Some(ch) => out.push(ch),
+                    None => {
+                        out.truncate(was);
+                        return false;
+                    }
+                }
+            }
+            true
         }
-    };
-    decoded.ok_or(b)
+    }
 }
 
 /// A value the snapshot's query read, in the form the binlog carries it, so
@@ -318,7 +368,7 @@ mod tests {
             let (dy, dm, dd) = civil_from_days(secs.div_euclid(86_400));
             let rem = secs.rem_euclid(86_400);
             proptest::prop_assert_eq!(
-                instant(secs, us, fsp),
+                { let mut t = String::new(); instant(&mut t, secs, us, fsp); t },
                 format!("{dy:04}-{dm:02}-{dd:02} {:02}:{:02}:{:02}{frac}+00", rem / 3600, rem % 3600 / 60, rem % 60)
             );
             proptest::prop_assert_eq!(int(n), n.to_string());
