@@ -20,10 +20,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if let Ok(n) = t.parse::<u64>() {
         return Ok(n);
     }
-    let size: bytesize::ByteSize = t.parse().map_err(|e| {
-        format!(
-            "invalid size {s:?}: {e} (a number and a unit: B, KiB, MiB, GiB, TiB, KB, MB, GB, TB; e.g. \"512MiB\")"
-        )
+    let size: bytesize::ByteSize = t.parse().map_err(|_| {
+        let unit = t
+            .trim_start_matches(|c: char| c.is_ascii_digit() || c == '.')
+            .trim();
+        let known = format!("1{unit}").parse::<bytesize::ByteSize>().is_ok();
+        if unit.len() < t.len() && !known {
+            format!(
+                "invalid size {s:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            )
+        } else {
+            format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"512MiB\"")
+        }
     })?;
     // bytesize saturates what does not fit.
     if size.0 == u64::MAX {
@@ -86,9 +94,15 @@ mod tests {
         assert_eq!(parse_size("10MB"), Ok(10_000_000));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("1.5KiB"), Ok(1536));
-        assert!(parse_size("2 parsecs").is_err());
-        assert!(parse_size("GiB").is_err());
-        assert!(parse_size("-1KiB").is_err());
+        let unknown = parse_size("2 parsecs").unwrap_err();
+        assert!(unknown.contains("unknown unit \"parsecs\""), "{unknown}");
+        for bad in ["GiB", "-1KiB", "1.2.3KiB", ""] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(
+                e.contains("expected a number followed by a unit"),
+                "{bad}: {e}"
+            );
+        }
         assert_eq!(parse_size("16384 TiB"), Ok(16384 << 40));
         assert!(parse_size("16777216 TiB").is_err(), "past u64");
         // Exact where f64 would round: 2^53 + 1 bytes.
