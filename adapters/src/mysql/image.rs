@@ -2,8 +2,8 @@
 
 use ferry_protocol::messages::Field;
 use ferry_protocol::record_buf::ValueRef;
+use mysql_async::binlog::value::BinlogValue;
 
-use super::rows::Image;
 use super::schema::{Col, Kind, Shape};
 use super::values::{self, Form};
 
@@ -36,19 +36,24 @@ pub(crate) struct Rendered {
 }
 
 impl Rendered {
-    /// Renders `row`, an image of a row of `shape`, in place of the last.
-    pub(crate) fn render(&mut self, shape: &Shape, row: Image<'_>) -> Result<(), String> {
-        if row.len() != shape.cols.len() {
-            return Err(format!(
-                "the row image has {} columns, the table {}",
-                row.len(),
-                shape.cols.len()
-            ));
-        }
+    /// Renders `row`, an image of a row of `shape` (per column, its value
+    /// when the image holds it), in place of the last.
+    pub(crate) fn render<'v>(
+        &mut self,
+        shape: &Shape,
+        row: impl IntoIterator<Item = Option<BinlogValue<'v>>>,
+    ) -> Result<(), String> {
         self.text.clear();
         self.bytes.clear();
         self.slots.clear();
-        for (c, v) in shape.cols.iter().zip(row) {
+        let mut cols = shape.cols.iter();
+        for v in row {
+            let Some(c) = cols.next() else {
+                return Err(format!(
+                    "the row image has more columns than the table's {}",
+                    shape.cols.len()
+                ));
+            };
             let Some(v) = v else {
                 self.slots.push(Slot::Absent);
                 continue;
@@ -61,6 +66,13 @@ impl Rendered {
                     Form::Bytes => Slot::Bytes(b, self.bytes.len()),
                 },
             );
+        }
+        if self.slots.len() != shape.cols.len() {
+            return Err(format!(
+                "the row image has {} columns, the table {}",
+                self.slots.len(),
+                shape.cols.len()
+            ));
         }
         Ok(())
     }

@@ -103,7 +103,42 @@ impl<'a> Rows<'a> {
         })
     }
 
-    fn image(&mut self, present: &[bool], shared: bool) -> std::io::Result<Image<'a>> {
+    /// Reads the next row's images into `before` and `after` (emptied first;
+    /// reused from row to row, so no allocation per row); says which the
+    /// event holds, `None` after the last row.
+    pub(crate) fn next_into(
+        &mut self,
+        before: &mut Image<'a>,
+        after: &mut Image<'a>,
+    ) -> Option<std::io::Result<(bool, bool)>> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        before.clear();
+        after.clear();
+        let mut read = || {
+            if let Some(p) = self.before {
+                self.image(p, false, before)?;
+            }
+            if let Some(p) = self.after {
+                self.image(p, self.partial, after)?;
+            }
+            Ok((self.before.is_some(), self.after.is_some()))
+        };
+        let r = read();
+        if r.is_err() {
+            // Nothing after a damaged row can be located.
+            self.buf = ParseBuf(&[]);
+        }
+        Some(r)
+    }
+
+    fn image(
+        &mut self,
+        present: &[bool],
+        shared: bool,
+        out: &mut Image<'a>,
+    ) -> std::io::Result<()> {
         let cols = &self.layout.cols;
         // JSON columns sent as diffs (partial updates only).
         let mut diffs: Option<&'a [u8]> = None;
@@ -119,7 +154,6 @@ impl<'a> Rows<'a> {
         }
         let n_present = present.iter().filter(|p| **p).count();
         let nulls: &'a [u8] = self.buf.parse(n_present.div_ceil(8))?;
-        let mut out = Vec::with_capacity(cols.len());
         let (mut k, mut json_i) = (0usize, 0usize);
         for (i, c) in cols.iter().enumerate() {
             let is_partial = if c.ty == ColumnType::MYSQL_TYPE_JSON {
@@ -151,7 +185,7 @@ impl<'a> Rows<'a> {
                     .parse::<BinlogValue<'a>>((c.ty, &c.meta[..], c.unsigned, is_partial))?
             }));
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -159,26 +193,11 @@ impl<'a> Iterator for Rows<'a> {
     type Item = std::io::Result<(Option<Image<'a>>, Option<Image<'a>>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.buf.is_empty() {
-            return None;
-        }
-        let mut read = || {
-            let before = match self.before {
-                Some(p) => Some(self.image(p, false)?),
-                None => None,
-            };
-            let after = match self.after {
-                Some(p) => Some(self.image(p, self.partial)?),
-                None => None,
-            };
-            Ok((before, after))
-        };
-        let r = read();
-        if r.is_err() {
-            // Nothing after a damaged row can be located.
-            self.buf = ParseBuf(&[]);
-        }
-        Some(r)
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        Some(
+            self.next_into(&mut before, &mut after)?
+                .map(|(b, a)| (b.then_some(before), a.then_some(after))),
+        )
     }
 }
 

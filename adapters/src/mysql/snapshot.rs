@@ -456,13 +456,11 @@ impl<'a> Block<'a> {
                     .map(|&i| values.get(i).cloned().unwrap_or(Value::NULL)),
             );
         }
-        let image = self
-            .shape
+        let image = shape
             .cols
             .iter()
             .zip(values)
-            .map(|(c, v)| Some(BinlogValue::Value(values::from_query(c, v))))
-            .collect();
+            .map(|(c, v)| Some(BinlogValue::Value(values::from_query(c, v))));
         self.row.render(shape, image).map_err(|e| {
             SourceError::Fatal(format!("{}, snapshot row {}: {e}", name(), self.index))
         })?;

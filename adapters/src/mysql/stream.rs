@@ -636,10 +636,11 @@ impl Reader<'_> {
                 SourceError::Other(format!("the table map of {name} at {at}: {e}"))
             })?),
         };
-        let rows = Rows::new(layout, re, before_bits.as_deref(), after_bits.as_deref())
+        let mut rows = Rows::new(layout, re, before_bits.as_deref(), after_bits.as_deref())
             .map_err(|e| SourceError::Other(format!("rows of {name} at {at}: {e}")))?;
-        for row in rows {
-            let (before, after) = row.map_err(|e| {
+        let (mut read_before, mut read_after) = (Vec::new(), Vec::new());
+        while let Some(row) = rows.next_into(&mut read_before, &mut read_after) {
+            let (has_before, has_after) = row.map_err(|e| {
                 SourceError::Other(format!("a row of {name} at {at} does not decode: {e}"))
             })?;
             if txn.changes < txn.skip {
@@ -649,19 +650,17 @@ impl Reader<'_> {
             }
             let bad = |e: String| SourceError::Fatal(format!("{name} at {at}: {e}"));
             let (old, new) = (&mut self.before, &mut self.after);
-            let before = match before {
-                Some(b) => {
-                    old.render(&shape, b).map_err(bad)?;
-                    Some(&*old)
-                }
-                None => None,
+            let before = if has_before {
+                old.render(&shape, read_before.drain(..)).map_err(bad)?;
+                Some(&*old)
+            } else {
+                None
             };
-            let after = match after {
-                Some(a) => {
-                    new.render(&shape, a).map_err(bad)?;
-                    Some(&*new)
-                }
-                None => None,
+            let after = if has_after {
+                new.render(&shape, read_after.drain(..)).map_err(bad)?;
+                Some(&*new)
+            } else {
+                None
             };
             let mut tail = std::mem::take(&mut txn.spare);
             tail.clear();
