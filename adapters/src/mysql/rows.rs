@@ -22,6 +22,8 @@ use mysql_common::io::ParseBuf;
 use mysql_common::misc::raw::int::LenEnc;
 use mysql_common::misc::raw::RawInt;
 
+use super::values::padded;
+
 /// `BinlogRowValueOptions::PARTIAL_JSON_UPDATES`.
 const PARTIAL_JSON_UPDATES: u64 = 1;
 
@@ -322,9 +324,9 @@ fn decimal(buf: &mut ParseBuf<'_>, meta: &[u8]) -> std::io::Result<Vec<u8>> {
         at += len;
         v
     };
-    let mut out = Vec::with_capacity(precision + 2);
+    let mut out = String::with_capacity(precision + 2);
     if mask != 0 {
-        out.push(b'-');
+        out.push('-');
     }
     let mut itoa = itoa::Buffer::new();
     // The integer part, leading zero groups left out.
@@ -335,42 +337,31 @@ fn decimal(buf: &mut ParseBuf<'_>, meta: &[u8]) -> std::io::Result<Vec<u8>> {
     for (_, len) in groups {
         let v = group(len);
         if started {
-            padded(&mut out, v, DIG_PER_DEC);
+            padded(&mut out, v.into(), DIG_PER_DEC);
         } else if v != 0 {
-            out.extend_from_slice(itoa.format(v).as_bytes());
+            out.push_str(itoa.format(v));
             started = true;
         }
     }
     if !started {
-        out.push(b'0');
+        out.push('0');
     }
     if scale > 0 {
-        out.push(b'.');
+        out.push('.');
         for _ in 0..frac_full {
             let v = group(4);
-            padded(&mut out, v, DIG_PER_DEC);
+            padded(&mut out, v.into(), DIG_PER_DEC);
         }
         if suffix > 0 {
             let v = group(DIG_TO_BYTES[suffix]);
-            padded(&mut out, v, suffix);
+            padded(&mut out, v.into(), suffix);
         }
     }
     if mask != 0 && !started && scale == 0 {
         // A negative zero without a fraction: mysql_common drops the sign.
         out.remove(0);
     }
-    Ok(out)
-}
-
-/// Appends `v` in decimal, zero-padded to `width` digits.
-fn padded(out: &mut Vec<u8>, v: u32, width: usize) {
-    let mut b = itoa::Buffer::new();
-    let digits = b.format(v).as_bytes();
-    out.extend(std::iter::repeat_n(
-        b'0',
-        width.saturating_sub(digits.len()),
-    ));
-    out.extend_from_slice(digits);
+    Ok(out.into_bytes())
 }
 
 /// Bit `i` of an LSB-first bitmap.

@@ -183,13 +183,8 @@ fn member(m: &[String], i: u64) -> &str {
         .map_or("", String::as_str)
 }
 
-#[cfg(test)]
-fn int(n: impl itoa::Integer) -> String {
-    itoa::Buffer::new().format(n).to_owned()
-}
-
 /// Appends `n` in decimal, zero-padded to `width` digits.
-fn padded(out: &mut String, n: u64, width: usize) {
+pub(crate) fn padded(out: &mut String, n: u64, width: usize) {
     let mut b = itoa::Buffer::new();
     let digits = b.format(n);
     for _ in digits.len()..width {
@@ -355,7 +350,7 @@ mod tests {
         fn dates_and_clocks_render_as_format_did(
             y in 0u16..10_000, mo in 0u8..13, d in 0u8..32, h in 0u32..900,
             mi in 0u8..60, s in 0u8..60, us in 0u32..1_000_000, fsp in 0u8..7,
-            secs in 0i64..8_000_000_000, n in proptest::num::i64::ANY,
+            secs in 0i64..8_000_000_000,
         ) {
             let frac = if fsp == 0 { String::new() } else {
                 format!(".{}", &format!("{us:06}")[..usize::from(fsp)])
@@ -371,7 +366,6 @@ mod tests {
                 { let mut t = String::new(); instant(&mut t, secs, us, fsp); t },
                 format!("{dy:04}-{dm:02}-{dd:02} {:02}:{:02}:{:02}{frac}+00", rem / 3600, rem % 3600 / 60, rem % 60)
             );
-            proptest::prop_assert_eq!(int(n), n.to_string());
         }
     }
 
