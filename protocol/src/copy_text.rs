@@ -374,6 +374,18 @@ pub fn push_text(out: &mut impl CopySink, v: Option<&str>) {
         out.put("\\N");
         return;
     };
+    // Most values hold nothing to escape: a pass without an early exit inside
+    // each chunk, which the compiler turns into vector compares, then one copy
+    // (the byte-by-byte loop below was a tenth of a snapshot's CPU).
+    let special = |b: u8| matches!(b, b'\\' | b'\t' | b'\n' | b'\r');
+    if !s
+        .as_bytes()
+        .chunks(64)
+        .any(|c| c.iter().fold(false, |seen, &b| seen | special(b)))
+    {
+        out.put(s);
+        return;
+    }
     let mut from = 0;
     for (i, byte) in s.bytes().enumerate() {
         let escaped = match byte {
@@ -603,7 +615,8 @@ mod tests {
         /// Whatever PostgreSQL's COPY TO escaping writes, the reader gives back.
         #[test]
         fn escaped_text_round_trips(values in proptest::collection::vec(
-            proptest::option::of("[\\PC\t\n\r\\\\\u{8}\u{b}\u{c}]{0,12}"), 1..6)) {
+            // Longer than one 64-byte chunk of `push_text`'s first pass.
+            proptest::option::of("[\\PC\t\n\r\\\\\u{8}\u{b}\u{c}]{0,150}"), 1..6)) {
             let mut line = Vec::new();
             for (i, v) in values.iter().enumerate() {
                 if i > 0 {

@@ -169,6 +169,8 @@ async fn copy(
     let at = pos.at();
     let started = tokio::time::Instant::now();
     let mut copied: u64 = 0;
+    // One registration for the whole copy, not one per row.
+    let mut cancelled = std::pin::pin!(ctx.shutdown.cancelled());
     while let Some(state) = pos.snapshot.as_mut() {
         let Some(name) = state.tables.get(state.table).cloned() else {
             break;
@@ -214,7 +216,7 @@ async fn copy(
         loop {
             let row = tokio::select! {
                 biased;
-                _ = ctx.shutdown.cancelled() => return Err(SourceError::Shutdown),
+                _ = &mut cancelled => return Err(SourceError::Shutdown),
                 r = result.next() => r.map_err(|e| classify(&what, e))?,
             };
             let Some(row) = row else { break };

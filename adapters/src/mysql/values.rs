@@ -300,6 +300,11 @@ fn text_of(cs: Charset, b: &[u8], out: &mut String) -> bool {
 /// that [`decode`] renders both alike: the query selects `ENUM` and `SET`
 /// columns as `col+0`, their member number and bit set.
 pub(crate) fn from_query(col: &Col, v: Value) -> Value {
+    if !matches!(col.kind, Kind::Enum(_) | Kind::Set(_)) {
+        // Every other column as the query returned it, without a UTF-8 pass
+        // and a number parse of its bytes.
+        return v;
+    }
     let n = match v {
         Value::Int(i) => i as u64,
         Value::UInt(u) => u,
