@@ -114,7 +114,10 @@ impl Built {
 
 /// `bash packaging/build-packages.sh` with the debug binaries beside this test's
 /// (FERRY_PACKAGE_BIN_DIR: no cargo inside cargo test), into a directory of its
-/// own. Built once per version for all the tests of this file.
+/// own. Built once per version for all the tests of a run: once per process
+/// under `cargo test`, and under a runner that starts a process per test
+/// (`cargo nextest`, NEXTEST_RUN_ID) by the first of them, under a lock, for
+/// the rest of its run.
 fn build(version: &'static str) -> &'static Built {
     static BUILDS: [OnceLock<Built>; 2] = [OnceLock::new(), OnceLock::new()];
     let slot = &BUILDS[usize::from(version == NEW)];
@@ -127,7 +130,28 @@ fn build(version: &'static str) -> &'static Built {
         );
         // Beside the binaries (target/debug/packages-e2e/VERSION), replaced on
         // every run.
-        let dir = bin_dir.join("packages-e2e").join(version);
+        let root = bin_dir.join("packages-e2e");
+        std::fs::create_dir_all(&root).unwrap();
+        let dir = root.join(version);
+        let run_id = std::env::var("NEXTEST_RUN_ID")
+            .unwrap_or_else(|_| format!("process {}", std::process::id()));
+        let lock = std::fs::File::create(root.join(format!("{version}.lock"))).unwrap();
+        // Held until this function returns (the file closes).
+        assert_eq!(
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+            0,
+            "flock {}",
+            root.join(format!("{version}.lock")).display()
+        );
+        let (marker, log) = (dir.join(".built-for-run"), dir.join(".build-output"));
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m == run_id) {
+            note(format!("packages {version} built earlier in this run"));
+            return Built {
+                dir,
+                version: version.to_string(),
+                said: std::fs::read_to_string(&log).unwrap_or_default(),
+            };
+        }
         let _ = std::fs::remove_dir_all(&dir);
         let started = std::time::Instant::now();
         let out = Command::new("bash")
@@ -144,6 +168,9 @@ fn build(version: &'static str) -> &'static Built {
             "packages {version} built in {:.1}s",
             started.elapsed().as_secs_f64()
         ));
+        std::fs::write(&log, &said).unwrap();
+        std::fs::write(&marker, &run_id).unwrap();
+        drop(lock);
         Built {
             dir,
             version: version.to_string(),
