@@ -958,8 +958,10 @@ async fn a_purged_position_stops_the_stream_loudly() {
 }
 
 /// The source's own row reader (`mysql/rows.rs`) against `mysql_common`'s row
-/// iterator on every rows event of a real binlog: every type, NULLs, full,
-/// minimal and noblob row images, with full and minimal table-map metadata.
+/// iterator on every rows event of a real binlog: every type (strings with
+/// 1- to 4-byte lengths and a `CHAR` longer than 255 bytes among them), NULLs,
+/// full, minimal and noblob row images, with full and minimal table-map
+/// metadata.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_row_reader_agrees_with_mysql_common_on_every_event() {
     use futures_util::StreamExt;
@@ -972,7 +974,9 @@ async fn the_row_reader_agrees_with_mysql_common_on_every_event() {
            si SMALLINT UNSIGNED, mi MEDIUMINT, t TIME(3), t0 TIME, d DATE, dt DATETIME(6),
            f FLOAT, dbl DOUBLE, y YEAR, b BIT(10), dec1 DECIMAL(30,10), dec2 DECIMAL(5,0),
            lat VARCHAR(10) CHARACTER SET latin1, ch CHAR(4) CHARACTER SET gbk,
-           bin VARBINARY(4), bl BLOB, tx TEXT CHARACTER SET gb2312, big VARCHAR(300))",
+           bin VARBINARY(4), bl BLOB, tx TEXT CHARACTER SET gb2312, big VARCHAR(300),
+           lc CHAR(100) CHARACTER SET utf8mb4, tb TINYBLOB, mb MEDIUMBLOB,
+           lt LONGTEXT CHARACTER SET utf8mb4, g GEOMETRY)",
     );
     let row = |id: i64| {
         format!(
@@ -980,7 +984,8 @@ async fn the_row_reader_agrees_with_mysql_common_on_every_event() {
              18446744073709551615, -128, 65535, -8388608, '-26:03:04.5', '838:59:59',
              '2026-02-28', '2026-02-28 23:59:59.999999', 1.5, 2.25, 2026, b'1000000001',
              -12345678901234567890.0123456789, 99999, 'café', '沈阳', X'00ff', X'0102', '哈尔滨',
-             REPEAT('长', 300))"
+             REPEAT('长', 300), REPEAT('沈', 100), X'01', REPEAT('m', 70000), '大连',
+             POINT({id}, 2))"
         )
     };
     let mut sql = String::new();

@@ -1,11 +1,10 @@
 //! Row images of a rows event rendered, in table column order.
 
-use ferry_protocol::messages::Field;
-use ferry_protocol::record_buf::ValueRef;
-use mysql_async::binlog::value::BinlogValue;
-
+use super::rows::Cell;
 use super::schema::{Col, Kind, Shape};
 use super::values::{self, Form};
+use ferry_protocol::messages::Field;
+use ferry_protocol::record_buf::ValueRef;
 
 /// A column bitmap (which columns an image holds) as plain flags.
 pub(crate) fn bools<I, B>(bits: Option<I>) -> Option<Vec<bool>>
@@ -41,7 +40,7 @@ impl Rendered {
     pub(crate) fn render<'v>(
         &mut self,
         shape: &Shape,
-        row: impl IntoIterator<Item = Option<BinlogValue<'v>>>,
+        row: impl IntoIterator<Item = Option<Cell<'v>>>,
     ) -> Result<(), String> {
         self.text.clear();
         self.bytes.clear();
@@ -60,7 +59,7 @@ impl Rendered {
             };
             let (t, b) = (self.text.len(), self.bytes.len());
             self.slots.push(
-                match values::render(c, v, &mut self.text, &mut self.bytes)? {
+                match values::render_cell(c, v, &mut self.text, &mut self.bytes)? {
                     Form::Null => Slot::Null,
                     Form::Text => Slot::Text(t, self.text.len()),
                     Form::Bytes => Slot::Bytes(b, self.bytes.len()),

@@ -6,7 +6,10 @@
 //! row; on a bulk load that was most of the source's time. This reader takes
 //! what a value's decoding needs from the table map once ([`Layout`]) and
 //! decodes each value with `mysql_common`'s own `BinlogValue` parser, borrowing
-//! the event's bytes, so the values are exactly the ones its iterator yields.
+//! the event's bytes, so the values are exactly the ones its iterator yields;
+//! strings it reads itself, as that parser does, but as slices of the event
+//! ([`Cell::Bytes`]) instead of a fresh copy each (`DECIMAL` and short `TIME`
+//! values, too, it reads itself: see [`decimal`] and [`time2_short`]).
 //!
 //! Row image format (MySQL's `log_event.cc`, WL#2955): per row, for an update
 //! event the before image then the after image, each: for the after image of a
@@ -69,8 +72,24 @@ impl Layout {
     }
 }
 
+/// A value of a row image.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cell<'a> {
+    /// As `mysql_common`'s `BinlogValue` parser reads it.
+    Parsed(BinlogValue<'a>),
+    /// A character or binary string (`CHAR`, `VARCHAR`, the `BLOB`s and
+    /// `TEXT`s, `GEOMETRY`): the event's own bytes, not a copy of them.
+    Bytes(&'a [u8]),
+}
+
+impl<'a> From<BinlogValue<'a>> for Cell<'a> {
+    fn from(v: BinlogValue<'a>) -> Self {
+        Cell::Parsed(v)
+    }
+}
+
 /// One image: per table column, its value when the image holds it.
-pub(crate) type Image<'a> = Vec<Option<BinlogValue<'a>>>;
+pub(crate) type Image<'a> = Vec<Option<Cell<'a>>>;
 
 /// The rows of `re`: (before image, after image), each as the event type has
 /// them. `before`/`after` say which columns each image holds.
@@ -176,15 +195,30 @@ impl<'a> Rows<'a> {
             };
             k += 1;
             out.push(Some(if null {
-                BinlogValue::Value(mysql_async::Value::NULL)
+                Cell::Parsed(BinlogValue::Value(mysql_async::Value::NULL))
             } else if c.ty == ColumnType::MYSQL_TYPE_TIME2 && matches!(c.meta.first(), Some(1 | 2))
             {
-                BinlogValue::Value(time2_short(&mut self.buf)?)
+                Cell::Parsed(BinlogValue::Value(time2_short(&mut self.buf)?))
             } else if c.ty == ColumnType::MYSQL_TYPE_NEWDECIMAL {
-                BinlogValue::Value(mysql_async::Value::Bytes(decimal(&mut self.buf, &c.meta)?))
+                Cell::Parsed(BinlogValue::Value(mysql_async::Value::Bytes(decimal(
+                    &mut self.buf,
+                    &c.meta,
+                )?)))
+            } else if let Some(len_bytes) = string_length_bytes(c)? {
+                let len: &'a [u8] = self.buf.parse(len_bytes)?;
+                // Little-endian, 1 to 4 bytes.
+                let n = len
+                    .iter()
+                    .rev()
+                    .fold(0usize, |n, &b| (n << 8) | usize::from(b));
+                Cell::Bytes(self.buf.parse(n)?)
             } else {
-                self.buf
-                    .parse::<BinlogValue<'a>>((c.ty, &c.meta[..], c.unsigned, is_partial))?
+                Cell::Parsed(self.buf.parse::<BinlogValue<'a>>((
+                    c.ty,
+                    &c.meta[..],
+                    c.unsigned,
+                    is_partial,
+                ))?)
             }));
         }
         Ok(())
@@ -236,6 +270,10 @@ pub fn agree_with_mysql_common(
                 } else {
                     None
                 };
+                let v = v.clone().map(|v| match v {
+                    Cell::Parsed(p) => p,
+                    Cell::Bytes(b) => BinlogValue::Value(mysql_async::Value::Bytes(b.to_vec())),
+                });
                 if v.as_ref() != want {
                     return Err(format!(
                         "row {i} column {c}: {v:?} here, {want:?} by mysql_common"
@@ -255,6 +293,58 @@ pub fn agree_with_mysql_common(
         ));
     }
     Ok(n)
+}
+
+/// For a column of a string type, how many bytes its values' length takes,
+/// read from its metadata as `mysql_common`'s `BinlogValue` parser reads it
+/// (`binlog/value.rs`, whose values these are, borrowed instead of copied);
+/// `None` for the other types.
+fn string_length_bytes(c: &ColLayout) -> std::io::Result<Option<usize>> {
+    use ColumnType::*;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let meta = |i: usize| {
+        c.meta
+            .get(i)
+            .map(|b| usize::from(*b))
+            .ok_or_else(|| bad("string column metadata too short"))
+    };
+    Ok(Some(match c.ty {
+        MYSQL_TYPE_TINY_BLOB
+        | MYSQL_TYPE_MEDIUM_BLOB
+        | MYSQL_TYPE_LONG_BLOB
+        | MYSQL_TYPE_BLOB
+        | MYSQL_TYPE_GEOMETRY
+        | MYSQL_TYPE_VECTOR => match meta(0)? {
+            n @ 1..=4 => n,
+            _ => return Err(bad("Unknown BLOB")),
+        },
+        MYSQL_TYPE_VARCHAR | MYSQL_TYPE_VAR_STRING => {
+            if meta(0)? | (meta(1)? << 8) < 256 {
+                1
+            } else {
+                2
+            }
+        }
+        MYSQL_TYPE_STRING => {
+            // The longest value, with a long CHAR()'s high bits in byte 0.
+            let longest = if meta(0)? >= 1 {
+                let (b0, b1) = (meta(0)?, meta(1)?);
+                if b0 & 0x30 != 0x30 {
+                    b1 | (((b0 & 0x30) ^ 0x30) << 4)
+                } else {
+                    b1
+                }
+            } else {
+                meta(0)? | (meta(1)? << 8)
+            };
+            if longest < 256 {
+                1
+            } else {
+                2
+            }
+        }
+        _ => return Ok(None),
+    }))
 }
 
 /// A `TIME(1)` or `TIME(2)` value (`TIME2` with one byte of fraction).

@@ -462,7 +462,7 @@ impl<'a> Block<'a> {
             .cols
             .iter()
             .zip(values)
-            .map(|(c, v)| Some(BinlogValue::Value(values::from_query(c, v))));
+            .map(|(c, v)| Some(BinlogValue::Value(values::from_query(c, v)).into()));
         self.row.render(shape, image).map_err(|e| {
             SourceError::Fatal(format!("{}, snapshot row {}: {e}", name(), self.index))
         })?;

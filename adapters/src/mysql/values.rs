@@ -5,6 +5,7 @@ use ferry_protocol::messages::field;
 use mysql_async::binlog::value::BinlogValue;
 use mysql_async::Value;
 
+use super::rows::Cell;
 use super::schema::{Charset, Col, Kind};
 
 /// How a rendered value travels: where [`render`] put it.
@@ -16,6 +17,19 @@ pub(crate) enum Form {
     /// Appended to the bytes: binary data, or character data that is not
     /// text in its column's character set (see `image::is_raw`).
     Bytes,
+}
+
+/// Renders a row image's value of `col` (see [`render`]).
+pub(crate) fn render_cell(
+    col: &Col,
+    v: Cell<'_>,
+    text: &mut String,
+    bytes: &mut Vec<u8>,
+) -> Result<Form, String> {
+    match v {
+        Cell::Bytes(b) => from_bytes(col, b, text, bytes),
+        Cell::Parsed(v) => render(col, v, text, bytes),
+    }
 }
 
 /// A value of `col` as it travels in a [`Field`](ferry_protocol::messages::Field).
