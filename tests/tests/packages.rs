@@ -135,13 +135,14 @@ fn build(version: &'static str) -> &'static Built {
         let dir = root.join(version);
         let run_id = std::env::var("NEXTEST_RUN_ID")
             .unwrap_or_else(|_| format!("process {}", std::process::id()));
-        let lock = std::fs::File::create(root.join(format!("{version}.lock"))).unwrap();
+        let lock_path = root.join(format!("{version}.lock"));
+        let lock = std::fs::File::create(&lock_path).unwrap();
         // Held until this function returns (the file closes).
         assert_eq!(
             unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
             0,
             "flock {}",
-            root.join(format!("{version}.lock")).display()
+            lock_path.display()
         );
         let (marker, log) = (dir.join(".built-for-run"), dir.join(".build-output"));
         if std::fs::read_to_string(&marker).is_ok_and(|m| m == run_id) {

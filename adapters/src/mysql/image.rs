@@ -1,10 +1,11 @@
 //! Row images of a rows event rendered, in table column order.
 
+use ferry_protocol::messages::Field;
+use ferry_protocol::record_buf::ValueRef;
+
 use super::rows::Cell;
 use super::schema::{Col, Kind, Shape};
 use super::values::{self, Form};
-use ferry_protocol::messages::Field;
-use ferry_protocol::record_buf::ValueRef;
 
 /// A column bitmap (which columns an image holds) as plain flags.
 pub(crate) fn bools<I, B>(bits: Option<I>) -> Option<Vec<bool>>

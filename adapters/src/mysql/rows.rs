@@ -319,7 +319,8 @@ fn string_length_bytes(c: &ColLayout) -> std::io::Result<Option<usize>> {
             _ => return Err(bad("Unknown BLOB")),
         },
         MYSQL_TYPE_VARCHAR | MYSQL_TYPE_VAR_STRING => {
-            if meta(0)? | (meta(1)? << 8) < 256 {
+            // The longest value.
+            if (meta(0)? | (meta(1)? << 8)) < 256 {
                 1
             } else {
                 2
