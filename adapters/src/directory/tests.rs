@@ -21,6 +21,17 @@ fn config(dir: &Path, complete: Complete) -> DirectoryConfig {
     }
 }
 
+/// Puts a file into a watched outbox as producers are told to: written under a
+/// hidden temporary name, then renamed. A plain `fs::write` creates the file empty
+/// first; a test thread held up past the quiet period between that and the write
+/// would see the empty file sent, then resent whole as a new file once it changes.
+fn drop_in(path: &Path, content: &[u8]) {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 fn source(cfg: &DirectoryConfig) -> Box<dyn Source> {
     Box::new(DirectorySource::new(cfg.clone()))
 }
@@ -186,13 +197,13 @@ async fn delete_after_ack_and_same_name_sent_twice() {
     // A new a.txt while the old one awaits its ack is not taken: it is listed.
     let probe = dir.path().join("probe.txt");
     std::fs::write(dir.path().join(".a.txt.tmp"), b"second").unwrap();
-    std::fs::write(&probe, b"p").unwrap();
+    drop_in(&probe, b"p");
     run.wait_for("probe sent", || complete(&store, "probe.txt").len() == 1)
         .await;
     std::fs::rename(dir.path().join(".a.txt.tmp"), dir.path().join("a.txt")).unwrap();
     // Older than probe2, so it would go first if it were taken while listed.
     let probe2 = dir.path().join("probe2.txt");
-    std::fs::write(&probe2, b"p2").unwrap();
+    drop_in(&probe2, b"p2");
     run.wait_for("probe2 sent", || complete(&store, "probe2.txt").len() == 1)
         .await;
     assert_eq!(
@@ -314,7 +325,7 @@ async fn rename_mode_ignores_temporary_hidden_and_unmatched_names() {
         std::fs::write(dir.path().join(n), n).unwrap();
     }
     std::fs::create_dir(dir.path().join("sub.xml")).unwrap();
-    std::fs::write(dir.path().join("probe.xml"), b"<p/>").unwrap();
+    drop_in(&dir.path().join("probe.xml"), b"<p/>");
     run.wait_for("probe.xml sent (woken by an event)", || {
         complete(&store, "probe.xml").len() == 1
     })
@@ -385,7 +396,7 @@ async fn restart_with_files_awaiting_ack_sends_nothing_again() {
     std::fs::remove_file(dir.path().join("gone.bin")).unwrap();
 
     let mut run = store.start(source(&cfg));
-    std::fs::write(dir.path().join("b.bin"), b"bbbb").unwrap();
+    drop_in(&dir.path().join("b.bin"), b"bbbb");
     run.wait_for("b.bin sent", || complete(&store, "b.bin").len() == 1)
         .await;
     assert_eq!(
