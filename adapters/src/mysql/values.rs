@@ -207,8 +207,29 @@ pub(crate) fn padded(out: &mut String, n: u64, width: usize) {
     out.push_str(digits);
 }
 
+/// Writes `n`'s last `buf.len()` decimal digits into `buf`, zero-padded.
+fn digits(buf: &mut [u8], mut n: u32) {
+    for b in buf.iter_mut().rev() {
+        *b = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// Appends ASCII `buf` (digits and separators).
+fn push_ascii(out: &mut String, buf: &[u8]) {
+    out.push_str(std::str::from_utf8(buf).unwrap_or_default());
+}
+
 /// `YYYY-MM-DD`.
 fn date(out: &mut String, y: i64, m: u8, d: u8) {
+    if let (Ok(y @ 0..10_000), 0..100, 0..100) = (u32::try_from(y), m, d) {
+        // Every date a server stores: written at once, not field by field.
+        let mut b = *b"0000-00-00";
+        digits(&mut b[0..4], y);
+        digits(&mut b[5..7], m.into());
+        digits(&mut b[8..10], d.into());
+        return push_ascii(out, &b);
+    }
     if y < 0 {
         out.push('-');
     }
@@ -221,13 +242,25 @@ fn date(out: &mut String, y: i64, m: u8, d: u8) {
 
 /// `HH:MM:SS[.f]`, with `fsp` digits of `micros`.
 fn clock(out: &mut String, h: u32, mi: u8, s: u8, micros: u32, fsp: u8) {
+    if let (0..100, 0..100, 0..100, 0..1_000_000) = (h, mi, s, micros) {
+        let mut b = *b"00:00:00.000000";
+        digits(&mut b[0..2], h);
+        digits(&mut b[3..5], mi.into());
+        digits(&mut b[6..8], s.into());
+        // The first `fsp` of the six digits of `micros`.
+        digits(&mut b[9..15], micros);
+        let len = match fsp.min(6) {
+            0 => 8,
+            f => 9 + usize::from(f),
+        };
+        return push_ascii(out, &b[..len]);
+    }
     padded(out, h.into(), 2);
     out.push(':');
     padded(out, mi.into(), 2);
     out.push(':');
     padded(out, s.into(), 2);
     if fsp > 0 {
-        // The first `fsp` of the six digits of `micros`.
         let fsp = u32::from(fsp.min(6));
         out.push('.');
         padded(out, (micros / 10u32.pow(6 - fsp)).into(), fsp as usize);
@@ -367,7 +400,7 @@ mod tests {
         /// The hand-written renderers write what `format!` wrote.
         #[test]
         fn dates_and_clocks_render_as_format_did(
-            y in 0u16..10_000, mo in 0u8..13, d in 0u8..32, h in 0u32..900,
+            y in 0u16..=u16::MAX, mo in 0u8..=u8::MAX, d in 0u8..=u8::MAX, h in 0u32..900,
             mi in 0u8..60, s in 0u8..60, us in 0u32..1_000_000, fsp in 0u8..7,
             secs in 0i64..8_000_000_000,
         ) {
