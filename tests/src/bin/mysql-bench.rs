@@ -33,7 +33,8 @@
 //!   and the stream's durable position is at `end`: durable in the agent's buffer
 //!   and in the exchange's store; also until the position reached `end` (every
 //!   change durable in the agent's buffer). Ferry reads the binlog after
-//!   `mariadb-binlog` in the first run, before it in the second, and so on.
+//!   `mariadb-binlog` in the first run, before it in the second, and so on,
+//!   each on a settled server (see the snapshot below).
 //! * Initial snapshot: a fresh exchange + agent with `snapshot = "initial"`
 //!   (default chunk size) on the loaded table (`rows - rows/10` rows): rows/s from
 //!   agent start until the exchange acknowledged every row, next to
@@ -743,12 +744,17 @@ fn one_run(ctx: &Ctx, base: &Path, r: usize, rows: u64, snapshot_only: bool) -> 
             let mut stream = None;
             let mut pair = Some(pair);
             if r % 2 == 1 {
+                settle(ctx);
                 stream = Some(ferry_stream(ctx, pair.take().unwrap(), &load)?);
             }
+            settle(ctx);
             let (decode_secs, decode_cpu) = binlog_decode(ctx, &load)?;
             let stream = match stream {
                 Some(s) => s,
-                None => ferry_stream(ctx, pair.take().unwrap(), &load)?,
+                None => {
+                    settle(ctx);
+                    ferry_stream(ctx, pair.take().unwrap(), &load)?
+                }
             };
             binlog_check(ctx, &load)?;
             std::fs::remove_dir_all(&d)?;
