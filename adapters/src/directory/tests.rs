@@ -23,8 +23,9 @@ fn config(dir: &Path, complete: Complete) -> DirectoryConfig {
 
 /// Puts a file into a watched outbox as producers are told to: written under a
 /// hidden temporary name, then renamed. A plain `fs::write` creates the file empty
-/// first; a test thread held up past the quiet period between that and the write
-/// would see the empty file sent, then resent whole as a new file once it changes.
+/// first, and with `complete = "rename"` the source takes a file as soon as it sees
+/// it: a scan between the create and the write (a busy machine makes that window
+/// long) sends it empty, then again whole, as a new file, once it has changed.
 fn drop_in(path: &Path, content: &[u8]) {
     let name = path.file_name().unwrap().to_str().unwrap();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
