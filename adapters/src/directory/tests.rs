@@ -475,8 +475,7 @@ async fn file_changed_while_stopped_is_aborted_then_resent() {
         .await;
     run.stop().await.unwrap_err();
     let replacement = pattern_bytes(3 * 4096 + 5, 2);
-    std::fs::write(dir.path().join(".c.tmp"), &replacement).unwrap();
-    std::fs::rename(dir.path().join(".c.tmp"), &path).unwrap();
+    drop_in(&path, &replacement);
 
     store.release();
     let mut run = store.start(source(&cfg));
@@ -626,8 +625,7 @@ async fn symlinks_and_special_files_are_refused_and_left_in_place() {
     // Several rescans later (every 200 ms), and a file written after them is still
     // taken: the source neither took the link nor hangs on the FIFO.
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    std::fs::write(dir.path().join(".later.tmp"), b"b,2").unwrap();
-    std::fs::rename(dir.path().join(".later.tmp"), dir.path().join("later.csv")).unwrap();
+    drop_in(&dir.path().join("later.csv"), b"b,2");
     run.wait_for("later.csv sent", || {
         complete(&store, "later.csv").len() == 1
     })
@@ -694,8 +692,7 @@ async fn file_leaves_only_after_its_own_last_seq_is_acked() {
     run.wait_for("x.bin sent", || complete(&store, "x.bin").len() == 1)
         .await;
     // Renamed into place: in rename mode a file is taken as soon as it appears.
-    std::fs::write(dir.path().join(".f.tmp"), pattern_bytes(2 * 4096 + 9, 4)).unwrap();
-    std::fs::rename(dir.path().join(".f.tmp"), dir.path().join("f.bin")).unwrap();
+    drop_in(&dir.path().join("f.bin"), &pattern_bytes(2 * 4096 + 9, 4));
     run.wait_for("f.bin sent and listed", || {
         complete(&store, "f.bin").len() == 1
             && describe_position(&store.position().unwrap()) == "idle; 2 files awaiting ack"

@@ -233,6 +233,28 @@ fn settle(ctx: &Ctx) {
     );
 }
 
+/// Ferry's measurement and its reference tool's, each on a settled server:
+/// the tool first in even runs, Ferry first in odd ones, so neither always
+/// gets the colder (or the warmer) caches.
+fn in_turn<F, T>(
+    ctx: &Ctx,
+    run: usize,
+    ferry: impl FnOnce() -> Result<F>,
+    tool: impl FnOnce() -> Result<T>,
+) -> Result<(F, T)> {
+    if run % 2 == 1 {
+        settle(ctx);
+        let f = ferry()?;
+        settle(ctx);
+        Ok((f, tool()?))
+    } else {
+        settle(ctx);
+        let t = tool()?;
+        settle(ctx);
+        Ok((ferry()?, t))
+    }
+}
+
 /// The load; `end` = the position after it.
 fn load(ctx: &Ctx, start: BinlogPos, rows: u64) -> Loaded {
     let db = &ctx.db;
@@ -739,23 +761,12 @@ fn one_run(ctx: &Ctx, base: &Path, r: usize, rows: u64, snapshot_only: bool) -> 
     let streaming = match pair {
         None => None,
         Some(pair) => {
-            // Alternate whether Ferry reads the binlog first or last, so it does
-            // not always get the colder (or the warmer) caches.
-            let mut stream = None;
-            let mut pair = Some(pair);
-            if r % 2 == 1 {
-                settle(ctx);
-                stream = Some(ferry_stream(ctx, pair.take().unwrap(), &load)?);
-            }
-            settle(ctx);
-            let (decode_secs, decode_cpu) = binlog_decode(ctx, &load)?;
-            let stream = match stream {
-                Some(s) => s,
-                None => {
-                    settle(ctx);
-                    ferry_stream(ctx, pair.take().unwrap(), &load)?
-                }
-            };
+            let (stream, (decode_secs, decode_cpu)) = in_turn(
+                ctx,
+                r,
+                || ferry_stream(ctx, pair, &load),
+                || binlog_decode(ctx, &load),
+            )?;
             binlog_check(ctx, &load)?;
             std::fs::remove_dir_all(&d)?;
             eprintln!(
@@ -769,24 +780,14 @@ fn one_run(ctx: &Ctx, base: &Path, r: usize, rows: u64, snapshot_only: bool) -> 
             })
         }
     };
-    // As for the stream: alternate which of the two reads the table first,
-    // each on a server done with the load's background work.
     let d = base.join(format!("snapshot-{r}"));
-    let mut snapshot = None;
-    if r % 2 == 1 {
-        settle(ctx);
-        snapshot = Some(ferry_snapshot(ctx, &d, server_id + 1, load.remaining)?);
-    }
-    settle(ctx);
-    let dump_secs = dump(ctx)?;
+    let (snapshot, dump_secs) = in_turn(
+        ctx,
+        r,
+        || ferry_snapshot(ctx, &d, server_id + 1, load.remaining),
+        || dump(ctx),
+    )?;
     eprintln!("  mariadb-dump {dump_secs:.2} s");
-    let snapshot = match snapshot {
-        Some(s) => s,
-        None => {
-            settle(ctx);
-            ferry_snapshot(ctx, &d, server_id + 1, load.remaining)?
-        }
-    };
     std::fs::remove_dir_all(&d)?;
     eprintln!(
         "  ferry snapshot {:.2} s (buffered {:.2} s, {} records, agent CPU {:.2} s)",
