@@ -39,14 +39,18 @@
 //!   (default chunk size) on the loaded table (`rows - rows/10` rows): rows/s from
 //!   agent start until the exchange acknowledged every row, next to
 //!   `mariadb-dump --quick --single-transaction shop t > /dev/null`; also until the
-//!   last row was durable in the agent's buffer. `mariadb-dump` goes first in the
-//!   first run, Ferry in the second, and so on; before each, the bench waits
+//!   last row was durable in the agent's buffer. Each run measures
+//!   `--snapshot-pairs N` (3) such pairs on its one load, a fresh agent and
+//!   exchange each time: a pair takes seconds, a load and its settling half a
+//!   minute, and the sub-second timings need many samples. `mariadb-dump` goes
+//!   first in a run's first pair, Ferry in the second, and so on (and the other
+//!   way round in the next run); before each, the bench waits
 //!   until InnoDB has purged the load's old row versions (history list length 0)
 //!   and written its dirty pages, which otherwise take a server thread's CPU for
 //!   the first second or so of whichever reader comes first.
 //!
 //! `--snapshot-only` skips the streaming figures. The report prints medians and
-//! every run, as markdown.
+//! every run (every pair, for the snapshot), as markdown.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -731,11 +735,12 @@ struct Run {
     load: Loaded,
     /// `None` with `--snapshot-only`.
     streaming: Option<Streaming>,
-    dump_secs: f64,
-    snapshot: FerryRun,
+    /// Per snapshot pair (`--snapshot-pairs`): `mariadb-dump`'s seconds and
+    /// Ferry's snapshot, each on the settled server, in alternating order.
+    snapshots: Vec<(f64, FerryRun)>,
 }
 
-fn one_run(ctx: &Ctx, base: &Path, r: usize, rows: u64, snapshot_only: bool) -> Result<Run> {
+fn one_run(ctx: &Ctx, base: &Path, r: usize, rows: u64, opts: &Opts) -> Result<Run> {
     let loadavg = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
@@ -743,7 +748,7 @@ fn one_run(ctx: &Ctx, base: &Path, r: usize, rows: u64, snapshot_only: bool) -> 
     let server_id = 100 + 2 * r as u32;
     let mut start = fresh_table(ctx);
     let d = base.join(format!("stream-{r}"));
-    let pair = if snapshot_only {
+    let pair = if opts.snapshot_only {
         None
     } else {
         let (pair, at) = ferry_prepare(ctx, &d, server_id, &start)?;
@@ -780,32 +785,48 @@ fn one_run(ctx: &Ctx, base: &Path, r: usize, rows: u64, snapshot_only: bool) -> 
             })
         }
     };
-    let d = base.join(format!("snapshot-{r}"));
-    let (snapshot, dump_secs) = in_turn(
-        ctx,
-        r,
-        || ferry_snapshot(ctx, &d, server_id + 1, load.remaining),
-        || dump(ctx),
-    )?;
-    eprintln!("  mariadb-dump {dump_secs:.2} s");
-    std::fs::remove_dir_all(&d)?;
-    eprintln!(
-        "  ferry snapshot {:.2} s (buffered {:.2} s, {} records, agent CPU {:.2} s)",
-        snapshot.secs, snapshot.buffered_secs, snapshot.head_seq, snapshot.agent_cpu
-    );
+    // A snapshot pair takes seconds where a load and its settling take half a
+    // minute: several pairs per load give the noisy sub-second timings more
+    // samples. Each agent is a fresh one, with a server id of its own.
+    let mut snapshots = Vec::new();
+    for p in 0..opts.snapshot_pairs {
+        let d = base.join(format!("snapshot-{r}-{p}"));
+        let snapshot_id = 1000 + (r * opts.snapshot_pairs + p) as u32;
+        let (snapshot, dump_secs) = in_turn(
+            ctx,
+            r + p,
+            || ferry_snapshot(ctx, &d, snapshot_id, load.remaining),
+            || dump(ctx),
+        )?;
+        eprintln!("  mariadb-dump {dump_secs:.2} s");
+        std::fs::remove_dir_all(&d)?;
+        eprintln!(
+            "  ferry snapshot {:.2} s (buffered {:.2} s, {} records, agent CPU {:.2} s)",
+            snapshot.secs, snapshot.buffered_secs, snapshot.head_seq, snapshot.agent_cpu
+        );
+        snapshots.push((dump_secs, snapshot));
+    }
     Ok(Run {
         loadavg,
         load,
         streaming,
-        dump_secs,
-        snapshot,
+        snapshots,
     })
+}
+
+/// What `main`'s arguments ask of each run.
+struct Opts {
+    snapshot_only: bool,
+    snapshot_pairs: usize,
 }
 
 fn main() -> Result<()> {
     let mut runs = 3usize;
     let mut rows = 1_000_000u64;
-    let mut snapshot_only = false;
+    let mut opts = Opts {
+        snapshot_only: false,
+        snapshot_pairs: 3,
+    };
     let mut buffer_pool_mib = 512u64;
     let mut insert_txns = INSERT_TXNS;
     let mut args = std::env::args().skip(1);
@@ -820,14 +841,16 @@ fn main() -> Result<()> {
             "--rows" => rows = val()?,
             "--buffer-pool-mib" => buffer_pool_mib = val()?,
             "--insert-txns" => insert_txns = val()?.max(1),
-            "--snapshot-only" => snapshot_only = true,
+            "--snapshot-only" => opts.snapshot_only = true,
+            "--snapshot-pairs" => opts.snapshot_pairs = val()? as usize,
             other => bail!(
-                "unknown argument {other}; use --runs N --rows N --insert-txns N --buffer-pool-mib N --snapshot-only"
+                "unknown argument {other}; use --runs N --rows N --insert-txns N --buffer-pool-mib N \
+                 --snapshot-only --snapshot-pairs N"
             ),
         }
     }
-    if runs == 0 || rows < 10 {
-        bail!("--runs must be at least 1 and --rows at least 10");
+    if runs == 0 || rows < 10 || opts.snapshot_pairs == 0 {
+        bail!("--runs and --snapshot-pairs must be at least 1, --rows at least 10");
     }
     for b in ["ferry-agent", "ferry-exchange"] {
         if !bin(b).exists() {
@@ -859,7 +882,7 @@ fn main() -> Result<()> {
     let mut results = Vec::new();
     for r in 0..runs {
         eprintln!("run {}/{runs}", r + 1);
-        match one_run(&ctx, base.path(), r, rows, snapshot_only) {
+        match one_run(&ctx, base.path(), r, rows, &opts) {
             Ok(run) => results.push(run),
             Err(e) => {
                 // The daemons' logs and stores stay for a look.
@@ -872,11 +895,11 @@ fn main() -> Result<()> {
             }
         }
     }
-    report(&ctx, &version, rows, &results);
+    report(&ctx, &version, rows, opts.snapshot_pairs, &results);
     Ok(())
 }
 
-fn report(ctx: &Ctx, version: &str, rows: u64, results: &[Run]) {
+fn report(ctx: &Ctx, version: &str, rows: u64, pairs: usize, results: &[Run]) {
     let runs = results.len();
     let first = &results[0].load;
     let k = |x: f64| format!("{:.0}k", x / 1000.0);
@@ -904,16 +927,27 @@ fn report(ctx: &Ctx, version: &str, rows: u64, results: &[Run]) {
     let ferry_buffered_ratio = of(&|_, s| s.decode_secs / s.stream.buffered_secs);
     let each = |f: &dyn Fn(&Run) -> f64| -> Vec<f64> { results.iter().map(f).collect() };
     let load = each(&|r| r.load.changes() as f64 / r.load.secs);
-    let dump = each(&|r| r.load.remaining as f64 / r.dump_secs);
-    let snap = each(&|r| r.load.remaining as f64 / r.snapshot.secs);
-    let snap_ratio = each(&|r| r.dump_secs / r.snapshot.secs);
-    let buffered = each(&|r| r.load.remaining as f64 / r.snapshot.buffered_secs);
-    let buffered_ratio = each(&|r| r.dump_secs / r.snapshot.buffered_secs);
+    // Every snapshot pair of every run, with the rows its table held.
+    let snapshots: Vec<(u64, f64, &FerryRun)> = results
+        .iter()
+        .flat_map(|r| r.snapshots.iter().map(|(d, s)| (r.load.remaining, *d, s)))
+        .collect();
+    let pair = |f: &dyn Fn(f64, f64, &FerryRun) -> f64| -> Vec<f64> {
+        snapshots
+            .iter()
+            .map(|&(rows, dump, s)| f(rows as f64, dump, s))
+            .collect()
+    };
+    let dump = pair(&|rows, d, _| rows / d);
+    let snap = pair(&|rows, _, s| rows / s.secs);
+    let snap_ratio = pair(&|_, d, s| d / s.secs);
+    let buffered = pair(&|rows, _, s| rows / s.buffered_secs);
+    let buffered_ratio = pair(&|_, d, s| d / s.buffered_secs);
 
     println!(
         "MariaDB {version} (binlog ROW, sync_binlog = 0, innodb_flush_log_at_trx_commit = 2, buffer pool {} MiB), \
          {} row changes per run: {} INSERTs in {} transactions, then {} UPDATEs and {} DELETEs in \
-         {CHANGE_TXNS} transactions each; snapshot of the {} rows left; {runs} runs",
+         {CHANGE_TXNS} transactions each; snapshot of the {} rows left; {runs} runs, {pairs} snapshot pairs each",
         ctx.buffer_pool_mib,
         first.changes(),
         first.inserts,
@@ -925,7 +959,7 @@ fn report(ctx: &Ctx, version: &str, rows: u64, results: &[Run]) {
     println!();
     println!("```sh");
     println!(
-        "target/release/mysql-bench --runs {runs} --rows {rows} --insert-txns {}",
+        "target/release/mysql-bench --runs {runs} --rows {rows} --insert-txns {} --snapshot-pairs {pairs}",
         ctx.insert_txns
     );
     println!(
@@ -1029,25 +1063,22 @@ fn report(ctx: &Ctx, version: &str, rows: u64, results: &[Run]) {
     );
     println!(
         "| agent peak RSS, snapshot | {} | {} |",
-        mib(results
+        mib(snapshots
             .iter()
-            .map(|r| r.snapshot.agent_hwm_kib)
+            .map(|(_, _, s)| s.agent_hwm_kib)
             .max()
             .unwrap_or(0)),
-        results
+        snapshots
             .iter()
-            .map(|r| mib(r.snapshot.agent_hwm_kib))
+            .map(|(_, _, s)| mib(s.agent_hwm_kib))
             .collect::<Vec<_>>()
             .join(", ")
     );
     println!(
         "| CPU seconds agent / exchange, snapshot | | {} |",
-        results
+        snapshots
             .iter()
-            .map(|r| format!(
-                "{:.2} / {:.2}",
-                r.snapshot.agent_cpu, r.snapshot.exchange_cpu
-            ))
+            .map(|(_, _, s)| format!("{:.2} / {:.2}", s.agent_cpu, s.exchange_cpu))
             .collect::<Vec<_>>()
             .join(", ")
     );
