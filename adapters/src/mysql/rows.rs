@@ -539,16 +539,7 @@ mod tests {
             Some(Ok((false, true)))
         ));
         assert!(reader.next_into(&mut b, &mut a).is_none());
-        let col = |name: &str, kind: Kind| Col {
-            name: name.into(),
-            data_type: String::new(),
-            column_type: String::new(),
-            charset: None,
-            precision: None,
-            scale: None,
-            key: false,
-            kind,
-        };
+        let col = Col::named;
         let cols = [
             col(
                 "id",

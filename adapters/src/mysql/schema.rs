@@ -98,6 +98,23 @@ pub(crate) struct Col {
     pub kind: Kind,
 }
 
+#[cfg(test)]
+impl Col {
+    /// A column of `kind`, nothing else said about it (unit tests).
+    pub(crate) fn named(name: &str, kind: Kind) -> Col {
+        Col {
+            name: name.into(),
+            data_type: String::new(),
+            column_type: String::new(),
+            charset: None,
+            precision: None,
+            scale: None,
+            key: false,
+            kind,
+        }
+    }
+}
+
 /// A captured table's shape.
 #[derive(Debug, Clone)]
 pub(crate) struct Shape {

@@ -377,16 +377,7 @@ mod tests {
     use super::*;
 
     fn col(kind: Kind) -> Col {
-        Col {
-            name: "c".into(),
-            data_type: String::new(),
-            column_type: String::new(),
-            charset: None,
-            precision: None,
-            scale: None,
-            key: false,
-            kind,
-        }
+        Col::named("c", kind)
     }
 
     fn t(kind: Kind, v: Value) -> String {
