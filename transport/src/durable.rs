@@ -81,8 +81,55 @@ impl Syncer {
     }
 }
 
+/// The lock file in a sled directory (see [`DirLock`]).
+pub const LOCK_FILE: &str = "ferry.lock";
+
+/// The lock of the process that owns a sled directory: an exclusive lock on
+/// its [`LOCK_FILE`], taken before its torn snapshots are cleared and held as
+/// long as the database is open (keep it beside the `sled::Db`). sled takes its
+/// own lock only when it opens, after the clearing, so without this one a
+/// second process opening the directory (an offline `ferry-exchange records`
+/// while the exchange starts) removed the `.generating` snapshot the owner was
+/// writing, and the owner failed with "No such file or directory".
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes `dir`'s [`DirLock`] (creating `dir` if need be), waiting up to 3 s as
+/// [`open_sled`] does for sled's lock; a lock another process holds is then an
+/// error naming the directory.
+pub fn lock_dir(dir: &Path) -> io::Result<DirLock> {
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(DirLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is in use by another process (it holds {LOCK_FILE})",
+                        dir.display()
+                    ),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
 /// Removes what a crash can leave in sled's directory that sled 0.34 itself
-/// would mistake for data; call before opening it.
+/// would mistake for data; call before opening it, holding its [`DirLock`]
+/// (the only proof that no other process is writing a snapshot there).
 ///
 /// sled writes a snapshot as `snap.<lsn>.generating`, syncs it and renames it to
 /// `snap.<lsn>`, but when it looks for the newest snapshot at open it skips only
@@ -92,7 +139,7 @@ impl Syncer {
 /// finished snapshot (the rename is what finishes it), so removing it loses
 /// nothing: sled recovers from the previous snapshot and its log. Returns the
 /// names removed.
-pub fn clear_torn_snapshots(dir: &Path) -> io::Result<Vec<String>> {
+pub fn clear_torn_snapshots(dir: &Path, _owner: &DirLock) -> io::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -203,8 +250,9 @@ mod tests {
         // What a kill in the middle of sled's snapshot write leaves behind.
         std::fs::write(path.join("snap.00000000FFFFFFFF.generating"), b"torn").unwrap();
         assert!(sled::Config::new().path(&path).open().is_err());
+        let owner = lock_dir(&path).unwrap();
         assert_eq!(
-            clear_torn_snapshots(&path).unwrap(),
+            clear_torn_snapshots(&path, &owner).unwrap(),
             vec!["snap.00000000FFFFFFFF.generating".to_string()]
         );
         let db = sled::Config::new().path(&path).open().unwrap();

@@ -175,6 +175,9 @@ pub struct Buffer {
     poisoned: std::sync::atomic::AtomicBool,
     /// (stream, file id) the exchange rejected; see `r:` keys.
     rejected: Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// This process owns the directory while the buffer is open (last: let go
+    /// after the database).
+    _dir_lock: ferry_transport::durable::DirLock,
 }
 
 fn rejected_key(stream: &str, file_id: &str) -> Vec<u8> {
@@ -220,12 +223,14 @@ impl Buffer {
             dir: dir.to_path_buf(),
             source,
         };
-        for name in ferry_transport::durable::clear_torn_snapshots(dir).map_err(|source| {
-            BufferError::Sync {
-                dir: dir.to_path_buf(),
-                source,
-            }
-        })? {
+        let sync_err = |source| BufferError::Sync {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let dir_lock = ferry_transport::durable::lock_dir(dir).map_err(sync_err)?;
+        for name in
+            ferry_transport::durable::clear_torn_snapshots(dir, &dir_lock).map_err(sync_err)?
+        {
             warn!(file = %name, "removed a snapshot file a crash left half-written");
         }
         let db = ferry_transport::durable::open_sled(
@@ -282,6 +287,7 @@ impl Buffer {
             incarnation,
             poisoned: std::sync::atomic::AtomicBool::new(false),
             rejected: Mutex::new(Default::default()),
+            _dir_lock: dir_lock,
         };
         for kv in buffer.db.scan_prefix(b"p:") {
             let (k, v) = kv.map_err(sled_err)?;

@@ -67,7 +67,8 @@ pub fn salvage(dir: &Path, cache_bytes: u64) -> Result<SalvageReport, BufferErro
         dir: dir.to_path_buf(),
         source,
     };
-    ferry_transport::durable::clear_torn_snapshots(dir).map_err(io)?;
+    let dir_lock = ferry_transport::durable::lock_dir(dir).map_err(io)?;
+    ferry_transport::durable::clear_torn_snapshots(dir, &dir_lock).map_err(io)?;
     let db = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)

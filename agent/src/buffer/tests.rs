@@ -244,3 +244,26 @@ fn a_position_is_never_visible_ahead_of_its_seqs() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.join().unwrap() > 0);
 }
+
+/// A second opener while the buffer is open (an offline command while the
+/// agent starts) is refused and leaves the owner's files alone: it used to
+/// remove every `.generating` snapshot before finding sled's lock held,
+/// among them one the owner was writing, which then failed.
+#[test]
+fn a_second_opener_leaves_the_owners_snapshot_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("buf");
+    let owner = Buffer::open(&path, 1 << 20).unwrap();
+    let writing = path.join("snap.00000000FFFFFFFF.generating");
+    std::fs::write(&writing, b"being written").unwrap();
+    let second = Buffer::open(&path, 1 << 20);
+    assert!(second.is_err(), "two owners of one buffer");
+    assert!(
+        writing.exists(),
+        "the second opener removed the owner's snapshot"
+    );
+    drop(owner);
+    // The owner gone, the next opener clears what it left torn.
+    drop(reopen(&path).unwrap());
+    assert!(!writing.exists());
+}

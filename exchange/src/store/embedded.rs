@@ -85,6 +85,9 @@ pub struct Embedded {
     /// Held by an audit append from reading the last entry to the end of its
     /// sync: one appender at a time, so the chain never forks.
     audit_lock: Mutex<()>,
+    /// This process owns the store while it is open (last: let go after the
+    /// database).
+    _dir_lock: ferry_transport::durable::DirLock,
 }
 
 /// Entries larger than this go to segment files (see the module doc): only
@@ -154,13 +157,19 @@ impl Embedded {
             what: "creating the files directory".into(),
             source,
         })?;
-        for name in ferry_transport::durable::clear_torn_snapshots(&db_dir).map_err(|source| {
-            StoreError::Io {
+        let dir_lock =
+            ferry_transport::durable::lock_dir(&db_dir).map_err(|source| StoreError::Io {
+                dir: db_dir.clone(),
+                what: "taking the store's lock".into(),
+                source,
+            })?;
+        for name in ferry_transport::durable::clear_torn_snapshots(&db_dir, &dir_lock).map_err(
+            |source| StoreError::Io {
                 dir: db_dir.clone(),
                 what: "clearing a torn sled snapshot".into(),
                 source,
-            }
-        })? {
+            },
+        )? {
             warn!(file = %name, "removed a snapshot file a crash left half-written");
         }
         let db = ferry_transport::durable::open_sled(
@@ -195,6 +204,7 @@ impl Embedded {
             poisoned: std::sync::atomic::AtomicBool::new(false),
             commits: tokio::sync::watch::Sender::new(0),
             audit_lock: Mutex::new(()),
+            _dir_lock: dir_lock,
         })
     }
 

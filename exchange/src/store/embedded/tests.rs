@@ -138,3 +138,26 @@ fn a_tampered_audit_entry_is_caught_by_its_seq() {
     let err = crate::audit::verify_chain(&store.audit(1, 100).unwrap()).unwrap_err();
     assert!(err.starts_with("seq 3:"), "{err}");
 }
+
+/// A second opener while the store is open (`ferry-exchange records` while
+/// the exchange starts, before its admin socket answers) is refused and
+/// leaves the owner's files alone: it used to remove every `.generating`
+/// snapshot before finding sled's lock held, among them one the starting
+/// exchange was writing, which then failed ("No such file or directory").
+#[test]
+fn a_second_opener_leaves_the_owners_snapshot_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Embedded::open(dir.path(), 1 << 20).unwrap();
+    let writing = dir
+        .path()
+        .join("db")
+        .join("snap.00000000FFFFFFFF.generating");
+    std::fs::write(&writing, b"being written").unwrap();
+    let second = Embedded::open(dir.path(), 1 << 20);
+    assert!(second.is_err(), "two owners of one store");
+    assert!(
+        writing.exists(),
+        "the second opener removed the owner's snapshot"
+    );
+    drop(store);
+}
