@@ -96,23 +96,35 @@ pub struct DirLock {
     _file: File,
 }
 
-/// Takes `dir`'s [`DirLock`] (creating `dir` if need be), waiting up to 3 s as
-/// [`open_sled`] does for sled's lock; a lock another process holds is then an
-/// error naming the directory.
-pub fn lock_dir(dir: &Path) -> io::Result<DirLock> {
+/// How long an opener waits for a lock another handle holds.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Whether to try a held lock again: after a 20 ms pause while `deadline`
+/// (now + [`LOCK_WAIT`] at the first try) has not passed, else `false`.
+fn again(deadline: std::time::Instant) -> bool {
+    if std::time::Instant::now() >= deadline {
+        return false;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    true
+}
+
+/// Makes this process `dir`'s owner: takes its [`DirLock`] (creating `dir` if
+/// need be; waiting up to 3 s as [`open_sled`] does for sled's lock, then an
+/// error naming the directory), then clears the torn snapshots a crash left
+/// there (see [`clear_torn_snapshots`]), whose names it returns.
+pub fn own_dir(dir: &Path) -> io::Result<(DirLock, Vec<String>)> {
     std::fs::create_dir_all(dir)?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(dir.join(LOCK_FILE))?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         match file.try_lock() {
-            Ok(()) => return Ok(DirLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if again(deadline) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(io::Error::new(
                     io::ErrorKind::WouldBlock,
@@ -125,11 +137,15 @@ pub fn lock_dir(dir: &Path) -> io::Result<DirLock> {
             Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
     }
+    let lock = DirLock { _file: file };
+    let removed = clear_torn_snapshots(dir, &lock)?;
+    Ok((lock, removed))
 }
 
 /// Removes what a crash can leave in sled's directory that sled 0.34 itself
-/// would mistake for data; call before opening it, holding its [`DirLock`]
-/// (the only proof that no other process is writing a snapshot there).
+/// would mistake for data, before opening it; only under its [`DirLock`]
+/// (the only proof that no other process is writing a snapshot there), as
+/// [`own_dir`] does.
 ///
 /// sled writes a snapshot as `snap.<lsn>.generating`, syncs it and renames it to
 /// `snap.<lsn>`, but when it looks for the newest snapshot at open it skips only
@@ -139,7 +155,7 @@ pub fn lock_dir(dir: &Path) -> io::Result<DirLock> {
 /// finished snapshot (the rename is what finishes it), so removing it loses
 /// nothing: sled recovers from the previous snapshot and its log. Returns the
 /// names removed.
-pub fn clear_torn_snapshots(dir: &Path, _owner: &DirLock) -> io::Result<Vec<String>> {
+fn clear_torn_snapshots(dir: &Path, _owner: &DirLock) -> io::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -166,15 +182,11 @@ pub fn clear_torn_snapshots(dir: &Path, _owner: &DirLock) -> io::Result<Vec<Stri
 /// restarts, a test) can find it still held for a moment; one that another
 /// process holds still fails, after the wait, with sled's error.
 pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         match config.open() {
             Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+                if e.to_string().contains("could not acquire lock") && again(deadline) => {}
             r => return r,
         }
     }
@@ -250,9 +262,9 @@ mod tests {
         // What a kill in the middle of sled's snapshot write leaves behind.
         std::fs::write(path.join("snap.00000000FFFFFFFF.generating"), b"torn").unwrap();
         assert!(sled::Config::new().path(&path).open().is_err());
-        let owner = lock_dir(&path).unwrap();
+        let (_owner, removed) = own_dir(&path).unwrap();
         assert_eq!(
-            clear_torn_snapshots(&path, &owner).unwrap(),
+            removed,
             vec!["snap.00000000FFFFFFFF.generating".to_string()]
         );
         let db = sled::Config::new().path(&path).open().unwrap();

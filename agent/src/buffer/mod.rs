@@ -227,10 +227,8 @@ impl Buffer {
             dir: dir.to_path_buf(),
             source,
         };
-        let dir_lock = ferry_transport::durable::lock_dir(dir).map_err(sync_err)?;
-        for name in
-            ferry_transport::durable::clear_torn_snapshots(dir, &dir_lock).map_err(sync_err)?
-        {
+        let (dir_lock, torn) = ferry_transport::durable::own_dir(dir).map_err(sync_err)?;
+        for name in torn {
             warn!(file = %name, "removed a snapshot file a crash left half-written");
         }
         let db = ferry_transport::durable::open_sled(
@@ -248,15 +246,8 @@ impl Buffer {
             },
             e => sled_err(e),
         })?;
-        let syncer = Syncer::open(dir).map_err(|source| BufferError::Sync {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
-        let segments =
-            Segments::open(&dir.join("segments")).map_err(|source| BufferError::Sync {
-                dir: dir.to_path_buf(),
-                source,
-            })?;
+        let syncer = Syncer::open(dir).map_err(sync_err)?;
+        let segments = Segments::open(&dir.join("segments")).map_err(sync_err)?;
         let stored = db.get(INCARNATION_KEY).map_err(sled_err)?;
         let created = stored.is_none();
         let incarnation = match stored {

@@ -67,8 +67,8 @@ pub fn salvage(dir: &Path, cache_bytes: u64) -> Result<SalvageReport, BufferErro
         dir: dir.to_path_buf(),
         source,
     };
-    let dir_lock = ferry_transport::durable::lock_dir(dir).map_err(io)?;
-    ferry_transport::durable::clear_torn_snapshots(dir, &dir_lock).map_err(io)?;
+    // Held to the end: the damaged directory is this process's alone.
+    let (_dir_lock, _torn) = ferry_transport::durable::own_dir(dir).map_err(io)?;
     let db = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)

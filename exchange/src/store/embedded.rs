@@ -157,19 +157,13 @@ impl Embedded {
             what: "creating the files directory".into(),
             source,
         })?;
-        let dir_lock =
-            ferry_transport::durable::lock_dir(&db_dir).map_err(|source| StoreError::Io {
+        let (dir_lock, torn) =
+            ferry_transport::durable::own_dir(&db_dir).map_err(|source| StoreError::Io {
                 dir: db_dir.clone(),
-                what: "taking the store's lock".into(),
+                what: "taking the store's lock and clearing torn sled snapshots".into(),
                 source,
             })?;
-        for name in ferry_transport::durable::clear_torn_snapshots(&db_dir, &dir_lock).map_err(
-            |source| StoreError::Io {
-                dir: db_dir.clone(),
-                what: "clearing a torn sled snapshot".into(),
-                source,
-            },
-        )? {
+        for name in torn {
             warn!(file = %name, "removed a snapshot file a crash left half-written");
         }
         let db = ferry_transport::durable::open_sled(
