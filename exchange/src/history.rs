@@ -23,6 +23,9 @@ const MINUTE_MS: u64 = 60_000;
 
 pub struct History {
     db: sled::Db,
+    /// This process owns the history while it is open (last: let go after
+    /// the database).
+    _dir_lock: ferry_transport::durable::DirLock,
 }
 
 /// One minute of one stream.
@@ -52,12 +55,20 @@ fn key(agent: &str, stream: &str, minute: u64) -> Vec<u8> {
 
 impl History {
     pub fn open(dir: &Path) -> Result<Arc<History>, sled::Error> {
+        let path = dir.join("history");
+        // A crash in the middle of a snapshot of this sled too leaves a torn
+        // one that sled then refuses to open past.
+        let (dir_lock, torn) = ferry_transport::durable::own_dir(&path).map_err(sled::Error::Io)?;
+        for name in torn {
+            tracing::warn!(file = %name, "removed a fleet history snapshot file a crash left half-written");
+        }
         let db = ferry_transport::durable::open_sled(
-            &sled::Config::new()
-                .path(dir.join("history"))
-                .cache_capacity(8 << 20),
+            &sled::Config::new().path(&path).cache_capacity(8 << 20),
         )?;
-        Ok(Arc::new(History { db }))
+        Ok(Arc::new(History {
+            db,
+            _dir_lock: dir_lock,
+        }))
     }
 
     /// Records every agent's last heartbeat (if fresher than two minutes) as
@@ -171,6 +182,22 @@ pub fn start(
 mod tests {
     use super::*;
     use crate::store::{AgentRecord, Heartbeat, StreamHeartbeat};
+
+    /// A kill in the middle of sled's snapshot write (the delivery crash tests
+    /// found one) leaves a torn `.generating` file: the history still opens.
+    #[test]
+    fn a_torn_snapshot_does_not_stop_the_history_from_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(History::open(dir.path()).unwrap());
+        std::fs::write(
+            dir.path()
+                .join("history")
+                .join("snap.00000000FFFFFFFF.generating"),
+            b"torn",
+        )
+        .unwrap();
+        History::open(dir.path()).unwrap();
+    }
 
     #[test]
     fn sampled_read_back_and_pruned() {
